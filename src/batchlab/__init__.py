@@ -1,0 +1,23 @@
+"""batchlab: what batch size and learning rate should I train with? Answered from measurements."""
+
+from batchlab.errors import BatchlabError
+from batchlab.history import Evaluation, History
+from batchlab.task import Task, load_task
+from batchlab.theory import BatchArithmetic, adascale_gain, calc, scale_lr
+from batchlab.train import TrainCallback, evaluate, train
+
+__all__ = [
+    "BatchArithmetic",
+    "BatchlabError",
+    "Evaluation",
+    "History",
+    "Task",
+    "TrainCallback",
+    "adascale_gain",
+    "calc",
+    "evaluate",
+    "load_task",
+    "scale_lr",
+    "train",
+]
+__version__ = "0.1.0"

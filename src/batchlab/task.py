@@ -1,0 +1,150 @@
+"""The Task contract: everything batchlab needs to train and measure a model.
+
+A task file is any Python file with a function that returns a `Task`; on the command line
+`TASK` is a built-in name (`batchlab tasks`) or `path/to/file.py:function`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from batchlab.errors import ConfigError, TaskError
+
+Batch = Any
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+MetricsFn = Callable[[nn.Module, Batch], Mapping[str, float | torch.Tensor]]
+OptimizerFactory = Callable[[Any, float], torch.optim.Optimizer]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Task:
+    """A training problem at a known-good reference setting.
+
+    Attributes:
+        name: short identifier shown in reports.
+        model: zero-argument factory returning a fresh `nn.Module`.
+        train_data: map-style dataset of training examples.
+        val_data: optional map-style dataset for evaluation.
+        loss: `loss(model, batch)` returning the scalar *mean* loss over the batch.
+        optimizer: `optimizer(params, lr)` returning a torch optimizer.
+        lr: the reference learning rate, known to work at `batch_size`.
+        batch_size: the reference batch size.
+        metrics: optional `metrics(model, batch) -> {name: batch mean}`, e.g. `{"acc": 0.93}`.
+        collate_fn: optional collate function for datasets that are not tensor datasets.
+        description: one line for `batchlab tasks`.
+        epochs: the reference training length in epochs, if known.
+    """
+
+    name: str
+    model: Callable[[], nn.Module]
+    train_data: Dataset
+    loss: LossFn
+    optimizer: OptimizerFactory
+    lr: float
+    batch_size: int
+    val_data: Dataset | None = None
+    metrics: MetricsFn | None = None
+    collate_fn: Callable[[list], Batch] | None = None
+    description: str = ""
+    epochs: int | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for attr in ("model", "loss", "optimizer"):
+            if not callable(getattr(self, attr)):
+                raise TaskError(
+                    f"task {self.name!r}: expected `{attr}` to be callable, "
+                    f"got {type(getattr(self, attr)).__name__}"
+                )
+        check_batch_size(self.batch_size, what=f"task {self.name!r} reference batch_size")
+        check_lr(self.lr, what=f"task {self.name!r} reference lr")
+        if len(self.train_data) == 0:
+            raise TaskError(f"task {self.name!r}: train_data is empty; give it at least one example")
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_data)
+
+    @property
+    def num_val(self) -> int:
+        return 0 if self.val_data is None else len(self.val_data)
+
+
+def check_batch_size(value: Any, *, what: str = "batch size") -> int:
+    """Return `value` as a positive int, or raise a ConfigError that says how to fix it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{what}: expected a positive integer, got {value!r}; pass e.g. 32")
+    return value
+
+
+def check_lr(value: Any, *, what: str = "learning rate") -> float:
+    """Return `value` as a positive float, or raise a ConfigError."""
+    try:
+        lr = float(value)
+    except (TypeError, ValueError):
+        lr = float("nan")
+    if not lr > 0 or lr == float("inf"):
+        raise ConfigError(f"{what}: expected a positive number, got {value!r}; pass e.g. 0.01")
+    return lr
+
+
+def load_task(spec: str | Task) -> Task:
+    """Resolve a built-in task name or `path/to/file.py:function` to a `Task`."""
+    if isinstance(spec, Task):
+        return spec
+    from batchlab.tasks import BUILTIN_TASKS
+
+    if spec in BUILTIN_TASKS:
+        return BUILTIN_TASKS[spec].factory()
+    path_part, sep, func_name = spec.rpartition(":")
+    if not sep or not path_part.endswith(".py"):
+        names = ", ".join(BUILTIN_TASKS)
+        raise TaskError(
+            f"unknown task {spec!r}: expected a built-in name ({names}) "
+            "or path/to/file.py:function"
+        )
+    return _load_task_file(Path(path_part), func_name)
+
+
+def _load_task_file(path: Path, func_name: str) -> Task:
+    if not path.is_file():
+        raise TaskError(f"task file {str(path)!r} does not exist; check the path before ':'")
+    module_name = f"batchlab_user_task_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise TaskError(f"cannot import {str(path)!r} as a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    # The user's file may import siblings next to it.
+    sys.path.insert(0, str(path.resolve().parent))
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise TaskError(f"importing {str(path)!r} failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        sys.path.pop(0)
+    func = getattr(module, func_name, None)
+    if func is None or not callable(func):
+        available = sorted(
+            n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+        )
+        raise TaskError(
+            f"{str(path)!r} has no function {func_name!r}; "
+            f"functions defined there: {', '.join(available) or 'none'}"
+        )
+    task = func()
+    if not isinstance(task, Task):
+        raise TaskError(
+            f"{path}:{func_name}() returned {type(task).__name__}, expected a batchlab.Task; "
+            "return Task(name=..., model=..., ...)"
+        )
+    return task

@@ -1,0 +1,147 @@
+"""Pure functions: batch arithmetic, learning-rate rules and the large-batch trade-off.
+
+Nothing here measures anything; every function is a formula with its source.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from batchlab.errors import ConfigError
+from batchlab.results import JsonResult
+from batchlab.task import check_batch_size
+
+LR_RULES = ("none", "linear", "sqrt", "adascale")
+
+
+@dataclass(frozen=True)
+class BatchArithmetic(JsonResult):
+    """How many iterations and optimizer steps a run takes (what `batchlab calc` prints)."""
+
+    samples: int
+    batch_size: int
+    epochs: int
+    accumulation_steps: int
+    world_size: int
+    drop_last: bool
+    iterations_per_epoch: int  # micro-batches each rank runs per epoch
+    total_iterations: int
+    optimizer_steps_per_epoch: int
+    total_optimizer_steps: int
+    effective_batch_size: int  # batch_size * accumulation_steps * world_size
+    samples_per_epoch: int  # examples actually processed per epoch, all ranks together
+    last_batch_size: int  # size of each rank's final micro-batch of an epoch
+
+
+def calc(
+    samples: int,
+    batch_size: int,
+    epochs: int = 1,
+    *,
+    accumulation_steps: int = 1,
+    world_size: int = 1,
+    drop_last: bool = False,
+) -> BatchArithmetic:
+    """Batch, iteration and epoch arithmetic.
+
+    Each of `world_size` ranks gets `ceil(samples / world_size)` examples per epoch (as
+    `DistributedSampler` pads), or `floor(...)` with `drop_last`. A rank's final partial
+    micro-batch is kept, or dropped with `drop_last`. A partial accumulation window at
+    the end of an epoch still makes an optimizer step (as Lightning and HF Trainer do).
+
+    >>> calc(1024, 8, 10).total_iterations
+    1280
+    """
+    check_batch_size(samples, what="samples")
+    check_batch_size(batch_size, what="batch size")
+    check_batch_size(epochs, what="epochs")
+    check_batch_size(accumulation_steps, what="accumulation steps")
+    check_batch_size(world_size, what="world size")
+    if drop_last:
+        per_rank = samples // world_size
+        iterations = per_rank // batch_size
+        last = batch_size if iterations else 0
+        processed = iterations * batch_size * world_size
+    else:
+        per_rank = math.ceil(samples / world_size)
+        iterations = math.ceil(per_rank / batch_size)
+        last = per_rank - (iterations - 1) * batch_size
+        processed = per_rank * world_size
+    if iterations == 0:
+        raise ConfigError(
+            f"with --drop-last, batch size {batch_size} x world size {world_size} is larger "
+            f"than the {samples} samples, so an epoch has no iterations; use a smaller batch"
+        )
+    steps = (
+        iterations // accumulation_steps if drop_last else math.ceil(iterations / accumulation_steps)
+    )
+    return BatchArithmetic(
+        samples=samples,
+        batch_size=batch_size,
+        epochs=epochs,
+        accumulation_steps=accumulation_steps,
+        world_size=world_size,
+        drop_last=drop_last,
+        iterations_per_epoch=iterations,
+        total_iterations=iterations * epochs,
+        optimizer_steps_per_epoch=steps,
+        total_optimizer_steps=steps * epochs,
+        effective_batch_size=batch_size * accumulation_steps * world_size,
+        samples_per_epoch=processed,
+        last_batch_size=last,
+    )
+
+
+def adascale_gain(batch_size: float, reference_batch_size: float, b_simple: float) -> float:
+    """AdaScale gain r (Johnson et al. 2020) in noise-scale terms.
+
+    r = (sigma^2 + mu^2) / (sigma^2 / S + mu^2) with S = B/B0, sigma^2 = tr(Sigma)/B0 and
+    mu^2 = |G|^2, which is r = (B/B0) * (B_simple + B0) / (B_simple + B). 1 <= r <= S.
+    """
+    scale = batch_size / reference_batch_size
+    if b_simple <= 0 or not math.isfinite(b_simple):
+        raise ConfigError(f"AdaScale needs a positive finite B_simple, got {b_simple!r}")
+    return scale * (b_simple + reference_batch_size) / (b_simple + batch_size)
+
+
+def scale_lr(
+    lr: float,
+    reference_batch_size: int,
+    batch_size: int,
+    rule: str,
+    *,
+    b_simple: float | None = None,
+) -> float:
+    """The learning rate for `batch_size`, from a known-good `(reference_batch_size, lr)`.
+
+    - `none`: unchanged.
+    - `linear`: lr * B/B0 (Goyal et al. 2017), for SGD-like optimizers.
+    - `sqrt`: lr * sqrt(B/B0) (Hoffer et al. 2017), for Adam-like optimizers.
+    - `adascale`: lr * r, the AdaScale gain, which needs `b_simple`.
+    """
+    ratio = batch_size / reference_batch_size
+    if rule == "none":
+        return lr
+    if rule == "linear":
+        return lr * ratio
+    if rule == "sqrt":
+        return lr * math.sqrt(ratio)
+    if rule == "adascale":
+        if b_simple is None:
+            raise ConfigError(
+                "lr rule 'adascale' needs a measured B_simple; run `batchlab noise` "
+                "or use --lr-rule linear/sqrt"
+            )
+        return lr * adascale_gain(batch_size, reference_batch_size, b_simple)
+    raise ConfigError(f"lr rule: expected one of {', '.join(LR_RULES)}, got {rule!r}")
+
+
+def steps_factor(batch_size: float, b_noise: float) -> float:
+    """S(B) / S_min = 1 + B_noise / B (McCandlish et al. 2018, eq. 2.11)."""
+    return 1.0 + b_noise / batch_size
+
+
+def examples_factor(batch_size: float, b_noise: float) -> float:
+    """E(B) / E_min = 1 + B / B_noise (McCandlish et al. 2018, eq. 2.11)."""
+    return 1.0 + batch_size / b_noise

@@ -1,0 +1,375 @@
+"""The one training engine. Every number batchlab reports is measured through it.
+
+It adds nothing a hand-written loop would not have: in-memory datasets are indexed on the
+device, the loss is read back to the host only where needed, evaluation runs under
+`torch.no_grad()` at a large batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from batchlab.data import Batcher, epoch_chunks
+from batchlab.errors import ConfigError
+from batchlab.history import Evaluation, History
+from batchlab.step import TrainStep, autocast_context, make_grad_scaler, resolve_device
+from batchlab.target import Target, parse_target
+from batchlab.task import Task, check_batch_size, check_lr, load_task
+from batchlab.theory import scale_lr
+
+EVAL_BATCH_SIZE = 1024
+
+
+@dataclass
+class RunState:
+    """What callbacks see while a run is under way."""
+
+    task: Task
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    step_fn: TrainStep
+    device: torch.device
+    total_steps: int
+    steps_per_epoch: int
+    effective_batch_size: int
+    step: int = 0
+    examples: int = 0
+    last_loss: float | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class TrainCallback:
+    """Hooks into `train`. Override what you need; each default does nothing.
+
+    Library callbacks must not print; put what they measure into `state.extras`, which
+    ends up in `History.extras`.
+    """
+
+    def on_start(self, state: RunState) -> None: ...
+
+    def on_step(self, state: RunState) -> None: ...
+
+    def on_eval(self, state: RunState, evaluation: Evaluation) -> None: ...
+
+    def on_end(self, state: RunState) -> None: ...
+
+
+def evaluate(
+    model: nn.Module,
+    batcher: Batcher,
+    task: Task,
+    *,
+    device: torch.device,
+    amp: bool = False,
+    batch_size: int = EVAL_BATCH_SIZE,
+) -> tuple[float, dict[str, float]]:
+    """Mean loss and metrics over a whole dataset, weighting each batch by its size."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    metric_sums: dict[str, torch.Tensor] = {}
+    count = 0
+    with torch.no_grad(), autocast_context(device, amp):
+        for size, batch in batcher.sequential(batch_size):
+            loss_sum += task.loss(model, batch).double() * size
+            if task.metrics is not None:
+                for name, value in task.metrics(model, batch).items():
+                    value = torch.as_tensor(value, device=device, dtype=torch.float64)
+                    metric_sums[name] = metric_sums.get(name, 0) + value * size
+            count += size
+    model.train(was_training)
+    metrics = {name: float(total / count) for name, total in metric_sums.items()}
+    return float(loss_sum / count), metrics
+
+
+def _plan_length(
+    num_train: int, effective_batch: int, epochs: float | None, max_steps: int | None, task: Task
+) -> tuple[int, int]:
+    steps_per_epoch = math.ceil(num_train / effective_batch)
+    if max_steps is not None:
+        check_batch_size(max_steps, what="max steps")
+    if epochs is not None and (not isinstance(epochs, (int, float)) or epochs <= 0):
+        raise ConfigError(f"epochs: expected a positive number, got {epochs!r}")
+    if epochs is None and max_steps is None:
+        epochs = task.epochs or 1
+    total = math.inf
+    if epochs is not None:
+        total = math.ceil(epochs * steps_per_epoch)
+    if max_steps is not None:
+        total = min(total, max_steps)
+    return steps_per_epoch, int(total)
+
+
+def train(
+    task: Task | str,
+    batch_size: int,
+    lr: float | None = None,
+    *,
+    epochs: float | None = None,
+    max_steps: int | None = None,
+    lr_rule: str = "none",
+    warmup_steps: int = 0,
+    accumulation_steps: int = 1,
+    amp: bool = False,
+    device: str | torch.device = "auto",
+    seed: int = 0,
+    eval_every: int | None = None,
+    target: str | Target | None = None,
+    b_simple: float | None = None,
+    callbacks: Sequence[TrainCallback] = (),
+) -> History:
+    """Train `task` at micro-batch `batch_size` and return its `History`.
+
+    Args:
+        batch_size: examples per micro-batch; an optimizer step sees
+            `batch_size * accumulation_steps` examples (the effective batch).
+        lr: learning rate at the task's reference batch (default: the task's `lr`). The
+            `lr_rule` scales it from the reference batch to the effective batch.
+        epochs / max_steps: run length; the task's reference epochs when both are None.
+            With both, whichever ends first.
+        lr_rule: `none`, `linear` (Goyal et al. 2017), `sqrt` (Hoffer et al. 2017) or
+            `adascale` (needs `b_simple`).
+        warmup_steps: linear warm-up from lr/warmup_steps to the peak over these steps.
+        accumulation_steps: micro-batches per optimizer step.
+        amp: autocast (bf16, or fp16 with loss scaling on CUDA cards without bf16).
+        device: `auto`, `cpu`, `cuda`, `cuda:N`.
+        seed: seeds the model init, the shuffling and dropout; the same seed gives the
+            same History on CPU. The caller's global RNG state is restored afterwards.
+        eval_every: optimizer steps between evaluations (default: once an epoch, and at
+            least ~20 times a run).
+        target: e.g. `val_acc>=0.9`; the run stops at the first evaluation reaching it.
+        callbacks: `TrainCallback`s, e.g. a progress bar or a noise tracker.
+    """
+    task = load_task(task)
+    check_batch_size(batch_size)
+    check_batch_size(accumulation_steps, what="accumulation steps")
+    if not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ConfigError(f"warmup steps: expected an integer >= 0, got {warmup_steps!r}")
+    effective = batch_size * accumulation_steps
+    if effective > task.num_train:
+        raise ConfigError(
+            f"effective batch size {effective} is larger than the training set of "
+            f"{task.name!r} ({task.num_train} examples); use at most {task.num_train}"
+        )
+    base_lr = check_lr(task.lr if lr is None else lr)
+    peak_lr = scale_lr(base_lr, task.batch_size, effective, lr_rule, b_simple=b_simple)
+    tgt = parse_target(target)
+    if tgt is not None and task.val_data is None:
+        raise ConfigError(f"target {tgt} needs validation data, and task {task.name!r} has none")
+    steps_per_epoch, total_steps = _plan_length(task.num_train, effective, epochs, max_steps, task)
+    if eval_every is None:
+        eval_every = max(1, min(steps_per_epoch, total_steps // 20))
+    check_batch_size(eval_every, what="eval every")
+    dev = resolve_device(device)
+
+    fork_devices = [dev.index or 0] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(seed)
+        return _run(
+            task,
+            dev,
+            batch_size=batch_size,
+            accumulation_steps=accumulation_steps,
+            peak_lr=peak_lr,
+            lr_rule=lr_rule,
+            warmup_steps=warmup_steps,
+            amp=amp,
+            seed=seed,
+            total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch,
+            eval_every=eval_every,
+            target=tgt,
+            callbacks=callbacks,
+        )
+
+
+def _run(
+    task: Task,
+    dev: torch.device,
+    *,
+    batch_size: int,
+    accumulation_steps: int,
+    peak_lr: float,
+    lr_rule: str,
+    warmup_steps: int,
+    amp: bool,
+    seed: int,
+    total_steps: int,
+    steps_per_epoch: int,
+    eval_every: int,
+    target: Target | None,
+    callbacks: Sequence[TrainCallback],
+) -> History:
+    effective = batch_size * accumulation_steps
+    model = task.model().to(dev)
+    model.train()
+    optimizer = task.optimizer(model.parameters(), peak_lr)
+    # Each param group keeps its own ratio to the peak lr during warm-up.
+    group_ratios = [g["lr"] / peak_lr for g in optimizer.param_groups]
+    batcher = Batcher(task.train_data, dev, task.collate_fn)
+    val_batcher = (
+        Batcher(task.val_data, dev, task.collate_fn) if task.val_data is not None else None
+    )
+    step_fn = TrainStep(
+        model,
+        optimizer,
+        task.loss,
+        batcher,
+        micro_batch_size=batch_size,
+        device=dev,
+        amp=amp,
+        scaler=make_grad_scaler(dev, amp),
+    )
+    state = RunState(task, model, optimizer, step_fn, dev, total_steps, steps_per_epoch, effective)
+    generator = torch.Generator().manual_seed(seed)
+    # Reading the loss back forces a CUDA sync; on CPU it is free, so check every step.
+    sync_every = 1 if dev.type == "cpu" else 25
+
+    steps_log: list[int] = []
+    losses: list[float] = []
+    lrs: list[float] = []
+    pending: list[torch.Tensor] = []
+    evals: list[Evaluation] = []
+    train_seconds = eval_seconds = 0.0
+    hit: Evaluation | None = None
+    diverged_step: int | None = None
+
+    def lr_at(step: int) -> float:  # step is 1-based
+        if warmup_steps and step <= warmup_steps:
+            return peak_lr * step / warmup_steps
+        return peak_lr
+
+    def flush() -> int | None:
+        """Move pending losses to the host; return the first non-finite step, if any."""
+        nonlocal pending
+        if not pending:
+            return None
+        values = torch.stack(pending).tolist()
+        first = len(losses)
+        losses.extend(values)
+        pending = []
+        state.last_loss = values[-1]
+        for offset, v in enumerate(values):
+            if not math.isfinite(v):
+                return steps_log[first + offset]
+        return None
+
+    def run_eval() -> Evaluation:
+        nonlocal eval_seconds
+        t0 = time.perf_counter()
+        val_loss, metrics = (None, {})
+        if val_batcher is not None:
+            val_loss, metrics = evaluate(model, val_batcher, task, device=dev, amp=amp)
+        eval_seconds += time.perf_counter() - t0
+        ev = Evaluation(
+            step=state.step,
+            examples=state.examples,
+            epoch=state.examples / task.num_train,
+            train_seconds=train_seconds,
+            val_loss=val_loss,
+            metrics=metrics,
+        )
+        evals.append(ev)
+        for cb in callbacks:
+            cb.on_eval(state, ev)
+        return ev
+
+    for cb in callbacks:
+        cb.on_start(state)
+    first_eval = run_eval()
+    if target is not None:
+        target.check_available(list(first_eval.metrics))
+        if target.reached(first_eval.val_loss, first_eval.metrics):
+            hit = first_eval
+
+    chunks: list[torch.Tensor] = []
+    t_start = time.perf_counter()
+    while hit is None and state.step < total_steps:
+        if not chunks:
+            chunks = epoch_chunks(task.num_train, effective, generator)
+            chunks.reverse()  # pop() from the end walks the epoch in order
+        indices = chunks.pop()
+        step = state.step + 1
+        lr_now = lr_at(step)
+        if warmup_steps and step <= warmup_steps + 1:
+            for group, ratio in zip(optimizer.param_groups, group_ratios, strict=True):
+                group["lr"] = lr_now * ratio
+        pending.append(step_fn(indices))
+        state.step = step
+        state.examples += len(indices)
+        steps_log.append(step)
+        lrs.append(lr_now)
+        for cb in callbacks:
+            cb.on_step(state)
+        is_eval = step % eval_every == 0 or step == total_steps
+        if is_eval or step % sync_every == 0:
+            diverged_step = flush()
+            if diverged_step is not None:
+                break
+        if is_eval:
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            train_seconds += time.perf_counter() - t_start
+            ev = run_eval()
+            if target is not None and target.reached(ev.val_loss, ev.metrics):
+                hit = ev
+            t_start = time.perf_counter()
+    if diverged_step is None:
+        diverged_step = flush()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    if evals[-1].step != state.step:  # stopped between evaluations (divergence)
+        train_seconds += time.perf_counter() - t_start
+    for cb in callbacks:
+        cb.on_end(state)
+
+    last = evals[-1]
+    final: dict[str, float] = {"steps": state.step, "examples": state.examples}
+    if last.val_loss is not None:
+        final["val_loss"] = last.val_loss
+        final.update({f"val_{k}": v for k, v in last.metrics.items()})
+    if losses:
+        window = [v for v in losses[-10:] if math.isfinite(v)]
+        if window:
+            final["train_loss"] = sum(window) / len(window)
+    with torch.no_grad():
+        final["param_norm"] = float(
+            torch.sqrt(sum((p.detach().float() ** 2).sum() for p in model.parameters()))
+        )
+    return History(
+        task=task.name,
+        batch_size=batch_size,
+        accumulation_steps=accumulation_steps,
+        effective_batch_size=effective,
+        lr=peak_lr,
+        lr_rule=lr_rule,
+        warmup_steps=warmup_steps,
+        seed=seed,
+        device=str(dev),
+        amp=amp,
+        num_train=task.num_train,
+        steps=tuple(steps_log),
+        train_loss=tuple(losses),
+        lrs=tuple(lrs),
+        evals=tuple(evals),
+        total_steps=state.step,
+        total_examples=state.examples,
+        epochs=state.examples / task.num_train,
+        train_seconds=train_seconds,
+        eval_seconds=eval_seconds,
+        target=None if target is None else str(target),
+        steps_to_target=None if hit is None else hit.step,
+        examples_to_target=None if hit is None else hit.examples,
+        seconds_to_target=None if hit is None else hit.train_seconds,
+        diverged=diverged_step is not None,
+        diverged_step=diverged_step,
+        final=final,
+        extras=dict(state.extras),
+    )
