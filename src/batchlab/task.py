@@ -68,7 +68,9 @@ class Task:
         check_batch_size(self.batch_size, what=f"task {self.name!r} reference batch_size")
         check_lr(self.lr, what=f"task {self.name!r} reference lr")
         if len(self.train_data) == 0:
-            raise TaskError(f"task {self.name!r}: train_data is empty; give it at least one example")
+            raise TaskError(
+                f"task {self.name!r}: train_data is empty; give it at least one example"
+            )
 
     @property
     def num_train(self) -> int:
@@ -109,8 +111,7 @@ def load_task(spec: str | Task) -> Task:
     if not sep or not path_part.endswith(".py"):
         names = ", ".join(BUILTIN_TASKS)
         raise TaskError(
-            f"unknown task {spec!r}: expected a built-in name ({names}) "
-            "or path/to/file.py:function"
+            f"unknown task {spec!r}: expected a built-in name ({names}) or path/to/file.py:function"
         )
     return _load_task_file(Path(path_part), func_name)
 

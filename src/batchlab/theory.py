@@ -74,7 +74,9 @@ def calc(
             f"than the {samples} samples, so an epoch has no iterations; use a smaller batch"
         )
     steps = (
-        iterations // accumulation_steps if drop_last else math.ceil(iterations / accumulation_steps)
+        iterations // accumulation_steps
+        if drop_last
+        else math.ceil(iterations / accumulation_steps)
     )
     return BatchArithmetic(
         samples=samples,

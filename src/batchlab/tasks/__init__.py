@@ -22,11 +22,11 @@ class BuiltinTask:
 BUILTIN_TASKS: dict[str, BuiltinTask] = {
     t.name: t
     for t in (
-        BuiltinTask("mnist1d-cnn", mnist1d_cnn, "MNIST-1D, 3-layer 1-D CNN (paper baseline ~94%)"),
-        BuiltinTask("mnist1d-mlp", mnist1d_mlp, "MNIST-1D, 2-hidden-layer MLP (paper baseline ~68%)"),
-        BuiltinTask("digits-mlp", digits_mlp, "sklearn 8x8 digits, MLP with SGD + momentum"),
-        BuiltinTask("charlm", charlm, "character-level transformer on Python stdlib source"),
-        BuiltinTask("dots", dots, "synthetic red-vs-blue 2-D points (two spirals), small MLP"),
+        BuiltinTask("mnist1d-cnn", mnist1d_cnn, "MNIST-1D, 1-D CNN (paper: ~94%)"),
+        BuiltinTask("mnist1d-mlp", mnist1d_mlp, "MNIST-1D, MLP (paper: ~68%)"),
+        BuiltinTask("digits-mlp", digits_mlp, "sklearn 8x8 digits, MLP"),
+        BuiltinTask("charlm", charlm, "char transformer, stdlib source"),
+        BuiltinTask("dots", dots, "2-D red-vs-blue spirals"),
     )
 }
 

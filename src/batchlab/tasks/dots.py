@@ -34,7 +34,9 @@ def dots_tensors():
 
 
 def _dots_model() -> nn.Module:
-    return nn.Sequential(nn.Linear(2, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
+    return nn.Sequential(
+        nn.Linear(2, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1)
+    )
 
 
 def bce_loss(model: nn.Module, batch) -> torch.Tensor:

@@ -1,0 +1,103 @@
+"""Options and output helpers shared by every command. Each option is defined once here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from batchlab.history import Evaluation
+from batchlab.results import JsonResult
+from batchlab.tasks import DEFAULT_TASK
+from batchlab.train import RunState, TrainCallback
+
+TaskArg = Annotated[
+    str,
+    typer.Argument(help="Built-in task name (see `batchlab tasks`) or path/to/file.py:function."),
+]
+DEFAULT = DEFAULT_TASK
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (auto picks CUDA if present).")
+]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (model init, shuffling).")]
+JsonOpt = Annotated[
+    Path | None,
+    typer.Option("--json", help="Write the full result as JSON to this path ('-' for stdout)."),
+]
+OutOpt = Annotated[
+    Path | None, typer.Option("--out", help="Directory for plots and reports.", file_okay=False)
+]
+
+
+def console_for(json_path: Path | None) -> Console:
+    """Human output goes to stdout, or to stderr when the JSON goes to stdout."""
+    return Console(stderr=json_path is not None and str(json_path) == "-", highlight=False)
+
+
+def write_json(result: JsonResult | dict[str, Any], path: Path | None, console: Console) -> None:
+    if path is None:
+        return
+    data = result.to_dict() if isinstance(result, JsonResult) else result
+    text = json.dumps(data, indent=2)
+    if str(path) == "-":
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+    console.print(f"[dim]JSON written to {path}[/dim]")
+
+
+def fmt(value: float | None, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}g}"
+
+
+class ProgressBar(TrainCallback):
+    """A rich progress bar for a training run, shown on stderr."""
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  {task.fields[val]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self.bar = None
+
+    def on_start(self, state: RunState) -> None:
+        self.progress.start()
+        self.bar = self.progress.add_task(
+            self.description, total=state.total_steps, loss="-", val=""
+        )
+
+    def on_step(self, state: RunState) -> None:
+        loss = fmt(state.last_loss)
+        self.progress.update(self.bar, completed=state.step, loss=loss)
+
+    def on_eval(self, state: RunState, evaluation: Evaluation) -> None:
+        parts = [f"val_loss {fmt(evaluation.val_loss)}"]
+        parts += [f"val_{k} {fmt(v)}" for k, v in evaluation.metrics.items()]
+        if self.bar is not None:
+            self.progress.update(self.bar, val="  ".join(parts))
+
+    def on_end(self, state: RunState) -> None:
+        self.progress.stop()

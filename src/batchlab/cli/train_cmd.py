@@ -1,0 +1,100 @@
+"""`batchlab train`: one training run through the engine, with a progress bar."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from batchlab.cli.common import (
+    DEFAULT,
+    DeviceOpt,
+    JsonOpt,
+    ProgressBar,
+    SeedOpt,
+    TaskArg,
+    console_for,
+    fmt,
+    write_json,
+)
+from batchlab.task import load_task
+from batchlab.train import train as run_training
+
+
+def train(
+    task: TaskArg = DEFAULT,
+    batch_size: Annotated[
+        int | None,
+        typer.Option("--batch-size", help="Micro-batch size (default: the task's reference)."),
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option("--lr", help="LR at the reference batch (default: the task's)."),
+    ] = None,
+    epochs: Annotated[float | None, typer.Option("--epochs", help="Epochs to train.")] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps.")] = None,
+    lr_rule: Annotated[
+        str, typer.Option("--lr-rule", help="none, linear or sqrt: scale LR from the reference.")
+    ] = "none",
+    warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="Linear warm-up.")] = 0,
+    accumulation_steps: Annotated[
+        int, typer.Option("--accumulation-steps", help="Micro-batches per optimizer step.")
+    ] = 1,
+    amp: Annotated[bool, typer.Option("--amp", help="Mixed precision (bf16/fp16).")] = False,
+    target: Annotated[
+        str | None, typer.Option("--target", help="Stop when reached, e.g. 'val_acc>=0.9'.")
+    ] = None,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    json_path: JsonOpt = None,
+) -> None:
+    """Train TASK once and print a summary (time, steps and examples to target)."""
+    console = console_for(json_path)
+    t = load_task(task)
+    bs = t.batch_size if batch_size is None else batch_size
+    history = run_training(
+        t,
+        bs,
+        lr,
+        epochs=epochs,
+        max_steps=max_steps,
+        lr_rule=lr_rule,
+        warmup_steps=warmup_steps,
+        accumulation_steps=accumulation_steps,
+        amp=amp,
+        device=device,
+        seed=seed,
+        target=target,
+        callbacks=[ProgressBar(f"{t.name} B={bs * accumulation_steps}")],
+    )
+    table = Table(title=f"batchlab train {t.name}", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("batch", f"{history.effective_batch_size} ({bs} x {accumulation_steps} accum)")
+    table.add_row("lr", f"{history.lr:.4g} (rule {history.lr_rule}, warm-up {warmup_steps})")
+    table.add_row("device", history.device)
+    table.add_row("steps / epochs", f"{history.total_steps} / {history.epochs:.2f}")
+    last = history.evals[-1]
+    table.add_row("val loss (final / best)", f"{fmt(last.val_loss)} / {fmt(history.best_val_loss)}")
+    for k, v in last.metrics.items():
+        best = max(e.metrics.get(k, float("-inf")) for e in history.evals)
+        table.add_row(f"val {k} (final / best)", f"{fmt(v)} / {fmt(best)}")
+    table.add_row(
+        "time",
+        f"{history.train_seconds:.1f}s train + {history.eval_seconds:.1f}s eval "
+        f"({history.seconds_per_epoch:.2f}s/epoch)",
+    )
+    if history.target is not None:
+        if history.reached_target:
+            table.add_row(
+                f"target {history.target}",
+                f"reached at step {history.steps_to_target} "
+                f"({history.examples_to_target} examples, {history.seconds_to_target:.1f}s)",
+            )
+        else:
+            table.add_row(f"target {history.target}", "[yellow]not reached[/yellow]")
+    if history.diverged:
+        table.add_row("diverged", f"[red]non-finite loss at step {history.diverged_step}[/red]")
+    console.print(table)
+    write_json(history, json_path, console)
