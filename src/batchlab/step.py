@@ -96,25 +96,31 @@ class TrainStep:
 
     def __call__(self, indices: torch.Tensor) -> torch.Tensor:
         """Run the step; return the detached mean loss over all examples of the step."""
-        micro = indices.split(self.micro_batch_size)
-        total = len(indices)
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=self.device)
-        for i, idx in enumerate(micro):
-            batch = self.batcher(idx)
-            with autocast_context(self.device, self.amp):
-                loss = check_scalar_loss(self.loss_fn(self.model, batch))
-            weight = len(idx) / total
-            scaled = loss * weight if len(micro) > 1 else loss
-            if self.scaler is not None:
-                scaled = self.scaler.scale(scaled)
-            scaled.backward()
-            if self.micro_hook is not None:
-                self.micro_hook(i, len(micro), len(idx))
-            loss_sum += loss.detach().float() * weight
+        if len(indices) <= self.micro_batch_size:
+            loss = self._backward(indices, 0, 1, 1.0)
+        else:
+            micro = indices.split(self.micro_batch_size)
+            total = len(indices)
+            loss = torch.zeros((), device=self.device)
+            for i, idx in enumerate(micro):
+                weight = len(idx) / total
+                loss += self._backward(idx, i, len(micro), weight) * weight
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
-        return loss_sum
+        return loss
+
+    def _backward(self, idx: torch.Tensor, i: int, num_micro: int, weight: float) -> torch.Tensor:
+        batch = self.batcher(idx)
+        with autocast_context(self.device, self.amp):
+            loss = check_scalar_loss(self.loss_fn(self.model, batch))
+        scaled = loss * weight if num_micro > 1 else loss
+        if self.scaler is not None:
+            scaled = self.scaler.scale(scaled)
+        scaled.backward()
+        if self.micro_hook is not None:
+            self.micro_hook(i, num_micro, len(idx))
+        return loss.detach().float()

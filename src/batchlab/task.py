@@ -7,6 +7,7 @@ A task file is any Python file with a function that returns a `Task`; on the com
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -136,7 +137,9 @@ def _load_task_file(path: Path, func_name: str) -> Task:
     func = getattr(module, func_name, None)
     if func is None or not callable(func):
         available = sorted(
-            n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+            n
+            for n, v in vars(module).items()
+            if inspect.isfunction(v) and v.__module__ == module_name and not n.startswith("_")
         )
         raise TaskError(
             f"{str(path)!r} has no function {func_name!r}; "

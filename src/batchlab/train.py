@@ -19,7 +19,13 @@ from torch import nn
 from batchlab.data import Batcher, epoch_chunks
 from batchlab.errors import ConfigError
 from batchlab.history import Evaluation, History
-from batchlab.step import TrainStep, autocast_context, make_grad_scaler, resolve_device
+from batchlab.step import (
+    TrainStep,
+    autocast_context,
+    check_scalar_loss,
+    make_grad_scaler,
+    resolve_device,
+)
 from batchlab.target import Target, parse_target
 from batchlab.task import Task, check_batch_size, check_lr, load_task
 from batchlab.theory import scale_lr
@@ -78,7 +84,7 @@ def evaluate(
     count = 0
     with torch.no_grad(), autocast_context(device, amp):
         for size, batch in batcher.sequential(batch_size):
-            loss_sum += task.loss(model, batch).double() * size
+            loss_sum += check_scalar_loss(task.loss(model, batch)).double() * size
             if task.metrics is not None:
                 for name, value in task.metrics(model, batch).items():
                     value = torch.as_tensor(value, device=device, dtype=torch.float64)
@@ -251,7 +257,7 @@ def _run(
         nonlocal pending
         if not pending:
             return None
-        values = torch.stack(pending).tolist()
+        values = [pending[0].item()] if len(pending) == 1 else torch.stack(pending).tolist()
         first = len(losses)
         losses.extend(values)
         pending = []

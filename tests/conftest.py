@@ -1,0 +1,41 @@
+"""Shared test fixtures: small tasks that train in well under a second."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import batchlab
+from batchlab.tasks.common import accuracy, cross_entropy_loss
+
+torch.set_num_threads(1)  # tests run beside each other on 2 cores; keep them predictable
+
+
+def tiny_task(n: int = 64, *, name: str = "tiny", optimizer=None, lr: float = 0.1) -> batchlab.Task:
+    """A 4-feature, 3-class linear-ish problem: no batch-dependent layers."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+
+    def model() -> nn.Module:
+        return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    return batchlab.Task(
+        name=name,
+        model=model,
+        train_data=TensorDataset(x, y),
+        val_data=TensorDataset(x[: n // 2], y[: n // 2]),
+        loss=cross_entropy_loss,
+        metrics=accuracy,
+        optimizer=optimizer or (lambda params, lr: torch.optim.SGD(params, lr=lr)),
+        lr=lr,
+        batch_size=8,
+        epochs=2,
+    )
+
+
+@pytest.fixture
+def task() -> batchlab.Task:
+    return tiny_task()

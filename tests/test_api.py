@@ -1,0 +1,14 @@
+import importlib
+
+import batchlab
+
+
+def test_every_exported_name_imports():
+    module = importlib.import_module("batchlab")
+    assert module.__all__, "the public API must be curated"
+    for name in module.__all__:
+        assert getattr(module, name) is not None, name
+
+
+def test_all_has_no_duplicates_and_is_sorted():
+    assert len(set(batchlab.__all__)) == len(batchlab.__all__)

@@ -1,0 +1,77 @@
+import math
+
+import pytest
+
+import batchlab
+from batchlab.errors import ConfigError
+from batchlab.theory import examples_factor, steps_factor
+
+
+def test_textbook_example():
+    r = batchlab.calc(1024, 8, 10)
+    assert r.iterations_per_epoch == 128 and r.total_iterations == 1280
+    assert r.effective_batch_size == 8 and r.samples_per_epoch == 1024
+
+
+def test_partial_last_batch_kept_or_dropped():
+    kept = batchlab.calc(1000, 64, 3)
+    assert kept.iterations_per_epoch == 16 and kept.last_batch_size == 1000 - 15 * 64
+    assert kept.samples_per_epoch == 1000 and kept.total_iterations == 48
+    dropped = batchlab.calc(1000, 64, 3, drop_last=True)
+    assert dropped.iterations_per_epoch == 15 and dropped.last_batch_size == 64
+    assert dropped.samples_per_epoch == 960
+
+
+def test_accumulation_and_world_size():
+    r = batchlab.calc(1000, 16, 2, accumulation_steps=4, world_size=2)
+    # each rank: 500 examples -> 32 micro-batches (last has 4) -> 8 optimizer steps
+    assert r.iterations_per_epoch == 32 and r.optimizer_steps_per_epoch == 8
+    assert r.effective_batch_size == 128 and r.total_optimizer_steps == 16
+    odd = batchlab.calc(1001, 16, 1, world_size=2)  # DistributedSampler pads to 501 each
+    assert odd.samples_per_epoch == 1002 and odd.iterations_per_epoch == 32
+    partial = batchlab.calc(100, 10, 1, accumulation_steps=3)
+    assert partial.optimizer_steps_per_epoch == 4  # 10 micro-batches: 3+3+3+1
+    assert (
+        batchlab.calc(100, 10, 1, accumulation_steps=3, drop_last=True).optimizer_steps_per_epoch
+        == 3
+    )
+
+
+def test_calc_rejects_nonsense():
+    with pytest.raises(ConfigError, match="batch size: expected a positive integer, got 0"):
+        batchlab.calc(100, 0)
+    with pytest.raises(ConfigError, match="no iterations"):
+        batchlab.calc(10, 16, drop_last=True)
+
+
+def test_lr_rules():
+    assert batchlab.scale_lr(0.1, 100, 400, "none") == 0.1
+    assert batchlab.scale_lr(0.1, 100, 400, "linear") == pytest.approx(0.4)
+    assert batchlab.scale_lr(0.1, 100, 400, "sqrt") == pytest.approx(0.2)
+    assert batchlab.scale_lr(0.1, 100, 100, "adascale", b_simple=50) == pytest.approx(0.1)
+    with pytest.raises(ConfigError, match="needs a measured B_simple"):
+        batchlab.scale_lr(0.1, 100, 400, "adascale")
+
+
+@pytest.mark.parametrize("b_simple", [1.0, 37.0, 1000.0, 1e6])
+@pytest.mark.parametrize("batch", [100, 150, 800, 12800])
+def test_adascale_gain_bounds_and_formula(b_simple, batch):
+    b0 = 100
+    r = batchlab.adascale_gain(batch, b0, b_simple)
+    s = batch / b0
+    assert 1 - 1e-12 <= r <= s + 1e-12
+    # r = (sigma^2 + mu^2) / (sigma^2 / S + mu^2), sigma^2 = tr(Sigma)/B0, mu^2 = |G|^2
+    g2 = 2.0
+    sigma2 = b_simple * g2 / b0
+    assert r == pytest.approx((sigma2 + g2) / (sigma2 / s + g2))
+
+
+def test_adascale_limits():
+    assert batchlab.adascale_gain(1600, 100, 1e9) == pytest.approx(16, rel=1e-5)  # pure noise
+    assert batchlab.adascale_gain(1600, 100, 1e-9) == pytest.approx(1, rel=1e-5)  # no noise
+
+
+def test_steps_examples_tradeoff():
+    # at B = B_noise both are twice their minimum (McCandlish et al. 2018)
+    assert steps_factor(64, 64) == 2 and examples_factor(64, 64) == 2
+    assert steps_factor(1e9, 64) == pytest.approx(1) and math.isclose(examples_factor(1e-9, 64), 1)

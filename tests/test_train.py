@@ -1,0 +1,169 @@
+import math
+
+import pytest
+import torch
+from conftest import tiny_task
+
+import batchlab
+from batchlab.data import Batcher
+from batchlab.errors import ConfigError, TaskError
+from batchlab.step import TrainStep
+
+TIMING = {"train_seconds", "eval_seconds", "seconds_to_target"}
+
+
+def _strip_timing(history: batchlab.History) -> dict:
+    data = history.to_dict()
+    for key in TIMING:
+        data.pop(key)
+    for ev in data["evals"]:
+        ev.pop("train_seconds")
+    return data
+
+
+def test_same_seed_gives_identical_history(task):
+    a = batchlab.train(task, 8, epochs=3, seed=3)
+    b = batchlab.train(task, 8, epochs=3, seed=3)
+    c = batchlab.train(task, 8, epochs=3, seed=4)
+    assert _strip_timing(a) == _strip_timing(b)
+    assert _strip_timing(a) != _strip_timing(c)
+
+
+def test_train_leaves_the_global_rng_alone(task):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    batchlab.train(task, 8, max_steps=3)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_accumulation_equals_one_big_batch():
+    """k micro-batches of b give the same update as one batch of k*b (no batch-dependent layers)."""
+    task = tiny_task(n=96)
+    big = batchlab.train(task, 32, epochs=4, seed=1)
+    acc = batchlab.train(task, 8, epochs=4, accumulation_steps=4, seed=1)
+    big36 = batchlab.train(task, 36, epochs=4, seed=1)  # 96 = 36 + 36 + 24: a partial step
+    uneven = batchlab.train(task, 12, epochs=4, accumulation_steps=3, seed=1)
+    assert big.effective_batch_size == acc.effective_batch_size == 32
+    assert big.total_steps == acc.total_steps == 12
+    assert acc.train_loss == pytest.approx(big.train_loss, rel=1e-5, abs=1e-6)
+    assert uneven.train_loss == pytest.approx(big36.train_loss, rel=1e-5, abs=1e-6)
+    assert acc.final["val_loss"] == pytest.approx(big.final["val_loss"], rel=1e-5)
+
+
+def test_accumulated_gradient_matches_full_batch_gradient_with_partial_micro_batch(task):
+    """A step over 20 examples as micro-batches 8+8+4 weights each by its share."""
+    torch.manual_seed(0)
+    model = task.model()
+    batcher = Batcher(task.train_data, torch.device("cpu"))
+    idx = torch.arange(20)
+
+    def grads(micro):
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        TrainStep(
+            model, opt, task.loss, batcher, micro_batch_size=micro, device=torch.device("cpu")
+        )(idx)
+        return [p.grad.clone() for p in model.parameters()]
+
+    for g_full, g_micro in zip(grads(20), grads(8), strict=True):
+        torch.testing.assert_close(g_micro, g_full, rtol=1e-5, atol=1e-7)
+
+
+def test_target_accounting(task):
+    history = batchlab.train(task, 8, epochs=20, target="val_acc>=0.7", eval_every=2, seed=0)
+    assert history.reached_target
+    hit = next(e for e in history.evals if e.metrics["acc"] >= 0.7)
+    assert history.steps_to_target == hit.step == history.total_steps
+    assert history.examples_to_target == hit.examples == hit.step * 8
+    assert history.seconds_to_target == hit.train_seconds
+    assert all(e.metrics["acc"] < 0.7 for e in history.evals if e.step < hit.step)
+    assert history.steps_to_target % 2 == 0  # only checked at evaluations
+
+
+def test_unreached_target_is_null(task):
+    history = batchlab.train(task, 8, max_steps=4, target="val_loss<=0.0001")
+    assert history.steps_to_target is None and history.examples_to_target is None
+    assert history.seconds_to_target is None and history.total_steps == 4
+
+
+def test_lr_rules_and_warmup(task):
+    linear = batchlab.train(task, 32, max_steps=6, lr_rule="linear", warmup_steps=4)
+    assert linear.lr == pytest.approx(0.1 * 32 / 8)
+    assert linear.lrs[:4] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert linear.lrs[4:] == pytest.approx([0.4, 0.4])
+    sqrt = batchlab.train(task, 32, max_steps=2, lr_rule="sqrt")
+    assert sqrt.lr == pytest.approx(0.2)
+    explicit = batchlab.train(task, 32, lr=0.05, max_steps=2, lr_rule="linear")
+    assert explicit.lr == pytest.approx(0.2)
+
+
+def test_warmup_sets_the_optimizer_lr(task):
+    seen = []
+
+    class Spy(batchlab.TrainCallback):
+        def on_step(self, state):
+            seen.append(state.optimizer.param_groups[0]["lr"])
+
+    batchlab.train(task, 8, max_steps=4, warmup_steps=2, callbacks=[Spy()])
+    assert seen == pytest.approx([0.05, 0.1, 0.1, 0.1])
+
+
+def test_divergence_is_recorded_not_raised():
+    import dataclasses
+
+    def mse(model, batch):
+        x, y = batch
+        return ((model(x)[:, 0] - y.float() * 100) ** 2).mean()
+
+    task = dataclasses.replace(tiny_task(lr=10.0), loss=mse, metrics=None)
+    history = batchlab.train(task, 8, epochs=50)
+    assert history.diverged
+    assert history.diverged_step is not None
+    assert history.total_steps == history.diverged_step
+    assert not math.isfinite(history.train_loss[history.diverged_step - 1])
+
+
+def test_history_json_round_trip(task):
+    history = batchlab.train(task, 8, max_steps=5, target="val_acc>=0.99")
+    again = batchlab.History.from_json(history.to_json())
+    assert again == history
+    assert isinstance(again.evals[0], batchlab.Evaluation)
+    assert isinstance(again.train_loss, tuple)
+
+
+def test_history_counts_examples_and_epochs(task):
+    history = batchlab.train(task, 10, epochs=2)
+    assert history.total_steps == 2 * math.ceil(64 / 10)
+    assert history.total_examples == 128 and history.epochs == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"batch_size": 0}, ConfigError, "expected a positive integer, got 0"),
+        ({"batch_size": -3}, ConfigError, "expected a positive integer, got -3"),
+        ({"batch_size": 1.5}, ConfigError, "expected a positive integer, got 1.5"),
+        ({"batch_size": 65}, ConfigError, "larger than the training set"),
+        ({"batch_size": 8, "lr": 0.0}, ConfigError, "expected a positive number, got 0.0"),
+        ({"batch_size": 8, "lr": -1}, ConfigError, "expected a positive number"),
+        ({"batch_size": 8, "target": "acc>0.5"}, ConfigError, "expected METRIC OP VALUE"),
+        ({"batch_size": 8, "target": "val_f1>=0.5"}, ConfigError, "available: val_loss, val_acc"),
+        ({"batch_size": 8, "lr_rule": "cubic"}, ConfigError, "expected one of none, linear"),
+        ({"batch_size": 8, "device": "cuda:7"}, batchlab.BatchlabError, "cuda"),
+    ],
+)
+def test_bad_input(task, kwargs, error, match):
+    if kwargs.get("device") and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(error) as info:
+        batchlab.train(task, max_steps=1, **kwargs)
+    assert match in str(info.value)
+
+
+def test_non_scalar_loss_is_a_clear_error():
+    import dataclasses
+
+    task = dataclasses.replace(tiny_task(), loss=lambda m, b: (m(b[0]) - 0).pow(2))
+    with pytest.raises(TaskError) as info:
+        batchlab.train(task, 8, max_steps=1)
+    assert "must return a scalar tensor" in str(info.value) and ", 3); reduce" in str(info.value)
