@@ -1,0 +1,345 @@
+"""`AdaptiveBatchSize`: pick the batch size that makes training progress fastest, as it goes.
+
+Goodput (Qiao et al. 2021, "Pollux", OSDI'21, eq. 1) is throughput times statistical
+efficiency. With the simple noise scale B_simple (McCandlish et al. 2018, eq. 2.8) and the
+reference batch B0 where the learning rate lr0 is known to work, the efficiency of batch B
+relative to B0 is
+
+    E(B) = (B_simple + B0) / (B_simple + B)
+
+(one example at batch B is worth E(B) examples at B0), so
+
+    goodput(b, k) = samples_per_second(b, k) * E(b * k * world_size)
+
+in reference-batch examples per second. At every `interval` optimizer steps the controller
+evaluates goodput over a ladder of batch sizes, splits each into the largest micro-batch the
+memory cap allows times the fewest accumulation steps, and switches only when the best
+beats the current choice by more than `threshold` (hysteresis: B_simple is noisy).
+
+The learning rate follows the AdaScale gain r = (B/B0) E(B) (Johnson et al. 2020) for
+SGD-like optimizers and sqrt(r) for Adam-like ones (as AdaptDL's AdamScale does: Adam's
+update is already normalised, and sqrt matches the square-root rule of Hoffer et al. 2017
+and Malladi et al. 2022 in the noise-dominated regime). Progress is counted in reference
+examples, sum of r * B0 = B * E(B) over steps, so "N epochs" keeps meaning N epochs at B0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from batchlab.adaptive.throughput_model import ThroughputFit, ThroughputModel
+from batchlab.errors import ConfigError
+from batchlab.results import JsonResult
+from batchlab.task import check_batch_size, check_lr
+
+# Optimizers whose update is proportional to the gradient: AdaScale's gain applies as is.
+SGD_LIKE = frozenset({"SGD", "ASGD", "LARS", "SGDW"})
+# Optimizers that normalise the update by a running second moment: use sqrt(gain).
+ADAM_LIKE = frozenset(
+    {"Adam", "AdamW", "NAdam", "RAdam", "Adamax", "Adagrad", "Adadelta", "RMSprop", "SparseAdam",
+     "Adafactor", "LAMB", "Lamb", "FusedAdam", "DeepSpeedCPUAdam"}
+)  # fmt: skip
+LR_RULES = ("auto", "adascale", "sqrt-adascale", "none")
+LrRule = str | Callable[[float, float], float]
+
+
+@dataclass(frozen=True)
+class Decision(JsonResult):
+    """One evaluation of the controller, kept in its log whether or not it switched."""
+
+    step: int  # optimizer steps done; the choice applies from step + 1
+    batch_size: int  # examples per optimizer step over all replicas
+    micro_batch_size: int  # examples per forward/backward on one replica
+    accumulation_steps: int
+    lr: float  # learning rate from step + 1 on (before any warm-up factor)
+    b_simple: float | None  # the smoothed noise scale it used (None: no estimate yet)
+    predicted_goodput: float | None  # reference examples per second at this choice
+    efficiency: float | None  # E(batch_size) relative to the reference batch
+    gain: float  # predicted goodput of this choice / that of the previous one
+    action: str  # start, keep, switch, explore (time a new micro-batch size at the same B)
+
+
+def efficiency(batch_size: float, reference_batch_size: float, b_simple: float) -> float:
+    """E(B) = (B_simple + B0) / (B_simple + B) (McCandlish et al. 2018, eq. 2.11 in B0 units)."""
+    return (b_simple + reference_batch_size) / (b_simple + batch_size)
+
+
+def optimizer_lr_rule(optimizer: torch.optim.Optimizer | type | str) -> str:
+    """`adascale` for SGD-like optimizers, `sqrt-adascale` for Adam-like; else a ConfigError."""
+    if isinstance(optimizer, str):
+        name = optimizer
+    elif isinstance(optimizer, type):
+        name = optimizer.__name__
+    else:
+        name = type(optimizer).__name__
+    if name in SGD_LIKE:
+        return "adascale"
+    if name in ADAM_LIKE:
+        return "sqrt-adascale"
+    raise ConfigError(
+        f"adaptive lr rule: no rule known for optimizer {name}; expected an SGD-like "
+        f"({', '.join(sorted(SGD_LIKE))}) or Adam-like one, got {name}; pass "
+        "lr_rule='adascale' (update proportional to the gradient), 'sqrt-adascale' "
+        "(normalised update), 'none', or a function (lr0, gain) -> lr"
+    )
+
+
+class AdaptiveBatchSize:
+    """Chooses `(micro_batch_size, accumulation_steps)` and the learning rate during training.
+
+    Args:
+        reference_batch_size: B0, where `reference_lr` is known to work. Also the smallest
+            batch it picks unless `min_batch_size` says otherwise.
+        reference_lr: lr0.
+        optimizer: the optimizer (instance, class or class name); picks the lr rule when
+            `lr_rule="auto"`.
+        lr_rule: `auto` (default), `adascale`, `sqrt-adascale`, `none`, or a function
+            `(lr0, gain) -> lr` given the AdaScale gain r.
+        max_micro_batch_size: the memory cap, in examples per micro-batch on one replica
+            (e.g. `probe_memory(...).max_batch_size`). None: no cap.
+        max_batch_size: the largest batch over all replicas (default 64 * B0).
+        min_batch_size: the smallest (default B0).
+        max_accumulation_steps: most micro-batches per optimizer step (default 16).
+        world_size: data-parallel replicas; batch = micro * accumulation * world_size.
+        interval: optimizer steps between decisions (default 50).
+        threshold: relative goodput gain needed to switch (default 0.05, i.e. 5%).
+        max_growth: the batch changes by at most this factor per decision (default 2): the
+            throughput line is extrapolated beyond the sizes timed so far, so move in steps.
+        ladder_ratio: ratio between neighbouring candidate batch sizes (default 2**0.25).
+        throughput: the `ThroughputModel` to read (a fresh one by default); the training loop
+            feeds it measured micro-batch and optimizer-step times.
+        explore: when only one micro-batch size has been timed, time another one at the same
+            batch (half the micro-batch, twice the accumulation), which changes nothing in
+            the optimisation and makes the throughput line identifiable. Default True.
+    """
+
+    def __init__(
+        self,
+        reference_batch_size: int,
+        reference_lr: float,
+        *,
+        optimizer: torch.optim.Optimizer | type | str | None = None,
+        lr_rule: LrRule = "auto",
+        max_micro_batch_size: int | None = None,
+        max_batch_size: int | None = None,
+        min_batch_size: int | None = None,
+        max_accumulation_steps: int = 16,
+        world_size: int = 1,
+        interval: int = 50,
+        threshold: float = 0.05,
+        max_growth: float = 2.0,
+        ladder_ratio: float = 2**0.25,
+        throughput: ThroughputModel | None = None,
+        explore: bool = True,
+    ) -> None:
+        self.reference_batch_size = check_batch_size(reference_batch_size, what="reference batch")
+        self.reference_lr = check_lr(reference_lr, what="reference lr")
+        self.world_size = check_batch_size(world_size, what="world size")
+        self.max_accumulation_steps = check_batch_size(
+            max_accumulation_steps, what="max accumulation steps"
+        )
+        self.interval = check_batch_size(interval, what="decision interval")
+        self.min_batch_size = check_batch_size(
+            reference_batch_size if min_batch_size is None else min_batch_size,
+            what="min batch size",
+        )
+        self.max_batch_size = check_batch_size(
+            64 * reference_batch_size if max_batch_size is None else max_batch_size,
+            what="max batch size",
+        )
+        if self.max_batch_size < self.min_batch_size:
+            raise ConfigError(
+                f"max batch size: expected at least the min batch size {self.min_batch_size}, "
+                f"got {self.max_batch_size}; raise it or lower min_batch_size"
+            )
+        if max_micro_batch_size is not None:
+            check_batch_size(max_micro_batch_size, what="memory cap (max micro-batch size)")
+            if max_micro_batch_size * self.world_size < self.min_batch_size:
+                raise ConfigError(
+                    f"memory cap: expected at least {math.ceil(self.min_batch_size / self.world_size)}"
+                    f" examples per micro-batch (the reference batch B0={self.min_batch_size} over "
+                    f"{self.world_size} replica(s)), got {max_micro_batch_size}; the reference "
+                    "setting itself does not fit, so give a task with a smaller reference batch "
+                    "or a larger memory budget"
+                )
+        self.max_micro_batch_size = max_micro_batch_size
+        if not (isinstance(threshold, (int, float)) and 0 <= threshold < 10):
+            raise ConfigError(f"threshold: expected a number in [0, 10), got {threshold!r}")
+        self.threshold = float(threshold)
+        if not (isinstance(max_growth, (int, float)) and max_growth > 1):
+            raise ConfigError(f"max growth: expected a number > 1, got {max_growth!r}")
+        self.max_growth = float(max_growth)
+        if not (isinstance(ladder_ratio, (int, float)) and ladder_ratio > 1):
+            raise ConfigError(f"ladder ratio: expected a number > 1, got {ladder_ratio!r}")
+        self.ladder_ratio = float(ladder_ratio)
+        self.lr_rule = self._resolve_rule(lr_rule, optimizer)
+        self.throughput = throughput if throughput is not None else ThroughputModel()
+        self.explore = explore
+
+        micro, accum = self._split(self.min_batch_size)
+        self.micro_batch_size = micro
+        self.accumulation_steps = accum
+        self.b_simple: float | None = None
+        self.lr = self.lr_for(self.batch_size, None)
+        self.steps = 0
+        self.examples = 0
+        self.reference_examples = 0.0  # progress: sum of B * E(B) over steps
+        self.decisions: list[Decision] = [
+            Decision(0, self.batch_size, micro, accum, self.lr, None, None, None, 1.0, "start")
+        ]
+
+    # ----------------------------------------------------------------- formulas
+    @property
+    def batch_size(self) -> int:
+        return self.micro_batch_size * self.accumulation_steps * self.world_size
+
+    def efficiency(self, batch_size: int, b_simple: float | None) -> float:
+        """E(B) relative to B0; 1 while no noise estimate exists (B is then B0 anyway)."""
+        if b_simple is None:
+            return 1.0
+        return efficiency(batch_size, self.reference_batch_size, b_simple)
+
+    def gain(self, batch_size: int, b_simple: float | None) -> float:
+        """AdaScale gain r = (B/B0) E(B) (Johnson et al. 2020): B0-steps one step is worth."""
+        return batch_size / self.reference_batch_size * self.efficiency(batch_size, b_simple)
+
+    def lr_for(self, batch_size: int, b_simple: float | None) -> float:
+        r = self.gain(batch_size, b_simple)
+        rule = self.lr_rule
+        if callable(rule):
+            lr = float(rule(self.reference_lr, r))
+            return check_lr(lr, what="learning rate from the custom lr rule")
+        if rule == "adascale":
+            return self.reference_lr * r
+        if rule == "sqrt-adascale":
+            return self.reference_lr * math.sqrt(r)
+        return self.reference_lr  # "none"
+
+    def predicted_goodput(
+        self, micro_batch_size: int, accumulation_steps: int, b_simple: float, fit: ThroughputFit
+    ) -> float:
+        """Reference-batch examples per second: throughput(B) * E(B)."""
+        rate = fit.samples_per_second(micro_batch_size, accumulation_steps, self.world_size)
+        batch = micro_batch_size * accumulation_steps * self.world_size
+        return rate * self.efficiency(batch, b_simple)
+
+    # ----------------------------------------------------------------- candidates
+    def _split(self, batch_size: int) -> tuple[int, int]:
+        """Largest micro-batch under the cap, fewest accumulation steps, for >= batch_size."""
+        per_replica = math.ceil(batch_size / self.world_size)
+        cap = self.max_micro_batch_size or per_replica
+        accum = math.ceil(per_replica / cap)
+        return math.ceil(per_replica / accum), accum
+
+    def candidates(self) -> list[tuple[int, int]]:
+        """`(micro, accumulation)` pairs on the batch ladder, within every limit."""
+        out: dict[int, tuple[int, int]] = {}
+        size = float(self.min_batch_size)
+        while True:
+            batch = round(size)
+            if batch > self.max_batch_size:
+                break
+            micro, accum = self._split(batch)
+            real = micro * accum * self.world_size
+            if accum <= self.max_accumulation_steps and real <= self.max_batch_size:
+                out.setdefault(real, (micro, accum))
+            size *= self.ladder_ratio
+        return [out[b] for b in sorted(out)]
+
+    def _exploration(self) -> tuple[int, int] | None:
+        micro, accum = self.micro_batch_size, self.accumulation_steps
+        cap = self.max_micro_batch_size or math.inf
+        if accum % 2 == 0 and 2 * micro <= cap:
+            return 2 * micro, accum // 2
+        if micro >= 2 and 2 * accum <= self.max_accumulation_steps:
+            return math.ceil(micro / 2), 2 * accum
+        return None
+
+    # ----------------------------------------------------------------- decisions
+    def due(self, step: int) -> bool:
+        """Whether `step` (optimizer steps done) is a decision point."""
+        return step > 0 and step % self.interval == 0
+
+    def decide(self, step: int, b_simple: float | None) -> Decision:
+        """Re-plan at an optimizer-step boundary; returns (and logs) the choice from step + 1.
+
+        `b_simple` is the smoothed noise scale now (None or non-finite: no estimate yet, so
+        the batch stays where it is).
+        """
+        if b_simple is not None and not (math.isfinite(b_simple) and b_simple > 0):
+            b_simple = None
+        if b_simple is not None:
+            self.b_simple = b_simple
+        b_simple = self.b_simple
+        current = (self.micro_batch_size, self.accumulation_steps)
+        action, choice, goodput, gain = "keep", current, None, 1.0
+        if not self.throughput.ready:
+            explore = self._exploration() if self.explore else None
+            if explore is not None:
+                action, choice = "explore", explore
+        elif b_simple is not None:
+            fit = self.throughput.fit()
+            now = self.predicted_goodput(*current, b_simple, fit)
+            low, high = self.batch_size / self.max_growth, self.batch_size * self.max_growth
+            scored = [
+                (self.predicted_goodput(m, a, b_simple, fit), (m, a))
+                for m, a in self.candidates()
+                if low <= m * a * self.world_size <= high
+            ]
+            best_goodput, best = max(scored + [(now, current)])
+            goodput, gain = now, best_goodput / now
+            if best != current and gain > 1 + self.threshold:
+                action, choice, goodput = "switch", best, best_goodput
+        self.micro_batch_size, self.accumulation_steps = choice
+        self.lr = self.lr_for(self.batch_size, b_simple)
+        decision = Decision(
+            step=step,
+            batch_size=self.batch_size,
+            micro_batch_size=self.micro_batch_size,
+            accumulation_steps=self.accumulation_steps,
+            lr=self.lr,
+            b_simple=b_simple,
+            predicted_goodput=goodput,
+            efficiency=None if b_simple is None else self.efficiency(self.batch_size, b_simple),
+            gain=gain,
+            action=action,
+        )
+        self.decisions.append(decision)
+        return decision
+
+    def record_step(self, examples: int) -> float:
+        """Account one optimizer step of `examples`; returns its progress in B0-examples.
+
+        A short final step of an epoch counts its real size.
+        """
+        progress = examples * self.efficiency(examples, self.b_simple)
+        self.steps += 1
+        self.examples += examples
+        self.reference_examples += progress
+        return progress
+
+    def reference_epochs(self, num_train: int) -> float:
+        """Progress in epochs at the reference batch: sum of B * E(B) / num_train."""
+        return self.reference_examples / num_train
+
+    @staticmethod
+    def _resolve_rule(rule: LrRule, optimizer: object) -> LrRule:
+        if callable(rule):
+            return rule
+        if rule not in LR_RULES:
+            raise ConfigError(
+                f"adaptive lr rule: expected one of {', '.join(LR_RULES)} or a function "
+                f"(lr0, gain) -> lr, got {rule!r}"
+            )
+        if rule != "auto":
+            return rule
+        if optimizer is None:
+            raise ConfigError(
+                "adaptive lr rule 'auto' needs the optimizer to choose between AdaScale "
+                "(SGD-like) and its square root (Adam-like); pass optimizer=... or lr_rule=..."
+            )
+        return optimizer_lr_rule(optimizer)

@@ -1,0 +1,141 @@
+"""A batch sampler whose batch size may change at any batch boundary, mid-epoch included.
+
+Each epoch is one random permutation of the dataset, drawn from a generator seeded with
+`(seed, epoch)`, and batches are consecutive slices of it. Changing `batch_size` only
+changes where the next slice ends, so within an epoch every example is seen exactly once
+whatever the sizes were, and the order of examples depends only on the seed and epoch.
+
+Use it as `DataLoader(dataset, batch_sampler=sampler)`. With `num_workers > 0` the loader
+fetches `prefetch_factor * num_workers` batches ahead, so a new size shows up that many
+batches late (still with nothing skipped or repeated); use `num_workers=0` for an exact
+switch, or `take()` directly.
+
+Under data parallelism each replica builds the same sampler with its `rank`: the global
+batch `batch_size * num_replicas` is cut from the shared permutation and replica `rank`
+gets its slice. The last global batch of an epoch may be short; it is split as evenly as
+possible and a replica left empty gets the epoch's first example again (as
+`DistributedSampler` pads), unless `drop_last`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sized
+from typing import Any
+
+import torch
+from torch.utils.data import Sampler
+
+from batchlab.errors import ConfigError
+from batchlab.task import check_batch_size
+
+
+class ResizableBatchSampler(Sampler[list[int]]):
+    """Yields lists of indices; `batch_size` may be reassigned between batches.
+
+    Args:
+        data_source: the dataset (or anything with `len`), or the number of examples.
+        batch_size: examples per batch on this replica.
+        shuffle: a fresh permutation each epoch (default True); False walks 0..n-1.
+        seed: seeds the permutations; the same seed and sizes give the same batches.
+        drop_last: drop an epoch's final global batch when it is short (default False).
+        num_replicas / rank: data-parallel world size and this replica's rank.
+    """
+
+    def __init__(
+        self,
+        data_source: Sized | int,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        self.num_examples = data_source if isinstance(data_source, int) else len(data_source)
+        check_batch_size(self.num_examples, what="dataset size")
+        self.num_replicas = check_batch_size(num_replicas, what="num replicas")
+        if not isinstance(rank, int) or not 0 <= rank < num_replicas:
+            raise ConfigError(f"rank: expected 0 <= rank < {num_replicas}, got {rank!r}")
+        self.rank = rank
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.batch_size = batch_size  # validated by the setter
+        self.epoch = 0
+        self.position = 0  # examples of the current epoch's permutation already handed out
+        self._order: torch.Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        self._batch_size = check_batch_size(value, what="batch size")
+
+    # ------------------------------------------------------------------ epochs
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch `epoch` from its beginning (as `DistributedSampler.set_epoch`)."""
+        self.epoch = epoch
+        self.position = 0
+        self._order = None
+
+    def _permutation(self) -> torch.Tensor:
+        if self._order is None:
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+                self._order = torch.randperm(self.num_examples, generator=g)
+            else:
+                self._order = torch.arange(self.num_examples)
+        return self._order
+
+    @property
+    def remaining(self) -> int:
+        """Examples of the current epoch not yet handed out (all replicas together)."""
+        return self.num_examples - self.position
+
+    def take(self, batch_size: int | None = None) -> list[int] | None:
+        """This replica's next batch, or None at the end of the epoch (then the next call
+        starts the following epoch). `batch_size` overrides `self.batch_size` for one batch."""
+        if self.remaining == 0:
+            self.set_epoch(self.epoch + 1)
+            return None
+        size = self.batch_size if batch_size is None else check_batch_size(batch_size)
+        global_size = size * self.num_replicas
+        if self.drop_last and self.remaining < global_size:
+            self.set_epoch(self.epoch + 1)
+            return None
+        order = self._permutation()
+        chunk = order[self.position : self.position + global_size]
+        self.position += len(chunk)
+        if self.num_replicas == 1:
+            return chunk.tolist()
+        mine = chunk.tensor_split(self.num_replicas)[self.rank]
+        if len(mine) == 0:  # short last batch: pad this replica with one example
+            mine = order[:1]
+        return mine.tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        """The rest of the current epoch (all of it after `set_epoch`), then the epoch ends."""
+        while True:
+            batch = self.take()
+            if batch is None:
+                return
+            yield batch
+
+    def __len__(self) -> int:
+        """Batches left in this epoch at the current batch size (changes as it does)."""
+        global_size = self.batch_size * self.num_replicas
+        if self.drop_last:
+            return self.remaining // global_size
+        return -(-self.remaining // global_size)
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.set_epoch(int(state["epoch"]))
+        self.position = int(state["position"])
+        self.batch_size = int(state["batch_size"])
