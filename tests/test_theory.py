@@ -75,3 +75,49 @@ def test_steps_examples_tradeoff():
     # at B = B_noise both are twice their minimum (McCandlish et al. 2018)
     assert steps_factor(64, 64) == 2 and examples_factor(64, 64) == 2
     assert steps_factor(1e9, 64) == pytest.approx(1) and math.isclose(examples_factor(1e-9, 64), 1)
+
+
+def test_speedup_is_one_at_the_reference():
+    from batchlab.theory import predicted_speedup
+
+    assert predicted_speedup(128, 128, 500.0, 0.02, 0.02) == pytest.approx(1.0)
+
+
+def test_speedup_pure_model():
+    """With t(B) constant (perfect parallelism), speedup = S(B0)/S(B)."""
+    from batchlab.theory import predicted_speedup, relative_steps
+
+    b_noise = 256.0
+    s = predicted_speedup(1024, 64, b_noise, 0.01, 0.01)
+    assert s == pytest.approx((1 + 256 / 64) / (1 + 256 / 1024))
+    assert relative_steps(1024, 64, b_noise) == pytest.approx(1 / s)
+
+
+def test_interpolate_step_seconds_log_log():
+    from batchlab.theory import interpolate_step_seconds
+
+    bs, ts = [8, 32, 128], [0.001, 0.002, 0.008]
+    assert interpolate_step_seconds(bs, ts, 32) == pytest.approx(0.002)
+    assert interpolate_step_seconds(bs, ts, 16) == pytest.approx(0.001 * 2**0.5)
+    assert interpolate_step_seconds(bs, ts, 512) == pytest.approx(0.032)  # extends the last slope
+    assert interpolate_step_seconds([10], [0.5], 20) == pytest.approx(1.0)
+
+
+def test_efficient_batch_is_b_noise_in_the_pure_model():
+    from batchlab.theory import efficient_batch_size, examples_factor, steps_factor
+
+    for b_noise in (3.2, 57.0, 640.0):
+        b = efficient_batch_size(b_noise)
+        assert b == round(b_noise)
+        assert steps_factor(b_noise, b_noise) == 2 and examples_factor(b_noise, b_noise) == 2
+    assert efficient_batch_size(5000.0, max_batch_size=1024) == 1024
+    with pytest.raises(ConfigError):
+        efficient_batch_size(-1.0)
+
+
+def test_warmup_only_for_large_lr_growth():
+    from batchlab.theory import warmup_steps_for
+
+    assert warmup_steps_for(2.0, 1000) == 0
+    assert warmup_steps_for(4.0, 1000) == 50
+    assert warmup_steps_for(8.0, 3) == 1

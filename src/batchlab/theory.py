@@ -147,3 +147,79 @@ def steps_factor(batch_size: float, b_noise: float) -> float:
 def examples_factor(batch_size: float, b_noise: float) -> float:
     """E(B) / E_min = 1 + B / B_noise (McCandlish et al. 2018, eq. 2.11)."""
     return 1.0 + batch_size / b_noise
+
+
+def relative_steps(batch_size: float, reference_batch_size: float, b_noise: float) -> float:
+    """S(B) / S(B0) = (1 + B_noise/B) / (1 + B_noise/B0): no S_min needed."""
+    return steps_factor(batch_size, b_noise) / steps_factor(reference_batch_size, b_noise)
+
+
+def predicted_speedup(
+    batch_size: float,
+    reference_batch_size: float,
+    b_noise: float,
+    step_seconds: float,
+    reference_step_seconds: float,
+) -> float:
+    """speedup(B) = [S(B0) t(B0)] / [S(B) t(B)], with S from McCandlish et al. 2018.
+
+    `step_seconds` is the wall time of one optimizer step at effective batch B (including
+    accumulation). A value above 1 means B reaches the target sooner than B0.
+    """
+    return (steps_factor(reference_batch_size, b_noise) * reference_step_seconds) / (
+        steps_factor(batch_size, b_noise) * step_seconds
+    )
+
+
+def interpolate_step_seconds(
+    batch_sizes: list[int] | tuple[int, ...],
+    step_seconds: list[float] | tuple[float, ...],
+    batch_size: float,
+) -> float:
+    """Seconds per step at `batch_size`, interpolated linearly in log-log space.
+
+    Step time is close to a power law in B between measured points, so log-log is the
+    natural scale. Outside the measured range the end segment is extended.
+    """
+    import numpy as np
+
+    if len(batch_sizes) != len(step_seconds) or not batch_sizes:
+        raise ConfigError("expected matching, non-empty batch sizes and step times")
+    order = np.argsort(batch_sizes)
+    xs = np.log(np.asarray(batch_sizes, dtype=float)[order])
+    ys = np.log(np.asarray(step_seconds, dtype=float)[order])
+    x = math.log(batch_size)
+    if len(xs) == 1:
+        # one point: assume time proportional to batch
+        return float(math.exp(ys[0] + (x - xs[0])))
+    if x <= xs[0]:
+        i = 0
+    elif x >= xs[-1]:
+        i = len(xs) - 2
+    else:
+        i = int(np.searchsorted(xs, x)) - 1
+    slope = (ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i])
+    return float(math.exp(ys[i] + slope * (x - xs[i])))
+
+
+def efficient_batch_size(b_noise: float, *, max_batch_size: int | None = None) -> int:
+    """B ~= B_crit ~= B_noise: steps are 2 S_min and examples 2 E_min (McCandlish et al. 2018).
+
+    The balanced choice when compute costs money: any larger batch buys fewer than half
+    the steps it adds in examples.
+    """
+    if not b_noise > 0 or not math.isfinite(b_noise):
+        raise ConfigError(f"expected a positive, finite B_noise, got {b_noise!r}")
+    b = max(1, round(b_noise))
+    return min(b, max_batch_size) if max_batch_size else b
+
+
+def warmup_steps_for(lr_factor: float, total_steps: int, *, fraction: float = 0.05) -> int:
+    """Gradual linear warm-up when the LR grows by more than 2x (Goyal et al. 2017).
+
+    Goyal et al. warmed up over 5 of 90 epochs (~5%) for large factors; we warm up over
+    the same fraction of the planned steps, and not at all for factors <= 2.
+    """
+    if lr_factor <= 2.0:
+        return 0
+    return max(1, math.ceil(fraction * total_steps))
