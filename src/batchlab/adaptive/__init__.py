@@ -1,14 +1,20 @@
 """Adaptive batch size during training: goodput controller, resizable sampler, engine."""
 
 from batchlab.adaptive.controller import AdaptiveBatchSize, Decision, efficiency
+from batchlab.adaptive.engine import train_adaptive
+from batchlab.adaptive.noise_source import FixedNoise, NoiseSource
 from batchlab.adaptive.sampler import ResizableBatchSampler
-from batchlab.adaptive.throughput_model import ThroughputFit, ThroughputModel
+from batchlab.adaptive.throughput_model import FixedThroughput, ThroughputFit, ThroughputModel
 
 __all__ = [
     "AdaptiveBatchSize",
     "Decision",
+    "FixedNoise",
+    "FixedThroughput",
+    "NoiseSource",
     "ResizableBatchSampler",
     "ThroughputFit",
     "ThroughputModel",
     "efficiency",
+    "train_adaptive",
 ]

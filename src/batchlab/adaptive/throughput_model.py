@@ -120,3 +120,28 @@ def _weighted_line(xs: tuple[int, ...], ys: list[float], ws: list[int]) -> tuple
     sxy = sum(w * (x - mx) * (y - my) for x, y, w in zip(xs, ys, ws, strict=True))
     slope = sxy / sxx
     return my - slope * mx, slope
+
+
+class FixedThroughput(ThroughputModel):
+    """A throughput model that ignores measurements and always answers `fit`.
+
+    For reproducible runs (decisions then depend on the seed only, not on the clock) and
+    for planning for another device from its measured `ThroughputFit`.
+    """
+
+    def __init__(self, fit: ThroughputFit) -> None:
+        super().__init__()
+        self._fixed = fit
+
+    def observe_micro(self, micro_batch_size: int, seconds: float) -> None:
+        return None
+
+    def observe_optimizer(self, seconds: float) -> None:
+        return None
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    def fit(self) -> ThroughputFit:
+        return self._fixed

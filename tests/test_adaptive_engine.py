@@ -1,0 +1,142 @@
+"""`train_adaptive`: the loop behind `batchlab train --adaptive`."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_task
+
+from batchlab import History
+from batchlab.adaptive import ThroughputFit, train_adaptive
+from batchlab.adaptive.controller import efficiency
+from batchlab.errors import BatchlabError, ConfigError, NoiseEstimateError
+from batchlab.train import TrainCallback
+
+
+def run(b_simple=1e5, n=512, **kwargs) -> History:
+    task = tiny_task(n)
+    kwargs.setdefault("epochs", 3)
+    kwargs.setdefault("interval", 4)
+    return train_adaptive(task, b_simple=b_simple, device="cpu", seed=0, **kwargs)
+
+
+def segments(history: History) -> list[tuple[int, int]]:
+    """(first step, batch size) of each run of equal per-step batch sizes."""
+    sizes = history.extras["adaptive"]["batch_sizes"]
+    out = []
+    for step, size in zip(history.steps, sizes, strict=True):
+        if not out or out[-1][1] != size:
+            out.append((step, size))
+    return out
+
+
+def test_batch_grows_with_large_noise_and_switches_only_at_decisions():
+    h = run(b_simple=1e5)
+    log = h.extras["adaptive"]["decisions"]
+    assert [d["step"] for d in log[1:]] == list(range(4, h.total_steps + 1, 4))[: len(log) - 1]
+    assert log[-1]["batch_size"] > 8 and h.effective_batch_size == log[-1]["batch_size"]
+    switch_steps = {d["step"] + 1 for d in log if d["action"] in ("switch", "explore")}
+    sizes = h.extras["adaptive"]["batch_sizes"]
+    epoch_ends = set()
+    seen = 0
+    for step, size in zip(h.steps, sizes, strict=True):
+        seen += size
+        if seen % 512 == 0:
+            epoch_ends.add(step)
+    for step, _size in segments(h)[1:]:
+        # a new size starts right after a decision, or after an epoch's short last step
+        assert step in switch_steps or (step - 1) in epoch_ends or step in epoch_ends
+
+
+def test_small_noise_keeps_the_reference_batch():
+    h = run(b_simple=1e-3)
+    assert set(h.extras["adaptive"]["batch_sizes"]) == {8}
+    assert {d["batch_size"] for d in h.extras["adaptive"]["decisions"]} == {8}
+
+
+def test_lr_follows_adascale_gain_for_sgd():
+    h = run(b_simple=40.0, warmup_steps=0)
+    decisions = h.extras["adaptive"]["decisions"]
+    by_step = {d["step"]: d for d in decisions}
+    current = decisions[0]
+    for step, lr in zip(h.steps, h.lrs, strict=True):
+        if step - 1 in by_step:
+            current = by_step[step - 1]
+        batch = current["batch_size"]
+        b_simple = current["b_simple"]
+        gain = 1.0 if b_simple is None else batch / 8 * efficiency(batch, 8, b_simple)
+        assert lr == pytest.approx(0.1 * gain)
+    assert max(h.lrs) > 0.1
+
+
+def test_progress_is_counted_in_reference_epochs():
+    h = run(b_simple=20.0, epochs=2)
+    log = h.extras["adaptive"]
+    assert 2.0 <= log["reference_epochs"] < 2.0 + log["batch_sizes"][-1] / 512
+    assert h.epochs > log["reference_epochs"]  # bigger batches: more passes for the same progress
+    assert h.evals[-1].step == h.total_steps
+
+
+def test_memory_cap_uses_accumulation_and_never_exceeds_cap():
+    seen = []
+
+    class Spy(TrainCallback):
+        def on_start(self, state):
+            state.step_fn.micro_hook = lambda i, k, size: seen.append((k, size))
+
+    h = run(b_simple=1e5, memory_cap=12, callbacks=[Spy()])
+    assert max(size for _, size in seen) <= 12
+    assert max(k for k, _ in seen) >= 2
+    assert all(d["micro_batch_size"] <= 12 for d in h.extras["adaptive"]["decisions"])
+    # The spy's hook kept running under the engine's timer: one call per micro-batch.
+    assert len(seen) >= h.total_steps
+
+
+def test_deterministic_json_round_trip_and_rng_untouched():
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    fit = ThroughputFit(alpha=1e-3, beta=1e-5, gamma=1e-4, micro_batch_sizes=(4, 8))
+    a = run(b_simple=lambda step: 10.0 + step, throughput=fit)
+    assert torch.equal(torch.get_rng_state(), before)
+    b = run(b_simple=lambda step: 10.0 + step, throughput=fit)
+    assert a.train_loss == b.train_loss
+    assert a.extras["adaptive"]["batch_sizes"] == b.extras["adaptive"]["batch_sizes"]
+    assert len(set(a.extras["adaptive"]["batch_sizes"])) > 1
+    again = History.from_json(a.to_json())
+    assert again.extras["adaptive"]["decisions"] == a.extras["adaptive"]["decisions"]
+
+
+def test_target_stops_the_run_and_max_steps_bounds_it():
+    h = run(b_simple=100.0, epochs=20, target="val_acc>=0.6")
+    assert h.reached_target and h.steps_to_target == h.total_steps
+    assert h.final["reference_epochs"] < 20
+    assert run(b_simple=100.0, max_steps=7).total_steps == 7
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, text",
+    [
+        ({"memory_cap": 4}, ConfigError, "memory cap"),
+        ({"b_simple": -3.0}, NoiseEstimateError, "positive finite"),
+        ({"max_batch_size": 10_000}, ConfigError, "larger than the training set"),
+        ({"lr_rule": "cubic"}, ConfigError, "expected one of auto"),
+    ],
+)
+def test_bad_input_is_one_clear_line(kwargs, error, text):
+    with pytest.raises(error) as info:
+        run(**kwargs)
+    assert text in str(info.value) and "\n" not in str(info.value)
+
+
+def test_unknown_optimizer_asks_for_a_rule():
+    class Lion(torch.optim.SGD):  # an optimizer the rule table does not know
+        pass
+
+    task = tiny_task(64, optimizer=lambda params, lr: Lion(params, lr=lr))
+    with pytest.raises(BatchlabError) as info:
+        train_adaptive(task, b_simple=10.0, device="cpu")
+    assert "Lion" in str(info.value) and "lr_rule=" in str(info.value)
+    h = train_adaptive(task, b_simple=10.0, device="cpu", lr_rule="adascale", epochs=1)
+    assert math.isfinite(h.train_loss[-1])
