@@ -45,6 +45,20 @@ def train(
     target: Annotated[
         str | None, typer.Option("--target", help="Stop when reached, e.g. 'val_acc>=0.9'.")
     ] = None,
+    adaptive: Annotated[
+        bool,
+        typer.Option("--adaptive", help="Adapt batch size and LR to the measured goodput."),
+    ] = False,
+    memory_cap: Annotated[
+        int | None,
+        typer.Option("--memory-cap", help="With --adaptive: largest micro-batch that fits."),
+    ] = None,
+    b_simple: Annotated[
+        float | None,
+        typer.Option(
+            "--b-simple", help="With --adaptive: use this noise scale, not a measured one."
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     json_path: JsonOpt = None,
@@ -53,25 +67,48 @@ def train(
     console = console_for(json_path)
     t = load_task(task)
     bs = t.batch_size if batch_size is None else batch_size
-    history = run_training(
-        t,
-        bs,
-        lr,
-        epochs=epochs,
-        max_steps=max_steps,
-        lr_rule=lr_rule,
-        warmup_steps=warmup_steps,
-        accumulation_steps=accumulation_steps,
-        amp=amp,
-        device=device,
-        seed=seed,
-        target=target,
-        callbacks=[ProgressBar(f"{t.name} B={bs * accumulation_steps}")],
-    )
+    if adaptive:
+        from batchlab.adaptive import train_adaptive
+
+        history = train_adaptive(
+            t,
+            lr=lr,
+            epochs=epochs,
+            max_steps=max_steps,
+            warmup_steps=warmup_steps,
+            memory_cap=memory_cap,
+            b_simple=b_simple,
+            amp=amp,
+            device=device,
+            seed=seed,
+            target=target,
+            callbacks=[ProgressBar(f"{t.name} adaptive")],
+        )
+        bs, accumulation_steps = history.batch_size, history.accumulation_steps
+    else:
+        history = run_training(
+            t,
+            bs,
+            lr,
+            epochs=epochs,
+            max_steps=max_steps,
+            lr_rule=lr_rule,
+            warmup_steps=warmup_steps,
+            accumulation_steps=accumulation_steps,
+            amp=amp,
+            device=device,
+            seed=seed,
+            target=target,
+            callbacks=[ProgressBar(f"{t.name} B={bs * accumulation_steps}")],
+        )
     table = Table(title=f"batchlab train {t.name}", title_justify="left", show_header=False)
     table.add_column(style="bold")
     table.add_column()
     table.add_row("batch", f"{history.effective_batch_size} ({bs} x {accumulation_steps} accum)")
+    if adaptive:
+        path = [d["batch_size"] for d in history.extras["adaptive"]["decisions"]]
+        path = [b for i, b in enumerate(path) if i == 0 or b != path[i - 1]]
+        table.add_row("adaptive batch path", " -> ".join(map(str, path)))
     table.add_row("lr", f"{history.lr:.4g} (rule {history.lr_rule}, warm-up {warmup_steps})")
     table.add_row("device", history.device)
     table.add_row("steps / epochs", f"{history.total_steps} / {history.epochs:.2f}")
