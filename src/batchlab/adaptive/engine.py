@@ -149,7 +149,7 @@ class _StepTimer:
         self.inner = step_fn.micro_hook
         self.sync = sync
         self.enabled = False
-        self.micro_seconds: list[float] = []
+        self.micro_seconds: list[tuple[int, float]] = []  # (micro-batch size, seconds)
         self._last = 0.0
         step_fn.micro_hook = self
 
@@ -164,7 +164,7 @@ class _StepTimer:
         if self.enabled:
             self.sync()
             now = time.perf_counter()
-            self.micro_seconds.append(now - self._last)
+            self.micro_seconds.append((size, now - self._last))
         if self.inner is not None:
             self.inner(index, num_micro, size)
         if self.enabled:
@@ -214,6 +214,9 @@ def _run(
         task.batch_size, base_lr, optimizer=optimizer, throughput=throughput, **settings
     )
     noise = _noise_source(b_simple)
+    split_every = (
+        getattr(noise, "split_every", 0) if getattr(noise, "needs_micro_batches", False) else 0
+    )
     batcher = Batcher(task.train_data, dev, task.collate_fn)
     val_batcher = (
         Batcher(task.val_data, dev, task.collate_fn) if task.val_data is not None else None
@@ -299,13 +302,23 @@ def _run(
         lr_now = controller.lr * factor
         for group, ratio in zip(optimizer.param_groups, group_ratios, strict=True):
             group["lr"] = lr_now * ratio
-        timed = not fresh_config and (not cuda or step % cuda_time_every == 0)
+        # No accumulation: split every few steps in two for the noise estimate (same update).
+        split = (
+            split_every > 0
+            and controller.accumulation_steps == 1
+            and step % split_every == 0
+            and len(indices) >= 4
+        )
+        timed = not split and not fresh_config and (not cuda or step % cuda_time_every == 0)
         timer.start(timed)
+        if split:
+            step_fn.micro_batch_size = (len(indices) + 1) // 2
         loss = step_fn(torch.as_tensor(indices))
+        step_fn.micro_batch_size = controller.micro_batch_size
         if timed:
             optimizer_seconds = timer.finish()
-            for seconds in timer.micro_seconds:
-                throughput.observe_micro(step_fn.micro_batch_size, seconds)
+            for size, seconds in timer.micro_seconds:
+                throughput.observe_micro(size, seconds)
             throughput.observe_optimizer(optimizer_seconds)
         fresh_config = False
         controller.record_step(len(indices))
