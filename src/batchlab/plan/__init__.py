@@ -1,0 +1,21 @@
+"""`batchlab plan`: combine hardware and noise measurements into a batch size, LR and report."""
+
+from batchlab.plan.model import (
+    Candidate,
+    Measurements,
+    Plan,
+    PlanWarning,
+    Recommendation,
+    build_plan,
+    default_lr_rule,
+)
+
+__all__ = [
+    "Candidate",
+    "Measurements",
+    "Plan",
+    "PlanWarning",
+    "Recommendation",
+    "build_plan",
+    "default_lr_rule",
+]

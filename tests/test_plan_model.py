@@ -1,0 +1,183 @@
+"""The plan's decision logic on synthetic measurements with known answers."""
+
+import dataclasses
+
+import pytest
+
+from batchlab.errors import ConfigError
+from batchlab.plan import Measurements, Plan, build_plan, default_lr_rule
+from batchlab.plan.model import MemoryPoint, NoisePoint, ThroughputPoint, accumulation_for
+
+
+def measurements(
+    *,
+    step_s=lambda b: 0.01,
+    ladder=(8, 16, 32, 64, 128, 256, 512),
+    max_batch=512,
+    num_train=100_000,
+    optimizer="SGD",
+    noise=(100.0, 200.0, 300.0, 300.0),
+    **over,
+) -> Measurements:
+    m = Measurements(
+        task="synthetic",
+        device="cpu",
+        num_train=num_train,
+        reference_batch_size=32,
+        reference_lr=0.1,
+        optimizer=optimizer,
+        has_batchnorm=False,
+        reference_epochs=10,
+        max_batch_size=max_batch,
+        memory_predicted_only=False,
+        fixed_bytes=1e6,
+        bytes_per_sample=1e3,
+        budget_bytes=1e6 + 1e3 * max_batch / 0.9,
+        margin=0.1,
+        memory_points=(MemoryPoint(8, 1e6 + 8e3), MemoryPoint(64, 1e6 + 64e3)),
+        throughput=tuple(ThroughputPoint(b, b / step_s(b), step_s(b), 0.01) for b in ladder),
+        knee_batch_size=ladder[-1],
+        aligned_multiple=None,
+        noise=tuple(
+            NoisePoint(step=10 * i, examples=320 * i, train_loss=1.0, b_simple=v)
+            for i, v in enumerate(noise)
+        ),
+    )
+    return dataclasses.replace(m, **over)
+
+
+def test_speedup_is_one_at_the_reference_batch():
+    plan = build_plan(measurements())
+    ref = next(c for c in plan.candidates if c.batch_size == 32)
+    assert ref.predicted_speedup == pytest.approx(1.0)
+    assert ref.steps_factor == pytest.approx(1.0)
+
+
+def test_b_simple_used_is_the_late_half_mean():
+    plan = build_plan(measurements(noise=(10.0, 20.0, 300.0, 500.0)))
+    assert plan.b_simple == pytest.approx(400.0)
+    assert "from step 20 to 30" in plan.b_simple_source
+
+
+def test_efficient_batch_equals_b_noise_in_the_pure_model():
+    plan = build_plan(measurements(), b_simple=300.0)
+    assert plan.efficient.batch_size == 300
+    assert plan.efficient.steps_factor == pytest.approx((1 + 300 / 300) / (1 + 300 / 32))
+
+
+def test_perfect_parallelism_makes_the_largest_batch_fastest():
+    """Constant step time up to the memory max: bigger is always faster until accumulation."""
+    plan = build_plan(measurements(), b_simple=300.0)
+    assert plan.recommended.batch_size == 512
+    assert plan.recommended.accumulation_steps == 1
+    expected = (1 + 300 / 32) / (1 + 300 / 512)
+    assert plan.recommended.predicted_speedup == pytest.approx(expected)
+
+
+def test_linear_step_time_makes_small_batches_fastest_in_wall_time():
+    """t(B) proportional to B: time-to-target ~ S(B)*B = S_min (B + B_noise): smallest B wins."""
+    plan = build_plan(measurements(step_s=lambda b: 1e-4 * b), b_simple=300.0)
+    assert plan.recommended.batch_size == min(c.batch_size for c in plan.candidates)
+
+
+def test_above_memory_max_uses_accumulation():
+    assert accumulation_for(2048, 512) == (512, 4)
+    assert accumulation_for(1000, 512) == (500, 2)
+    plan = build_plan(measurements(), b_simple=1e5)
+    big = next(c for c in plan.candidates if c.batch_size == 2048)
+    assert (big.micro_batch_size, big.accumulation_steps) == (512, 4)
+    assert big.step_s == pytest.approx(4 * 0.01)
+
+
+@pytest.mark.parametrize(
+    "optimizer, rule, factor",
+    [("SGD", "linear", 512 / 32), ("Adam", "sqrt", (512 / 32) ** 0.5), ("AdamW", "sqrt", 4.0)],
+)
+def test_default_lr_rule_by_optimizer(optimizer, rule, factor):
+    plan = build_plan(measurements(optimizer=optimizer), b_simple=300.0)
+    assert plan.recommended.lr_rule == rule
+    assert plan.recommended.lr == pytest.approx(0.1 * factor)
+    assert plan.lr_alternatives["linear"] == pytest.approx(0.1 * 16)
+    assert plan.lr_alternatives["sqrt"] == pytest.approx(0.1 * 4)
+    assert 0.1 <= plan.lr_alternatives["adascale"] <= 0.1 * 16
+
+
+def test_unknown_optimizer_needs_an_explicit_rule():
+    with pytest.raises(ConfigError, match="pass lr_rule='linear' or 'sqrt' explicitly"):
+        default_lr_rule("Shampoo")
+    plan = build_plan(measurements(optimizer="Shampoo"), b_simple=300.0, lr_rule="linear")
+    assert plan.recommended.lr_rule == "linear"
+
+
+def test_warmup_when_lr_grows_more_than_2x():
+    plan = build_plan(measurements(), b_simple=300.0)  # linear x16
+    total = 10 * (100_000 // 512 + 1)
+    assert plan.recommended.warmup_steps == pytest.approx(0.05 * total, abs=1)
+    small = build_plan(
+        measurements(optimizer="Adam", ladder=(8, 16, 32, 64), max_batch=64), b_simple=300.0
+    )
+    assert small.recommended.lr / 0.1 <= 2 and small.recommended.warmup_steps == 0
+
+
+def test_warnings():
+    plan = build_plan(
+        measurements(num_train=2000, has_batchnorm=True, max_batch=4, ladder=(1, 2, 4)),
+        b_simple=300.0,
+    )
+    codes = {w.code for w in plan.warnings}
+    assert "batchnorm-small-batch" in codes
+    assert "throughput-rising-at-max" in codes  # constant step time: throughput doubles
+    large = build_plan(measurements(num_train=2000), b_simple=300.0)
+    assert large.recommended.batch_size == 512
+    assert "large-batch-regime" in {w.code for w in large.warnings}
+    unreliable = build_plan(
+        measurements(noise_reliable=False, noise_reason="|G|^2 <= 0"), b_simple=10.0
+    )
+    assert "unreliable-noise" in {w.code for w in unreliable.warnings}
+    quiet = build_plan(measurements(step_s=lambda b: 1e-4 * b), b_simple=300.0)
+    assert not {w.code for w in quiet.warnings} & {"large-batch-regime", "throughput-rising-at-max"}
+
+
+def test_no_usable_noise_is_a_clear_error():
+    with pytest.raises(ConfigError, match="no usable B_simple"):
+        build_plan(measurements(noise=(-1.0, -2.0)))
+
+
+def test_absolute_time_from_a_reference_run():
+    plan = build_plan(measurements(), b_simple=300.0, reference_seconds_to_target=100.0)
+    assert plan.predicted_seconds_to_target == pytest.approx(
+        100.0 / plan.recommended.predicted_speedup
+    )
+
+
+def test_plan_json_round_trip():
+    plan = build_plan(measurements(), b_simple=300.0, command="batchlab plan x")
+    again = Plan.from_json(plan.to_json())
+    assert again == plan
+    data = plan.to_dict()
+    for key in (
+        "batch_size",
+        "micro_batch_size",
+        "accumulation_steps",
+        "lr",
+        "lr_rule",
+        "warmup_steps",
+        "predicted_speedup",
+    ):
+        assert key in data["recommended"] and key in data["efficient"]
+    assert data["reference"] == {"batch_size": 32, "lr": 0.1}
+    for key in (
+        "max_batch_size",
+        "b_simple",
+        "b_simple_trajectory",
+        "candidates",
+        "warnings",
+        "plan_seconds",
+    ):
+        assert key in data
+    assert set(data["candidates"][0]) >= {
+        "batch_size",
+        "steps_factor",
+        "step_s",
+        "predicted_speedup",
+    }
