@@ -140,3 +140,48 @@ def test_unknown_optimizer_asks_for_a_rule():
     assert "Lion" in str(info.value) and "lr_rule=" in str(info.value)
     h = train_adaptive(task, b_simple=10.0, device="cpu", lr_rule="adascale", epochs=1)
     assert math.isfinite(h.train_loss[-1])
+
+
+# ------------------------------------------------------------------ noise from micro-batches
+def exact_b_simple(x, y, w):
+    """tr(Sigma) / |G|^2 from per-example gradients of 0.5 * (x.w - y)^2, by brute force."""
+    per_example = (x @ w - y)[:, None] * x  # d/dw of 0.5 (x.w - y)^2
+    g = per_example.mean(0)
+    trace = ((per_example - g) ** 2).sum(1).mean()
+    return float(trace / g.pow(2).sum())
+
+
+@pytest.mark.parametrize(
+    "sizes, weighting",
+    [((8, 8, 8, 8), "size"), ((10, 10, 5), "size"), ((6, 6), "equal"), ((8, 4, 4), "equal")],
+)
+def test_micro_batch_norms_estimate_the_exact_noise_scale(sizes, weighting):
+    from batchlab.adaptive.grad_norms import MicroBatchGradNorms
+    from batchlab.adaptive.noise_source import TwoBatchEMA
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 5, generator=g, dtype=torch.float64)
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0], dtype=torch.float64) + torch.randn(
+        64, generator=g, dtype=torch.float64
+    )
+    w = torch.nn.Parameter(torch.tensor([0.8, -1.5, 0.0, 0.3, 2.0], dtype=torch.float64))
+    exact = exact_b_simple(x, y, w.detach())
+    estimate = TwoBatchEMA(decay=0.999)
+    norms = MicroBatchGradNorms([w], estimate.update, weighting=weighting)
+    total = sum(sizes)
+    for _ in range(1500):
+        w.grad = None
+        for b in sizes:  # sampled with replacement: E|g_b|^2 = |G|^2 + tr(Sigma)/b exactly
+            idx = torch.randint(0, 64, (b,), generator=g)
+            loss = 0.5 * ((x[idx] @ w - y[idx]) ** 2).mean()
+            weight = b / total if weighting == "size" else 1 / len(sizes)
+            (loss * weight).backward()
+            norms.after_backward(b)
+        norms.end_step()
+    assert estimate.b_simple() == pytest.approx(exact, rel=0.15)
+
+
+def test_engine_measures_noise_without_help():
+    h = train_adaptive(tiny_task(512), epochs=3, interval=8, device="cpu")
+    values = [d["b_simple"] for d in h.extras["adaptive"]["decisions"][1:]]
+    assert values and all(v is not None and v > 0 for v in values)

@@ -311,6 +311,15 @@ class AdaptiveBatchSize:
         self.decisions.append(decision)
         return decision
 
+    def adopt(self, decision: Decision) -> None:
+        """Take a decision made elsewhere (rank 0 under data parallelism) as this one's."""
+        self.micro_batch_size = decision.micro_batch_size
+        self.accumulation_steps = decision.accumulation_steps
+        self.lr = decision.lr
+        if decision.b_simple is not None:
+            self.b_simple = decision.b_simple
+        self.decisions.append(decision)
+
     def record_step(self, examples: int) -> float:
         """Account one optimizer step of `examples`; returns its progress in B0-examples.
 

@@ -1,0 +1,1 @@
+"""Integrations: Lightning, Hugging Face Transformers, DDP. Each imports its library lazily."""
