@@ -28,3 +28,7 @@ class DeviceError(BatchlabError):
 
 class NoiseEstimateError(BatchlabError):
     """The gradient noise scale cannot be measured as asked (for example a non-finite gradient)."""
+
+
+class SweepError(BatchlabError):
+    """A sweep directory cannot be used as asked (a different spec, an unreadable store...)."""

@@ -10,6 +10,8 @@ import sys
 import typer
 
 from batchlab.cli.calc_cmd import calc
+from batchlab.cli.report_cmd import report
+from batchlab.cli.sweep_cmd import sweep
 from batchlab.cli.tasks_cmd import tasks
 from batchlab.cli.train_cmd import train
 from batchlab.errors import BatchlabError
@@ -23,6 +25,8 @@ app = typer.Typer(
 app.command()(tasks)
 app.command()(train)
 app.command()(calc)
+app.command()(sweep)
+app.command()(report)
 
 
 def _error(message: str) -> None:

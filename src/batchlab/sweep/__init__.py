@@ -1,0 +1,32 @@
+"""The batch-size study: run specs, the resumable results store, the runner and the fits."""
+
+from batchlab.sweep.analysis import (
+    StepsFit,
+    SweepAnalysis,
+    analyze_sweep,
+    fit_steps_to_target,
+    regime,
+)
+from batchlab.sweep.runner import LocalBackend, RayBackend, SweepRun, execute_run, run_sweep
+from batchlab.sweep.spec import RunSpec, SweepSpec, load_plan, make_sweep_spec
+from batchlab.sweep.store import RunRecord, SweepStore, load_sweep
+
+__all__ = [
+    "LocalBackend",
+    "RayBackend",
+    "RunRecord",
+    "RunSpec",
+    "StepsFit",
+    "SweepAnalysis",
+    "SweepRun",
+    "SweepSpec",
+    "SweepStore",
+    "analyze_sweep",
+    "execute_run",
+    "fit_steps_to_target",
+    "load_plan",
+    "load_sweep",
+    "make_sweep_spec",
+    "regime",
+    "run_sweep",
+]

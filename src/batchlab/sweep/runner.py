@@ -1,0 +1,394 @@
+"""Running a sweep: one run in `execute_run`, many through a backend, results into the store.
+
+`execute_run` is a plain top-level function of picklable arguments, so the same code runs
+in-process, in a local worker process (`LocalBackend`, `--jobs N`) or as a Ray task
+(`RayBackend`, `--backend ray`). Workers only compute; the parent appends each returned
+record to the store, so a run is recorded once or not at all.
+
+Backends implement one small protocol, `SweepBackend.run(runs, context) -> iterator of
+RunRecord` in completion order, and share one contract test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import socket
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from batchlab.data import Batcher
+from batchlab.errors import ConfigError
+from batchlab.measure.run_stats import DistanceFromInit, GradNormTracker
+from batchlab.measure.sharpness import epsilon_sharpness, hessian_top_eigenvalue
+from batchlab.results import JsonResult
+from batchlab.sweep.spec import RunSpec, SweepSpec, make_optimizer
+from batchlab.sweep.store import RunRecord, StoreContents, SweepStore
+from batchlab.task import Task, load_task
+from batchlab.train import RunState, TrainCallback, evaluate, train
+
+BACKENDS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every run of a sweep shares. Picklable: the task travels as its name or path."""
+
+    task_ref: str
+    device: str = "auto"
+    target: str | None = None  # runs stop at it when set
+    sharpness_examples: int = 1024
+    threads: int | None = None  # torch intra-op threads in the process running the run
+
+    @classmethod
+    def from_spec(cls, spec: SweepSpec, threads: int | None = None) -> RunContext:
+        return cls(spec.task_ref, spec.device, spec.target, spec.sharpness_examples, threads)
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_worker(jobs: int, cores: int | None = None) -> int:
+    """Torch threads for each of `jobs` workers, so that workers x threads <= cores."""
+    return max(1, (cores or cpu_count()) // max(1, jobs))
+
+
+def default_jobs(device: str, num_runs: int) -> int:
+    """One run per CPU core on the CPU; one at a time on a GPU (runs would share it)."""
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        return 1
+    return max(1, min(cpu_count(), num_runs))
+
+
+class _FinalMeasurements(TrainCallback):
+    """At the end of a run, while the model still exists: full train-set loss and sharpness."""
+
+    def __init__(self, task: Task, context: RunContext, seed: int) -> None:
+        self.task, self.context, self.seed = task, context, seed
+        self.train_loss: float | None = None
+        self.train_metrics: dict[str, float] = {}
+        self.sharpness: dict[str, dict] = {}
+        self.seconds: dict[str, float] = {}
+
+    def on_end(self, state: RunState) -> None:
+        if state.last_loss is None or not math.isfinite(state.last_loss):
+            return  # diverged: the weights are not finite, nothing to measure
+        t0 = time.perf_counter()
+        batcher = Batcher(self.task.train_data, state.device, self.task.collate_fn)
+        self.train_loss, self.train_metrics = evaluate(
+            state.model, batcher, self.task, device=state.device
+        )
+        t1 = time.perf_counter()
+        self.seconds["train_eval"] = t1 - t0
+        n = self.context.sharpness_examples
+        for measure in (hessian_top_eigenvalue, epsilon_sharpness):
+            try:
+                result = measure(
+                    state.model,
+                    self.task.train_data,
+                    self.task.loss,
+                    num_examples=n,
+                    seed=0,  # the same examples for every run of the sweep
+                    collate_fn=self.task.collate_fn,
+                )
+                self.sharpness[result.method] = result.to_dict()
+            except Exception as exc:  # e.g. a layer without double backward
+                self.sharpness[measure.__name__] = {"error": f"{type(exc).__name__}: {exc}"}
+        self.seconds["sharpness"] = time.perf_counter() - t1
+
+
+def _task_for(run: RunSpec, task: Task) -> Task:
+    if run.optimizer == "task":
+        return task
+    name = run.optimizer
+    return dataclasses.replace(task, optimizer=lambda params, lr: make_optimizer(name, params, lr))
+
+
+def execute_run(task: str | Task, run: RunSpec, context: RunContext) -> RunRecord:
+    """Train one run of a sweep and measure it. Never raises for a failing run: the error
+    is returned in the record (status "failed"), so one bad run cannot stop a sweep."""
+    t0 = time.perf_counter()
+    if context.threads is not None:
+        torch.set_num_threads(context.threads)
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    try:
+        base = load_task(task)
+        final = _FinalMeasurements(base, context, run.seed)
+        history = train(
+            _task_for(run, base),
+            run.micro_batch_size,
+            run.lr,  # the peak LR, already scaled by the sweep's rule
+            max_steps=run.max_steps,
+            lr_rule="none",
+            warmup_steps=run.warmup_steps,
+            accumulation_steps=run.accumulation_steps,
+            device=context.device,
+            seed=run.seed,
+            eval_every=run.eval_every,
+            target=context.target,
+            callbacks=[DistanceFromInit(), GradNormTracker(), final],
+        )
+    except Exception as exc:
+        return RunRecord(
+            run_id=run.run_id,
+            spec=run,
+            status="failed",
+            error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}",
+            seconds={"total": time.perf_counter() - t0},
+            worker=worker,
+        )
+    seconds = {"train": history.train_seconds, "eval": history.eval_seconds, **final.seconds}
+    seconds["total"] = time.perf_counter() - t0
+    return RunRecord(
+        run_id=run.run_id,
+        spec=run,
+        status="diverged" if history.diverged else "ok",
+        history=history,
+        train_loss=final.train_loss,
+        train_metrics=final.train_metrics,
+        sharpness=final.sharpness,
+        seconds=seconds,
+        worker=worker,
+    )
+
+
+# -- backends -----------------------------------------------------------------------------
+
+
+class SweepBackend(Protocol):
+    """Runs `execute_run` over runs; yields records as they finish (any order)."""
+
+    name: str
+
+    def run(
+        self, task: str | Task, runs: Sequence[RunSpec], context: RunContext
+    ) -> Iterator[RunRecord]: ...
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+class LocalBackend:
+    """`jobs` worker processes on this machine (in-process when `jobs == 1`).
+
+    Workers are started with `spawn`: forking a process whose torch thread pools are
+    already running can deadlock. Each worker uses `cores // jobs` torch threads.
+    """
+
+    name = "local"
+
+    def __init__(self, jobs: int = 1, cores: int | None = None) -> None:
+        if not isinstance(jobs, int) or jobs < 1:
+            raise ConfigError(
+                f"jobs: expected a positive integer, got {jobs!r}; pass e.g. --jobs 2"
+            )
+        self.jobs = jobs
+        self.threads = threads_per_worker(jobs, cores)
+
+    def run(
+        self, task: str | Task, runs: Sequence[RunSpec], context: RunContext
+    ) -> Iterator[RunRecord]:
+        context = dataclasses.replace(context, threads=self.threads)
+        if self.jobs == 1 or len(runs) <= 1:
+            previous = torch.get_num_threads()
+            try:
+                for run in runs:
+                    yield execute_run(task, run, context)
+            finally:
+                torch.set_num_threads(previous)
+            return
+        if not isinstance(task, str):
+            _check_picklable(task)
+        import multiprocessing
+
+        mp = multiprocessing.get_context("spawn")
+        workers = min(self.jobs, len(runs))
+        with ProcessPoolExecutor(
+            workers, mp_context=mp, initializer=_init_worker, initargs=(self.threads,)
+        ) as pool:
+            queue = list(runs)
+            # Keep at most `workers` runs in flight: a killed sweep then loses little work,
+            # and the order of runs stays close to the spec's order.
+            running = set()
+            while queue or running:
+                while queue and len(running) < workers:
+                    running.add(pool.submit(execute_run, task, queue.pop(0), context))
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    yield future.result()
+
+
+def _check_picklable(task: Task) -> None:
+    import pickle
+
+    try:
+        pickle.dumps(task)
+    except Exception as exc:
+        raise ConfigError(
+            f"task {task.name!r} cannot be sent to worker processes ({type(exc).__name__}: "
+            f"{exc}); pass it as a built-in name or path/to/file.py:function, or use jobs=1"
+        ) from None
+
+
+class RayBackend:
+    """Each run is a Ray task, so a sweep can use a whole Ray cluster.
+
+    Connects to the cluster in `RAY_ADDRESS` (or `address`), else starts a local Ray
+    instance and shuts it down afterwards. Each task asks for `threads` CPUs and sets
+    torch to that many threads, so tasks x threads <= cores on every node. A task given as
+    `path/to/file.py:function` must exist at the same absolute path on every node.
+    """
+
+    name = "ray"
+
+    def __init__(
+        self, address: str | None = None, threads: int = 1, num_cpus: int | None = None
+    ) -> None:
+        self.address = address or os.environ.get("RAY_ADDRESS")
+        self.threads = threads
+        self.num_cpus = num_cpus
+
+    def run(
+        self, task: str | Task, runs: Sequence[RunSpec], context: RunContext
+    ) -> Iterator[RunRecord]:
+        ray = import_ray()
+        started = False
+        if not ray.is_initialized():
+            kwargs = (
+                {"address": self.address}
+                if self.address
+                else {"num_cpus": self.num_cpus or cpu_count()}
+            )
+            import logging
+
+            ray.init(
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.ERROR,
+                configure_logging=True,
+                **kwargs,
+            )
+            started = True
+        try:
+            context = dataclasses.replace(context, threads=self.threads)
+            remote = ray.remote(num_cpus=self.threads, max_retries=0)(execute_run)
+            pending = [remote.remote(task, run, context) for run in runs]
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                for ref in done:
+                    yield ray.get(ref)
+        finally:
+            if started:
+                ray.shutdown()
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(
+            "--backend ray needs Ray, which is not installed; run `pip install 'batchlab[ray]'` "
+            "or use --backend local"
+        ) from None
+    return ray
+
+
+def make_backend(backend: str = "local", jobs: int = 1) -> SweepBackend:
+    if backend == "local":
+        return LocalBackend(jobs)
+    if backend == "ray":
+        import_ray()
+        return RayBackend(threads=threads_per_worker(jobs) if jobs > 1 else 1)
+    raise ConfigError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+
+
+# -- the sweep ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SweepRun(JsonResult):
+    """What one `run_sweep` call did."""
+
+    out_dir: str
+    resumed: bool
+    runs_total: int
+    runs_skipped: int  # already in the store
+    runs_done: int  # run by this call
+    diverged: int
+    failed: int
+    wall_seconds: float
+    store_warnings: tuple[str, ...]
+
+
+ProgressFn = Callable[[RunRecord, int, int], None]
+
+
+def run_sweep(
+    spec: SweepSpec,
+    out_dir: str | Path,
+    *,
+    jobs: int = 1,
+    backend: str | SweepBackend = "local",
+    task: Task | None = None,
+    on_start: Callable[[int, int, StoreContents], None] | None = None,
+    on_record: ProgressFn | None = None,
+) -> SweepRun:
+    """Run every run of `spec` not yet in `out_dir`'s store, appending each as it finishes.
+
+    Re-running with the same spec resumes: finished runs are skipped, a run that was
+    killed mid-way is redone. A different spec in the same directory is refused.
+
+    Args:
+        jobs: local worker processes (`backend="local"`), each with cores // jobs threads.
+        backend: "local", "ray", or any object with the `SweepBackend` protocol.
+        task: the Task object, when `spec.task_ref` cannot be loaded by name (a Task built
+            in Python); it must then be picklable for `jobs > 1`.
+        on_start: called with (runs to do, runs total, store contents) before training.
+        on_record: called with (record, runs finished, runs to do) after each is stored.
+    """
+    t0 = time.perf_counter()
+    store = SweepStore(out_dir)
+    resumed = store.prepare(spec)
+    contents = store.read()
+    store.cut_truncated_tail()
+    done_ids = contents.run_ids
+    todo = [r for r in spec.runs if r.run_id not in done_ids]
+    if on_start is not None:
+        on_start(len(todo), len(spec.runs), contents)
+    runner = make_backend(backend, jobs) if isinstance(backend, str) else backend
+    counts = {"diverged": 0, "failed": 0}
+    finished = 0
+    if todo:
+        for record in runner.run(
+            task if task is not None else spec.task_ref, todo, RunContext.from_spec(spec)
+        ):
+            store.append(record)
+            finished += 1
+            if record.status in counts:
+                counts[record.status] += 1
+            if on_record is not None:
+                on_record(record, finished, len(todo))
+    return SweepRun(
+        out_dir=str(out_dir),
+        resumed=resumed,
+        runs_total=len(spec.runs),
+        runs_skipped=len(spec.runs) - len(todo),
+        runs_done=finished,
+        diverged=counts["diverged"],
+        failed=counts["failed"],
+        wall_seconds=time.perf_counter() - t0,
+        store_warnings=contents.warnings,
+    )
