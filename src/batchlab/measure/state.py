@@ -1,0 +1,175 @@
+"""Leave no trace: snapshot and restore everything a probe can touch.
+
+A probe runs real training steps on a live model, so it changes the weights, the
+optimizer's moments, the gradients, BatchNorm statistics, the train/eval mode, the random
+number generators and the AMP loss scale. `preserve_training_state` puts all of it back,
+in a `finally`, and frees the memory the probe took:
+
+    with preserve_training_state(model, optimizer, scaler):
+        for b in (8, 16, 32):
+            step(indices[:b])
+    # model, optimizer, .grad, modes, RNG and scaler are exactly as before
+
+The snapshot lives on the CPU, so it does not take device memory away from the probe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "TrainingSnapshot",
+    "live_tensor_bytes",
+    "preserve_training_state",
+    "release_memory",
+    "snapshot_training_state",
+]
+
+
+def _to_cpu(value: Any) -> Any:
+    """Deep copy of a (nested) state dict with every tensor copied to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return copy.deepcopy(value)
+
+
+@dataclass
+class TrainingSnapshot:
+    """Everything needed to put a model, its optimizer and the RNGs back as they were."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    scaler: torch.amp.GradScaler | None
+    model_state: dict[str, torch.Tensor]
+    grads: list[torch.Tensor | None]
+    modes: list[bool]
+    optimizer_state: dict[str, Any] | None
+    scaler_state: dict[str, Any] | None
+    rng: dict[str, Any]
+
+    def restore(self) -> None:
+        """Put everything back. Parameters keep their identity (values are copied in)."""
+        self.model.load_state_dict(self.model_state)
+        for p, g in zip(self.model.parameters(), self.grads, strict=True):
+            p.grad = None if g is None else g.to(p.device, dtype=p.dtype)
+        for module, training in zip(self.model.modules(), self.modes, strict=True):
+            module.training = training
+        if self.optimizer is not None and self.optimizer_state is not None:
+            # load_state_dict casts the state back to each parameter's device and dtype.
+            self.optimizer.load_state_dict(copy.deepcopy(self.optimizer_state))
+        if self.scaler is not None and self.scaler_state:
+            self.scaler.load_state_dict(self.scaler_state)
+        _set_rng_state(self.rng)
+
+
+def snapshot_training_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> TrainingSnapshot:
+    """Copy (to the CPU) the model, grads, modes, optimizer, AMP scaler and RNG state."""
+    return TrainingSnapshot(
+        model=model,
+        optimizer=optimizer,
+        scaler=scaler,
+        model_state=_to_cpu(model.state_dict()),
+        grads=[None if p.grad is None else _to_cpu(p.grad) for p in model.parameters()],
+        modes=[m.training for m in model.modules()],
+        optimizer_state=None if optimizer is None else _to_cpu(optimizer.state_dict()),
+        scaler_state=None if scaler is None else _to_cpu(scaler.state_dict()),
+        rng=_get_rng_state(),
+    )
+
+
+@contextlib.contextmanager
+def preserve_training_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    *,
+    free_memory: bool = True,
+) -> Iterator[TrainingSnapshot]:
+    """Run the body, then restore model/optimizer/grads/modes/scaler/RNG and free memory.
+
+    Restoration happens in `finally`, so it also runs after an out-of-memory error or any
+    other exception raised by the body.
+    """
+    snapshot = snapshot_training_state(model, optimizer, scaler)
+    try:
+        yield snapshot
+    finally:
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)  # drop the probe's grads before restoring
+        snapshot.restore()
+        if free_memory:
+            release_memory()
+
+
+def release_memory() -> None:
+    """Collect garbage (tracebacks of OOM errors hold activations) and empty CUDA's cache."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def live_tensor_bytes(device: str | torch.device = "cpu") -> int:
+    """Bytes of every distinct tensor storage reachable by the garbage collector on `device`.
+
+    A coarse but exact check for "memory is back to its level" on the CPU, where there is
+    no allocator counter; on CUDA use `torch.cuda.memory_allocated` instead.
+    """
+    device_type = torch.device(device).type
+    gc.collect()
+    seen: set[int] = set()
+    total = 0
+    for obj in gc.get_objects():
+        try:
+            if not isinstance(obj, torch.Tensor) or obj.device.type != device_type:
+                continue
+            storage = obj.untyped_storage()
+        except Exception:  # some objects refuse inspection (meta tensors, weakrefs...)
+            continue
+        key = storage.data_ptr()
+        if key in seen or key == 0:
+            continue
+        seen.add(key)
+        total += storage.nbytes()
+    return total
+
+
+def _get_rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # numpy is a dependency, but the snapshot must not need it
+        pass
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])

@@ -1,0 +1,478 @@
+"""What runs fastest: samples/s against batch size, the knee, alignment, accumulation.
+
+Timing is honest in the way nanoGPT's `bench.py` is: every batch size gets a warm-up step,
+then several timed windows between `synchronize()` calls on CUDA; each point reports the
+median and the spread over its windows. The windows of all batch sizes are interleaved
+(round 1: B=2, 4, 8 ...; round 2: ... B=4, 2), so load from other processes hits every
+size alike, and ratios between sizes stay meaningful on a shared machine.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from batchlab.data import Batcher
+from batchlab.errors import ConfigError
+from batchlab.measure.memory import ProgressFn, is_oom_error
+from batchlab.measure.state import preserve_training_state, release_memory
+from batchlab.results import JsonResult
+from batchlab.step import TrainStep, make_grad_scaler, resolve_device
+from batchlab.task import Task, check_batch_size, load_task
+from batchlab.theory import interpolate_step_seconds
+
+KNEE_FRACTION = 0.9
+WINDOWS = 5
+WINDOW_SECONDS = 0.05
+TIME_BUDGET_SECONDS = 10.0
+MIN_ALIGNMENT_GAIN = 0.03  # an aligned size must be >= 3% faster ...
+MIN_ALIGNMENT_WIN_RATE = 0.8  # ... in at least 80% of the interleaved rounds
+NOISY_SPREAD = 0.5  # warn when a point's windows range over more than 50% of its median
+
+
+@dataclass(frozen=True)
+class ThroughputPoint(JsonResult):
+    """Training throughput at one batch size: median over timed windows, and its spread."""
+
+    batch_size: int
+    samples_per_s: float  # median over windows
+    step_s: float  # median seconds per optimizer step
+    spread: float  # (highest - lowest) / median samples/s over the windows
+    samples_per_s_low: float
+    samples_per_s_high: float
+    windows: int
+    steps_per_window: int
+
+
+@dataclass(frozen=True)
+class AlignmentFinding(JsonResult):
+    """Does an aligned batch size (multiple of 8, power of two) measure faster here?"""
+
+    rule: str  # "multiple_of_8" or "power_of_2"
+    aligned_batch_size: int
+    compared_batch_sizes: tuple[int, ...]
+    speedup: float  # median over rounds of samples/s(aligned) / mean samples/s(compared)
+    win_rate: float  # fraction of rounds in which the aligned size was faster
+    confirmed: bool  # speedup >= 1.03 and win rate >= 0.8
+    note: str
+
+
+@dataclass(frozen=True)
+class ThroughputProfile(JsonResult):
+    """Samples/s along a geometric ladder of batch sizes, and what to make of it."""
+
+    device: str
+    amp: bool
+    points: tuple[ThroughputPoint, ...]
+    knee_batch_size: int  # smallest B reaching `knee_fraction` of the peak samples/s
+    knee_fraction: float
+    peak_samples_per_s: float
+    alignment: tuple[AlignmentFinding, ...]
+    aligned_knee_batch_size: int  # the knee, rounded only where alignment was confirmed
+    steps: int  # training steps spent
+    seconds: float
+    warnings: tuple[str, ...] = ()
+
+    def samples_per_s_at(self, batch_size: float) -> float:
+        """Samples/s at any B, interpolating the step time in log-log space."""
+        sizes = [p.batch_size for p in self.points]
+        step_s = interpolate_step_seconds(sizes, [p.step_s for p in self.points], batch_size)
+        return batch_size / step_s
+
+
+@dataclass(frozen=True)
+class AccumulationPlan(JsonResult):
+    """How to reach an effective batch larger than what fits: micro-batches x accumulation."""
+
+    effective_batch_size: int
+    micro_batch_size: int
+    accumulation_steps: int
+    samples_per_s: float | None  # estimated at the micro-batch, from the throughput curve
+    peak_samples_per_s: float | None
+    throughput_cost: float | None  # 1 - samples_per_s / peak: what accumulation costs
+    note: str
+
+
+# ---------------------------------------------------------------------------------------
+# Pure analysis
+
+
+def geometric_ladder(max_batch_size: int, *, start: int = 2) -> list[int]:
+    """Powers of two from `start` below `max_batch_size`, then the max itself."""
+    check_batch_size(max_batch_size, what="max batch size")
+    sizes = []
+    b = start
+    while b < max_batch_size:
+        sizes.append(b)
+        b *= 2
+    return sizes + [max_batch_size]
+
+
+def find_knee(
+    batch_sizes: Sequence[int], samples_per_s: Sequence[float], fraction: float = KNEE_FRACTION
+) -> int:
+    """The smallest batch size whose throughput reaches `fraction` of the peak."""
+    if not batch_sizes or len(batch_sizes) != len(samples_per_s):
+        raise ConfigError("expected matching, non-empty batch sizes and throughputs")
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"knee fraction: expected a number in (0, 1], got {fraction!r}")
+    peak = max(samples_per_s)
+    return min(b for b, s in zip(batch_sizes, samples_per_s, strict=True) if s >= fraction * peak)
+
+
+def summarize_windows(
+    batch_size: int, window_seconds: Sequence[float], steps_per_window: int
+) -> ThroughputPoint:
+    """Median, low and high samples/s over timed windows of `steps_per_window` steps."""
+    rates = [batch_size * steps_per_window / s for s in window_seconds]
+    median = statistics.median(rates)
+    return ThroughputPoint(
+        batch_size=batch_size,
+        samples_per_s=median,
+        step_s=batch_size / median,
+        spread=(max(rates) - min(rates)) / median,
+        samples_per_s_low=min(rates),
+        samples_per_s_high=max(rates),
+        windows=len(rates),
+        steps_per_window=steps_per_window,
+    )
+
+
+def alignment_candidates(knee: int, max_batch_size: int) -> list[tuple[str, int, tuple[int, ...]]]:
+    """(rule, aligned size, neighbours) pairs to time around the knee.
+
+    A multiple of 8 is compared with its two odd neighbours (B-1, B+1): both need
+    padding for Tensor Cores. A power of two P >= 32 is compared with P-8 and P+8, which
+    are multiples of 8 but not powers of two. Neighbours sit on both sides so the natural
+    rise of throughput with B cancels out.
+    """
+    found = []
+    m8 = max(8, round(knee / 8) * 8)
+    if m8 + 1 > max_batch_size:
+        m8 = (max_batch_size - 1) // 8 * 8
+    if m8 >= 8:
+        found.append(("multiple_of_8", m8, (m8 - 1, m8 + 1)))
+    p2 = 2 ** round(math.log2(max(knee, 1)))
+    if p2 + 8 > max_batch_size:
+        p2 = 2 ** math.floor(math.log2(max(max_batch_size - 8, 1)))
+    if p2 >= 32:
+        found.append(("power_of_2", p2, (p2 - 8, p2 + 8)))
+    return found
+
+
+def judge_alignment(
+    rule: str,
+    aligned: int,
+    compared: tuple[int, ...],
+    rounds: Sequence[dict[int, float]],
+    *,
+    min_gain: float = MIN_ALIGNMENT_GAIN,
+    min_win_rate: float = MIN_ALIGNMENT_WIN_RATE,
+) -> AlignmentFinding:
+    """Compare samples/s of `aligned` with the mean of `compared`, round by round."""
+    ratios = [r[aligned] / statistics.fmean(r[b] for b in compared) for r in rounds]
+    speedup = statistics.median(ratios)
+    win_rate = sum(x > 1 for x in ratios) / len(ratios)
+    confirmed = speedup >= 1 + min_gain and win_rate >= min_win_rate
+    others = " and ".join(str(b) for b in compared)
+    verdict = "faster: round to it" if confirmed else "no measurable gain: do not bother rounding"
+    note = f"B={aligned} vs {others}: x{speedup:.3f} ({win_rate:.0%} of rounds faster), {verdict}"
+    return AlignmentFinding(rule, aligned, compared, speedup, win_rate, confirmed, note)
+
+
+def aligned_knee(knee: int, findings: Sequence[AlignmentFinding], max_batch_size: int) -> int:
+    """Round the knee up to the confirmed alignment (power of two wins over 8), if it fits."""
+    confirmed = {f.rule for f in findings if f.confirmed}
+    if "power_of_2" in confirmed:
+        p2 = 2 ** math.ceil(math.log2(knee))
+        if p2 <= max_batch_size:
+            return p2
+    if "multiple_of_8" in confirmed:
+        m8 = math.ceil(knee / 8) * 8
+        if m8 <= max_batch_size:
+            return m8
+    return knee
+
+
+def plan_accumulation(
+    effective_batch_size: int, max_batch_size: int, profile: ThroughputProfile | None = None
+) -> AccumulationPlan:
+    """Micro-batch and accumulation steps for an effective batch (the fewest steps that fit).
+
+    With k = ceil(E / max) micro-batches of ceil(E / k), the last one may be smaller;
+    `TrainStep` weights each micro-batch by its share, so the update equals one batch of E.
+    The cost is the throughput lost at the micro-batch compared with the peak.
+    """
+    check_batch_size(effective_batch_size, what="effective batch size")
+    check_batch_size(max_batch_size, what="max batch size")
+    steps = math.ceil(effective_batch_size / max_batch_size)
+    micro = math.ceil(effective_batch_size / steps)
+    rate = peak = cost = None
+    if profile is not None and profile.points:
+        rate = profile.samples_per_s_at(micro)
+        peak = profile.peak_samples_per_s
+        cost = max(0.0, 1 - rate / peak)
+    if steps == 1:
+        note = f"B={effective_batch_size} fits in one step: no accumulation needed"
+    else:
+        last = effective_batch_size - micro * (steps - 1)
+        tail = "" if last == micro else f" (the last micro-batch has {last})"
+        note = f"{steps} micro-batches of {micro}{tail} make one step of {effective_batch_size}"
+        if cost is not None:
+            note += f"; about {cost:.0%} below peak throughput (estimated from the curve)"
+    return AccumulationPlan(effective_batch_size, micro, steps, rate, peak, cost, note)
+
+
+# ---------------------------------------------------------------------------------------
+# Measuring
+
+
+class _Timer:
+    """Runs timed windows of training steps on one live TrainStep."""
+
+    def __init__(self, step: TrainStep, order: torch.Tensor) -> None:
+        self.step = step
+        self.order = order
+        self.steps = 0
+
+    def run(self, batch_size: int, count: int) -> float:
+        """Seconds for `count` steps at `batch_size`, synchronized on CUDA."""
+        step, device = self.step, self.step.device
+        step.micro_batch_size = batch_size
+        indices = self.order[:batch_size]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(count):
+            step(indices)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.steps += count
+        return time.perf_counter() - start
+
+
+def _interleaved(
+    timer: _Timer,
+    per_window: dict[int, int],
+    windows: int,
+    on_window: Callable[[], None] | None = None,
+) -> list[dict[int, float]]:
+    """`windows` rounds; each times every size once, alternating the order between rounds."""
+    sizes = sorted(per_window)
+    rounds = []
+    for r in range(windows):
+        rates = {}
+        for b in sizes if r % 2 == 0 else reversed(sizes):
+            rates[b] = timer.run(b, per_window[b])
+            if on_window is not None:
+                on_window()
+        rounds.append(rates)
+    return rounds
+
+
+def profile_throughput(
+    task: Task | str,
+    *,
+    batch_sizes: Sequence[int] | None = None,
+    max_batch_size: int | None = None,
+    device: str | torch.device = "auto",
+    amp: bool = False,
+    seed: int = 0,
+    windows: int = WINDOWS,
+    window_seconds: float = WINDOW_SECONDS,
+    time_budget: float = TIME_BUDGET_SECONDS,
+    knee_fraction: float = KNEE_FRACTION,
+    check_alignment: bool = True,
+    progress: ProgressFn | None = None,
+) -> ThroughputProfile:
+    """Training samples/s at a geometric ladder of batch sizes, the knee and alignment.
+
+    Args:
+        batch_sizes: the sizes to time (default: powers of two up to `max_batch_size`,
+            and the max itself).
+        max_batch_size: the largest size (default: the training set size); pass
+            `probe_memory(...).max_batch_size`.
+        windows: timed windows per size; each window lasts about `window_seconds`.
+        time_budget: larger sizes are dropped once timing them would exceed this many
+            seconds (the warning says which).
+        knee_fraction: the knee is the smallest B reaching this fraction of peak samples/s.
+        check_alignment: also time multiples of 8 and powers of two around the knee
+            against their neighbours; rounding is recommended only where it measured faster.
+
+    Every step is the engine's `TrainStep` on a model built from the task with `seed`;
+    the caller's RNG state is untouched and memory is freed afterwards.
+    """
+    t0 = time.perf_counter()
+    task = load_task(task)
+    dev = resolve_device(device)
+    check_batch_size(windows, what="windows")
+    limit = task.num_train if max_batch_size is None else check_batch_size(max_batch_size)
+    warnings: list[str] = []
+    if limit > task.num_train:
+        warnings.append(f"capped at the training set size ({task.num_train} examples)")
+        limit = task.num_train
+    if batch_sizes is None:
+        sizes = geometric_ladder(limit, start=min(2, limit))
+    else:
+        sizes = sorted({check_batch_size(b, what="batch size") for b in batch_sizes})
+        if sizes[-1] > task.num_train:
+            raise ConfigError(
+                f"batch sizes: expected at most the training set size ({task.num_train}), "
+                f"got {sizes[-1]}; drop the larger sizes"
+            )
+
+    fork_devices = [dev.index or 0] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(seed)
+        points, findings, steps = _time_fresh_model(
+            task,
+            dev,
+            sizes,
+            amp=amp,
+            seed=seed,
+            windows=windows,
+            window_seconds=window_seconds,
+            time_budget=time_budget,
+            knee_fraction=knee_fraction,
+            check_alignment=check_alignment,
+            progress=progress,
+            warnings=warnings,
+        )
+    release_memory()  # the model and optimizer went with the helper's frame
+    knee = find_knee(
+        [p.batch_size for p in points], [p.samples_per_s for p in points], knee_fraction
+    )
+    noisiest = max(points, key=lambda p: p.spread)
+    if noisiest.spread > NOISY_SPREAD:
+        warnings.append(
+            f"timing is noisy: at B={noisiest.batch_size} the windows range over "
+            f"{noisiest.spread:.0%} of the median; other processes are competing for "
+            "the device (on a busy CPU, fewer threads help: OMP_NUM_THREADS=1)"
+        )
+    return ThroughputProfile(
+        device=str(dev),
+        amp=amp,
+        points=points,
+        knee_batch_size=knee,
+        knee_fraction=knee_fraction,
+        peak_samples_per_s=max(p.samples_per_s for p in points),
+        alignment=tuple(findings),
+        aligned_knee_batch_size=aligned_knee(knee, findings, points[-1].batch_size),
+        steps=steps,
+        seconds=time.perf_counter() - t0,
+        warnings=tuple(warnings),
+    )
+
+
+def _time_fresh_model(
+    task: Task,
+    dev: torch.device,
+    sizes: list[int],
+    *,
+    amp: bool,
+    seed: int,
+    windows: int,
+    window_seconds: float,
+    time_budget: float,
+    knee_fraction: float,
+    check_alignment: bool,
+    progress: ProgressFn | None,
+    warnings: list[str],
+) -> tuple[tuple[ThroughputPoint, ...], list[AlignmentFinding], int]:
+    """Build the task's model on `dev`; time the ladder, then alignment around the knee."""
+    model = task.model().to(dev)
+    model.train()
+    optimizer = task.optimizer(model.parameters(), task.lr)
+    scaler = make_grad_scaler(dev, amp)
+    batcher = Batcher(task.train_data, dev, task.collate_fn)
+    step = TrainStep(
+        model, optimizer, task.loss, batcher, micro_batch_size=1, device=dev, amp=amp,
+        scaler=scaler,
+    )  # fmt: skip
+    order = torch.randperm(task.num_train, generator=torch.Generator().manual_seed(seed))
+    timer = _Timer(step, order)
+    with preserve_training_state(model, optimizer, scaler):
+        per_window = _warm_up(timer, sizes, windows, window_seconds, time_budget, warnings)
+        total = windows * len(per_window)
+        done = [0]
+
+        def tick() -> None:
+            done[0] += 1
+            if progress is not None:
+                progress("throughput", done[0], total)
+
+        rounds = _interleaved(timer, per_window, windows, tick)
+        points = tuple(
+            summarize_windows(b, [r[b] for r in rounds], per_window[b]) for b in sorted(per_window)
+        )
+        findings: list[AlignmentFinding] = []
+        if check_alignment:
+            knee = find_knee(
+                [p.batch_size for p in points], [p.samples_per_s for p in points], knee_fraction
+            )
+            findings = _time_alignment(timer, knee, points[-1].batch_size, windows)
+    return points, findings, timer.steps
+
+
+def _warm_up(
+    timer: _Timer,
+    sizes: list[int],
+    windows: int,
+    window_seconds: float,
+    time_budget: float,
+    warnings: list[str],
+) -> dict[int, int]:
+    """One warm-up step per size (smallest first); returns steps per window for each kept size.
+
+    Sizes whose timing would push the total past `time_budget` are dropped, as is any
+    size that runs out of memory, and every size above it.
+    """
+    timer.run(sizes[0], 1)  # the first step creates the optimizer state
+    per_window: dict[int, int] = {}
+    planned = 0.0
+    for i, b in enumerate(sizes):
+        oom = False
+        try:
+            seconds = timer.run(b, 1)
+        except Exception as exc:
+            if not is_oom_error(exc):
+                raise
+            oom = True
+        if oom:
+            release_memory()
+            warnings.append(f"B={b} ran out of memory; throughput measured up to B={sizes[i - 1]}")
+            break
+        count = max(1, round(window_seconds / max(seconds, 1e-9)))
+        cost = windows * count * seconds
+        if per_window and planned + cost > time_budget:
+            warnings.append(
+                f"throughput measured up to B={max(per_window)}: timing B={b} and above "
+                f"would take more than the {time_budget:g}s budget"
+            )
+            break
+        per_window[b] = count
+        planned += cost
+    if not per_window:
+        raise ConfigError(f"B={sizes[0]} ran out of memory; pass a smaller batch size")
+    return per_window
+
+
+def _time_alignment(
+    timer: _Timer, knee: int, max_batch_size: int, windows: int
+) -> list[AlignmentFinding]:
+    candidates = alignment_candidates(knee, max_batch_size)
+    if not candidates:
+        return []
+    sizes = sorted({b for _, a, nb in candidates for b in (a, *nb)})
+    for b in sizes:  # warm-up, and one step to size the windows alike for all
+        timer.run(b, 1)
+    seconds = timer.run(max(sizes), 1)
+    count = max(1, round(WINDOW_SECONDS / max(seconds, 1e-9)))
+    rounds = _interleaved(timer, dict.fromkeys(sizes, count), windows)
+    rates = [{b: b * count / s for b, s in r.items()} for r in rounds]
+    return [judge_alignment(rule, a, nb, rates) for rule, a, nb in candidates]
