@@ -2,6 +2,9 @@
 
 from batchlab.errors import BatchlabError
 from batchlab.history import Evaluation, History
+from batchlab.measure.memory import MemoryProbe, parse_size, probe_memory
+from batchlab.measure.probe import ProbeResult, probe
+from batchlab.measure.throughput import ThroughputProfile, profile_throughput
 from batchlab.task import Task, load_task
 from batchlab.theory import BatchArithmetic, adascale_gain, calc, scale_lr
 from batchlab.train import TrainCallback, evaluate, train
@@ -11,12 +14,19 @@ __all__ = [
     "BatchlabError",
     "Evaluation",
     "History",
+    "MemoryProbe",
+    "ProbeResult",
     "Task",
+    "ThroughputProfile",
     "TrainCallback",
     "adascale_gain",
     "calc",
     "evaluate",
     "load_task",
+    "parse_size",
+    "probe",
+    "probe_memory",
+    "profile_throughput",
     "scale_lr",
     "train",
 ]
