@@ -194,3 +194,22 @@ def test_progress_counts_reference_examples_and_log_round_trips():
         assert Decision.from_json(d.to_json()) == d
     with pytest.raises(AttributeError):
         c.decisions[0].step = 3  # frozen
+
+
+def test_fixed_accumulation_moves_only_the_micro_batch():
+    c = controller(fixed_accumulation_steps=4, max_batch_size=4096)
+    assert (c.micro_batch_size, c.accumulation_steps) == (8, 4)
+    d = c.decide(50, 1e5)
+    assert d.accumulation_steps == 4 and d.micro_batch_size > 8
+
+
+def test_fixed_micro_batch_moves_only_accumulation_and_needs_one_timing():
+    model = ThroughputModel()
+    model.observe_micro(16, 0.01)
+    model.observe_optimizer(0.05)  # a costly optimizer step: accumulation amortises it
+    c = controller(fixed_micro_batch_size=16, throughput=model, max_batch_size=4096)
+    assert (c.micro_batch_size, c.accumulation_steps) == (16, 2)
+    d = c.decide(50, 1e5)
+    assert d.micro_batch_size == 16 and d.accumulation_steps > 2
+    with pytest.raises(ConfigError):
+        controller(fixed_micro_batch_size=16, fixed_accumulation_steps=2)

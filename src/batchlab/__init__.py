@@ -1,5 +1,6 @@
 """batchlab: what batch size and learning rate should I train with? Answered from measurements."""
 
+from batchlab.adaptive import AdaptiveBatchSize, ResizableBatchSampler, train_adaptive
 from batchlab.errors import BatchlabError
 from batchlab.history import Evaluation, History
 from batchlab.measure.memory import MemoryProbe, parse_size, probe_memory
@@ -10,12 +11,14 @@ from batchlab.theory import BatchArithmetic, adascale_gain, calc, scale_lr
 from batchlab.train import TrainCallback, evaluate, train
 
 __all__ = [
+    "AdaptiveBatchSize",
     "BatchArithmetic",
     "BatchlabError",
     "Evaluation",
     "History",
     "MemoryProbe",
     "ProbeResult",
+    "ResizableBatchSampler",
     "Task",
     "ThroughputProfile",
     "TrainCallback",
@@ -29,5 +32,6 @@ __all__ = [
     "profile_throughput",
     "scale_lr",
     "train",
+    "train_adaptive",
 ]
 __version__ = "0.1.0"

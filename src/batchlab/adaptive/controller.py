@@ -70,6 +70,12 @@ def efficiency(batch_size: float, reference_batch_size: float, b_simple: float) 
 
 def optimizer_lr_rule(optimizer: torch.optim.Optimizer | type | str) -> str:
     """`adascale` for SGD-like optimizers, `sqrt-adascale` for Adam-like; else a ConfigError."""
+    # Wrappers (Accelerate's AcceleratedOptimizer, Lightning's LightningOptimizer) hold the
+    # real optimizer in `.optimizer`.
+    while not isinstance(optimizer, (str, type)) and isinstance(
+        getattr(optimizer, "optimizer", None), torch.optim.Optimizer
+    ):
+        optimizer = optimizer.optimizer
     if isinstance(optimizer, str):
         name = optimizer
     elif isinstance(optimizer, type):
@@ -115,6 +121,10 @@ class AdaptiveBatchSize:
         explore: when only one micro-batch size has been timed, time another one at the same
             batch (half the micro-batch, twice the accumulation), which changes nothing in
             the optimisation and makes the throughput line identifiable. Default True.
+        fixed_micro_batch_size: only the accumulation steps may change (for trainers that
+            own their data loader, e.g. the Hugging Face Trainer).
+        fixed_accumulation_steps: only the micro-batch size may change (for trainers that
+            cannot change accumulation mid-epoch, e.g. Lightning).
     """
 
     def __init__(
@@ -135,6 +145,8 @@ class AdaptiveBatchSize:
         ladder_ratio: float = 2**0.25,
         throughput: ThroughputModel | None = None,
         explore: bool = True,
+        fixed_micro_batch_size: int | None = None,
+        fixed_accumulation_steps: int | None = None,
     ) -> None:
         self.reference_batch_size = check_batch_size(reference_batch_size, what="reference batch")
         self.reference_lr = check_lr(reference_lr, what="reference lr")
@@ -176,6 +188,17 @@ class AdaptiveBatchSize:
         if not (isinstance(ladder_ratio, (int, float)) and ladder_ratio > 1):
             raise ConfigError(f"ladder ratio: expected a number > 1, got {ladder_ratio!r}")
         self.ladder_ratio = float(ladder_ratio)
+        if fixed_micro_batch_size is not None:
+            check_batch_size(fixed_micro_batch_size, what="fixed micro-batch size")
+        if fixed_accumulation_steps is not None:
+            check_batch_size(fixed_accumulation_steps, what="fixed accumulation steps")
+        if fixed_micro_batch_size is not None and fixed_accumulation_steps is not None:
+            raise ConfigError(
+                "adaptive batch: fixing both the micro-batch size and the accumulation steps "
+                "leaves nothing to adapt; fix at most one"
+            )
+        self.fixed_micro_batch_size = fixed_micro_batch_size
+        self.fixed_accumulation_steps = fixed_accumulation_steps
         self.lr_rule = self._resolve_rule(lr_rule, optimizer)
         self.throughput = throughput if throughput is not None else ThroughputModel()
         self.explore = explore
@@ -231,6 +254,12 @@ class AdaptiveBatchSize:
     def _split(self, batch_size: int) -> tuple[int, int]:
         """Largest micro-batch under the cap, fewest accumulation steps, for >= batch_size."""
         per_replica = math.ceil(batch_size / self.world_size)
+        if self.fixed_micro_batch_size is not None:
+            micro = self.fixed_micro_batch_size
+            return micro, math.ceil(per_replica / micro)
+        if self.fixed_accumulation_steps is not None:
+            accum = self.fixed_accumulation_steps
+            return math.ceil(per_replica / accum), accum
         cap = self.max_micro_batch_size or per_replica
         accum = math.ceil(per_replica / cap)
         return math.ceil(per_replica / accum), accum
@@ -245,7 +274,8 @@ class AdaptiveBatchSize:
                 break
             micro, accum = self._split(batch)
             real = micro * accum * self.world_size
-            if accum <= self.max_accumulation_steps and real <= self.max_batch_size:
+            fits = self.max_micro_batch_size is None or micro <= self.max_micro_batch_size
+            if fits and accum <= self.max_accumulation_steps and real <= self.max_batch_size:
                 out.setdefault(real, (micro, accum))
             size *= self.ladder_ratio
         return [out[b] for b in sorted(out)]
@@ -253,6 +283,14 @@ class AdaptiveBatchSize:
     def _exploration(self) -> tuple[int, int] | None:
         micro, accum = self.micro_batch_size, self.accumulation_steps
         cap = self.max_micro_batch_size or math.inf
+        if self.fixed_micro_batch_size is not None:
+            return None  # one micro-batch size: its time alone is the whole model
+        if self.fixed_accumulation_steps is not None:
+            # Only the micro-batch can move, so time the next size up (the batch grows).
+            bigger = math.ceil(micro * self.ladder_ratio**2)
+            if bigger <= cap and bigger * accum * self.world_size <= self.max_batch_size:
+                return bigger, accum
+            return None
         if accum % 2 == 0 and 2 * micro <= cap:
             return 2 * micro, accum // 2
         if micro >= 2 and 2 * accum <= self.max_accumulation_steps:
@@ -277,12 +315,17 @@ class AdaptiveBatchSize:
         b_simple = self.b_simple
         current = (self.micro_batch_size, self.accumulation_steps)
         action, choice, goodput, gain = "keep", current, None, 1.0
-        if not self.throughput.ready:
+        fixed_micro_timed = (
+            self.fixed_micro_batch_size in self.throughput.micro_batch_sizes
+            if self.fixed_micro_batch_size is not None
+            else False
+        )
+        if not (self.throughput.ready or fixed_micro_timed):
             explore = self._exploration() if self.explore else None
             if explore is not None:
                 action, choice = "explore", explore
         elif b_simple is not None:
-            fit = self.throughput.fit()
+            fit = self.throughput.fit(allow_single=fixed_micro_timed)
             now = self.predicted_goodput(*current, b_simple, fit)
             low, high = self.batch_size / self.max_growth, self.batch_size * self.max_growth
             scored = [

@@ -330,8 +330,9 @@ def _run(
         steps_log.append(step)
         lrs.append(lr_now)
         batch_sizes.append(len(indices))
-        for cb in callbacks:
-            cb.on_step(state)
+        for cb in (noise, *callbacks):
+            if isinstance(cb, TrainCallback):
+                cb.on_step(state)
         if not math.isfinite(value):
             diverged_step = step
             break

@@ -77,22 +77,34 @@ class MicroBatchGradNorms:
         self._prev, self._sq, self._sizes = None, [], []
 
     @torch.no_grad()
-    def end_step(self) -> None:
-        sizes, deltas = self._sizes, self._sq
+    def end_step(self, num_micro: int | None = None) -> None:
+        """Report the window's norms and reset.
+
+        `num_micro`: micro-batches in the whole step, when the last ones were not recorded
+        (the Hugging Face Trainer clips gradients before any hook sees the last one). The
+        big batch is then the recorded micro-batches, read from the snapshot after the last
+        recorded one, so clipping or unscaling after it does not matter.
+        """
+        sizes, deltas, acc = self._sizes, self._sq, self._prev
         self.reset()
-        if len(sizes) < 2:
-            return  # one micro-batch: no small/big pair
-        total = sum(sizes)
+        recorded = len(sizes)
+        num_micro = recorded if num_micro is None else num_micro
+        if recorded < 2 or acc is None or num_micro < recorded:
+            return  # fewer than two micro-batches: no small/big pair
         if self.weighting == "size":
+            # TrainStep: acc_m = sum_i (b_i / T) g_i, T the whole step's examples, which
+            # are all recorded (TrainStep always reports every micro-batch).
+            total = sum(sizes)
             weights = [b / total for b in sizes]
+            rescale = 1.0
         else:
-            weights = [1.0 / len(sizes)] * len(sizes)
-        small = sum(float(d) / (w * w) for d, w in zip(deltas, weights, strict=True)) / len(sizes)
-        big = sum(
-            float(p.grad.detach().float().pow(2).sum()) for p in self.params if p.grad is not None
-        )
-        b_small = len(sizes) / sum(1.0 / b for b in sizes)
+            # acc_m = (1/k) sum_{i<=m} g_i; the mean of the m recorded is acc_m * k / m.
+            weights = [1.0 / num_micro] * recorded
+            rescale = num_micro / recorded
+        small = sum(float(d) / (w * w) for d, w in zip(deltas, weights, strict=True)) / recorded
+        big = rescale**2 * sum(float(a.pow(2).sum()) for a in acc if a is not None)
+        b_small = recorded / sum(1.0 / b for b in sizes)
         # Size weighting: acc is the mean over all examples, B_big = sum b_i. Equal weighting:
-        # acc = (1/k) sum g_i, E|acc|^2 = |G|^2 + tr(Sigma) / (k * b_small): B_big = k b_small.
-        b_big = total if self.weighting == "size" else len(sizes) * b_small
+        # the mean of m micro-gradients, E|.|^2 = |G|^2 + tr(Sigma) / (m * b_small).
+        b_big = sum(sizes) if self.weighting == "size" else recorded * b_small
         self.on_norms(small, b_small, big, b_big)

@@ -24,16 +24,26 @@ class MeasuredNoise(TrainCallback):
     Args:
         decay: EMA decay of the two-batch estimates (default 0.95: about 20 steps).
         split_every: while steps are single micro-batches, split every this many (default 4).
+        record_every: steps between the tracker's recorded points (default 20).
     """
 
     needs_micro_batches = True
 
-    def __init__(self, decay: float = 0.95, split_every: int = 4) -> None:
-        self.estimate = TwoBatchEMA(decay)
+    def __init__(self, decay: float = 0.95, split_every: int = 4, record_every: int = 20) -> None:
         self.split_every = split_every
-        self.history: list[tuple[int, float]] = []  # (step, B_simple) at each read
+        try:
+            from batchlab.measure.noise_tracker import GradientNoiseScaleTracker
+        except ImportError:
+            self.tracker = None
+            self.estimate = TwoBatchEMA(decay)
+        else:
+            self.tracker = GradientNoiseScaleTracker(beta=decay, every=record_every)
+            self.estimate = None
 
     def on_start(self, state: RunState) -> None:
+        if self.tracker is not None:
+            self.tracker.on_start(state)  # installs its micro-batch hook
+            return
         norms = MicroBatchGradNorms(state.model.parameters(), self.estimate.update)
         inner = state.step_fn.micro_hook
 
@@ -47,8 +57,14 @@ class MeasuredNoise(TrainCallback):
 
         state.step_fn.micro_hook = hook
 
+    def on_step(self, state: RunState) -> None:
+        if self.tracker is not None:
+            self.tracker.on_step(state)
+
+    def on_end(self, state: RunState) -> None:
+        if self.tracker is not None:
+            self.tracker.on_end(state)
+
     def b_simple(self, step: int) -> float | None:
-        value = self.estimate.b_simple()
-        if value is not None:
-            self.history.append((step, value))
-        return value
+        value = self.tracker.b_simple if self.tracker is not None else self.estimate.b_simple()
+        return value if value is not None and value > 0 else None

@@ -106,3 +106,28 @@ class TwoBatchEMA:
         if not self.updates or self._grad_sq <= 0 or self._trace <= 0:
             return None
         return self._trace / self._grad_sq  # the bias corrections cancel
+
+
+class _TrackerEstimate:
+    """`TwoBatchEMA`'s interface over `batchlab.GradientNoiseScaleTracker.update`."""
+
+    def __init__(self, tracker) -> None:
+        self.tracker = tracker
+
+    def update(
+        self, small_sq_norm: float, small_batch: float, big_sq_norm: float, big_batch: float
+    ) -> None:
+        self.tracker.update([small_sq_norm], [small_batch], big_sq_norm, big_batch)
+
+    def b_simple(self, step: int = 0) -> float | None:
+        value = self.tracker.b_simple
+        return value if value is not None and value > 0 and math.isfinite(value) else None
+
+
+def two_batch_estimate(decay: float = 0.95) -> TwoBatchEMA | _TrackerEstimate:
+    """The smoothed two-batch estimator: batchlab's tracker when installed, else the copy."""
+    try:
+        from batchlab.measure.noise_tracker import GradientNoiseScaleTracker
+    except ImportError:
+        return TwoBatchEMA(decay)
+    return _TrackerEstimate(GradientNoiseScaleTracker(beta=decay))

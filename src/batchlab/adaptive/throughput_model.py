@@ -88,8 +88,17 @@ class ThroughputModel:
         """True once two distinct micro-batch sizes were timed (the line is identifiable)."""
         return len(self._micro) >= 2
 
-    def fit(self) -> ThroughputFit:
-        """Weighted least squares of the per-size medians; `alpha, beta >= 0`."""
+    def fit(self, allow_single: bool = False) -> ThroughputFit:
+        """Weighted least squares of the per-size medians; `alpha, beta >= 0`.
+
+        With `allow_single` and one size timed, the fit is exact at that size only
+        (`alpha` = its median time, `beta` = 0): enough when the micro-batch never changes.
+        """
+        if allow_single and len(self._micro) == 1:
+            (size,) = self._micro
+            gamma = statistics.median(self._optimizer) if self._optimizer else 0.0
+            median = statistics.median(self._micro[size])
+            return ThroughputFit(alpha=median, beta=0.0, gamma=gamma, micro_batch_sizes=(size,))
         if not self.ready:
             raise ConfigError(
                 "throughput model: expected timings at two or more micro-batch sizes, got "
@@ -143,5 +152,5 @@ class FixedThroughput(ThroughputModel):
     def ready(self) -> bool:
         return True
 
-    def fit(self) -> ThroughputFit:
+    def fit(self, allow_single: bool = False) -> ThroughputFit:
         return self._fixed

@@ -27,7 +27,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from batchlab.adaptive.controller import AdaptiveBatchSize, Decision
-from batchlab.adaptive.noise_source import TwoBatchEMA
+from batchlab.adaptive.noise_source import two_batch_estimate
 
 
 class DDPNoiseScale:
@@ -43,11 +43,14 @@ class DDPNoiseScale:
     def __init__(
         self, model: DistributedDataParallel, local_batch_size: int, decay: float = 0.95
     ) -> None:
+        self.model = model
         self.local_batch_size = local_batch_size
         self.world_size = dist.get_world_size()
-        self.estimate = TwoBatchEMA(decay)
         self._local: list[torch.Tensor] = []
         self._global: list[torch.Tensor] = []
+        # The tracker's own attach_ddp would do, but its hook's string annotations fail
+        # DDP's runtime check (see docs/adaptive.md); this hook has none.
+        self.estimate = two_batch_estimate(decay)
         model.register_comm_hook(None, self._hook)
 
     def _hook(self, process_group, bucket):  # no annotations: DDP checks them at runtime

@@ -1,0 +1,82 @@
+"""Hugging Face Trainer: log B_simple from accumulation micro-steps, grow accumulation with it.
+
+A tiny GPT-2 built from a config (no download) learns batchlab's charlm text.
+
+    python examples/hf_trainer_example.py --tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import torch
+from torch.utils.data import Dataset
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+from batchlab.integrations.transformers import AdaptiveAccumulation, NoiseScaleCallback
+from batchlab.tasks.charlm import BLOCK, VOCAB, charlm_tensors
+
+
+class Windows(Dataset):
+    """Character windows as causal-LM examples (GPT-2 shifts the labels itself)."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.x[i], "labels": self.x[i]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=int, default=8192)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--tiny", action="store_true", help="a few seconds (CI smoke run)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    x, _, _, _ = charlm_tensors()
+    n, epochs = (192, 3) if args.tiny else (args.examples, args.epochs)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=BLOCK, n_embd=64, n_layer=2, n_head=4)
+    model = GPT2LMHeadModel(config)
+
+    noise = NoiseScaleCallback()
+    adaptive = AdaptiveAccumulation(noise, interval=4 if args.tiny else 20)
+    training_args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="batchlab-hf-"),
+        per_device_train_batch_size=4 if args.tiny else 8,
+        gradient_accumulation_steps=2,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,  # clipping hides the last micro-step from callbacks; see the docs
+        num_train_epochs=epochs,
+        logging_steps=4,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=Windows(x[:n]),
+        callbacks=[noise, adaptive],
+    )
+    trainer.train()
+
+    logged = [h for h in trainer.state.log_history if "b_simple" in h]
+    print(f"{len(logged)} log entries with b_simple; last: {logged[-1]['b_simple']:.0f}")
+    for step, accum in adaptive.applied:
+        print(f"from step {step}: gradient_accumulation_steps = {accum}")
+    last = adaptive.decisions[-1]
+    print(
+        f"last decision: B={last.batch_size} ({last.micro_batch_size} x {last.accumulation_steps})"
+    )
+
+
+if __name__ == "__main__":
+    main()

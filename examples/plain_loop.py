@@ -1,0 +1,73 @@
+"""Adaptive batch size in a plain PyTorch loop: a resizable sampler and a controller.
+
+    python examples/plain_loop.py --tiny
+
+The loop runs each step as micro-batches (at least two, so their gradients give the noise
+scale for free), times them for the throughput model, and asks the controller every
+`interval` steps for the next (micro-batch, accumulation) and learning rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import batchlab
+from batchlab.adaptive import AdaptiveBatchSize, ResizableBatchSampler
+from batchlab.adaptive.grad_norms import MicroBatchGradNorms
+from batchlab.adaptive.noise_source import two_batch_estimate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="mnist1d-mlp")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--tiny", action="store_true", help="a few seconds (CI smoke run)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    task = batchlab.load_task("dots" if args.tiny else args.task)
+    steps = 80 if args.tiny else args.steps
+
+    model = task.model()
+    optimizer = task.optimizer(model.parameters(), task.lr)
+    # Start at the task's reference batch, as two micro-batches of half of it.
+    controller = AdaptiveBatchSize(
+        task.batch_size,
+        task.lr,
+        optimizer=optimizer,
+        interval=10,
+        fixed_accumulation_steps=2,
+        max_batch_size=len(task.train_data) // 4,
+    )
+    noise = two_batch_estimate()
+    norms = MicroBatchGradNorms(model.parameters(), noise.update, weighting="equal")
+    sampler = ResizableBatchSampler(task.train_data, controller.micro_batch_size, seed=0)
+
+    for step in range(1, steps + 1):
+        k = controller.accumulation_steps
+        optimizer.zero_grad(set_to_none=True)
+        for _ in range(k):
+            m = controller.micro_batch_size
+            indices = sampler.take(m) or sampler.take(m)  # None: an epoch ended
+            start = time.perf_counter()
+            (task.loss(model, task.train_data[indices]) / k).backward()
+            controller.throughput.observe_micro(len(indices), time.perf_counter() - start)
+            norms.after_backward(len(indices))
+        norms.end_step()
+        start = time.perf_counter()
+        optimizer.step()
+        controller.throughput.observe_optimizer(time.perf_counter() - start)
+        controller.record_step(controller.batch_size)
+        if controller.due(step):
+            d = controller.decide(step, noise.b_simple())
+            for group in optimizer.param_groups:
+                group["lr"] = d.lr
+            b = "-" if d.b_simple is None else f"{d.b_simple:.0f}"
+            print(f"step {step:4d}  B={d.batch_size:4d}  lr={d.lr:.4g}  B_simple={b}  {d.action}")
+    print(f"progress: {controller.reference_epochs(len(task.train_data)):.2f} reference epochs")
+
+
+if __name__ == "__main__":
+    main()

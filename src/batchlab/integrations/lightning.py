@@ -1,0 +1,209 @@
+"""Lightning callbacks: log B_simple, and adapt the batch size during `Trainer.fit`.
+
+    sampler = ResizableBatchSampler(train_set, batch_size=32, seed=0)
+    loader = DataLoader(train_set, batch_sampler=sampler)          # num_workers=0: exact
+    monitor = NoiseScaleMonitor()
+    trainer = Trainer(accumulate_grad_batches=2, callbacks=[monitor, AdaptiveBatchSize(sampler, monitor)])
+
+`NoiseScaleMonitor` reads the accumulation micro-batches' gradients (`on_after_backward`)
+and logs the smoothed B_simple as `b_simple` to the Trainer's logger. It needs
+`accumulate_grad_batches >= 2` on one device; under DDP use `batchlab.integrations.ddp`.
+
+`AdaptiveBatchSize` changes the micro-batch size through the `ResizableBatchSampler`
+between optimizer steps, and the learning rate of every param group. Limits, honestly:
+- accumulation stays the Trainer's `accumulate_grad_batches` (Lightning counts accumulation
+  windows from the start of the epoch, so changing it mid-epoch would make a short window);
+  the batch moves through the micro-batch size only, up to `memory_cap`;
+- a learning-rate scheduler that sets absolute learning rates overrides the new rate at its
+  next step; use none, or one that multiplies (LambdaLR on a base rate we update is fine);
+- with `num_workers > 0` the loader prefetches, so a new size arrives a few batches late.
+
+Lightning is imported when this module is, never by `import batchlab`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from batchlab.adaptive.controller import AdaptiveBatchSize as Controller
+from batchlab.adaptive.controller import Decision, LrRule
+from batchlab.adaptive.grad_norms import MicroBatchGradNorms
+from batchlab.adaptive.noise_source import two_batch_estimate
+from batchlab.adaptive.sampler import ResizableBatchSampler
+from batchlab.errors import ConfigError, NoiseEstimateError
+
+try:
+    from lightning.pytorch import Callback
+except ImportError:  # pragma: no cover - depends on the environment
+    try:
+        from pytorch_lightning import Callback
+    except ImportError as exc:
+        raise ImportError(
+            "batchlab.integrations.lightning needs Lightning: pip install 'batchlab[lightning]'"
+        ) from exc
+
+
+def _batch_len(batch: Any) -> int:
+    if hasattr(batch, "shape"):
+        return int(batch.shape[0])
+    if isinstance(batch, dict):
+        return _batch_len(next(iter(batch.values())))
+    if isinstance(batch, (list, tuple)) and batch:
+        return _batch_len(batch[0])
+    return len(batch)
+
+
+class NoiseScaleMonitor(Callback):
+    """Logs the smoothed simple noise scale B_simple (McCandlish et al. 2018) during fit.
+
+    Args:
+        decay: EMA decay of the two-batch estimates (default 0.95, about 20 steps).
+        name: the metric's name in the logger (default `b_simple`).
+    """
+
+    def __init__(self, decay: float = 0.95, name: str = "b_simple") -> None:
+        self.estimate = two_batch_estimate(decay)
+        self.name = name
+        self.b_simple: float | None = None
+        self.history: list[tuple[int, float]] = []  # (global step, B_simple)
+        self._norms: MicroBatchGradNorms | None = None
+        self._size = 0
+        self._fresh = False
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if trainer.world_size > 1:
+            raise NoiseEstimateError(
+                f"NoiseScaleMonitor reads micro-batch gradients on one device, got world size "
+                f"{trainer.world_size}; under DDP use batchlab.integrations.ddp.DDPNoiseScale"
+            )
+        if trainer.accumulate_grad_batches < 2:
+            raise NoiseEstimateError(
+                "NoiseScaleMonitor needs micro-batches: expected Trainer(accumulate_grad_batches"
+                f">=2), got {trainer.accumulate_grad_batches}; halve the batch size and set "
+                "accumulate_grad_batches=2 (same update), or measure with `batchlab noise`"
+            )
+        self._norms = MicroBatchGradNorms(
+            pl_module.parameters(), self.estimate.update, weighting="equal"
+        )
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._size = _batch_len(batch)
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if self._norms is not None:
+            self._norms.after_backward(self._size)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self._norms is None:
+            return
+        self._norms.end_step()
+        value = self.estimate.b_simple()
+        if value is not None:
+            self.b_simple = value
+            self._fresh = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._fresh and self.b_simple is not None:
+            self._fresh = False
+            self.history.append((trainer.global_step, self.b_simple))
+            pl_module.log(self.name, self.b_simple, on_step=True, on_epoch=False)
+
+
+class AdaptiveBatchSize(Callback):
+    """Adapts the micro-batch size (and the learning rate) to the measured goodput.
+
+    Args:
+        sampler: the `ResizableBatchSampler` of the training DataLoader.
+        monitor: the `NoiseScaleMonitor` in the same Trainer (its B_simple drives decisions).
+        memory_cap: largest micro-batch that fits (examples), e.g. from `batchlab probe`.
+        lr_rule, interval, threshold, max_batch_size: as in `batchlab.AdaptiveBatchSize`.
+
+    The reference batch B0 is the sampler's batch size x accumulation x world size at the
+    start of fit, and lr0 the optimizer's learning rate then.
+    """
+
+    def __init__(
+        self,
+        sampler: ResizableBatchSampler,
+        monitor: NoiseScaleMonitor,
+        *,
+        memory_cap: int | None = None,
+        lr_rule: LrRule = "auto",
+        interval: int = 20,
+        threshold: float = 0.05,
+        max_batch_size: int | None = None,
+    ) -> None:
+        if not isinstance(sampler, ResizableBatchSampler):
+            raise ConfigError(
+                f"expected the DataLoader's ResizableBatchSampler, got {type(sampler).__name__}; "
+                "build the loader as DataLoader(ds, batch_sampler=ResizableBatchSampler(ds, B))"
+            )
+        self.sampler = sampler
+        self.monitor = monitor
+        self.settings = dict(
+            max_micro_batch_size=memory_cap,
+            lr_rule=lr_rule,
+            interval=interval,
+            threshold=threshold,
+            max_batch_size=max_batch_size,
+        )
+        self.controller: Controller | None = None
+        self._ratios: list[float] = []
+        self._step = 0
+        self._t_batch = self._t_opt = 0.0
+
+    @property
+    def decisions(self) -> list[Decision]:
+        return [] if self.controller is None else list(self.controller.decisions)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        optimizer = trainer.optimizers[0]
+        lr0 = optimizer.param_groups[0]["lr"]
+        accum = trainer.accumulate_grad_batches
+        self.controller = Controller(
+            self.sampler.batch_size * accum * trainer.world_size,
+            lr0,
+            optimizer=optimizer,
+            world_size=trainer.world_size,
+            fixed_accumulation_steps=accum,
+            max_accumulation_steps=accum,
+            **self.settings,
+        )
+        self._ratios = [g["lr"] / lr0 for g in optimizer.param_groups]
+        self._step = trainer.global_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._size = _batch_len(batch)
+        self._t_batch = time.perf_counter()
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        now = time.perf_counter()
+        if self.controller is not None:
+            self.controller.throughput.observe_micro(self._size, now - self._t_batch)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._t_opt = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        c = self.controller
+        if c is None or trainer.global_step == self._step:
+            return  # still accumulating
+        c.throughput.observe_optimizer(time.perf_counter() - self._t_opt)
+        self._step = trainer.global_step
+        c.record_step(c.batch_size)
+        if not c.due(self._step):
+            return
+        if trainer.world_size > 1:  # rank 0 decides, every rank adopts
+            decision = (
+                c.decide(self._step, self.monitor.b_simple) if trainer.is_global_zero else None
+            )
+            decision = trainer.strategy.broadcast(decision, src=0)
+            if not trainer.is_global_zero:
+                c.adopt(decision)
+        else:
+            decision = c.decide(self._step, self.monitor.b_simple)
+        self.sampler.batch_size = decision.micro_batch_size
+        for group, ratio in zip(trainer.optimizers[0].param_groups, self._ratios, strict=True):
+            group["lr"] = decision.lr * ratio
+        pl_module.log("batch_size", float(decision.batch_size), on_step=True, on_epoch=False)
