@@ -99,7 +99,10 @@ def test_interpolate_step_seconds_log_log():
     bs, ts = [8, 32, 128], [0.001, 0.002, 0.008]
     assert interpolate_step_seconds(bs, ts, 32) == pytest.approx(0.002)
     assert interpolate_step_seconds(bs, ts, 16) == pytest.approx(0.001 * 2**0.5)
-    assert interpolate_step_seconds(bs, ts, 512) == pytest.approx(0.032)  # extends the last slope
+    # beyond the ladder: throughput stays at its last value; below it: no faster per step
+    assert interpolate_step_seconds(bs, ts, 512) == pytest.approx(0.032)
+    assert interpolate_step_seconds([8, 16], [0.002, 0.001], 64) == pytest.approx(0.004)
+    assert interpolate_step_seconds(bs, ts, 2) == pytest.approx(0.001)
     assert interpolate_step_seconds([10], [0.5], 20) == pytest.approx(1.0)
 
 

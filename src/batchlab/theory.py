@@ -179,7 +179,9 @@ def interpolate_step_seconds(
     """Seconds per step at `batch_size`, interpolated linearly in log-log space.
 
     Step time is close to a power law in B between measured points, so log-log is the
-    natural scale. Outside the measured range the end segment is extended.
+    natural scale. Outside the measured range we extrapolate conservatively: above the
+    largest point throughput stays at its last measured value (t grows in proportion to
+    B); below the smallest point a step takes no less time than the smallest measured.
     """
     import numpy as np
 
@@ -189,17 +191,11 @@ def interpolate_step_seconds(
     xs = np.log(np.asarray(batch_sizes, dtype=float)[order])
     ys = np.log(np.asarray(step_seconds, dtype=float)[order])
     x = math.log(batch_size)
-    if len(xs) == 1:
-        # one point: assume time proportional to batch
-        return float(math.exp(ys[0] + (x - xs[0])))
+    if x >= xs[-1]:
+        return float(math.exp(ys[-1] + (x - xs[-1])))
     if x <= xs[0]:
-        i = 0
-    elif x >= xs[-1]:
-        i = len(xs) - 2
-    else:
-        i = int(np.searchsorted(xs, x)) - 1
-    slope = (ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i])
-    return float(math.exp(ys[i] + slope * (x - xs[i])))
+        return float(math.exp(ys[0]))
+    return float(math.exp(np.interp(x, xs, ys)))
 
 
 def efficient_batch_size(b_noise: float, *, max_batch_size: int | None = None) -> int:

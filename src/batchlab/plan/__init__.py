@@ -1,5 +1,6 @@
 """`batchlab plan`: combine hardware and noise measurements into a batch size, LR and report."""
 
+from batchlab.plan.measure import PartialPlan, PlanInterrupted, plan
 from batchlab.plan.model import (
     Candidate,
     Measurements,
@@ -13,9 +14,12 @@ from batchlab.plan.model import (
 __all__ = [
     "Candidate",
     "Measurements",
+    "PartialPlan",
     "Plan",
+    "PlanInterrupted",
     "PlanWarning",
     "Recommendation",
     "build_plan",
     "default_lr_rule",
+    "plan",
 ]

@@ -1,0 +1,213 @@
+"""`batchlab plan`: what batch size, learning rate, warm-up and accumulation to train with."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from batchlab.cli.common import (
+    DEFAULT,
+    DeviceOpt,
+    JsonOpt,
+    OutOpt,
+    SeedOpt,
+    TaskArg,
+    console_for,
+    write_json,
+)
+from batchlab.measure.memory import format_bytes
+from batchlab.plan import PartialPlan, Plan, PlanInterrupted
+from batchlab.plan import plan as make_plan
+from batchlab.plan.measure import DEFAULT_NOISE_STEPS
+
+PHASES = {"memory": "memory probe", "throughput": "throughput ladder", "noise": "noise scale"}
+
+
+class PhaseProgress:
+    """One progress bar per measuring phase, on stderr."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]{task.description:<18}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.completed:.0f} steps"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self.bars: dict[str, int] = {}
+
+    def __call__(self, phase: str, done: float, total: float | None) -> None:
+        if phase not in self.bars:
+            self.bars[phase] = self.progress.add_task(PHASES.get(phase, phase), total=total)
+        self.progress.update(self.bars[phase], completed=done, total=total)
+
+    def __enter__(self) -> PhaseProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+
+def plan(
+    task: TaskArg = DEFAULT,
+    memory_budget: Annotated[
+        str | None,
+        typer.Option("--memory-budget", help="Memory to plan within, e.g. 6GiB (default: free)."),
+    ] = None,
+    target_memory: Annotated[
+        str | None,
+        typer.Option("--target-memory", help="Plan for a device you do not have, e.g. 24GiB."),
+    ] = None,
+    margin: Annotated[float, typer.Option("--margin", help="Fraction of memory kept free.")] = 0.1,
+    amp: Annotated[bool, typer.Option("--amp", help="Measure with mixed precision.")] = False,
+    noise_steps: Annotated[
+        int,
+        typer.Option("--noise-steps", help="Training steps over which B_simple is measured."),
+    ] = DEFAULT_NOISE_STEPS,
+    lr_rule: Annotated[
+        str | None,
+        typer.Option("--lr-rule", help="linear, sqrt or adascale (default: by optimizer type)."),
+    ] = None,
+    target: Annotated[
+        str | None, typer.Option("--target", help="Training target, e.g. 'val_acc>=0.9'.")
+    ] = None,
+    reference_run: Annotated[
+        Path | None,
+        typer.Option(
+            "--reference-run",
+            help="History JSON of a reference run (batchlab train --target ... --json); "
+            "adds absolute seconds to target.",
+        ),
+    ] = None,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    json_path: JsonOpt = None,
+    out: OutOpt = None,
+) -> int:
+    """Measure memory, throughput and the gradient noise scale; recommend what to train with."""
+    console = console_for(json_path)
+    command = "batchlab plan " + shlex.join(sys.argv[2:]) if len(sys.argv) > 1 else ""
+    try:
+        with PhaseProgress() as progress:
+            result = make_plan(
+                task,
+                device=device,
+                memory_budget=memory_budget,
+                target_memory=target_memory,
+                margin=margin,
+                amp=amp,
+                noise_steps=noise_steps,
+                lr_rule=lr_rule,
+                target=target,
+                reference_run=reference_run,
+                seed=seed,
+                command=command,
+                progress=progress,
+            )
+    except PlanInterrupted as exc:
+        partial = PartialPlan(exc.phase, exc.measured.get("probe"), exc.measured.get("noise"))
+        print_partial(console, partial)
+        write_json(partial.to_dict(), json_path, console)
+        return 130
+    print_plan(console, result)
+    write_json(result, json_path, console)
+    if out is not None:
+        from batchlab.report.plan_report import write_plan_report
+
+        path = write_plan_report(result, out)
+        console.print(f"report: [bold]{path}[/bold]")
+    return 0
+
+
+def print_partial(console: Console, partial: PartialPlan) -> None:
+    console.print(f"[yellow]Interrupted during {partial.phase}: this plan is PARTIAL.[/yellow]")
+    if partial.probe is not None:
+        p = partial.probe
+        console.print(
+            f"measured so far: max batch {p.max_batch_size}, throughput knee {p.knee_batch_size}"
+        )
+    else:
+        console.print("nothing was measured yet")
+
+
+def print_plan(console: Console, plan: Plan) -> None:
+    ref = plan.reference
+    b0 = int(ref["batch_size"])
+    console.print(
+        f"[bold]batchlab plan {plan.task}[/bold]  ({plan.device}, {plan.plan_seconds:.1f} s, "
+        f"{plan.plan_steps} training steps)"
+    )
+    for title, rec in (("Recommended (fastest)", plan.recommended), ("Efficient (B ~ B_noise)", plan.efficient)):
+        summary = Table(box=box.ROUNDED, show_header=False, title=title, title_justify="left")
+        summary.add_column(style="bold")
+        summary.add_column()
+        summary.add_column(style="dim")
+        summary.add_row("batch size", str(rec.batch_size), rec.reasons.get("batch_size", ""))
+        summary.add_row(
+            "learning rate", f"{rec.lr:.4g} ({rec.lr_rule})", rec.reasons.get("lr", "")
+        )
+        summary.add_row("warm-up", f"{rec.warmup_steps} steps", rec.reasons.get("warmup", ""))
+        summary.add_row(
+            "accumulation",
+            f"{rec.accumulation_steps} x {rec.micro_batch_size}",
+            rec.reasons.get("accumulation", ""),
+        )
+        summary.add_row(
+            "predicted",
+            f"{rec.predicted_speedup:.2f}x vs B={b0}",
+            f"steps x{rec.steps_factor:.2f}, {rec.step_s * 1e3:.2f} ms/step",
+        )
+        console.print(summary)
+    m = plan.measurements
+    budget = format_bytes(m.budget_bytes) if m.budget_bytes else "-"
+    console.print(
+        f"measured: max batch [bold]{plan.max_batch_size}[/bold] (budget {budget}, "
+        f"margin {m.margin:.0%}), throughput knee [bold]{plan.knee_batch_size}[/bold], "
+        f"B_simple [bold]{plan.b_simple:.0f}[/bold] ({plan.b_simple_source})"
+    )
+    if plan.predicted_seconds_to_target is not None:
+        console.print(
+            f"time to {plan.target}: reference {plan.reference_seconds_to_target:.1f} s -> "
+            f"predicted [bold]{plan.predicted_seconds_to_target:.1f} s[/bold]"
+        )
+    table = Table(box=box.SIMPLE_HEAD, title="Candidates", title_justify="left")
+    for col in ("batch", "micro x accum", "steps vs B0", "ms/step", "speedup", ""):
+        table.add_column(col, justify="right" if col else "left")
+    for c in plan.candidates:
+        marks = []
+        if c.batch_size == b0:
+            marks.append("reference")
+        if c.batch_size == plan.recommended.batch_size:
+            marks.append("[green]fastest[/green]")
+        if c.batch_size == plan.efficient.batch_size:
+            marks.append("[cyan]efficient[/cyan]")
+        if not c.measured:
+            marks.append("[dim]interpolated[/dim]")
+        style = "bold" if c.batch_size == plan.recommended.batch_size else None
+        table.add_row(
+            str(c.batch_size),
+            f"{c.micro_batch_size} x {c.accumulation_steps}",
+            f"{c.steps_factor:.2f}",
+            f"{c.step_s * 1e3:.2f}",
+            f"{c.predicted_speedup:.2f}x",
+            " ".join(marks),
+            style=style,
+        )
+    console.print(table)
+    alts = ", ".join(f"{k} {v:.4g}" for k, v in plan.lr_alternatives.items())
+    console.print(f"LR at B={plan.recommended.batch_size} under each rule: {alts}")
+    for w in plan.warnings:
+        console.print(f"[yellow]warning[/yellow] ({w.code}): {w.message}")
+    if plan.partial:
+        console.print("[yellow]This plan is PARTIAL.[/yellow]")

@@ -1,0 +1,221 @@
+"""`batchlab.plan(task)`: measure what fits, what runs fast and what learns, then decide.
+
+The three measurements run one after another, each through the training engine:
+1. `probe` — the memory max and the throughput ladder with its knee;
+2. `measure_noise` — B_simple over a short real training phase at the reference settings
+   (B_simple grows as training progresses, so a value at initialisation alone would be
+   biased low);
+3. `build_plan` — pure decision logic over what was measured.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from batchlab.errors import BatchlabError, ConfigError
+from batchlab.history import History
+from batchlab.measure.noise_tracker import NoiseRun, measure_noise
+from batchlab.measure.probe import ProbeResult, has_batchnorm, probe
+from batchlab.plan.model import (
+    Measurements,
+    MemoryPoint,
+    NoisePoint,
+    Plan,
+    ThroughputPoint,
+    build_plan,
+)
+from batchlab.target import parse_target
+from batchlab.task import Task, check_batch_size, load_task
+from batchlab.train import TrainCallback, evaluate
+
+DEFAULT_NOISE_STEPS = 200
+ProgressFn = Callable[[str, float, float | None], None]
+
+
+class PlanInterrupted(BatchlabError):
+    """Ctrl-C during planning; carries what was measured so far."""
+
+    def __init__(self, phase: str, measured: dict[str, Any]) -> None:
+        super().__init__(f"interrupted during {phase}; the plan is partial")
+        self.phase = phase
+        self.measured = measured
+
+
+def check_target_for_task(target: str | None, task: Task, device: str = "cpu") -> str | None:
+    """Parse `target` and check the task reports its metric (names the available ones)."""
+    tgt = parse_target(target)
+    if tgt is None:
+        return None
+    if task.val_data is None:
+        raise ConfigError(f"target {tgt} needs validation data, and task {task.name!r} has none")
+    from batchlab.data import Batcher
+
+    small = torch.utils.data.Subset(task.val_data, range(min(8, len(task.val_data))))
+    with torch.random.fork_rng():
+        model = task.model()
+    _, metrics = evaluate(
+        model, Batcher(small, torch.device("cpu"), task.collate_fn), task, device=torch.device("cpu")
+    )
+    tgt.check_available(list(metrics))
+    return str(tgt)
+
+
+def _aligned_multiple(result: ProbeResult) -> int | None:
+    for finding in result.alignment:
+        if finding.confirmed and finding.rule == "multiple_of_8":
+            return 8
+    return None
+
+
+def measurements_from(task: Task, result: ProbeResult, noise: NoiseRun) -> Measurements:
+    """Collect what the plan needs from the probe and noise results."""
+    with torch.random.fork_rng():
+        model = task.model()
+        optimizer = task.optimizer(model.parameters(), task.lr)
+    memory = result.memory
+    return Measurements(
+        task=task.name,
+        device=result.device,
+        num_train=task.num_train,
+        reference_batch_size=task.batch_size,
+        reference_lr=task.lr,
+        optimizer=type(optimizer).__name__,
+        has_batchnorm=has_batchnorm(model),
+        reference_epochs=task.epochs,
+        max_batch_size=result.max_batch_size,
+        memory_predicted_only=result.predicted_only,
+        fixed_bytes=memory.fixed_bytes,
+        bytes_per_sample=memory.bytes_per_sample,
+        budget_bytes=memory.budget_bytes,
+        margin=memory.margin,
+        memory_points=tuple(
+            MemoryPoint(p.batch_size, p.peak_bytes)
+            for p in memory.points
+            if p.peak_bytes is not None
+        ),
+        throughput=tuple(
+            ThroughputPoint(p.batch_size, p.samples_per_s, p.step_s, p.spread)
+            for p in result.throughput
+        ),
+        knee_batch_size=result.knee_batch_size,
+        aligned_multiple=_aligned_multiple(result),
+        noise=tuple(
+            NoisePoint(p.step, p.examples, p.train_loss, p.b_simple, p.b_simple_ci)
+            for p in noise.points
+        ),
+        noise_reliable=noise.final.reliable,
+        noise_reason=noise.final.reason,
+        probe_steps=result.probe_steps + result.throughput_steps,
+        noise_steps=noise.steps,
+    )
+
+
+class _NoiseProgress(TrainCallback):
+    def __init__(self, progress: ProgressFn) -> None:
+        self.progress = progress
+
+    def on_step(self, state) -> None:
+        self.progress("noise", state.step, state.total_steps)
+
+
+def plan(
+    task: Task | str,
+    *,
+    device: str = "auto",
+    memory_budget: str | int | float | None = None,
+    target_memory: str | int | float | None = None,
+    margin: float = 0.1,
+    amp: bool = False,
+    noise_steps: int = DEFAULT_NOISE_STEPS,
+    lr_rule: str | None = None,
+    target: str | None = None,
+    reference_run: History | str | Path | None = None,
+    seed: int = 0,
+    command: str = "",
+    progress: ProgressFn | None = None,
+) -> Plan:
+    """Measure, then recommend a batch size, learning rate, warm-up and accumulation.
+
+    Args:
+        memory_budget / target_memory / margin / amp: as in `batchlab.probe`.
+        noise_steps: optimizer steps of the B_simple measurement phase, at the task's
+            reference batch and lr.
+        lr_rule: force `linear`, `sqrt` or `adascale` (default: by optimizer type).
+        target: e.g. `val_acc>=0.9`; checked against the task's metrics.
+        reference_run: a `History` (or its JSON path) of a reference-batch run with the
+            same target; the plan then also predicts absolute seconds to target.
+
+    Raises `PlanInterrupted` on Ctrl-C, carrying whatever was measured by then.
+    """
+    t0 = time.perf_counter()
+    task = load_task(task)
+    check_batch_size(noise_steps, what="noise steps")
+    target = check_target_for_task(target, task)
+    reference_seconds = None
+    if reference_run is not None:
+        history = (
+            reference_run if isinstance(reference_run, History) else History.load(reference_run)
+        )
+        reference_seconds = history.seconds_to_target
+        if reference_seconds is None:
+            raise ConfigError(
+                f"the reference run never reached its target ({history.target}); pass a run "
+                "that did, e.g. `batchlab train TASK --target ... --json ref.json`"
+            )
+    measured: dict[str, Any] = {}
+    phase = "the hardware probe"
+    try:
+        measured["probe"] = probe(
+            task,
+            device=device,
+            memory_budget=memory_budget,
+            target_memory=target_memory,
+            margin=margin,
+            amp=amp,
+            seed=seed,
+            progress=progress,
+        )
+        phase = "the noise measurement"
+        callbacks = [_NoiseProgress(progress)] if progress is not None else []
+        measured["noise"] = measure_noise(
+            task,
+            steps=noise_steps,
+            every=max(1, noise_steps // 20),
+            seed=seed,
+            device=device,
+            callbacks=callbacks,
+        )
+    except KeyboardInterrupt:
+        raise PlanInterrupted(phase, measured) from None
+    m = measurements_from(task, measured["probe"], measured["noise"])
+    return build_plan(
+        m,
+        lr_rule=lr_rule,
+        reference_seconds_to_target=reference_seconds,
+        target=target,
+        plan_seconds=time.perf_counter() - t0,
+        command=command,
+    )
+
+
+@dataclass(frozen=True)
+class PartialPlan:
+    """What an interrupted plan had measured (for the CLI to print and save)."""
+
+    phase: str
+    probe: ProbeResult | None
+    noise: NoiseRun | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "partial": True,
+            "interrupted_during": self.phase,
+            "probe": None if self.probe is None else self.probe.to_dict(),
+            "noise": None if self.noise is None else self.noise.to_dict(),
+        }
