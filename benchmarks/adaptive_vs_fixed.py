@@ -11,6 +11,11 @@ For each task, in one run (so the ratios share the machine's load):
 Time is training time to the first evaluation at the target (evaluation excluded);
 evaluations are spaced by the same number of examples in every run.
 
+Wall-clock times of runs made one after the other on a shared machine drift with its load,
+so the script also reports a *replayed* time: every step configuration any run used is timed
+in one interleaved pass (A B C A B C ..., median of rounds), and each run's steps up to its
+target are summed from those medians, including the adaptive run's split steps.
+
     .venv/bin/python benchmarks/adaptive_vs_fixed.py [--tasks mnist1d-cnn charlm] [--seeds 2]
 """
 
@@ -26,6 +31,8 @@ import torch
 
 import batchlab
 from batchlab.adaptive import train_adaptive
+from batchlab.data import Batcher
+from batchlab.step import TrainStep
 
 RESULTS = Path(__file__).parent / "results" / "adaptive_vs_fixed.md"
 SETTINGS = {
@@ -74,6 +81,7 @@ def bench_task(name: str, seeds: list[int], multipliers: list[int]) -> dict:
             eval_every=max(1, eval_examples // b0),
         )
         rows.setdefault("adaptive", []).append(h)
+    step_times = replay_step_times(task, rows)
     summary = {}
     for label, runs in rows.items():
         summary[label] = {
@@ -83,8 +91,56 @@ def bench_task(name: str, seeds: list[int], multipliers: list[int]) -> dict:
             "reached": sum(h.reached_target for h in runs),
             "runs": len(runs),
             "path": _path(runs[0]) if label == "adaptive" else "",
+            "replayed": median_or_none([replayed_seconds(h, step_times) for h in runs]),
         }
     return {"task": name, "target": target, "b0": b0, "rows": summary}
+
+
+def step_configs(h) -> list[tuple[int, int]]:
+    """(micro-batch size, number of micro-batches) of each step of a run, up to its target."""
+    end = h.steps_to_target or h.total_steps
+    if "adaptive" not in h.extras:
+        sizes = [h.effective_batch_size] * end
+        return [(b, 1) for b in sizes]
+    log = h.extras["adaptive"]
+    by_step = {d["step"]: d for d in log["decisions"]}
+    current = log["decisions"][0]
+    out = []
+    for step, size in zip(h.steps[:end], log["batch_sizes"][:end], strict=True):
+        current = by_step.get(step - 1, current)
+        micro, accum = current["micro_batch_size"], current["accumulation_steps"]
+        if accum == 1 and step % 4 == 0 and size >= 4:  # the engine's split step (noise)
+            out.append(((size + 1) // 2, 2))
+        else:
+            out.append((min(micro, size), -(-size // micro)))
+    return out
+
+
+def replay_step_times(task, rows, rounds: int = 7, reps: int = 3) -> dict:
+    """Median seconds of one optimizer step per configuration, all timed interleaved."""
+    configs = sorted({c for runs in rows.values() for h in runs for c in step_configs(h)})
+    model = task.model()
+    optimizer = task.optimizer(model.parameters(), task.lr)
+    batcher = Batcher(task.train_data, torch.device("cpu"), task.collate_fn)
+    step = TrainStep(model, optimizer, task.loss, batcher, micro_batch_size=1, device="cpu")
+    g = torch.Generator().manual_seed(0)
+    times: dict = {c: [] for c in configs}
+    for r in range(rounds + 1):  # round 0 is warm-up
+        for micro, count in configs:
+            step.micro_batch_size = micro
+            idx = torch.randperm(task.num_train, generator=g)[: micro * count]
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                step(idx)
+            if r:
+                times[(micro, count)].append((time.perf_counter() - t0) / reps)
+    return {c: statistics.median(v) for c, v in times.items()}
+
+
+def replayed_seconds(h, step_times: dict) -> float | None:
+    if not h.reached_target:
+        return None
+    return sum(step_times[c] for c in step_configs(h))
 
 
 def _path(h) -> str:
@@ -115,17 +171,20 @@ def render(results: list[dict], seeds: list[int], seconds: float) -> str:
         lines += [
             f"## {r['task']} (target {r['target']}, reference batch {r['b0']})",
             "",
-            "| run | time to target (s) | steps | examples | reached |",
-            "| --- | ---: | ---: | ---: | ---: |",
+            "| run | time to target (s) | replayed (s) | steps | examples | reached |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
         ]
         for label, v in rows.items():
             mark = " (best fixed)" if label == best_label else ""
             secs = "-" if v["seconds"] is None else f"{v['seconds']:.2f}"
+            rep = "-" if v["replayed"] is None else f"{v['replayed']:.2f}"
             lines.append(
-                f"| {label}{mark} | {secs} | {v['steps'] or '-'} | {v['examples'] or '-'} | "
-                f"{v['reached']}/{v['runs']} |"
+                f"| {label}{mark} | {secs} | {rep} | {v['steps'] or '-'} | "
+                f"{v['examples'] or '-'} | {v['reached']}/{v['runs']} |"
             )
-        best = rows[best_label] if best_label else {"seconds": None, "steps": None}
+        best = (
+            rows[best_label] if best_label else {"seconds": None, "steps": None, "replayed": None}
+        )
         lines += [
             "",
             f"- adaptive batch path (seed {seeds[0]}): {ada['path']}",
@@ -133,6 +192,8 @@ def render(results: list[dict], seeds: list[int], seconds: float) -> str:
             "(goal <= 1.0x)",
             f"- reference time / adaptive time: **{ratio(ref['seconds'], ada['seconds'])}** "
             "(goal >= 1.5x)",
+            f"- replayed: adaptive / best fixed {ratio(ada['replayed'], best['replayed'])}, "
+            f"reference / adaptive {ratio(ref['replayed'], ada['replayed'])}",
             f"- steps: adaptive / reference {ratio(ada['steps'], ref['steps'])}, "
             f"adaptive / best fixed {ratio(ada['steps'], best['steps'])}",
             "",
