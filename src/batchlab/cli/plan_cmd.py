@@ -148,15 +148,16 @@ def print_plan(console: Console, plan: Plan) -> None:
         f"[bold]batchlab plan {plan.task}[/bold]  ({plan.device}, {plan.plan_seconds:.1f} s, "
         f"{plan.plan_steps} training steps)"
     )
-    for title, rec in (("Recommended (fastest)", plan.recommended), ("Efficient (B ~ B_noise)", plan.efficient)):
+    for title, rec in (
+        ("Recommended (fastest)", plan.recommended),
+        ("Efficient (B ~ B_noise)", plan.efficient),
+    ):
         summary = Table(box=box.ROUNDED, show_header=False, title=title, title_justify="left")
         summary.add_column(style="bold")
         summary.add_column()
         summary.add_column(style="dim")
         summary.add_row("batch size", str(rec.batch_size), rec.reasons.get("batch_size", ""))
-        summary.add_row(
-            "learning rate", f"{rec.lr:.4g} ({rec.lr_rule})", rec.reasons.get("lr", "")
-        )
+        summary.add_row("learning rate", f"{rec.lr:.4g} ({rec.lr_rule})", rec.reasons.get("lr", ""))
         summary.add_row("warm-up", f"{rec.warmup_steps} steps", rec.reasons.get("warmup", ""))
         summary.add_row(
             "accumulation",

@@ -60,7 +60,10 @@ def check_target_for_task(target: str | None, task: Task, device: str = "cpu") -
     with torch.random.fork_rng():
         model = task.model()
     _, metrics = evaluate(
-        model, Batcher(small, torch.device("cpu"), task.collate_fn), task, device=torch.device("cpu")
+        model,
+        Batcher(small, torch.device("cpu"), task.collate_fn),
+        task,
+        device=torch.device("cpu"),
     )
     tgt.check_available(list(metrics))
     return str(tgt)
@@ -201,6 +204,8 @@ def plan(
         target=target,
         plan_seconds=time.perf_counter() - t0,
         command=command,
+        probe=measured["probe"],
+        noise=measured["noise"],
     )
 
 

@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass, field
 
 from batchlab.errors import ConfigError
+from batchlab.measure.noise_tracker import NoiseRun
+from batchlab.measure.probe import ProbeResult
 from batchlab.results import JsonResult
 from batchlab.theory import (
     efficient_batch_size,
@@ -147,6 +149,10 @@ class Plan(JsonResult):
     target: str | None = None
     command: str = ""
     partial: bool = False
+    # The full measurements behind the plan, so `batchlab report plan.json` can redraw
+    # every figure without measuring again. None for plans built from synthetic inputs.
+    probe: ProbeResult | None = None
+    noise: NoiseRun | None = None
 
 
 def b_simple_used(points: tuple[NoisePoint, ...]) -> tuple[float, str]:
@@ -254,6 +260,8 @@ def build_plan(
     plan_seconds: float = 0.0,
     command: str = "",
     partial: bool = False,
+    probe: ProbeResult | None = None,
+    noise: NoiseRun | None = None,
 ) -> Plan:
     """Turn measurements into the fastest and the efficient recommendation, with reasons."""
     if b_simple is None:
@@ -344,6 +352,8 @@ def build_plan(
         target=target,
         command=command,
         partial=partial,
+        probe=probe,
+        noise=noise,
     )
 
 

@@ -1,0 +1,116 @@
+"""The plan as one self-contained HTML page (`batchlab plan --out DIR`, `batchlab report`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from batchlab.measure.memory import format_bytes
+from batchlab.plan.model import Plan, Recommendation
+from batchlab.report.html import Card, HtmlPage, esc
+from batchlab.report.plan_plots import plot_b_simple, plot_time_to_target
+
+REPORT_FILE = "report.html"
+
+
+def _rec_cards(title: str, rec: Recommendation, b0: float, accent: bool) -> list[Card]:
+    return [
+        Card(f"{title}: batch size", str(rec.batch_size),
+             f"{rec.accumulation_steps} x {rec.micro_batch_size} micro-batch", accent=accent),
+        Card(f"{title}: learning rate", f"{rec.lr:.3g}",
+             f"{rec.lr_rule} rule, warm-up {rec.warmup_steps} steps", accent=accent),
+        Card(f"{title}: predicted", f"{rec.predicted_speedup:.2f}x",
+             f"time to target vs B0={b0:g}", accent=accent),
+    ]  # fmt: skip
+
+
+def plan_page(plan: Plan) -> HtmlPage:
+    b0 = plan.reference["batch_size"]
+    m = plan.measurements
+    subtitle = (
+        f"{plan.device} · measured in {plan.plan_seconds:.1f} s and {plan.plan_steps} training "
+        f"steps · reference B0={b0:g}, lr={plan.reference['lr']:g} ({m.optimizer})"
+    )
+    if plan.partial:
+        subtitle += " · PARTIAL"
+    page = HtmlPage(f"batchlab plan: {plan.task}", subtitle=subtitle)
+    page.cards(
+        _rec_cards("fastest", plan.recommended, b0, True)
+        + _rec_cards("efficient", plan.efficient, b0, False)
+        + [
+            Card(
+                "memory max",
+                str(plan.max_batch_size),
+                f"budget {format_bytes(m.budget_bytes)}, margin {m.margin:.0%}",
+            ),
+            Card("throughput knee", str(plan.knee_batch_size), ">= 90% of peak samples/s"),
+            Card("B_simple", f"{plan.b_simple:.0f}", plan.b_simple_source),
+        ]  # fmt: skip
+    )
+    page.section("Why")
+    for name, rec in (("Fastest", plan.recommended), ("Efficient", plan.efficient)):
+        items = "".join(
+            f"<li><b>{esc(key.replace('_', ' '))}</b>: {esc(rec.reasons.get(key, ''))}</li>"
+            for key in ("batch_size", "lr", "warmup", "accumulation")
+        )
+        page.html(f"<p><b>{name}</b> (B={rec.batch_size})</p><ul>{items}</ul>")
+    page.section("Warnings")
+    page.warnings([f"{w.message} ({w.code})" for w in plan.warnings])
+
+    page.section(
+        "What learns fastest, and what that costs",
+        "S(B) = S_min (1 + B_noise/B) (McCandlish et al. 2018) times the measured step time.",
+    )
+    page.figures(
+        [
+            (plot_time_to_target(plan).figure, "Predicted time to target, relative to B0"),
+            (plot_b_simple(plan).figure, "B_simple over the measured training phase"),
+        ]
+    )
+    if plan.probe is not None:
+        from batchlab.report.probe_plots import plot_memory, plot_throughput
+
+        page.section("What fits and what runs fastest")
+        page.figures(
+            [
+                (plot_memory(plan.probe.memory).figure, "Peak memory of one training step"),
+                (
+                    plot_throughput(plan.probe.throughput_profile()).figure,
+                    "Throughput (median and spread over timed windows)",
+                ),
+            ]
+        )
+    page.section("Candidates")
+    header = ["batch", "micro x accum", "steps vs B0", "ms / step", "predicted speedup", ""]
+    rows, highlight = [], []
+    for i, c in enumerate(plan.candidates):
+        marks = []
+        if c.batch_size == b0:
+            marks.append("reference")
+        if c.batch_size == plan.recommended.batch_size:
+            marks.append("fastest")
+            highlight.append(i)
+        if c.batch_size == plan.efficient.batch_size:
+            marks.append("efficient")
+        if not c.measured:
+            marks.append("interpolated")
+        rows.append(
+            [
+                c.batch_size,
+                f"{c.micro_batch_size} x {c.accumulation_steps}",
+                f"{c.steps_factor:.2f}",
+                f"{c.step_s * 1e3:.2f}",
+                f"{c.predicted_speedup:.2f}x",
+                ", ".join(marks),
+            ]
+        )
+    page.table(header, rows, highlight=highlight)
+    alts = ", ".join(f"{k}: {v:.4g}" for k, v in plan.lr_alternatives.items())
+    page.paragraph(f"Learning rate at B={plan.recommended.batch_size} under each rule: {alts}.")
+    if plan.command:
+        page.reproduce(plan.command)
+    return page
+
+
+def write_plan_report(plan: Plan, out_dir: str | Path) -> Path:
+    """Write `out_dir/report.html`; return its path."""
+    return plan_page(plan).write(Path(out_dir) / REPORT_FILE)
