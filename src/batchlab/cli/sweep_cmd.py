@@ -125,6 +125,9 @@ def sweep(
     ] = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
+    report: Annotated[
+        bool, typer.Option("--report/--no-report", help="Write DIR/report.html at the end.")
+    ] = True,
     json_path: JsonOpt = None,
 ) -> None:
     """Train TASK at many batch sizes and measure what batch size really does.
@@ -179,18 +182,21 @@ def sweep(
             spec, out, jobs=n_jobs, backend=backend, on_start=on_start, on_record=on_record
         )
     finally:
-        progress.stop()
+        if bar is not None:
+            progress.stop()
     store = SweepStore(out)
     contents = store.read()
     analysis = analyze_sweep(spec, contents.records, store_warnings=contents.warnings)
-    sweep_page(spec, contents.records, analysis, out).write(Path(out) / REPORT_FILE)
+    if report:
+        sweep_page(spec, contents.records, analysis, out).write(Path(out) / REPORT_FILE)
 
     console.print(
         f"[bold]batchlab sweep {spec.task}[/bold]: {result.runs_done} runs in {result.wall_seconds:.0f}s "
         f"({result.runs_skipped} already done; jobs {n_jobs}, backend {backend})"
     )
     print_summary(console, analysis)
-    console.print(f"report: {Path(out) / REPORT_FILE}")
+    if report:
+        console.print(f"report: {Path(out) / REPORT_FILE}", soft_wrap=True)
     write_json({"sweep": result.to_dict(), "analysis": analysis.to_dict()}, json_path, console)
 
 

@@ -33,6 +33,11 @@ def new_axes(figsize: tuple[float, float] = FIGSIZE) -> Any:
 def _style(
     ax: Any, title: str, xlabel: str, ylabel: str, *, logx: bool = True, logy: bool = False
 ) -> None:
+    lim = ax.dataLim
+    has_data = bool(math.isfinite(lim.y0) and math.isfinite(lim.y1) and lim.y1 > 0)
+    if not has_data:  # nothing reached the target, every run diverged...: say so
+        ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", color="#999")
+        logx = logy = False
     if logx:
         ax.set_xscale("log", base=2)
     if logy:

@@ -584,8 +584,9 @@ def _plan_comparison(
     def ratio(a: float | None, b: float | None) -> float | None:
         return a / b if a is not None and b else None
 
-    def predicted_steps(b: int) -> float | None:
-        return ratio(factors.get(ref_b), factors.get(b))
+    def predicted_steps(b: int, own: float | None = None) -> float | None:
+        # The plan's steps factors are S(B) / S(B0), so S(B0)'s is 1 unless listed.
+        return ratio(factors.get(ref_b, 1.0), factors.get(b, own))
 
     rows = []
     by_role = {p.role: p for p in spec.plan.points}
@@ -600,7 +601,7 @@ def _plan_comparison(
                 lr=point.lr,
                 predicted_speedup=point.predicted_speedup,
                 measured_speedup=ratio(ref_seconds, _median(r.seconds_to_target for r in reached)),
-                predicted_steps_ratio=predicted_steps(point.batch_size),
+                predicted_steps_ratio=predicted_steps(point.batch_size, point.steps_factor),
                 measured_steps_ratio=ratio(ref_steps, _median(r.steps_to_target for r in reached)),
                 reached=len(reached),
                 repeats=len(runs),

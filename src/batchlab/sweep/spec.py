@@ -19,7 +19,7 @@ import torch
 
 from batchlab.errors import ConfigError
 from batchlab.results import JsonResult
-from batchlab.target import parse_target
+from batchlab.target import Target, parse_target
 from batchlab.task import Task, check_batch_size, check_lr, load_task
 from batchlab.theory import scale_lr, warmup_steps_for
 
@@ -74,6 +74,7 @@ class PlanPoint(JsonResult):
     lr_rule: str
     warmup_steps: int
     predicted_speedup: float | None
+    steps_factor: float | None = None  # the plan's S(B) / S(B0)
 
 
 @dataclass(frozen=True)
@@ -267,6 +268,7 @@ def load_plan(path: str | Path) -> PlanInfo:
                 str(entry.get("lr_rule") or "plan"),
                 int(entry.get("warmup_steps") or 0),
                 None if speedup is None else float(speedup),
+                entry.get("steps_factor"),
             )
         )
     candidates = tuple(
@@ -390,8 +392,8 @@ def make_sweep_spec(
     if not isinstance(min_steps, int) or min_steps < 0:
         raise ConfigError(f"min steps: expected an integer >= 0, got {min_steps!r}")
     tgt = parse_target(target)
-    if tgt is not None and t.val_data is None:
-        raise ConfigError(f"target {tgt} needs validation data, and task {t.name!r} has none")
+    if tgt is not None:
+        _check_target(t, tgt)
     check_batch_size(sharpness_examples, what="sharpness examples")
 
     plan_info = plan if isinstance(plan, PlanInfo) or plan is None else load_plan(plan)
@@ -499,6 +501,21 @@ def make_sweep_spec(
         plan=plan_info,
         runs=tuple(builder.runs),
     )
+
+
+def _check_target(task: Task, target: Target) -> None:
+    """Refuse a target the task cannot report before any run starts (not in every run)."""
+    if task.val_data is None:
+        raise ConfigError(f"target {target} needs validation data, and task {task.name!r} has none")
+    names: list[str] = []
+    if task.metrics is not None:
+        from batchlab.data import Batcher
+
+        batcher = Batcher(task.val_data, torch.device("cpu"), task.collate_fn)
+        _, batch = next(batcher.sequential(2))
+        with torch.no_grad(), torch.random.fork_rng():
+            names = list(task.metrics(task.model(), batch))
+    target.check_available(names)
 
 
 def _dedupe_plan_points(points: tuple[PlanPoint, ...]) -> list[PlanPoint]:
