@@ -84,7 +84,8 @@ class ProgressBar(TrainCallback):
         self.bar = None
 
     def on_start(self, state: RunState) -> None:
-        self.progress.start()
+        if self.progress.console.is_terminal:  # a live bar cannot redraw in a pipe or log
+            self.progress.start()
         self.bar = self.progress.add_task(
             self.description, total=state.total_steps, loss="-", val=""
         )
@@ -100,4 +101,5 @@ class ProgressBar(TrainCallback):
             self.progress.update(self.bar, val="  ".join(parts))
 
     def on_end(self, state: RunState) -> None:
-        self.progress.stop()
+        if self.progress.live.is_started:
+            self.progress.stop()

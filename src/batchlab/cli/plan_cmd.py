@@ -26,7 +26,7 @@ from batchlab.cli.common import (
 from batchlab.measure.memory import format_bytes
 from batchlab.plan import PartialPlan, Plan, PlanInterrupted
 from batchlab.plan import plan as make_plan
-from batchlab.plan.measure import DEFAULT_NOISE_STEPS
+from batchlab.plan.measure import DEFAULT_NOISE_STEPS, DEFAULT_THROUGHPUT_SECONDS
 
 PHASES = {"memory": "memory probe", "throughput": "throughput ladder", "noise": "noise scale"}
 
@@ -52,11 +52,13 @@ class PhaseProgress:
         self.progress.update(self.bars[phase], completed=done, total=total)
 
     def __enter__(self) -> PhaseProgress:
-        self.progress.start()
+        if self.progress.console.is_terminal:  # a live bar cannot redraw in a pipe or log
+            self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
+        if self.progress.live.is_started:
+            self.progress.stop()
 
 
 def plan(
@@ -75,6 +77,10 @@ def plan(
         int,
         typer.Option("--noise-steps", help="Training steps over which B_simple is measured."),
     ] = DEFAULT_NOISE_STEPS,
+    throughput_seconds: Annotated[
+        float,
+        typer.Option("--throughput-seconds", help="Rough time budget of the throughput ladder."),
+    ] = DEFAULT_THROUGHPUT_SECONDS,
     lr_rule: Annotated[
         str | None,
         typer.Option("--lr-rule", help="linear, sqrt or adascale (default: by optimizer type)."),
@@ -108,6 +114,7 @@ def plan(
                 margin=margin,
                 amp=amp,
                 noise_steps=noise_steps,
+                throughput_seconds=throughput_seconds,
                 lr_rule=lr_rule,
                 target=target,
                 reference_run=reference_run,

@@ -20,6 +20,7 @@ import torch
 
 from batchlab.errors import BatchlabError, ConfigError
 from batchlab.history import History
+from batchlab.measure.memory import parse_size
 from batchlab.measure.noise_tracker import NoiseRun, measure_noise
 from batchlab.measure.probe import ProbeResult, has_batchnorm, probe
 from batchlab.plan.model import (
@@ -35,6 +36,7 @@ from batchlab.task import Task, check_batch_size, load_task
 from batchlab.train import TrainCallback, evaluate
 
 DEFAULT_NOISE_STEPS = 200
+DEFAULT_THROUGHPUT_SECONDS = 10.0
 ProgressFn = Callable[[str, float, float | None], None]
 
 
@@ -136,6 +138,7 @@ def plan(
     margin: float = 0.1,
     amp: bool = False,
     noise_steps: int = DEFAULT_NOISE_STEPS,
+    throughput_seconds: float = DEFAULT_THROUGHPUT_SECONDS,
     lr_rule: str | None = None,
     target: str | None = None,
     reference_run: History | str | Path | None = None,
@@ -149,6 +152,7 @@ def plan(
         memory_budget / target_memory / margin / amp: as in `batchlab.probe`.
         noise_steps: optimizer steps of the B_simple measurement phase, at the task's
             reference batch and lr.
+        throughput_seconds: rough time budget of the throughput ladder.
         lr_rule: force `linear`, `sqrt` or `adascale` (default: by optimizer type).
         target: e.g. `val_acc>=0.9`; checked against the task's metrics.
         reference_run: a `History` (or its JSON path) of a reference-batch run with the
@@ -159,6 +163,12 @@ def plan(
     t0 = time.perf_counter()
     task = load_task(task)
     check_batch_size(noise_steps, what="noise steps")
+    if lr_rule is not None and lr_rule not in ("linear", "sqrt", "adascale"):
+        raise ConfigError(f"lr rule: expected linear, sqrt or adascale, got {lr_rule!r}")
+    if memory_budget is not None:
+        parse_size(memory_budget, what="memory budget")
+    if target_memory is not None:
+        parse_size(target_memory, what="target memory")
     target = check_target_for_task(target, task)
     reference_seconds = None
     if reference_run is not None:
@@ -182,6 +192,7 @@ def plan(
             margin=margin,
             amp=amp,
             seed=seed,
+            throughput_seconds=throughput_seconds,
             progress=progress,
         )
         phase = "the noise measurement"
