@@ -4,6 +4,8 @@ from batchlab.adaptive import AdaptiveBatchSize, ResizableBatchSampler, train_ad
 from batchlab.errors import BatchlabError
 from batchlab.history import Evaluation, History
 from batchlab.measure.memory import MemoryProbe, parse_size, probe_memory
+from batchlab.measure.noise import NoiseScale, gradient_noise_scale
+from batchlab.measure.noise_tracker import GradientNoiseScaleTracker, NoiseRun, measure_noise
 from batchlab.measure.probe import ProbeResult, probe
 from batchlab.measure.throughput import ThroughputProfile, profile_throughput
 from batchlab.task import Task, load_task
@@ -15,8 +17,11 @@ __all__ = [
     "BatchArithmetic",
     "BatchlabError",
     "Evaluation",
+    "GradientNoiseScaleTracker",
     "History",
     "MemoryProbe",
+    "NoiseRun",
+    "NoiseScale",
     "ProbeResult",
     "ResizableBatchSampler",
     "Task",
@@ -25,7 +30,9 @@ __all__ = [
     "adascale_gain",
     "calc",
     "evaluate",
+    "gradient_noise_scale",
     "load_task",
+    "measure_noise",
     "parse_size",
     "probe",
     "probe_memory",

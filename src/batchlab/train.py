@@ -130,6 +130,7 @@ def train(
     target: str | Target | None = None,
     b_simple: float | None = None,
     callbacks: Sequence[TrainCallback] = (),
+    track_noise: bool = False,
 ) -> History:
     """Train `task` at micro-batch `batch_size` and return its `History`.
 
@@ -152,10 +153,23 @@ def train(
             least ~20 times a run).
         target: e.g. `val_acc>=0.9`; the run stops at the first evaluation reaching it.
         callbacks: `TrainCallback`s, e.g. a progress bar or a noise tracker.
+        track_noise: record B_simple (McCandlish et al. 2018) from the accumulation
+            micro-batches into `History.extras["noise"]` (a GradientNoiseScaleTracker; needs
+            accumulation_steps >= 2).
     """
     task = load_task(task)
     check_batch_size(batch_size)
     check_batch_size(accumulation_steps, what="accumulation steps")
+    if track_noise:
+        if accumulation_steps < 2:
+            raise ConfigError(
+                "track_noise: expected accumulation_steps >= 2 (the tracker contrasts "
+                f"micro-batch gradients with the step's), got {accumulation_steps!r}"
+            )
+        from batchlab.measure.noise_tracker import GradientNoiseScaleTracker
+
+        tracker = GradientNoiseScaleTracker(num_examples=task.num_train, on_nonfinite="skip")
+        callbacks = [*callbacks, tracker]
     if not isinstance(warmup_steps, int) or warmup_steps < 0:
         raise ConfigError(f"warmup steps: expected an integer >= 0, got {warmup_steps!r}")
     effective = batch_size * accumulation_steps

@@ -1,16 +1,25 @@
 """Measurements on the user's hardware and model: memory, throughput, noise."""
 
 from batchlab.measure.memory import MemoryProbe, is_oom_error, parse_size, probe_memory
+from batchlab.measure.noise import NoiseScale, gradient_noise_scale
+from batchlab.measure.noise_tracker import GradientNoiseScaleTracker, NoiseRun, measure_noise
+from batchlab.measure.per_example import per_example_grad_norms
 from batchlab.measure.probe import ProbeResult, probe
 from batchlab.measure.state import preserve_training_state
 from batchlab.measure.throughput import ThroughputProfile, profile_throughput
 
 __all__ = [
+    "GradientNoiseScaleTracker",
     "MemoryProbe",
+    "NoiseRun",
+    "NoiseScale",
     "ProbeResult",
     "ThroughputProfile",
+    "gradient_noise_scale",
     "is_oom_error",
+    "measure_noise",
     "parse_size",
+    "per_example_grad_norms",
     "preserve_training_state",
     "probe",
     "probe_memory",

@@ -1,0 +1,816 @@
+"""B_simple during training, nearly for free: the two-batch estimator on accumulation
+micro-batches (or DDP replicas), smoothed over steps.
+
+Each optimizer step that accumulates k >= 2 micro-batches gives one unbiased sample of
+tr(Σ) and |G|^2 (McCandlish et al. 2018, appendix A.1): the micro-batch gradients are the
+small batches, their weighted mean (the step's gradient) the big batch. The micro-batch
+gradient is not in `.grad` (which accumulates), so the tracker keeps one copy of the
+previous `.grad` and takes the norm of the difference: three fused passes over the
+parameters per micro-batch, against a forward and backward pass over a whole micro-batch.
+
+The samples are averaged with an exponential moving average, numerator and denominator
+separately and bias-corrected (appendix A.1: the ratio of unbiased averages, never the
+average of ratios), and B_simple is their ratio. The interval treats the steps inside the
+averaging window as independent samples of one (tr, |G|^2): Fieller's interval on the
+EMA-weighted means. It reflects sampling noise, not the drift of B_simple along training.
+
+Three ways to feed it:
+- `batchlab.train(..., track_noise=True)` or `callbacks=[GradientNoiseScaleTracker()]`;
+  points land in `History.extras["noise"]`;
+- a plain loop: `tracker.after_backward(model, micro_size)` after each micro-batch's
+  backward (each micro loss scaled by its share of the step's examples), then
+  `tracker.end_step(model)` before `optimizer.step()`;
+- DDP: `tracker.attach_ddp(ddp_model)` once, `tracker.ddp_end_step(ddp_model, local_batch)`
+  after each backward: each replica's local gradient norm is taken in a comm hook, before
+  the all-reduce.
+
+`measure_noise(task, ...)` trains a task with its reference settings and records the
+trajectory of B_simple against step and training loss (`batchlab noise`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from batchlab.errors import ConfigError, NoiseEstimateError
+from batchlab.measure.noise import (
+    DEFAULT_CONFIDENCE,
+    MAX_CI_RATIO,
+    NoiseScale,
+    _ci_from_json,
+    adam_preconditioner,
+    batch_variance_factor,
+    build_noise_scale,
+    gradient_noise_scale,
+    solve_two_batch,
+)
+from batchlab.results import JsonResult
+from batchlab.task import Task, check_batch_size, load_task
+from batchlab.train import RunState, TrainCallback
+
+DEFAULT_BETA = 0.95  # EMA decay per step: an averaging window of about 20 steps
+
+
+class _WeightedMoments:
+    """Bias-corrected EMA of per-step (tr, |G|^2) samples and of their second moments.
+
+    With weights u_s = (1 - beta) beta^(t-s), the bias-corrected EMA is the weighted mean
+    with normalized weights u_s / sum(u). Tracking sum(u^2) too gives the variance of that
+    mean (sum(w^2) times the reliability-weighted sample covariance) and the effective
+    sample size 1 / sum(w^2). beta = 1 is the plain running mean.
+    """
+
+    def __init__(self, beta: float) -> None:
+        self.beta = beta
+        self.count = 0
+        self.weight = 0.0  # sum u
+        self.weight_sq = 0.0  # sum u^2
+        self.sums = [0.0] * 5  # x, y, xx, yy, xy
+
+    def add(self, x: float, y: float) -> None:
+        values = (x, y, x * x, y * y, x * y)
+        b = self.beta
+        if b >= 1.0:
+            self.sums = [s + v for s, v in zip(self.sums, values, strict=True)]
+            self.weight += 1.0
+            self.weight_sq += 1.0
+        else:
+            self.sums = [b * s + (1 - b) * v for s, v in zip(self.sums, values, strict=True)]
+            self.weight = b * self.weight + (1 - b)
+            self.weight_sq = b * b * self.weight_sq + (1 - b) ** 2
+        self.count += 1
+
+    def estimate(self) -> tuple[float, float, list[list[float]] | None, float]:
+        """(mean x, mean y, covariance of the means, degrees of freedom)."""
+        if self.count == 0:
+            return math.nan, math.nan, None, 0.0
+        mx, my, mxx, myy, mxy = (s / self.weight for s in self.sums)
+        w2 = self.weight_sq / self.weight**2  # sum of squared normalized weights
+        if self.count < 2 or w2 >= 1.0:
+            return mx, my, None, 0.0
+        scale = w2 / (1.0 - w2)
+        vxx = max(mxx - mx * mx, 0.0) * scale
+        vyy = max(myy - my * my, 0.0) * scale
+        vxy = (mxy - mx * my) * scale
+        return mx, my, [[vxx, vxy], [vxy, vyy]], 1.0 / w2 - 1.0
+
+
+@dataclass
+class _Pending:
+    step: int
+    small_sq: list[torch.Tensor]  # squared norms of the *weighted* micro contributions
+    weights: list[float]  # each micro-batch's weight in the step's gradient
+    sizes: list[int]
+    big_sq: torch.Tensor
+    big_size: int
+    scale: float  # AMP loss scale the gradients carry
+    pre_small_sq: list[torch.Tensor] | None = None
+    pre_big_sq: torch.Tensor | None = None
+
+
+class GradientNoiseScaleTracker(TrainCallback):
+    """Smoothed B_simple from micro-batch (or replica) gradients during training.
+
+    Args:
+        beta: EMA decay per optimizer step (0.95: a window of about 20 steps; 1.0: the
+            plain mean over all steps, for a model whose weights do not change).
+        every: record a point every this many steps (engine use; `points`).
+        num_examples: training-set size N for the finite-population correction (the engine
+            fills it in); None treats batches as drawn with replacement.
+        preconditioned: also track B_simple of Adam-preconditioned gradients g/(sqrt(v)+eps)
+            (needs an Adam-like optimizer; costs a few more passes per micro-batch).
+        all_micro: measure every micro-batch's gradient (k small-batch samples per step:
+            one gradient copy and two passes per micro-batch), or only the first one (no
+            copy; an unbiased but noisier tr(Σ)).
+        on_nonfinite: `raise` (a NoiseEstimateError naming the step) or `skip` (drop the
+            sample and remember the step in `nonfinite_step`). Steps an AMP GradScaler
+            skips for overflow are always dropped.
+        key: name in `RunState.extras` / `History.extras` for the points.
+    """
+
+    def __init__(
+        self,
+        *,
+        beta: float = DEFAULT_BETA,
+        every: int = 1,
+        num_examples: int | None = None,
+        confidence: float = DEFAULT_CONFIDENCE,
+        max_ci_ratio: float = MAX_CI_RATIO,
+        preconditioned: bool = False,
+        all_micro: bool = True,
+        on_nonfinite: str = "raise",
+        key: str = "noise",
+    ) -> None:
+        if not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
+            raise ConfigError(f"beta: expected a number in [0, 1], got {beta!r}; pass e.g. 0.95")
+        check_batch_size(every, what="every")
+        if on_nonfinite not in ("raise", "skip"):
+            raise ConfigError(f"on_nonfinite: expected raise or skip, got {on_nonfinite!r}")
+        self.beta = float(beta)
+        self.every = every
+        self.num_examples = num_examples
+        self.confidence = confidence
+        self.max_ci_ratio = max_ci_ratio
+        self.preconditioned = preconditioned
+        self.all_micro = all_micro
+        self.on_nonfinite = on_nonfinite
+        self.key = key
+        self.points: list[dict[str, Any]] = []
+        self.samples: list[tuple[int, float, float]] = []  # (step, tr, |G|^2) per step
+        self.nonfinite_step: int | None = None
+        self.skipped_steps = 0
+        self._moments = _WeightedMoments(self.beta)
+        self._pre_moments = _WeightedMoments(self.beta)
+        self._examples = 0
+        self._small_total = 0.0
+        self._pending: list[_Pending] = []
+        self._params: list[nn.Parameter] = []
+        self._bound: nn.Module | None = None
+        self._norms = _MicroNorms([], all_micro)
+        self._micro_sizes: list[int] = []
+        self._precond: list[torch.Tensor] | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._steps = 0
+        self._state: RunState | None = None
+        self._prev_hook = None
+        self._ddp_local_sq: torch.Tensor | None = None
+
+    # -- plain-loop API ---------------------------------------------------------------------
+
+    def bind(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Track `model`'s trainable parameters (done for you by the other entry points)."""
+        self._bound = model
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        if not self._params:
+            raise NoiseEstimateError(
+                "expected a model with trainable parameters (requires_grad=True), got none; "
+                "unfreeze at least one parameter"
+            )
+        self._norms = _MicroNorms(self._params, self.all_micro)
+        self._optimizer = optimizer
+
+    def after_backward(self, model: nn.Module, micro_size: int, *, last: bool = False) -> None:
+        """Call after each micro-batch's backward; `last=True` on the last one saves a copy."""
+        if model is not self._bound:
+            self.bind(model, self._optimizer)
+        self._micro(micro_size, last)
+
+    def end_step(self, model: nn.Module | None = None, *, loss_scale: float = 1.0) -> None:
+        """Call after the last micro-batch's backward, before `optimizer.step()`."""
+        if model is not None and model is not self._bound:
+            raise ConfigError("end_step: expected the model given to after_backward")
+        self._steps += 1
+        self._finish_step(self._steps, loss_scale)
+
+    def update(
+        self,
+        small_sq: Sequence[float],
+        small_sizes: Sequence[int],
+        big_sq: float,
+        big_size: int,
+        *,
+        step: int | None = None,
+    ) -> None:
+        """Add one sample from squared norms you measured yourself.
+
+        `small_sq[i]` is |G_i|^2 of the mean gradient of small batch i (size
+        `small_sizes[i]`), `big_sq` the |G|^2 of the mean gradient over `big_size` examples.
+        """
+        self._steps += 1
+        step = step if step is not None else self._steps
+        small = [float(q) for q in small_sq]
+        if not all(math.isfinite(v) for v in (*small, float(big_sq))):
+            if self.on_nonfinite == "raise":
+                raise NoiseEstimateError(
+                    f"non-finite gradient norm at step {step}: the loss diverged or the data "
+                    "has inf/nan; lower the learning rate or check the inputs"
+                )
+            self.nonfinite_step = self.nonfinite_step or step
+            self.skipped_steps += 1
+            return
+        self._add_sample(step, small, list(small_sizes), float(big_sq), big_size)
+
+    # -- DDP --------------------------------------------------------------------------------
+
+    def attach_ddp(self, ddp_model: nn.Module, process_group: Any = None) -> None:
+        """Register a comm hook that takes each replica's local gradient norm, then averages.
+
+        Replaces DDP's default all-reduce hook with the same all-reduce plus one norm per
+        bucket. Call `ddp_end_step` after each synchronizing backward.
+        """
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        self.bind(ddp_model)
+
+        def hook(group: Any, bucket: Any) -> torch.futures.Future:
+            sq = bucket.buffer().detach().float().square().sum()
+            self._ddp_local_sq = sq if self._ddp_local_sq is None else self._ddp_local_sq + sq
+            return default_hooks.allreduce_hook(group, bucket)
+
+        ddp_model.register_comm_hook(state=process_group, hook=hook)
+
+    def ddp_end_step(
+        self, ddp_model: nn.Module, local_batch_size: int, *, loss_scale: float = 1.0
+    ) -> None:
+        """After a synchronizing backward: local norms (averaged over replicas) vs `.grad`."""
+        import torch.distributed as dist
+
+        if self._ddp_local_sq is None:
+            raise ConfigError(
+                "ddp_end_step: no gradient went through the comm hook; call attach_ddp(model) "
+                "before training and ddp_end_step after a backward that synchronizes"
+            )
+        local = self._ddp_local_sq.reshape(1).clone()
+        self._ddp_local_sq = None
+        dist.all_reduce(local)  # sum over replicas
+        world = dist.get_world_size()
+        grads = [p.grad for p in self._params if p.grad is not None]
+        big = torch.stack(torch._foreach_norm(grads)).double().square().sum()
+        self._steps += 1
+        # The replicas' mean of |g_r|^2 stands for all of them: a = mean_r |g_r|^2.
+        self._pending.append(
+            _Pending(
+                self._steps,
+                [local / world],
+                [1.0],
+                [local_batch_size],
+                big,
+                local_batch_size * world,
+                loss_scale,
+            )
+        )
+
+    # -- reading ----------------------------------------------------------------------------
+
+    @property
+    def b_simple(self) -> float | None:
+        """The smoothed B_simple now (None until |G|^2 averages above 0)."""
+        return self.noise_scale().b_simple
+
+    def noise_scale(self) -> NoiseScale:
+        """The smoothed estimate with its interval and reliability verdict."""
+        self._flush()
+        pre = None
+        if self._pre_moments.count:
+            pre = self._result(self._pre_moments)
+        return self._result(self._moments, preconditioned=pre)
+
+    def _result(self, moments: _WeightedMoments, **extra: Any) -> NoiseScale:
+        trace, grad_sq, cov, dof = moments.estimate()
+        count = max(moments.count, 1)
+        return build_noise_scale(
+            trace,
+            grad_sq,
+            cov,
+            dof,
+            num_examples=self._examples,
+            method="two-batch",
+            confidence=self.confidence,
+            max_ci_ratio=self.max_ci_ratio,
+            small_batch=self._small_total / count if moments.count else None,
+            big_batch=self._examples / count if moments.count else None,
+            dataset_size=self.num_examples,
+            **extra,
+        )
+
+    # -- engine callback --------------------------------------------------------------------
+
+    def on_start(self, state: RunState) -> None:
+        self._state = state
+        if self.num_examples is None:
+            self.num_examples = state.task.num_train
+        self.bind(state.model, state.optimizer)
+        self._prev_hook = state.step_fn.micro_hook
+        state.step_fn.micro_hook = self._engine_micro_hook
+        state.extras[self.key] = self.points
+
+    def _engine_micro_hook(self, index: int, num_micro: int, micro_size: int) -> None:
+        if self._prev_hook is not None:
+            self._prev_hook(index, num_micro, micro_size)
+        if num_micro < 2:  # nothing to contrast: no work at all
+            return
+        last = index == num_micro - 1
+        if index == 0 and self.preconditioned:
+            self._precond = adam_preconditioner(self._optimizer, self._params)
+        self._norms.micro(index, last, self._precond)
+        self._micro_sizes.append(micro_size)
+        if last:
+            scaler = self._state.step_fn.scaler
+            scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
+            self._finish_step(self._state.step + 1, scale)
+
+    def on_step(self, state: RunState) -> None:
+        if state.step % self.every == 0 or state.step == state.total_steps:
+            self._record(state)
+
+    def on_end(self, state: RunState) -> None:
+        if not self.points or self.points[-1]["step"] != state.step:
+            self._record(state)
+        state.step_fn.micro_hook = self._prev_hook
+        if self.nonfinite_step is not None:
+            state.extras[f"{self.key}_nonfinite_step"] = self.nonfinite_step
+
+    def _record(self, state: RunState) -> None:
+        est = self.noise_scale()
+        self.points.append(
+            {
+                "step": state.step,
+                "examples": state.examples,
+                "b_simple": est.b_simple,
+                "b_simple_ci": list(est.b_simple_ci),
+                "trace_sigma": est.trace_sigma,
+                "grad_norm_sq": est.grad_norm_sq,
+                "reliable": est.reliable,
+            }
+        )
+
+    # -- the work ---------------------------------------------------------------------------
+
+    def _micro(self, micro_size: int, last: bool) -> None:
+        index = len(self._micro_sizes)
+        if index == 0 and self.preconditioned:
+            self._precond = adam_preconditioner(self._optimizer, self._params)
+        self._norms.micro(index, last, self._precond)
+        self._micro_sizes.append(micro_size)
+
+    def _finish_step(self, step: int, scale: float) -> None:
+        sizes, self._micro_sizes = self._micro_sizes, []
+        norms = self._norms
+        if len(sizes) >= 2:
+            big, pre_big = norms.total()
+            measured = sizes if self.all_micro else sizes[:1]
+            total = sum(sizes)
+            self._pending.append(
+                _Pending(
+                    step,
+                    norms.sq,
+                    [n / total for n in measured],
+                    measured,
+                    big,
+                    total,
+                    scale,
+                    norms.pre_sq if pre_big is not None else None,
+                    pre_big,
+                )
+            )
+        norms.sq, norms.pre_sq = [], []
+        self._precond = None
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        # One device-to-host copy for everything pending (a single sync on CUDA).
+        flat = [t.reshape(()) for item in pending for t in _tensors_of(item)]
+        values = iter(torch.stack(flat).double().tolist())
+        for item in pending:
+            scale2 = item.scale * item.scale
+            small = [next(values) / (scale2 * w * w) for w in item.weights]
+            big = next(values) / scale2
+            pre_small = pre_big = None
+            if item.pre_small_sq is not None:
+                pre_small = [next(values) / (scale2 * w * w) for w in item.weights]
+                pre_big = next(values) / scale2
+            big_size = item.big_size
+            if not all(math.isfinite(v) for v in (*small, big)):
+                if item.scale != 1.0:  # an AMP overflow step: the scaler skips it too
+                    self.skipped_steps += 1
+                    continue
+                if self.on_nonfinite == "raise":
+                    raise NoiseEstimateError(
+                        f"non-finite gradient at step {item.step}: the loss diverged or the "
+                        "data has inf/nan; lower the learning rate or check the inputs"
+                    )
+                self.nonfinite_step = self.nonfinite_step or item.step
+                self.skipped_steps += 1
+                continue
+            self._add_sample(item.step, small, item.sizes, big, big_size)
+            if pre_small is not None and all(math.isfinite(v) for v in (*pre_small, pre_big)):
+                trace, grad_sq = self._solve(pre_small, item.sizes, pre_big, big_size)
+                self._pre_moments.add(trace, grad_sq)
+
+    def _solve(
+        self, small: list[float], sizes: list[int], big: float, big_size: int
+    ) -> tuple[float, float]:
+        w_small = sum(batch_variance_factor(n, self.num_examples) for n in sizes) / len(sizes)
+        w_big = batch_variance_factor(big_size, self.num_examples)
+        return solve_two_batch(sum(small) / len(small), w_small, big, w_big)
+
+    def _add_sample(
+        self, step: int, small: list[float], sizes: list[int], big: float, big_size: int
+    ) -> None:
+        if any(n >= big_size for n in sizes):
+            raise ConfigError(
+                f"tracker: expected small batches smaller than the big batch ({big_size}), "
+                f"got sizes {sizes}; accumulate at least 2 micro-batches"
+            )
+        trace, grad_sq = self._solve(small, sizes, big, big_size)
+        self._moments.add(trace, grad_sq)
+        self.samples.append((step, trace, grad_sq))
+        self._examples += big_size
+        self._small_total += sum(sizes) / len(sizes)
+
+
+class _MicroNorms:
+    """Squared norms of each micro-batch's contribution to `.grad`, and of the total.
+
+    After the first micro-batch's backward, the gradients are moved into one flat buffer
+    and `.grad` becomes views of it, so later backward passes accumulate into it and each
+    norm, difference or copy is one kernel instead of one per parameter (on small models
+    the per-call overhead, not the arithmetic, is the cost). Falls back to per-parameter
+    lists for mixed dtypes/devices, sparse gradients or parameters without a gradient.
+    """
+
+    def __init__(self, params: list[nn.Parameter], all_micro: bool) -> None:
+        self.params = params
+        self.all_micro = all_micro
+        self.sq: list[torch.Tensor] = []
+        self.pre_sq: list[torch.Tensor] = []
+        self.flat: torch.Tensor | None = None
+        self.views: list[torch.Tensor] = []
+        kinds = {(p.dtype, p.device) for p in params}
+        if len(kinds) == 1:
+            dtype, device = kinds.pop()
+            self.flat = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=device)
+            offset = 0
+            for p in params:
+                self.views.append(self.flat[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+        self.snap_flat: torch.Tensor | None = None
+        self.on_flat = False
+        self.pre2: torch.Tensor | list[torch.Tensor] | None = None  # (1/(sqrt(v)+eps))^2
+        self.snap: list[torch.Tensor | None] = [None] * len(params)
+        self.snapped = [False] * len(params)
+
+    def micro(self, index: int, last: bool, precond: list[torch.Tensor] | None) -> None:
+        # The hot path: a few tensor calls and no context managers (gradients never
+        # require grad here, so nothing is recorded).
+        if index == 0:
+            self._start(precond)
+        elif not self.all_micro:
+            return
+        if not self.on_flat:
+            with torch.no_grad():
+                self._micro_lists(index, self.all_micro and not last)
+            return
+        flat = self.flat
+        diff = flat if index == 0 else self.snap_flat.sub_(flat)  # previous - current
+        self.sq.append(torch.dot(diff, diff))
+        if self.pre2 is not None:
+            self.pre_sq.append(torch.dot(diff * diff, self.pre2))
+        if self.all_micro and not last:
+            self.snap_flat.copy_(flat)
+
+    def _start(self, precond: list[torch.Tensor] | None) -> None:
+        self.on_flat = self._adopt()
+        if self.on_flat and self.all_micro and self.snap_flat is None:
+            self.snap_flat = torch.empty_like(self.flat)
+        self.snapped = [False] * len(self.params)
+        self.pre2 = None
+        if precond is not None:
+            if self.on_flat:
+                self.pre2 = torch.cat([d.reshape(-1) for d in precond]).square_()
+            else:
+                self.pre2 = [d * d for d in precond]
+
+    def total(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        with torch.no_grad():
+            if self.on_flat:
+                big = torch.dot(self.flat, self.flat)
+                pre = None if self.pre2 is None else torch.dot(self.flat * self.flat, self.pre2)
+                return big, pre
+            live = [j for j, p in enumerate(self.params) if p.grad is not None]
+            grads = [self.params[j].grad for j in live]
+            pre = None
+            if self.pre2 is not None:
+                pre = _weighted_sq(grads, [self.pre2[j] for j in live])
+            return _sq_norm(grads), pre
+
+    def _adopt(self) -> bool:
+        """Move this step's gradients into the flat buffer (once, after micro-batch 0)."""
+        if self.flat is None:
+            return False
+        grads = [p.grad for p in self.params]
+        if all(g is v for g, v in zip(grads, self.views, strict=True)):
+            return True  # zero_grad(set_to_none=False) kept our views
+        if any(g is None or g.is_sparse or g.dtype != self.flat.dtype for g in grads):
+            return False
+        torch.cat([g.reshape(-1) for g in grads], out=self.flat)
+        for p, view in zip(self.params, self.views, strict=True):
+            p.grad = view
+        return True
+
+    def _micro_lists(self, index: int, keep: bool) -> None:
+        live = [j for j, p in enumerate(self.params) if p.grad is not None]
+        grads = [self.params[j].grad for j in live]
+        if index > 0 and all(self.snapped[j] for j in live):
+            diffs = [self.snap[j] for j in live]
+            torch._foreach_sub_(diffs, grads)
+        else:  # a parameter's first gradient in this step is all contribution
+            diffs = [
+                g - self.snap[j] if self.snapped[j] else g for j, g in zip(live, grads, strict=True)
+            ]
+        self.sq.append(_sq_norm(diffs))
+        if self.pre2 is not None:
+            self.pre_sq.append(_weighted_sq(diffs, [self.pre2[j] for j in live]))
+        if keep:
+            for j, g in zip(live, grads, strict=True):
+                if self.snap[j] is None or self.snap[j].shape != g.shape:
+                    self.snap[j] = torch.empty_like(g)
+            torch._foreach_copy_([self.snap[j] for j in live], grads)
+            for j in live:
+                self.snapped[j] = True
+
+
+def _weighted_sq(tensors: list[torch.Tensor], weights: list[torch.Tensor]) -> torch.Tensor:
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64)
+    return sum((t.double().square() * w).sum() for t, w in zip(tensors, weights, strict=True))
+
+
+def _tensors_of(item: _Pending) -> list[torch.Tensor]:
+    out = [*item.small_sq, item.big_sq]
+    if item.pre_small_sq is not None:
+        out += [*item.pre_small_sq, item.pre_big_sq]
+    return out
+
+
+def _sq_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.stack(torch._foreach_norm(tensors)).double().square().sum()
+
+
+# --- batchlab noise ----------------------------------------------------------------------
+
+DEFAULT_STEPS = 300
+DEFAULT_EVERY = 10
+MICRO_BATCH_CHOICES = (4, 2, 3, 5, 6, 8)  # accumulation splits tried, in order
+PER_EXAMPLE_BATCHES = 8  # batches per standalone per-example measurement
+
+
+@dataclass(frozen=True)
+class NoisePoint(JsonResult):
+    """B_simple at one point of training; train_loss is the mean over the steps since the
+    previous point."""
+
+    step: int
+    examples: int
+    train_loss: float | None
+    b_simple: float | None
+    b_simple_ci: tuple[float, float]
+    reliable: bool
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "b_simple_ci", _ci_from_json(self.b_simple_ci))
+
+
+@dataclass(frozen=True)
+class NoiseRun(JsonResult):
+    """B_simple along a training run of a task at its reference settings (`batchlab noise`)."""
+
+    task: str
+    method: str
+    steps: int
+    every: int
+    seed: int
+    device: str
+    batch_size: int  # examples per optimizer step (the task's reference batch)
+    micro_batch_size: int  # the small batch of the two-batch estimator
+    lr: float
+    num_train: int
+    beta: float  # EMA decay of the tracker (two-batch)
+    points: tuple[NoisePoint, ...]
+    final: NoiseScale
+    train_seconds: float
+
+
+class _PeriodicMeasurement(TrainCallback):
+    """Per-example reference along training: a standalone measurement every `every` steps."""
+
+    def __init__(self, every: int, num_batches: int, seed: int, confidence: float) -> None:
+        self.every = every
+        self.num_batches = num_batches
+        self.seed = seed
+        self.confidence = confidence
+        self.results: dict[int, tuple[int, NoiseScale]] = {}  # step -> (examples, result)
+
+    def on_step(self, state: RunState) -> None:
+        if state.step % self.every == 0 or state.step == state.total_steps:
+            self._measure(state)
+
+    def on_end(self, state: RunState) -> None:
+        if state.step not in self.results:
+            self._measure(state)
+
+    def _measure(self, state: RunState) -> None:
+        task = state.task
+        try:
+            result = gradient_noise_scale(
+                state.model,
+                task.train_data,
+                task.loss,
+                batch_size=task.batch_size,
+                num_batches=self.num_batches,
+                method="per-example",
+                seed=self.seed * 1_000_003 + state.step,
+                device=state.device,
+                collate_fn=task.collate_fn,
+                confidence=self.confidence,
+            )
+        except NoiseEstimateError as exc:
+            if "non-finite" not in str(exc):
+                raise
+            raise NoiseEstimateError(f"at training step {state.step}: {exc}") from exc
+        self.results[state.step] = (state.examples, result)
+
+
+def _accumulation_split(batch_size: int) -> int:
+    for k in MICRO_BATCH_CHOICES:
+        if batch_size % k == 0 and batch_size // k >= 1 and k <= batch_size:
+            return k
+    raise ConfigError(
+        f"two-batch: the reference batch {batch_size} cannot be split into 2 to 8 equal "
+        "micro-batches; use method='per-example'"
+    )
+
+
+def measure_noise(
+    task: Task | str,
+    *,
+    steps: int = DEFAULT_STEPS,
+    every: int = DEFAULT_EVERY,
+    method: str = "two-batch",
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    micro_batches: int | None = None,
+    beta: float = DEFAULT_BETA,
+    num_batches: int = PER_EXAMPLE_BATCHES,
+    confidence: float = DEFAULT_CONFIDENCE,
+    callbacks: Sequence[TrainCallback] = (),
+) -> NoiseRun:
+    """Train `task` at its reference batch and lr for `steps` steps, recording B_simple.
+
+    Why this design: the planner runs it for a short phase (100-300 steps), so it must cost
+    little more than the training itself.
+    - `two-batch` (default): the reference batch is split into `micro_batches` accumulation
+      micro-batches (4 when it divides, else 2, 3, 5, 6, 8), which gives exactly the same
+      update as one batch, and the tracker reads their gradient norms nearly for free. The
+      points are the tracker's EMA (window ~1/(1-beta) steps) at every `every`-th step.
+    - `per-example`: plain steps at the reference batch, plus, every `every` steps, a
+      standalone exact per-example measurement over `num_batches` batches at the current
+      weights (leaving no trace, so training is unaffected). Costs about
+      `num_batches * 2.5 / every` extra steps per step; it is the reference, not the
+      default.
+
+    Args:
+        steps: optimizer steps to train (>= 1).
+        every: record a point every this many steps (and at the last step).
+        confidence: level of the B_simple intervals.
+        callbacks: extra TrainCallbacks (e.g. a progress bar).
+
+    Raises NoiseEstimateError naming the step when a gradient becomes non-finite.
+    """
+    from batchlab.train import train
+
+    task = load_task(task)
+    check_batch_size(steps, what="steps")
+    check_batch_size(every, what="every")
+    if method not in ("two-batch", "per-example"):
+        raise ConfigError(f"method: expected two-batch or per-example, got {method!r}")
+    ref = task.batch_size
+    if method == "two-batch":
+        k = _accumulation_split(ref) if micro_batches is None else micro_batches
+        check_batch_size(k, what="micro_batches")
+        if k < 2 or ref % k:
+            raise ConfigError(
+                f"micro_batches: expected a divisor >= 2 of the reference batch {ref}, got {k}"
+            )
+        micro = ref // k
+        tracker = GradientNoiseScaleTracker(
+            beta=beta,
+            every=every,
+            num_examples=task.num_train,
+            confidence=confidence,
+            preconditioned=True,
+            on_nonfinite="skip",
+        )
+        extra: list[TrainCallback] = [tracker]
+    else:
+        k, micro = 1, 1
+        check_batch_size(num_batches, what="num_batches")
+        periodic = _PeriodicMeasurement(every, num_batches, seed, confidence)
+        extra = [periodic]
+    t0 = time.perf_counter()
+    history = train(
+        task,
+        ref // k if method == "two-batch" else ref,
+        accumulation_steps=k,
+        max_steps=steps,
+        eval_every=steps,
+        device=device,
+        seed=seed,
+        callbacks=[*extra, *callbacks],
+    )
+    seconds = time.perf_counter() - t0
+    if history.diverged:
+        raise NoiseEstimateError(
+            f"non-finite loss at training step {history.diverged_step} of {task.name!r} at its "
+            f"reference lr {task.lr:g}; B_simple is undefined there"
+        )
+    if method == "two-batch":
+        if tracker.nonfinite_step is not None:
+            raise NoiseEstimateError(
+                f"non-finite gradient at training step {tracker.nonfinite_step} of "
+                f"{task.name!r}; lower the learning rate or check the data"
+            )
+        raw = [
+            (p["step"], p["examples"], p["b_simple"], p["b_simple_ci"], p["reliable"])
+            for p in tracker.points
+        ]
+        final = tracker.noise_scale()
+    else:
+        raw = [
+            (s, examples, r.b_simple, r.b_simple_ci, r.reliable)
+            for s, (examples, r) in sorted(periodic.results.items())
+        ]
+        final = periodic.results[max(periodic.results)][1]
+    losses = dict(zip(history.steps, history.train_loss, strict=True))
+    points, previous = [], 0
+    for step, examples, b_simple, ci, reliable in raw:
+        window = [losses[s] for s in range(previous + 1, step + 1) if s in losses]
+        window = [v for v in window if math.isfinite(v)]
+        points.append(
+            NoisePoint(
+                step=step,
+                examples=examples,
+                train_loss=sum(window) / len(window) if window else None,
+                b_simple=b_simple,
+                b_simple_ci=tuple(ci),
+                reliable=reliable,
+            )
+        )
+        previous = step
+    return NoiseRun(
+        task=task.name,
+        method=method,
+        steps=history.total_steps,
+        every=every,
+        seed=seed,
+        device=history.device,
+        batch_size=ref,
+        micro_batch_size=micro,
+        lr=history.lr,
+        num_train=task.num_train,
+        beta=beta,
+        points=tuple(points),
+        final=final,
+        train_seconds=seconds,
+    )
