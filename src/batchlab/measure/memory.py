@@ -42,7 +42,7 @@ DEFAULT_MARGIN = 0.1
 FIT_BATCH_SIZES = (2, 8, 32)
 TOLERANCE = 0.03  # stop when the max is known to within 3%
 MAX_SEARCH_STEPS = 6  # verification/back-off steps after the fit ladder
-MAX_STEP_SECONDS = 5.0  # never run a single probe step predicted to take longer
+MAX_STEP_SECONDS = 10.0  # never run a single probe step predicted to take longer
 
 # ---------------------------------------------------------------------------------------
 # Sizes
@@ -335,6 +335,7 @@ def find_max_batch_size(
     while attempt(b, "warmup").oom:
         if b == 1:
             raise MemoryBudgetError(_nothing_fits_message(points, usable_bytes))
+        bad = b
         b = max(1, b // 2)
         ladder = [b]
 
@@ -402,16 +403,22 @@ def _next_candidate(
         estimates.append(local_model([lo, misfit]).max_batch_size(usable))
     oom_above = bad <= limit and misfit is None
     if not estimates:  # one fitting point and an OOM: nothing to extrapolate from
-        return (good + bad) // 2
+        return _midpoint(good, bad)
     low, high = min(estimates), max(estimates)
     if high <= good * (1 + tolerance):
         return None
     if oom_above and low >= bad:  # the model says it fits, the device said no: bisect
-        return (good + bad) // 2
+        return _midpoint(good, bad)
     ceiling = min(limit, bad - 1)
     candidate = low if low > good * (1 + tolerance) else (good + min(high, ceiling)) / 2
     candidate = int(min(max(candidate, good + 1), ceiling))
     return candidate if candidate > good else None
+
+
+def _midpoint(good: int, bad: int) -> int:
+    """Bisection point: geometric while the bracket spans more than 2x, else arithmetic."""
+    mid = math.isqrt(good * bad) if bad > 2 * good else (good + bad) // 2
+    return min(max(mid, good + 1), bad - 1)
 
 
 def _model_near_limit(points: list[MemoryPoint], good: int, bad: int) -> MemoryModel:
@@ -815,12 +822,12 @@ def check_margin(margin: float) -> float:
 
 
 def _predict_seconds(timings: dict[int, float], batch_size: int) -> float:
-    """Seconds for one probe step at `batch_size`: a line through the measured steps."""
+    """Seconds for one probe step at `batch_size`, from the cheapest measured seconds/sample.
+
+    Step time grows about linearly in B, and small steps carry a fixed overhead, so the
+    lowest seconds-per-sample seen (usually at the largest B) is the least pessimistic
+    estimate; taking the minimum also discards windows slowed down by other processes.
+    """
     if not timings:
         return 0.0
-    sizes = sorted(timings)
-    if len(sizes) == 1:
-        return timings[sizes[0]] * batch_size / sizes[0]
-    (b0, b1) = sizes[-2], sizes[-1]
-    per_sample = max((timings[b1] - timings[b0]) / (b1 - b0), 0.0)
-    return max(timings[b1] + per_sample * (batch_size - b1), 0.0)
+    return batch_size * min(seconds / b for b, seconds in timings.items())

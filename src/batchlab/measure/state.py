@@ -19,6 +19,7 @@ import contextlib
 import copy
 import gc
 import random
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -71,7 +72,12 @@ class TrainingSnapshot:
             # load_state_dict casts the state back to each parameter's device and dtype.
             self.optimizer.load_state_dict(copy.deepcopy(self.optimizer_state))
         if self.scaler is not None and self.scaler_state:
-            self.scaler.load_state_dict(self.scaler_state)
+            self.scaler.load_state_dict(
+                {k: v for k, v in self.scaler_state.items() if k != "_lazy"}
+            )
+            if self.scaler_state.get("_lazy", False):
+                # The scale is created lazily by the first `scale()`; put it back to unset.
+                self.scaler._scale = self.scaler._growth_tracker = None
         _set_rng_state(self.rng)
 
 
@@ -89,7 +95,7 @@ def snapshot_training_state(
         grads=[None if p.grad is None else _to_cpu(p.grad) for p in model.parameters()],
         modes=[m.training for m in model.modules()],
         optimizer_state=None if optimizer is None else _to_cpu(optimizer.state_dict()),
-        scaler_state=None if scaler is None else _to_cpu(scaler.state_dict()),
+        scaler_state=None if scaler is None else _scaler_state(scaler),
         rng=_get_rng_state(),
     )
 
@@ -136,19 +142,28 @@ def live_tensor_bytes(device: str | torch.device = "cpu") -> int:
     gc.collect()
     seen: set[int] = set()
     total = 0
-    for obj in gc.get_objects():
-        try:
-            if not isinstance(obj, torch.Tensor) or obj.device.type != device_type:
+    with warnings.catch_warnings():  # isinstance() on deprecated torch aliases warns
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            try:
+                if not isinstance(obj, torch.Tensor) or obj.device.type != device_type:
+                    continue
+                storage = obj.untyped_storage()
+            except Exception:  # some objects refuse inspection (meta tensors, weakrefs...)
                 continue
-            storage = obj.untyped_storage()
-        except Exception:  # some objects refuse inspection (meta tensors, weakrefs...)
-            continue
-        key = storage.data_ptr()
-        if key in seen or key == 0:
-            continue
-        seen.add(key)
-        total += storage.nbytes()
+            key = storage.data_ptr()
+            if key in seen or key == 0:
+                continue
+            seen.add(key)
+            total += storage.nbytes()
     return total
+
+
+def _scaler_state(scaler: torch.amp.GradScaler) -> dict[str, Any]:
+    state = _to_cpu(scaler.state_dict())
+    if state:
+        state["_lazy"] = getattr(scaler, "_scale", None) is None
+    return state
 
 
 def _get_rng_state() -> dict[str, Any]:

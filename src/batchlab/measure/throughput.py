@@ -28,10 +28,11 @@ from batchlab.theory import interpolate_step_seconds
 
 KNEE_FRACTION = 0.9
 WINDOWS = 5
-WINDOW_SECONDS = 0.05
+WINDOW_SECONDS = 0.1
 TIME_BUDGET_SECONDS = 10.0
 MIN_ALIGNMENT_GAIN = 0.03  # an aligned size must be >= 3% faster ...
 MIN_ALIGNMENT_WIN_RATE = 0.8  # ... in at least 80% of the interleaved rounds
+ALIGNMENT_SIZES = 5  # sizes timed by the alignment check (two rules share one)
 NOISY_SPREAD = 0.5  # warn when a point's windows range over more than 50% of its median
 
 
@@ -152,7 +153,7 @@ def alignment_candidates(knee: int, max_batch_size: int) -> list[tuple[str, int,
     rise of throughput with B cancels out.
     """
     found = []
-    m8 = max(8, round(knee / 8) * 8)
+    m8 = max(8, math.floor(knee / 8 + 0.5) * 8)  # nearest, halves up
     if m8 + 1 > max_batch_size:
         m8 = (max_batch_size - 1) // 8 * 8
     if m8 >= 8:
@@ -284,7 +285,7 @@ def profile_throughput(
     amp: bool = False,
     seed: int = 0,
     windows: int = WINDOWS,
-    window_seconds: float = WINDOW_SECONDS,
+    window_seconds: float | None = None,
     time_budget: float = TIME_BUDGET_SECONDS,
     knee_fraction: float = KNEE_FRACTION,
     check_alignment: bool = True,
@@ -297,9 +298,10 @@ def profile_throughput(
             and the max itself).
         max_batch_size: the largest size (default: the training set size); pass
             `probe_memory(...).max_batch_size`.
-        windows: timed windows per size; each window lasts about `window_seconds`.
-        time_budget: larger sizes are dropped once timing them would exceed this many
-            seconds (the warning says which).
+        windows: timed windows per size; each window lasts about `window_seconds`
+            (default: the time budget shared by every size, at most 0.1 s).
+        time_budget: seconds to spend timing, roughly; larger sizes are dropped once
+            timing them would exceed it (a warning says which).
         knee_fraction: the knee is the smallest B reaching this fraction of peak samples/s.
         check_alignment: also time multiples of 8 and powers of two around the knee
             against their neighbours; rounding is recommended only where it measured faster.
@@ -311,6 +313,10 @@ def profile_throughput(
     task = load_task(task)
     dev = resolve_device(device)
     check_batch_size(windows, what="windows")
+    if not isinstance(time_budget, (int, float)) or not time_budget > 0:
+        raise ConfigError(
+            f"time budget: expected a positive number of seconds, got {time_budget!r}"
+        )
     limit = task.num_train if max_batch_size is None else check_batch_size(max_batch_size)
     warnings: list[str] = []
     if limit > task.num_train:
@@ -326,6 +332,9 @@ def profile_throughput(
                 f"got {sizes[-1]}; drop the larger sizes"
             )
 
+    if window_seconds is None:  # share the budget among the ladder and the alignment sizes
+        slots = windows * (len(sizes) + (ALIGNMENT_SIZES if check_alignment else 0))
+        window_seconds = min(WINDOW_SECONDS, time_budget / slots)
     fork_devices = [dev.index or 0] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(seed)
@@ -415,7 +424,7 @@ def _time_fresh_model(
             knee = find_knee(
                 [p.batch_size for p in points], [p.samples_per_s for p in points], knee_fraction
             )
-            findings = _time_alignment(timer, knee, points[-1].batch_size, windows)
+            findings = _time_alignment(timer, knee, points[-1].batch_size, windows, window_seconds)
     return points, findings, timer.steps
 
 
@@ -448,7 +457,7 @@ def _warm_up(
             warnings.append(f"B={b} ran out of memory; throughput measured up to B={sizes[i - 1]}")
             break
         count = max(1, round(window_seconds / max(seconds, 1e-9)))
-        cost = windows * count * seconds
+        cost = windows * max(window_seconds, seconds)  # what its windows are meant to take
         if per_window and planned + cost > time_budget:
             warnings.append(
                 f"throughput measured up to B={max(per_window)}: timing B={b} and above "
@@ -463,7 +472,7 @@ def _warm_up(
 
 
 def _time_alignment(
-    timer: _Timer, knee: int, max_batch_size: int, windows: int
+    timer: _Timer, knee: int, max_batch_size: int, windows: int, window_seconds: float
 ) -> list[AlignmentFinding]:
     candidates = alignment_candidates(knee, max_batch_size)
     if not candidates:
@@ -472,7 +481,7 @@ def _time_alignment(
     for b in sizes:  # warm-up, and one step to size the windows alike for all
         timer.run(b, 1)
     seconds = timer.run(max(sizes), 1)
-    count = max(1, round(WINDOW_SECONDS / max(seconds, 1e-9)))
+    count = max(1, round(window_seconds / max(seconds, 1e-9)))
     rounds = _interleaved(timer, dict.fromkeys(sizes, count), windows)
     rates = [{b: b * count / s for b, s in r.items()} for r in rounds]
     return [judge_alignment(rule, a, nb, rates) for rule, a, nb in candidates]
