@@ -10,6 +10,8 @@ import sys
 import typer
 
 from batchlab.cli.calc_cmd import calc
+from batchlab.cli.plan_cmd import plan
+from batchlab.cli.probe_cmd import probe
 from batchlab.cli.report_cmd import report
 from batchlab.cli.sweep_cmd import sweep
 from batchlab.cli.tasks_cmd import tasks
@@ -25,6 +27,8 @@ app = typer.Typer(
 app.command()(tasks)
 app.command()(train)
 app.command()(calc)
+app.command()(probe)
+app.command()(plan)
 app.command()(sweep)
 app.command()(report)
 
