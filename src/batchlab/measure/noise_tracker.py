@@ -163,7 +163,7 @@ class GradientNoiseScaleTracker(TrainCallback):
         self.on_nonfinite = on_nonfinite
         self.key = key
         self.points: list[dict[str, Any]] = []
-        self.samples: list[tuple[int, float, float]] = []  # (step, tr, |G|^2) per step
+        self._samples: list[tuple[int, float, float]] = []
         self.nonfinite_step: int | None = None
         self.skipped_steps = 0
         self._moments = _WeightedMoments(self.beta)
@@ -249,7 +249,8 @@ class GradientNoiseScaleTracker(TrainCallback):
 
         self.bind(ddp_model)
 
-        def hook(group: Any, bucket: Any) -> torch.futures.Future:
+        # DDP checks the hook's annotations: leave them off rather than name private types.
+        def hook(group, bucket):  # noqa: ANN001, ANN202
             sq = bucket.buffer().detach().float().square().sum()
             self._ddp_local_sq = sq if self._ddp_local_sq is None else self._ddp_local_sq + sq
             return default_hooks.allreduce_hook(group, bucket)
@@ -288,6 +289,12 @@ class GradientNoiseScaleTracker(TrainCallback):
         )
 
     # -- reading ----------------------------------------------------------------------------
+
+    @property
+    def samples(self) -> list[tuple[int, float, float]]:
+        """(step, tr(Σ) estimate, |G|^2 estimate) of every step counted so far."""
+        self._flush()
+        return self._samples
 
     @property
     def b_simple(self) -> float | None:
@@ -453,7 +460,7 @@ class GradientNoiseScaleTracker(TrainCallback):
             )
         trace, grad_sq = self._solve(small, sizes, big, big_size)
         self._moments.add(trace, grad_sq)
-        self.samples.append((step, trace, grad_sq))
+        self._samples.append((step, trace, grad_sq))
         self._examples += big_size
         self._small_total += sum(sizes) / len(sizes)
 

@@ -1,0 +1,375 @@
+"""GradientNoiseScaleTracker: exact micro-batch norms, EMA arithmetic, engine and DDP use."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import batchlab
+from batchlab.data import epoch_chunks
+from batchlab.errors import ConfigError, NoiseEstimateError
+from batchlab.history import History
+from batchlab.measure.noise import (
+    build_noise_scale,
+    gradient_noise_scale,
+    ratio_interval,
+    t_quantile,
+    two_batch_estimate,
+)
+from batchlab.measure.noise_tracker import GradientNoiseScaleTracker, NoiseRun, measure_noise
+
+N = 256
+
+
+def frozen_sgd(params, lr):
+    """lr 0: the weights never move, so every step measures the same point."""
+    return torch.optim.SGD(params, lr=0.0)
+
+
+def make_task(optimizer=frozen_sgd, *, n: int = N, poison: int | None = None) -> batchlab.Task:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 5, generator=g)
+    y = (x[:, 0] - x[:, 1] + 0.7 * torch.randn(n, generator=g) > 0).long()
+    if poison is not None:
+        x = x.clone()
+        x[poison] = float("nan")
+
+    def model() -> nn.Module:
+        return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 2))
+
+    def loss(m, batch):
+        return F.cross_entropy(m(batch[0]), batch[1])
+
+    return batchlab.Task(
+        name="tiny-noise",
+        model=model,
+        train_data=TensorDataset(x, y),
+        loss=loss,
+        optimizer=optimizer,
+        lr=0.05,
+        batch_size=32,
+    )
+
+
+def initial_model(task: batchlab.Task, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)  # what the engine does before building the model
+    return task.model()
+
+
+def micro_sq_norms(model, task, indices, micro):
+    """|g_i|^2 of each micro-batch's mean gradient and |G|^2 of the step's, by autograd."""
+    params = list(model.parameters())
+    x, y = task.train_data.tensors
+
+    def sq(idx):
+        grads = torch.autograd.grad(task.loss(model, (x[idx], y[idx])), params)
+        return sum(float(g.double().square().sum()) for g in grads)
+
+    return [sq(i) for i in indices.split(micro)], sq(indices)
+
+
+def expected_samples(task, steps, *, all_micro=True, seed=0):
+    model = initial_model(task, seed)
+    chunks = epoch_chunks(N, 32, torch.Generator().manual_seed(seed))
+    out = []
+    for indices in chunks[:steps]:
+        small, big = micro_sq_norms(model, task, indices, 8)
+        small = small if all_micro else small[:1]
+        out.append(two_batch_estimate(statistics.mean(small), 8, big, 32, N))
+    return out
+
+
+@pytest.mark.parametrize("all_micro", [True, False])
+def test_engine_micro_batch_norms_are_exact(all_micro):
+    task = make_task()
+    tracker = GradientNoiseScaleTracker(all_micro=all_micro, num_examples=N)
+    batchlab.train(task, 8, accumulation_steps=4, max_steps=6, callbacks=[tracker])
+    expected = expected_samples(task, 6, all_micro=all_micro)
+    assert [s[0] for s in tracker.samples] == [1, 2, 3, 4, 5, 6]
+    for (_, trace, grad_sq), (e_trace, e_grad_sq) in zip(tracker.samples, expected, strict=True):
+        assert (trace, grad_sq) == pytest.approx((e_trace, e_grad_sq), rel=1e-4, abs=1e-7)
+
+
+def test_accumulation_with_the_tracker_is_bit_identical():
+    """Gradient accumulation must stay exactly one big batch, tracker or not."""
+    task = make_task(lambda params, lr: torch.optim.Adam(params, lr=lr))
+    plain = batchlab.train(task, 8, accumulation_steps=4, max_steps=20)
+    tracked = batchlab.train(task, 8, accumulation_steps=4, max_steps=20, track_noise=True)
+    assert tracked.train_loss == plain.train_loss
+    assert tracked.final["param_norm"] == plain.final["param_norm"]
+    assert len(tracked.extras["noise"]) == 20  # a point every step by default
+    assert "noise" not in plain.extras
+
+
+def test_tracker_agrees_with_the_standalone_estimator_at_the_same_weights():
+    task = make_task()
+    tracker = GradientNoiseScaleTracker(beta=1.0, num_examples=N)  # fixed weights: plain mean
+    batchlab.train(task, 8, accumulation_steps=4, max_steps=240, callbacks=[tracker])
+    tracked = tracker.noise_scale()
+    model = initial_model(task)
+    standalone = gradient_noise_scale(
+        model, task.train_data, task.loss, batch_size=8, num_batches=32
+    )
+    x, y = task.train_data.tensors
+    rows = []
+    for i in range(N):
+        grads = torch.autograd.grad(
+            task.loss(model, (x[i : i + 1], y[i : i + 1])), list(model.parameters())
+        )
+        rows.append(torch.cat([g.reshape(-1) for g in grads]).double())
+    matrix = torch.stack(rows)
+    mean = matrix.mean(0)
+    truth = float((matrix - mean).square().sum(1).mean() / mean.square().sum())
+    for result in (tracked, standalone):
+        low, high = result.b_simple_ci
+        assert low <= truth <= high
+        assert result.reliable
+    assert standalone.b_simple_ci[0] <= tracked.b_simple <= standalone.b_simple_ci[1]
+    assert tracked.b_simple_ci[0] <= standalone.b_simple <= tracked.b_simple_ci[1]
+    assert tracked.num_examples == 240 * 32 and tracked.small_batch == 8
+
+
+def test_ema_is_the_bias_corrected_weighted_mean_with_its_covariance():
+    g = torch.Generator().manual_seed(0)
+    samples = [
+        (
+            2.0 + float(torch.randn((), generator=g)),
+            0.2 + 0.05 * float(torch.randn((), generator=g)),
+        )
+        for _ in range(30)
+    ]
+    beta = 0.9
+    tracker = GradientNoiseScaleTracker(beta=beta)
+    for trace, grad_sq in samples:
+        # Feed squared norms that solve to exactly (trace, grad_sq): small 4 and big 16.
+        small = grad_sq + trace / 4
+        big = grad_sq + trace / 16
+        tracker.update([small], [4], big, 16)
+    weights = [beta ** (len(samples) - 1 - i) for i in range(len(samples))]
+    total = sum(weights)
+    w = [x / total for x in weights]
+    mt = sum(wi * s[0] for wi, s in zip(w, samples, strict=True))
+    mg = sum(wi * s[1] for wi, s in zip(w, samples, strict=True))
+    result = tracker.noise_scale()
+    assert (result.trace_sigma, result.grad_norm_sq) == pytest.approx((mt, mg), rel=1e-9)
+    assert result.b_simple == pytest.approx(mt / mg)
+    w2 = sum(x * x for x in w)
+
+    def cov(a, b, ma, mb):
+        return (
+            w2
+            / (1 - w2)
+            * sum(wi * (s[a] - ma) * (s[b] - mb) for wi, s in zip(w, samples, strict=True))
+        )
+
+    matrix = [[cov(0, 0, mt, mt), cov(0, 1, mt, mg)], [cov(1, 0, mg, mt), cov(1, 1, mg, mg)]]
+    expected = ratio_interval(mt, mg, matrix, t_quantile(0.95, 1 / w2 - 1))
+    assert result.b_simple_ci == pytest.approx(expected, rel=1e-6)
+    plain = GradientNoiseScaleTracker(beta=1.0)
+    for trace, grad_sq in samples:
+        plain.update([grad_sq + trace / 4], [4], grad_sq + trace / 16, 16)
+    assert plain.noise_scale().trace_sigma == pytest.approx(statistics.mean(s[0] for s in samples))
+
+
+def test_plain_loop_api_and_loss_scale_match_the_engine():
+    task = make_task()
+    engine = GradientNoiseScaleTracker(num_examples=N)
+    batchlab.train(task, 8, accumulation_steps=4, max_steps=4, callbacks=[engine])
+    model = initial_model(task)
+    x, y = task.train_data.tensors
+    loop = GradientNoiseScaleTracker(num_examples=N)
+    for indices in epoch_chunks(N, 32, torch.Generator().manual_seed(0))[:4]:
+        for p in model.parameters():
+            p.grad = None
+        for idx in indices.split(8):
+            # A GradScaler-style scaled loss: the tracker divides the scale back out.
+            (task.loss(model, (x[idx], y[idx])) * len(idx) / 32 * 1024.0).backward()
+            loop.after_backward(model, len(idx))
+        loop.end_step(model, loss_scale=1024.0)
+    assert loop.noise_scale().trace_sigma == pytest.approx(
+        engine.noise_scale().trace_sigma, rel=1e-5
+    )
+    flat = [v for s in loop.samples for v in s[1:]]
+    assert flat == pytest.approx([v for s in engine.samples for v in s[1:]], rel=1e-4)
+
+
+def test_track_noise_records_into_history():
+    task = make_task(lambda params, lr: torch.optim.SGD(params, lr=lr))
+    history = batchlab.train(task, 8, accumulation_steps=4, max_steps=10, track_noise=True)
+    points = history.extras["noise"]
+    assert [p["step"] for p in points] == list(range(1, 11))
+    assert set(points[-1]) >= {"step", "examples", "b_simple", "b_simple_ci", "reliable"}
+    assert points[-1]["examples"] == 320
+    again = History.from_json(history.to_json())
+    assert again.extras["noise"][-1]["b_simple"] == pytest.approx(points[-1]["b_simple"])
+    with pytest.raises(ConfigError) as err:
+        batchlab.train(task, 8, max_steps=2, track_noise=True)
+    assert "accumulation_steps >= 2" in str(err.value)
+
+
+def test_existing_micro_hook_is_chained_and_restored():
+    task = make_task()
+    calls = []
+
+    class Other(batchlab.TrainCallback):
+        def on_start(self, state):
+            state.step_fn.micro_hook = lambda i, k, n: calls.append(i)
+            self.step_fn = state.step_fn
+
+    other, tracker = Other(), GradientNoiseScaleTracker()
+    batchlab.train(task, 8, accumulation_steps=4, max_steps=2, callbacks=[other, tracker])
+    assert calls == [0, 1, 2, 3] * 2
+    assert len(tracker.samples) == 2
+    assert other.step_fn.micro_hook is not None and other.step_fn.micro_hook.__name__ == "<lambda>"
+
+
+def test_preconditioned_uses_adams_second_moments():
+    task = make_task(lambda params, lr: torch.optim.Adam(params, lr=0.0))
+    model = initial_model(task)
+    opt = task.optimizer(model.parameters(), 0.0)
+    x, y = task.train_data.tensors
+    chunks = epoch_chunks(N, 32, torch.Generator().manual_seed(0))
+    tracker = GradientNoiseScaleTracker(preconditioned=True, num_examples=N)
+    tracker.bind(model, opt)
+    for step, indices in enumerate(chunks[:2]):
+        opt.zero_grad(set_to_none=True)
+        if step == 1:
+            v = [opt.state[p]["exp_avg_sq"] / (1 - 0.999) for p in model.parameters()]
+            scale = [1 / (vi.sqrt() + 1e-8) for vi in v]
+
+            def pre_sq(idx, scale=scale):
+                grads = torch.autograd.grad(
+                    task.loss(model, (x[idx], y[idx])), list(model.parameters())
+                )
+                return sum(
+                    float((g * s).double().square().sum())
+                    for g, s in zip(grads, scale, strict=True)
+                )
+
+            small = statistics.mean(pre_sq(i) for i in indices.split(8))
+            expected = two_batch_estimate(small, 8, pre_sq(indices), 32, N)
+        for idx in indices.split(8):
+            (task.loss(model, (x[idx], y[idx])) / 4).backward()
+            tracker.after_backward(model, 8)
+        tracker.end_step(model)
+        opt.step()
+    pre = tracker.noise_scale().preconditioned
+    assert pre is not None
+    assert (pre.trace_sigma, pre.grad_norm_sq) == pytest.approx(expected, rel=1e-4)
+
+
+def test_non_finite_gradient_names_the_step():
+    task = make_task(poison=7)
+    chunks = epoch_chunks(N, 32, torch.Generator().manual_seed(0))
+    step = next(i + 1 for i, c in enumerate(chunks) if 7 in c.tolist())
+    with pytest.raises(NoiseEstimateError) as err:
+        measure_noise(task, steps=step + 2, every=1)
+    assert f"step {step}" in str(err.value)
+    tracker = GradientNoiseScaleTracker()
+    with pytest.raises(NoiseEstimateError) as err:
+        tracker.update([float("nan")], [4], 1.0, 16, step=12)
+    assert "non-finite gradient norm at step 12" in str(err.value)
+    skipping = GradientNoiseScaleTracker(on_nonfinite="skip")
+    skipping.update([float("inf")], [4], 1.0, 16, step=3)
+    assert skipping.nonfinite_step == 3 and skipping.samples == []
+
+
+def test_bad_settings():
+    with pytest.raises(ConfigError):
+        GradientNoiseScaleTracker(beta=1.5)
+    with pytest.raises(ConfigError):
+        GradientNoiseScaleTracker(on_nonfinite="ignore")
+    with pytest.raises(ConfigError) as err:
+        GradientNoiseScaleTracker().update([1.0], [16], 0.5, 16)
+    assert "smaller than the big batch" in str(err.value)
+    with pytest.raises(NoiseEstimateError):
+        GradientNoiseScaleTracker().bind(nn.Linear(2, 2).requires_grad_(False))
+    with pytest.raises(ConfigError) as err:
+        measure_noise(make_task(), steps=4, micro_batches=5)
+    assert "divisor" in str(err.value)
+
+
+def test_too_few_steps_is_unreliable_not_garbage():
+    tracker = GradientNoiseScaleTracker()
+    assert tracker.noise_scale().b_simple is None
+    tracker.update([1.0], [4], 0.5, 16)
+    result = tracker.noise_scale()
+    assert not result.reliable and "too few samples" in result.reason
+
+
+@pytest.mark.parametrize("method", ["two-batch", "per-example"])
+def test_measure_noise_records_points_and_round_trips(method):
+    task = make_task(lambda params, lr: torch.optim.SGD(params, lr=lr))
+    run = measure_noise(task, steps=12, every=5, method=method)
+    assert [p.step for p in run.points] == [5, 10, 12]
+    assert [p.examples for p in run.points] == [160, 320, 384]
+    assert all(p.train_loss is not None and p.train_loss > 0 for p in run.points)
+    assert run.method == method and run.batch_size == 32
+    assert run.micro_batch_size == (8 if method == "two-batch" else 1)
+    assert run.final.b_simple == run.points[-1].b_simple
+    data = run.to_dict()
+    assert set(data) >= {"points", "final"}
+    assert set(data["points"][0]) >= {"step", "examples", "train_loss", "b_simple", "b_simple_ci"}
+    assert NoiseRun.from_json(run.to_json()) == run
+
+
+# --- DDP -------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    task = make_task()
+    model = DDP(initial_model(task))
+    tracker = GradientNoiseScaleTracker(num_examples=N)
+    tracker.attach_ddp(model)
+    x, y = task.train_data.tensors
+    for indices in epoch_chunks(N, 32, torch.Generator().manual_seed(0))[:3]:
+        local = indices.split(16)[rank]
+        model.zero_grad(set_to_none=True)
+        task.loss(model, (x[local], y[local])).backward()
+        tracker.ddp_end_step(model, 16)
+    if rank == 0:
+        torch.save([s[1:] for s in tracker.samples], out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_replicas_are_the_small_batches(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "samples.pt")
+    mp.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    got = torch.load(out)
+    task = make_task()
+    model = initial_model(task)
+    expected = []
+    for indices in epoch_chunks(N, 32, torch.Generator().manual_seed(0))[:3]:
+        small, big = micro_sq_norms(model, task, indices, 16)
+        expected.append(two_batch_estimate(statistics.mean(small), 16, big, 32, N))
+    assert [v for s in got for v in s] == pytest.approx([v for s in expected for v in s], rel=1e-4)
+
+
+def test_build_noise_scale_is_shared():
+    """The tracker and the standalone estimator return the same result type and verdicts."""
+    direct = build_noise_scale(2.0, 0.2, None, 0, num_examples=1, method="two-batch")
+    assert type(direct) is type(GradientNoiseScaleTracker().noise_scale())
+    assert math.isinf(direct.b_simple_ci[1])
