@@ -32,12 +32,15 @@ class _ProbeProgress:
     """Progress bars on stderr: memory steps (open-ended), then throughput windows."""
 
     def __init__(self, enabled: bool) -> None:
+        console = Console(stderr=True)
+        # Only on a terminal: in logs and pipes a progress bar is noise.
+        enabled = enabled and console.is_terminal
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
-            console=Console(stderr=True),
+            console=console,
             transient=True,
             disable=not enabled,
         )

@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 
 from batchlab.data import Batcher
-from batchlab.errors import ConfigError, MemoryBudgetError
+from batchlab.errors import BatchlabError, ConfigError, MemoryBudgetError, TaskError
 from batchlab.measure.state import preserve_training_state, release_memory
 from batchlab.results import JsonResult
 from batchlab.step import TrainStep, autocast_context, make_grad_scaler, resolve_device
@@ -794,7 +794,15 @@ def _search_fresh_model(
 
     def run_step(b: int) -> StepPeak:
         step.micro_batch_size = b
-        peak = measure_step_memory(step, order[:b], baseline=baseline)
+        try:
+            peak = measure_step_memory(step, order[:b], baseline=baseline)
+        except Exception as exc:
+            if is_oom_error(exc) or isinstance(exc, BatchlabError):
+                raise
+            raise TaskError(
+                f"a training step of task {task.name!r} at batch size {b} failed: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
         timings[b] = peak.seconds or 0.0
         if progress is not None:
             progress("memory", len(timings), None)
