@@ -7,7 +7,19 @@ from batchlab.measure.memory import MemoryProbe, parse_size, probe_memory
 from batchlab.measure.noise import NoiseScale, gradient_noise_scale
 from batchlab.measure.noise_tracker import GradientNoiseScaleTracker, NoiseRun, measure_noise
 from batchlab.measure.probe import ProbeResult, probe
+from batchlab.measure.run_stats import DistanceFromInit, GradNormTracker
+from batchlab.measure.sharpness import Sharpness, epsilon_sharpness, hessian_top_eigenvalue
 from batchlab.measure.throughput import ThroughputProfile, profile_throughput
+from batchlab.sweep import (
+    StepsFit,
+    SweepAnalysis,
+    SweepSpec,
+    analyze_sweep,
+    fit_steps_to_target,
+    load_sweep,
+    make_sweep_spec,
+    run_sweep,
+)
 from batchlab.task import Task, load_task
 from batchlab.theory import BatchArithmetic, adascale_gain, calc, scale_lr
 from batchlab.train import TrainCallback, evaluate, train
@@ -16,7 +28,9 @@ __all__ = [
     "AdaptiveBatchSize",
     "BatchArithmetic",
     "BatchlabError",
+    "DistanceFromInit",
     "Evaluation",
+    "GradNormTracker",
     "GradientNoiseScaleTracker",
     "History",
     "MemoryProbe",
@@ -24,19 +38,30 @@ __all__ = [
     "NoiseScale",
     "ProbeResult",
     "ResizableBatchSampler",
+    "Sharpness",
+    "StepsFit",
+    "SweepAnalysis",
+    "SweepSpec",
     "Task",
     "ThroughputProfile",
     "TrainCallback",
     "adascale_gain",
+    "analyze_sweep",
     "calc",
+    "epsilon_sharpness",
     "evaluate",
+    "fit_steps_to_target",
     "gradient_noise_scale",
+    "hessian_top_eigenvalue",
+    "load_sweep",
     "load_task",
+    "make_sweep_spec",
     "measure_noise",
     "parse_size",
     "probe",
     "probe_memory",
     "profile_throughput",
+    "run_sweep",
     "scale_lr",
     "train",
     "train_adaptive",
