@@ -181,6 +181,30 @@ def test_micro_batch_norms_estimate_the_exact_noise_scale(sizes, weighting):
     assert estimate.b_simple() == pytest.approx(exact, rel=0.15)
 
 
+def test_micro_batch_norms_without_the_last_micro_batch():
+    """The HF Trainer path: the last of k micro-batches is clipped before a hook sees it."""
+    from batchlab.adaptive.grad_norms import MicroBatchGradNorms
+    from batchlab.adaptive.noise_source import TwoBatchEMA
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 5, generator=g, dtype=torch.float64)
+    y = torch.randn(64, generator=g, dtype=torch.float64)
+    w = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    exact = exact_b_simple(x, y, w.detach())
+    estimate = TwoBatchEMA(decay=0.999)
+    norms = MicroBatchGradNorms([w], estimate.update, weighting="equal")
+    for _ in range(1500):
+        w.grad = None
+        for i in range(3):
+            idx = torch.randint(0, 64, (8,), generator=g)
+            (0.5 * ((x[idx] @ w - y[idx]) ** 2).mean() / 3).backward()
+            if i < 2:
+                norms.after_backward(8)
+        w.grad.mul_(0.01)  # clipping the whole step must not matter
+        norms.end_step(num_micro=3)
+    assert estimate.b_simple() == pytest.approx(exact, rel=0.15)
+
+
 def test_engine_measures_noise_without_help():
     h = train_adaptive(tiny_task(512), epochs=3, interval=8, device="cpu")
     values = [d["b_simple"] for d in h.extras["adaptive"]["decisions"][1:]]

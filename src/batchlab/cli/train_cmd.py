@@ -76,6 +76,7 @@ def train(
             epochs=epochs,
             max_steps=max_steps,
             warmup_steps=warmup_steps,
+            lr_rule="auto" if lr_rule == "none" else lr_rule,  # adascale, sqrt-adascale
             memory_cap=memory_cap,
             b_simple=b_simple,
             amp=amp,
