@@ -10,6 +10,7 @@ import sys
 import typer
 
 from batchlab.cli.calc_cmd import calc
+from batchlab.cli.noise_cmd import noise
 from batchlab.cli.plan_cmd import plan
 from batchlab.cli.probe_cmd import probe
 from batchlab.cli.report_cmd import report
@@ -31,6 +32,7 @@ app.command()(probe)
 app.command()(plan)
 app.command()(sweep)
 app.command()(report)
+app.command()(noise)
 
 
 def _error(message: str) -> None:

@@ -230,16 +230,18 @@ def build_noise_scale(
     if reason is not None:
         pass
     elif grad_sq <= 0:
+        floor = f" (B_simple is likely above {ci[0]:.3g})" if ci[0] > 0 else ""
         reason = (
-            f"|G|^2 estimate <= 0: the gradient is below the noise at this sample size "
-            f"(B_simple is likely above {ci[0]:.3g}); use more or bigger batches"
+            "|G|^2 estimate <= 0: the gradient is below the noise at this sample size"
+            f"{floor}; use more or bigger batches"
         )
     elif trace <= 0:
         reason = "tr(Σ) estimate <= 0: no measurable gradient noise; B_simple is near 0"
     elif math.isinf(ci[1]):
+        floor = f" (B_simple >= {ci[0]:.3g})" if ci[0] > 0 else ""
         reason = (
-            f"interval unbounded: |G|^2 is not significantly above 0 at {confidence:.0%} "
-            f"(B_simple >= {ci[0]:.3g}); use more or bigger batches"
+            f"interval unbounded: |G|^2 is not significantly above 0 at {confidence:.0%}"
+            f"{floor}; use more or bigger batches"
         )
     elif ci[0] <= 0 or ci[1] / ci[0] > max_ci_ratio:
         ratio = ci[1] / ci[0] if ci[0] > 0 else math.inf

@@ -1,0 +1,112 @@
+"""Plot of a `NoiseRun`: B_simple against step, with its interval, and the training loss.
+
+`plot_noise_run(run, ax=None)` draws into `ax` (a new figure without pyplot state when
+None) and returns it; the loss goes on a twin axis (`ax.loss_axis`). The plot draws what
+was measured and computes nothing new.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from batchlab.measure.noise_tracker import NoiseRun
+
+FIGSIZE = (7.0, 4.2)
+NOISE_COLOR = "#2f6fde"
+LOSS_COLOR = "#e4572e"
+BATCH_COLOR = "#555555"
+
+
+def _new_axes() -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=FIGSIZE, layout="constrained").subplots()
+
+
+def plot_noise_run(run: NoiseRun, ax: Any = None) -> Any:
+    """B_simple (log scale) with its confidence band, unreliable points hollow; loss on a
+    second axis; the reference batch as a dotted line for scale."""
+    ax = ax if ax is not None else _new_axes()
+    pts = [p for p in run.points if p.b_simple is not None]
+    finite_highs = [p.b_simple_ci[1] for p in run.points if math.isfinite(p.b_simple_ci[1])]
+    values = [p.b_simple for p in pts] + finite_highs + [run.batch_size]
+    lows = [p.b_simple_ci[0] for p in run.points if p.b_simple_ci[0] > 0]
+    top = max(values) * 1.6
+    bottom = min(values + lows) / 1.6
+    # An unbounded interval reaches the top of the axes.
+    steps = [p.step for p in run.points]
+    band_low = [max(p.b_simple_ci[0], bottom) for p in run.points]
+    band_high = [min(p.b_simple_ci[1], top) for p in run.points]
+    level = f"{run.final.confidence:.0%}"
+    ax.fill_between(
+        steps, band_low, band_high, color=NOISE_COLOR, alpha=0.18, lw=0, label=f"{level} interval"
+    )
+    ax.plot([p.step for p in pts], [p.b_simple for p in pts], "-", color=NOISE_COLOR, lw=1.4)
+    good = [p for p in pts if p.reliable]
+    weak = [p for p in pts if not p.reliable]
+    ax.plot(
+        [p.step for p in good],
+        [p.b_simple for p in good],
+        "o",
+        color=NOISE_COLOR,
+        ms=4,
+        label="B_simple",
+    )
+    if weak:
+        ax.plot(
+            [p.step for p in weak],
+            [p.b_simple for p in weak],
+            "o",
+            mfc="white",
+            color=NOISE_COLOR,
+            ms=4,
+            label="unreliable",
+        )
+    ax.axhline(
+        run.batch_size, color=BATCH_COLOR, ls=":", lw=1, label=f"reference batch {run.batch_size}"
+    )
+    ax.set_yscale("log")
+    ax.set_ylim(bottom, top)
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("B_simple = tr(Σ) / |G|²", color=NOISE_COLOR)
+    ax.set_title(
+        f"Gradient noise scale: {run.task} ({run.method}, seed {run.seed})", fontsize=11, loc="left"
+    )
+    ax.grid(True, alpha=0.3, which="both")
+    ax.spines["top"].set_visible(False)
+
+    loss_ax = ax.twinx()
+    loss_pts = [p for p in run.points if p.train_loss is not None]
+    loss_ax.plot(
+        [p.step for p in loss_pts],
+        [p.train_loss for p in loss_pts],
+        "s--",
+        color=LOSS_COLOR,
+        ms=3,
+        lw=1.1,
+        label="train loss",
+    )
+    loss_ax.set_ylabel("train loss (mean since the previous point)", color=LOSS_COLOR)
+    loss_ax.spines["top"].set_visible(False)
+    handles, labels = ax.get_legend_handles_labels()
+    more_h, more_l = loss_ax.get_legend_handles_labels()
+    ax.legend(handles + more_h, labels + more_l, fontsize=8, loc="best", framealpha=0.8)
+    ax.loss_axis = loss_ax
+    return ax
+
+
+def save_noise_plot(run: NoiseRun, path: str | Path) -> Path:
+    """Write `plot_noise_run` as a PNG; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ax = plot_noise_run(run)
+    ax.figure.savefig(path, dpi=120)
+    return path
