@@ -98,7 +98,7 @@ def plot_val_curves(
     runs = _main_records(records, analysis)
     colors = _batch_colors([r.spec.batch_size for r in runs])
     for r in runs:
-        evals = r.history.evals
+        evals = [ev for ev in r.history.evals if ev.epoch > 0]  # log axis: skip the init eval
         ys = [ev.val_loss if metric == "loss" else ev.metrics.get(metric) for ev in evals]
         ax.plot(
             [ev.epoch for ev in evals],
@@ -109,7 +109,11 @@ def plot_val_curves(
         )
     label = "val loss" if metric == "loss" else f"val {metric}"
     group = analysis.groups[0].label if analysis.groups else ""
-    _style(ax, f"{label} vs epoch ({group}, repeat 0)", "epoch", label, logx=False)
+    _style(ax, f"{label} vs epoch ({group}, repeat 0)", "epoch (log)", label, logx=False)
+    if runs:
+        # Big batches may run many more epochs (at least --min-steps steps): a log axis
+        # keeps the first epochs of every batch size readable.
+        ax.set_xscale("log")
     if metric == "loss":
         finite = [
             y

@@ -79,6 +79,7 @@ QUALITY_HEADERS = [
     "B",
     "min val loss",
     "final val acc",
+    "train loss",
     "gap (acc)",
     "gap (loss)",
     "lambda_max",
@@ -115,6 +116,7 @@ def quality_rows(group: GroupAnalysis) -> list[list[str]]:
             str(p.batch_size),
             fmt(p.min_val_loss),
             fmt(p.final_val_acc),
+            fmt(p.final_train_loss),
             fmt(p.gap_acc),
             fmt(p.gap_loss),
             fmt(p.sharpness),
@@ -303,7 +305,8 @@ def sweep_page(
             plots.plot_sharpness(analysis).figure,
             "Sharpness at the end: "
             + (hess["description"] if hess else "top Hessian eigenvalue")
-            + ".",
+            + ". Cross-entropy curvature vanishes as the train loss goes to 0, so compare it "
+            "with the train loss in the table above.",
         )
     )
     page.figures(figs)

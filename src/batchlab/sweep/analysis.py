@@ -115,6 +115,7 @@ class BatchPoint(JsonResult):
     min_val_loss: float | None = None
     final_val_loss: float | None = None
     final_val_acc: float | None = None
+    final_train_loss: float | None = None
     gap_loss: float | None = None
     gap_acc: float | None = None
     sharpness: float | None = None
@@ -422,6 +423,7 @@ def _point(batch: int, runs: list[RunMetrics]) -> BatchPoint:
         min_val_loss=med("min_val_loss"),
         final_val_loss=med("final_val_loss"),
         final_val_acc=med("final_val_acc"),
+        final_train_loss=med("final_train_loss"),
         gap_loss=med("gap_loss"),
         gap_acc=med("gap_acc"),
         sharpness=med("sharpness"),
