@@ -3,10 +3,11 @@ micro-batches (or DDP replicas), smoothed over steps.
 
 Each optimizer step that accumulates k >= 2 micro-batches gives one unbiased sample of
 tr(Σ) and |G|^2 (McCandlish et al. 2018, appendix A.1): the micro-batch gradients are the
-small batches, their weighted mean (the step's gradient) the big batch. The micro-batch
-gradient is not in `.grad` (which accumulates), so the tracker keeps one copy of the
-previous `.grad` and takes the norm of the difference: three fused passes over the
-parameters per micro-batch, against a forward and backward pass over a whole micro-batch.
+small batches, their weighted mean (the step's gradient) the big batch. A micro-batch's
+gradient is normally lost in `.grad`, which accumulates; the tracker instead moves each
+micro-batch's fresh gradient into its own running sum (the addition autograd would have
+done) and takes its norm, so the only extra work is one norm pass per micro-batch
+(`_MicroNorms`). The step's gradient, and so training, is bitwise unchanged.
 
 The samples are averaged with an exponential moving average, numerator and denominator
 separately and bias-corrected (appendix A.1: the ratio of unbiased averages, never the
@@ -105,14 +106,14 @@ class _WeightedMoments:
 @dataclass
 class _Pending:
     step: int
-    small_sq: list[torch.Tensor]  # squared norms of the *weighted* micro contributions
+    small_sq: list[list[torch.Tensor]]  # per-parameter norms of each weighted contribution
     weights: list[float]  # each micro-batch's weight in the step's gradient
     sizes: list[int]
-    big_sq: torch.Tensor
+    big_sq: list[torch.Tensor]  # per-parameter norms of the step's gradient
     big_size: int
     scale: float  # AMP loss scale the gradients carry
-    pre_small_sq: list[torch.Tensor] | None = None
-    pre_big_sq: torch.Tensor | None = None
+    pre_small_sq: list[list[torch.Tensor]] | None = None
+    pre_big_sq: list[torch.Tensor] | None = None
 
 
 class GradientNoiseScaleTracker(TrainCallback):
@@ -121,14 +122,14 @@ class GradientNoiseScaleTracker(TrainCallback):
     Args:
         beta: EMA decay per optimizer step (0.95: a window of about 20 steps; 1.0: the
             plain mean over all steps, for a model whose weights do not change).
-        every: record a point every this many steps (engine use; `points`).
+        every: record a point every this many steps, and at the last (engine use; `points`).
         num_examples: training-set size N for the finite-population correction (the engine
             fills it in); None treats batches as drawn with replacement.
         preconditioned: also track B_simple of Adam-preconditioned gradients g/(sqrt(v)+eps)
             (needs an Adam-like optimizer; costs a few more passes per micro-batch).
-        all_micro: measure every micro-batch's gradient (k small-batch samples per step:
-            one gradient copy and two passes per micro-batch), or only the first one (no
-            copy; an unbiased but noisier tr(Σ)).
+        all_micro: measure every micro-batch's gradient (k small-batch samples per step),
+            or only the first one (a norm less per micro-batch; unbiased, but tr(Σ) is
+            about 3x noisier on MNIST-1D, so the default is all).
         on_nonfinite: `raise` (a NoiseEstimateError naming the step) or `skip` (drop the
             sample and remember the step in `nonfinite_step`). Steps an AMP GradScaler
             skips for overflow are always dropped.
@@ -139,7 +140,7 @@ class GradientNoiseScaleTracker(TrainCallback):
         self,
         *,
         beta: float = DEFAULT_BETA,
-        every: int = 1,
+        every: int = 10,
         num_examples: int | None = None,
         confidence: float = DEFAULT_CONFIDENCE,
         max_ci_ratio: float = MAX_CI_RATIO,
@@ -197,7 +198,12 @@ class GradientNoiseScaleTracker(TrainCallback):
         self._optimizer = optimizer
 
     def after_backward(self, model: nn.Module, micro_size: int, *, last: bool = False) -> None:
-        """Call after each micro-batch's backward; `last=True` on the last one saves a copy."""
+        """Call after each micro-batch's backward (loss scaled by its share of the step).
+
+        Between calls `.grad` holds only the latest micro-batch's gradient (the tracker
+        keeps the running sum); `end_step` puts the step's sum back, so call it before
+        clipping or `optimizer.step()`.
+        """
         if model is not self._bound:
             self.bind(model, self._optimizer)
         self._micro(micro_size, last)
@@ -273,13 +279,14 @@ class GradientNoiseScaleTracker(TrainCallback):
         dist.all_reduce(local)  # sum over replicas
         world = dist.get_world_size()
         grads = [p.grad for p in self._params if p.grad is not None]
-        big = torch.stack(torch._foreach_norm(grads)).double().square().sum()
+        big = torch._foreach_norm(grads)
         self._steps += 1
-        # The replicas' mean of |g_r|^2 stands for all of them: a = mean_r |g_r|^2.
+        # The replicas' mean of |g_r|^2 stands for all of them: a = mean_r |g_r|^2
+        # (stored as a norm, like the per-parameter norms elsewhere).
         self._pending.append(
             _Pending(
                 self._steps,
-                [local / world],
+                [[(local.double() / world).sqrt()]],
                 [1.0],
                 [local_batch_size],
                 big,
@@ -390,6 +397,7 @@ class GradientNoiseScaleTracker(TrainCallback):
     def _finish_step(self, step: int, scale: float) -> None:
         sizes, self._micro_sizes = self._micro_sizes, []
         norms = self._norms
+        norms.restore()  # `.grad` holds the step's gradient again, whatever happens next
         if len(sizes) >= 2:
             big, pre_big = norms.total()
             measured = sizes if self.all_micro else sizes[:1]
@@ -415,16 +423,22 @@ class GradientNoiseScaleTracker(TrainCallback):
         if not pending:
             return
         # One device-to-host copy for everything pending (a single sync on CUDA).
-        flat = [t.reshape(()) for item in pending for t in _tensors_of(item)]
-        values = iter(torch.stack(flat).double().tolist())
+        groups = [parts for item in pending for parts in _parts_of(item)]
+        flat = [t.reshape(()) for parts in groups for t in parts]
+        values = torch.stack(flat).double().tolist() if flat else []
+        sums, start = [], 0
+        for parts in groups:  # each group: the per-parameter norms of one gradient
+            sums.append(math.fsum(v * v for v in values[start : start + len(parts)]))
+            start += len(parts)
+        sums = iter(sums)
         for item in pending:
             scale2 = item.scale * item.scale
-            small = [next(values) / (scale2 * w * w) for w in item.weights]
-            big = next(values) / scale2
+            small = [next(sums) / (scale2 * w * w) for w in item.weights]
+            big = next(sums) / scale2
             pre_small = pre_big = None
             if item.pre_small_sq is not None:
-                pre_small = [next(values) / (scale2 * w * w) for w in item.weights]
-                pre_big = next(values) / scale2
+                pre_small = [next(sums) / (scale2 * w * w) for w in item.weights]
+                pre_big = next(sums) / scale2
             big_size = item.big_size
             if not all(math.isfinite(v) for v in (*small, big)):
                 if item.scale != 1.0:  # an AMP overflow step: the scaler skips it too
@@ -466,133 +480,94 @@ class GradientNoiseScaleTracker(TrainCallback):
 
 
 class _MicroNorms:
-    """Squared norms of each micro-batch's contribution to `.grad`, and of the total.
+    """Norms of each micro-batch's contribution to `.grad`, and of the step's total.
 
-    After the first micro-batch's backward, the gradients are moved into one flat buffer
-    and `.grad` becomes views of it, so later backward passes accumulate into it and each
-    norm, difference or copy is one kernel instead of one per parameter (on small models
-    the per-call overhead, not the arithmetic, is the cost). Falls back to per-parameter
-    lists for mixed dtypes/devices, sparse gradients or parameters without a gradient.
+    The trick that makes it nearly free: after each micro-batch's backward, the tracker
+    takes the fresh gradients out of `.grad` and adds them into its own running sum, then
+    leaves `.grad` empty. The next backward then writes its gradient into a fresh tensor
+    (autograd hands it over without a copy) instead of adding it in place, so `.grad` holds
+    exactly that micro-batch's contribution. Folding it into the running sum is the same
+    addition autograd would have done, in the same order (the step's gradient is bitwise
+    unchanged); the only extra work is one norm per micro-batch. After the last one the
+    sum goes back into `.grad`.
+
+    Norms stay on the device as per-parameter 0-d tensors until the tracker flushes them.
     """
 
     def __init__(self, params: list[nn.Parameter], all_micro: bool) -> None:
         self.params = params
         self.all_micro = all_micro
-        self.sq: list[torch.Tensor] = []
-        self.pre_sq: list[torch.Tensor] = []
-        self.flat: torch.Tensor | None = None
-        self.views: list[torch.Tensor] = []
-        kinds = {(p.dtype, p.device) for p in params}
-        if len(kinds) == 1:
-            dtype, device = kinds.pop()
-            self.flat = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=device)
-            offset = 0
-            for p in params:
-                self.views.append(self.flat[offset : offset + p.numel()].view_as(p))
-                offset += p.numel()
-        self.snap_flat: torch.Tensor | None = None
-        self.on_flat = False
-        self.pre2: torch.Tensor | list[torch.Tensor] | None = None  # (1/(sqrt(v)+eps))^2
-        self.snap: list[torch.Tensor | None] = [None] * len(params)
-        self.snapped = [False] * len(params)
+        self.sq: list[list[torch.Tensor]] = []  # per micro-batch: per-parameter norms
+        self.pre_sq: list[list[torch.Tensor]] = []
+        self.running: list[torch.Tensor | None] = [None] * len(params)
+        self.pre: list[torch.Tensor] | None = None
 
     def micro(self, index: int, last: bool, precond: list[torch.Tensor] | None) -> None:
-        # The hot path: a few tensor calls and no context managers (gradients never
-        # require grad here, so nothing is recorded).
+        params = self.params
         if index == 0:
-            self._start(precond)
+            self.pre = precond
         elif not self.all_micro:
+            return  # only the first micro-batch is measured; autograd accumulates as usual
+        grads = [p.grad for p in params]
+        live = [g for g in grads if g is not None]
+        if any(g.is_sparse for g in live):
+            live = [g.coalesce().values() if g.is_sparse else g for g in live]
+        self.sq.append(torch._foreach_norm(live))
+        if self.pre is not None:
+            weights = [d for d, g in zip(self.pre, grads, strict=True) if g is not None]
+            self.pre_sq.append(torch._foreach_norm(torch._foreach_mul(live, weights)))
+        if not self.all_micro:
             return
-        if not self.on_flat:
-            with torch.no_grad():
-                self._micro_lists(index, self.all_micro and not last)
-            return
-        flat = self.flat
-        diff = flat if index == 0 else self.snap_flat.sub_(flat)  # previous - current
-        self.sq.append(torch.dot(diff, diff))
-        if self.pre2 is not None:
-            self.pre_sq.append(torch.dot(diff * diff, self.pre2))
-        if self.all_micro and not last:
-            self.snap_flat.copy_(flat)
-
-    def _start(self, precond: list[torch.Tensor] | None) -> None:
-        self.on_flat = self._adopt()
-        if self.on_flat and self.all_micro and self.snap_flat is None:
-            self.snap_flat = torch.empty_like(self.flat)
-        self.snapped = [False] * len(self.params)
-        self.pre2 = None
-        if precond is not None:
-            if self.on_flat:
-                self.pre2 = torch.cat([d.reshape(-1) for d in precond]).square_()
+        running = self.running
+        if index == 0:
+            running[:] = grads
+        else:
+            pairs = [(r, g) for r, g in zip(running, grads, strict=True)]
+            both = [j for j, (r, g) in enumerate(pairs) if r is not None and g is not None]
+            if len(both) == len(params) and not any(g.is_sparse for g in grads):
+                torch._foreach_add_(running, grads)
             else:
-                self.pre2 = [d * d for d in precond]
+                for j, (r, g) in enumerate(pairs):
+                    if g is None:
+                        continue
+                    if r is None:
+                        running[j] = g
+                    else:
+                        running[j] = r.add_(g) if not r.is_sparse else r + g
+        if last:
+            for p, r in zip(params, running, strict=True):
+                p.grad = r
+            self.running = [None] * len(params)
+        else:
+            for p in params:
+                p.grad = None
 
-    def total(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        with torch.no_grad():
-            if self.on_flat:
-                big = torch.dot(self.flat, self.flat)
-                pre = None if self.pre2 is None else torch.dot(self.flat * self.flat, self.pre2)
-                return big, pre
-            live = [j for j, p in enumerate(self.params) if p.grad is not None]
-            grads = [self.params[j].grad for j in live]
-            pre = None
-            if self.pre2 is not None:
-                pre = _weighted_sq(grads, [self.pre2[j] for j in live])
-            return _sq_norm(grads), pre
+    def restore(self) -> None:
+        """Put the running sum back into `.grad` (when the last micro-batch was not flagged)."""
+        if any(r is not None for r in self.running):
+            for p, r in zip(self.params, self.running, strict=True):
+                if r is not None:
+                    p.grad = r
+            self.running = [None] * len(self.params)
 
-    def _adopt(self) -> bool:
-        """Move this step's gradients into the flat buffer (once, after micro-batch 0)."""
-        if self.flat is None:
-            return False
+    def total(self) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        self.restore()
         grads = [p.grad for p in self.params]
-        if all(g is v for g, v in zip(grads, self.views, strict=True)):
-            return True  # zero_grad(set_to_none=False) kept our views
-        if any(g is None or g.is_sparse or g.dtype != self.flat.dtype for g in grads):
-            return False
-        torch.cat([g.reshape(-1) for g in grads], out=self.flat)
-        for p, view in zip(self.params, self.views, strict=True):
-            p.grad = view
-        return True
-
-    def _micro_lists(self, index: int, keep: bool) -> None:
-        live = [j for j, p in enumerate(self.params) if p.grad is not None]
-        grads = [self.params[j].grad for j in live]
-        if index > 0 and all(self.snapped[j] for j in live):
-            diffs = [self.snap[j] for j in live]
-            torch._foreach_sub_(diffs, grads)
-        else:  # a parameter's first gradient in this step is all contribution
-            diffs = [
-                g - self.snap[j] if self.snapped[j] else g for j, g in zip(live, grads, strict=True)
-            ]
-        self.sq.append(_sq_norm(diffs))
-        if self.pre2 is not None:
-            self.pre_sq.append(_weighted_sq(diffs, [self.pre2[j] for j in live]))
-        if keep:
-            for j, g in zip(live, grads, strict=True):
-                if self.snap[j] is None or self.snap[j].shape != g.shape:
-                    self.snap[j] = torch.empty_like(g)
-            torch._foreach_copy_([self.snap[j] for j in live], grads)
-            for j in live:
-                self.snapped[j] = True
+        live = [g for g in grads if g is not None]
+        if any(g.is_sparse for g in live):
+            live = [g.coalesce().values() if g.is_sparse else g for g in live]
+        pre = None
+        if self.pre is not None:
+            weights = [d for d, g in zip(self.pre, grads, strict=True) if g is not None]
+            pre = torch._foreach_norm(torch._foreach_mul(live, weights))
+        return torch._foreach_norm(live), pre
 
 
-def _weighted_sq(tensors: list[torch.Tensor], weights: list[torch.Tensor]) -> torch.Tensor:
-    if not tensors:
-        return torch.zeros((), dtype=torch.float64)
-    return sum((t.double().square() * w).sum() for t, w in zip(tensors, weights, strict=True))
-
-
-def _tensors_of(item: _Pending) -> list[torch.Tensor]:
+def _parts_of(item: _Pending) -> list[list[torch.Tensor]]:
     out = [*item.small_sq, item.big_sq]
     if item.pre_small_sq is not None:
         out += [*item.pre_small_sq, item.pre_big_sq]
     return out
-
-
-def _sq_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    if not tensors:
-        return torch.zeros((), dtype=torch.float64)
-    return torch.stack(torch._foreach_norm(tensors)).double().square().sum()
 
 
 # --- batchlab noise ----------------------------------------------------------------------
