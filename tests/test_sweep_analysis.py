@@ -282,3 +282,18 @@ def test_first_reaching_uses_the_first_evaluation_that_meets_the_target():
     assert first_reaching(record.history, parse_target("val_acc>=0.8"))[0] == 40
     assert first_reaching(record.history, parse_target("val_loss<=0.3"))[0] == 40
     assert first_reaching(record.history, parse_target("val_acc>=0.95")) is None
+
+
+def test_auto_target_suits_the_weaker_optimizer():
+    spec = make_sweep_spec("dots", batch_sizes="32,64,128", optimizers="sgd,adam", max_steps=100)
+    accs = {"sgd": 0.9, "adam": 0.7}
+    records = [fake_record(r, reach_step=50, acc_final=accs[r.optimizer]) for r in spec.runs]
+    assert str(auto_target(records)) == "val_acc>=0.66"  # floor(0.95 * 0.7 * 100) / 100
+
+
+def test_a_run_that_never_learned_is_flagged():
+    spec = make_sweep_spec("digits-mlp", batch_sizes="16,32", max_steps=100)
+    records = [fake_record(spec.runs[0], reach_step=40), fake_record(spec.runs[1], reach_step=None)]
+    analysis = analyze_sweep(spec, records, target="val_acc>=0.8", n_boot=0)
+    assert [p.stalled for p in analysis.groups[0].points] == [0, 1]
+    assert any("B=32 did not learn in 1 of 1 repeats" in w for w in analysis.warnings)

@@ -39,6 +39,7 @@ main { max-width:1180px; margin:0 auto; padding:28px 28px 60px; }
 header h1 { margin:0 0 4px; font-size:26px; letter-spacing:-0.01em; }
 header .subtitle { color:var(--muted); margin:0 0 22px; }
 h2 { font-size:19px; margin:34px 0 12px; padding-bottom:6px; border-bottom:1px solid var(--line); }
+h3 { font-size:15px; margin:22px 0 8px; }
 p.note { color:var(--muted); margin:6px 0 12px; }
 .cards { display:grid; grid-template-columns:repeat(auto-fill, minmax(200px, 1fr)); gap:12px; }
 .card { background:var(--card); border:1px solid var(--line); border-radius:10px; padding:14px 16px; }
@@ -49,6 +50,8 @@ p.note { color:var(--muted); margin:6px 0 12px; }
 figure { margin:0; background:var(--card); border:1px solid var(--line); border-radius:10px; padding:10px; }
 figure img { width:100%; height:auto; display:block; }
 figcaption { color:var(--muted); font-size:13px; padding:6px 4px 0; }
+.grid, figure { margin-bottom:14px; }
+.grid figure { margin-bottom:0; }
 .grid { display:grid; grid-template-columns:repeat(auto-fit, minmax(460px, 1fr)); gap:14px; }
 .table-wrap { overflow-x:auto; background:var(--card); border:1px solid var(--line); border-radius:10px; }
 table { border-collapse:collapse; width:100%; font-size:14px; font-variant-numeric:tabular-nums; }
@@ -112,6 +115,11 @@ class HtmlPage:
         self._blocks.append(f"<h2>{esc(heading)}</h2>")
         if note:
             self.paragraph(note)
+        return self
+
+    def subsection(self, heading: str) -> HtmlPage:
+        """A smaller heading inside a section."""
+        self._blocks.append(f"<h3>{esc(heading)}</h3>")
         return self
 
     def paragraph(self, text: str) -> HtmlPage:

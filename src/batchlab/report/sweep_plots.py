@@ -58,6 +58,11 @@ def _style(
 
 
 def _batch_ticks(ax: Any, batches: Sequence[int]) -> None:
+    kept: list[int] = []
+    for b in sorted(batches):  # skip ticks too close to the previous one to read
+        if not kept or b >= 1.3 * kept[-1]:
+            kept.append(b)
+    batches = kept
     if batches:
         ax.set_xticks(list(batches))
         ax.set_xticklabels([str(b) for b in batches], fontsize=8)
@@ -372,34 +377,47 @@ def plot_distance_from_init(
     return ax
 
 
-def plot_plan_speedup(analysis: SweepAnalysis, ax: Any = None) -> Any:
-    """The plan's predicted speedup over its reference batch next to the measured one."""
-    import numpy as np
+def plot_plan_check(analysis: SweepAnalysis, what: str = "speedup", ax: Any = None) -> Any:
+    """The plan against measurement, vs batch size, relative to the plan's reference batch.
 
+    `what="speedup"`: time to target, reference / B (the plan's `predicted_speedup`).
+    `what="steps"`: steps to target, reference / B (the plan's steps model alone).
+    Predicted values are a line through the plan's candidates; measured ones are markers,
+    filled for the plan's own batches (with its LRs), hollow for ladder batches.
+    """
     ax = ax if ax is not None else new_axes()
-    rows = [
-        r
-        for r in analysis.plan
-        if r.predicted_speedup is not None or r.measured_speedup is not None
-    ]
-    labels = [f"{r.role}\nB={r.batch_size}" for r in rows]
-    x = np.arange(len(rows))
-    pred = [r.predicted_speedup or 0 for r in rows]
-    meas = [r.measured_speedup or 0 for r in rows]
-    ax.bar(x - 0.2, pred, 0.4, color="#b8c7e6", label="predicted (plan)")
-    ax.bar(x + 0.2, meas, 0.4, color=GROUP_COLORS[0], label="measured (time to target)")
-    for xi, r in zip(x, rows, strict=True):
-        if r.measured_speedup is None:
-            ax.text(
-                xi + 0.2, 0.02, "not\nreached", ha="center", va="bottom", fontsize=7, color="#a33"
+    pred_key, meas_key = (
+        ("predicted_speedup", "measured_speedup")
+        if what == "speedup"
+        else ("predicted_steps_ratio", "measured_steps_ratio")
+    )
+    rows = sorted(analysis.plan, key=lambda r: r.batch_size)
+    pred = sorted({(r.batch_size, getattr(r, pred_key)) for r in rows if getattr(r, pred_key)})
+    if pred:
+        xs, ys = zip(*pred, strict=True)
+        ax.plot(xs, ys, "-", color="#8aa2d6", lw=1.6, label="predicted by the plan")
+    for r in rows:
+        value = getattr(r, meas_key)
+        if value is None:
+            continue
+        planned = r.role != "ladder"
+        ax.plot(
+            r.batch_size,
+            value,
+            "o",
+            ms=7 if planned else 5,
+            color=GROUP_COLORS[1] if planned else GROUP_COLORS[0],
+            mfc=None if planned else "none",
+        )
+        if planned:
+            ax.annotate(
+                r.role, (r.batch_size, value), textcoords="offset points", xytext=(5, 5), fontsize=7
             )
+    ax.plot([], [], "o", color=GROUP_COLORS[1], label="measured, plan's batches and LRs")
+    ax.plot([], [], "o", color=GROUP_COLORS[0], mfc="none", label="measured, sweep ladder")
     ax.axhline(1.0, color="#999", lw=0.8)
-    ax.set_xticks(x)
-    ax.set_xticklabels(labels, fontsize=8)
-    ax.set_title("plan check: speedup over the plan's reference batch", fontsize=11, loc="left")
-    ax.set_ylabel("speedup (x)")
-    ax.grid(True, axis="y", alpha=0.3)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
-    ax.legend(fontsize=8, frameon=False)
+    title = "time-to-target speedup" if what == "speedup" else "steps-to-target ratio S(B0)/S(B)"
+    _style(ax, f"plan check: {title}", "batch size B", "x over the plan's reference", logy=True)
+    _batch_ticks(ax, sorted({r.batch_size for r in rows}))
+    ax.legend(fontsize=7, frameon=False)
     return ax

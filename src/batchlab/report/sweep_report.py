@@ -237,15 +237,16 @@ def sweep_page(
             caption=f"B={small.batch_size} vs B={large.batch_size} ({main.label})",
         )
     for group in analysis.groups:
+        page.subsection(group.label)
         page.table(
             SPEED_HEADERS,
             speed_rows(group),
-            caption=f"{group.label}: speed (training seconds; evaluation excluded)",
+            caption="Speed: training seconds (evaluation excluded); regime from the fit.",
         )
         page.table(
             QUALITY_HEADERS,
             quality_rows(group),
-            caption=f"{group.label}: quality and dynamics at the end of each run",
+            caption="Quality and dynamics at the end of each run.",
         )
 
     page.section(
@@ -328,14 +329,33 @@ def sweep_page(
         page.section(
             "Optimizers", "The steps-to-target curves above show each optimizer; here, quality."
         )
-        page.figure(plots.plot_optimizers(analysis).figure, "Min validation loss per optimizer.")
+        page.figures(
+            [
+                (plots.plot_optimizers(analysis).figure, "Min validation loss per optimizer."),
+                (
+                    plots.plot_batch_metric(
+                        analysis,
+                        "final_val_acc",
+                        title="final val acc by optimizer",
+                        ylabel="val acc",
+                    ).figure,
+                    "Validation accuracy at the end of each run.",
+                ),
+            ]
+        )
     if analysis.plan:
         page.section(
             "Plan check",
-            "The plan's predicted speedup over its reference batch, next to the measured ratio of "
-            "training seconds to target (and of steps to target).",
+            "The plan's predictions next to the measurement, relative to the plan's reference "
+            "batch. The steps ratio tests the plan's S(B) model alone; the speedup also tests "
+            "its step-time model (measured here with the sweep's parallel jobs).",
         )
-        page.figure(plots.plot_plan_speedup(analysis).figure, "Predicted vs measured speedup.")
+        page.figures(
+            [
+                (plots.plot_plan_check(analysis, "speedup").figure, "Time-to-target speedup."),
+                (plots.plot_plan_check(analysis, "steps").figure, "Steps-to-target ratio."),
+            ]
+        )
         page.table(
             [
                 "role",
@@ -360,7 +380,7 @@ def sweep_page(
                 ]
                 for r in analysis.plan
             ],
-            caption="Speedups are relative to the plan's reference run (B0, lr0); 'ladder' rows use the sweep's LR rule.",
+            caption="Relative to the plan's reference run (B0, lr0); 'ladder' rows use the sweep's LR rule.",
         )
     page.section("Reproduce")
     page.reproduce([spec.reproduce_command(out_dir), f"batchlab report {out_dir}"])

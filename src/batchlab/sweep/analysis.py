@@ -70,6 +70,7 @@ class RunMetrics(JsonResult):
     epsilon_sharpness: float | None = None
     grad_norm: float | None = None  # mean |g_B| over the run
     distance_from_init: float | None = None  # final |theta - theta_0|
+    stalled: bool = False  # finished with a val loss no better than at initialization
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ class BatchPoint(JsonResult):
     diverged: int
     failed: int
     steps_to_target: tuple[int, ...]  # one per repeat that reached it
+    stalled: int = 0  # repeats that ended no better than they started
     median_steps_to_target: float | None = None
     median_examples_to_target: float | None = None
     median_epochs_to_target: float | None = None
@@ -237,6 +239,10 @@ def run_metrics(record: RunRecord, target: Target | None) -> RunMetrics:
         epsilon_sharpness=eps.get("value"),
         grad_norm=(extras.get("grad_norm") or {}).get("mean"),
         distance_from_init=(extras.get("distance_from_init") or {}).get("final"),
+        stalled=ok
+        and last.val_loss is not None
+        and h.evals[0].val_loss is not None
+        and last.val_loss >= h.evals[0].val_loss,
     )
 
 
@@ -244,27 +250,36 @@ def run_metrics(record: RunRecord, target: Target | None) -> RunMetrics:
 
 
 def auto_target(records: Sequence[RunRecord]) -> Target | None:
-    """A target most batch sizes reach: 95% of the median best val accuracy across batch
-    sizes (105% of the median best val loss when the task reports no accuracy)."""
+    """A target most batch sizes of every optimizer reach.
+
+    For each optimizer and batch size: the best val accuracy of the run (over repeats the
+    median, over a tuned LR grid the best LR). Then the median over batch sizes, the lowest
+    over optimizers, and 95% of that. Tasks without accuracy get 105% of the analogous val
+    loss.
+    """
     ok = [r for r in records if r.status == "ok" and r.history is not None]
     if not ok:
         return None
     has_acc = all("acc" in r.history.evals[-1].metrics for r in ok)
     probe = Target("acc", ">=", 0.0) if has_acc else Target("loss", "<=", 0.0)
-    by_batch: dict[int, list[float]] = defaultdict(list)
+    runs: dict[tuple[str, int, float], list[float]] = defaultdict(list)
     for r in ok:
         best = _best_metric(r.history, probe)
-        if best is not None and math.isfinite(best):
-            by_batch[r.spec.batch_size].append(best)
-    if not by_batch:
+        if r.spec.source == "ladder" and best is not None and math.isfinite(best):
+            runs[(r.spec.optimizer, r.spec.batch_size, r.spec.lr_multiplier)].append(best)
+    if not runs:
         return None
-    # Per batch the best setting (tuned LRs, optimizers), then the median over batch sizes.
-    per_batch = [max(v) if has_acc else min(v) for v in by_batch.values()]
-    mid = statistics.median(per_batch)
+    pick = max if has_acc else min
+    per_batch: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for (opt, batch, _), values in runs.items():
+        per_batch[(opt, batch)].append(statistics.median(values))
+    per_group: dict[str, list[float]] = defaultdict(list)
+    for (opt, _), values in per_batch.items():
+        per_group[opt].append(pick(values))
+    level = (min if has_acc else max)(statistics.median(v) for v in per_group.values())
     if has_acc:
-        return Target("acc", ">=", math.floor(AUTO_TARGET_FRACTION * mid * 100) / 100)
-    value = mid / AUTO_TARGET_FRACTION
-    return Target("loss", "<=", float(f"{value:.3g}"))
+        return Target("acc", ">=", math.floor(AUTO_TARGET_FRACTION * level * 100) / 100)
+    return Target("loss", "<=", float(f"{level / AUTO_TARGET_FRACTION:.3g}"))
 
 
 # -- the fit -------------------------------------------------------------------------------
@@ -414,6 +429,7 @@ def _point(batch: int, runs: list[RunMetrics]) -> BatchPoint:
         diverged=sum(r.status == "diverged" for r in runs),
         failed=sum(r.status == "failed" for r in runs),
         steps_to_target=tuple(r.steps_to_target for r in reached),
+        stalled=sum(r.stalled for r in runs),
         median_steps_to_target=_median(r.steps_to_target for r in reached),
         median_examples_to_target=_median(r.examples_to_target for r in reached),
         median_epochs_to_target=_median(r.epochs_to_target for r in reached),
@@ -514,6 +530,11 @@ def analyze_sweep(
                     f"{label}: at B={batch} the best LR is at the grid's edge "
                     f"(x{point.lr_multiplier:g}); a wider grid might do better"
                 )
+            if point.stalled:
+                warnings.append(
+                    f"{label}: B={batch} did not learn in {point.stalled} of {point.repeats} "
+                    f"repeats (final val loss no better than at init; lr {point.lr:.3g} too high?)"
+                )
             if point.diverged:
                 warnings.append(
                     f"{label}: B={batch} diverged in {point.diverged} of {point.repeats} "
@@ -611,7 +632,10 @@ def _plan_comparison(
         )
     # Plan candidates the ladder measured (with the sweep's own LR rule).
     predicted = {c.batch_size: c.predicted_speedup for c in spec.plan.candidates}
-    task_group = next((g for g in groups if g.optimizer == "task"), None)
+    # The plan trains with the task's own optimizer: compare with that group.
+    task_group = next(
+        (g for g in groups if g.optimizer in ("task", spec.task_optimizer_family)), None
+    )
     if task_group is not None:
         for p in task_group.points:
             if p.batch_size in predicted:
