@@ -70,7 +70,7 @@ class RunMetrics(JsonResult):
     epsilon_sharpness: float | None = None
     grad_norm: float | None = None  # mean |g_B| over the run
     distance_from_init: float | None = None  # final |theta - theta_0|
-    stalled: bool = False  # finished with a val loss no better than at initialization
+    stalled: bool = False  # ended no better than at initialization (in the target's metric)
 
 
 @dataclass(frozen=True)
@@ -239,11 +239,21 @@ def run_metrics(record: RunRecord, target: Target | None) -> RunMetrics:
         epsilon_sharpness=eps.get("value"),
         grad_norm=(extras.get("grad_norm") or {}).get("mean"),
         distance_from_init=(extras.get("distance_from_init") or {}).get("final"),
-        stalled=ok
-        and last.val_loss is not None
-        and h.evals[0].val_loss is not None
-        and last.val_loss >= h.evals[0].val_loss,
+        stalled=ok and target is not None and _stalled(h, target),
     )
+
+
+def _stalled(history: History, target: Target) -> bool:
+    """Did the run end no better than it started, in the target's metric? (An overfit run
+    whose val loss climbs back above its initial value but kept its accuracy is not.)"""
+    first, last = history.evals[0], history.evals[-1]
+    if target.metric == "loss":
+        best = history.best_val_loss
+        return best is not None and first.val_loss is not None and best >= first.val_loss
+    start, end = first.metrics.get(target.metric), last.metrics.get(target.metric)
+    if start is None or end is None:
+        return False
+    return end <= start if target.op in (">=", ">") else end >= start
 
 
 # -- the target ----------------------------------------------------------------------------
@@ -533,7 +543,7 @@ def analyze_sweep(
             if point.stalled:
                 warnings.append(
                     f"{label}: B={batch} did not learn in {point.stalled} of {point.repeats} "
-                    f"repeats (final val loss no better than at init; lr {point.lr:.3g} too high?)"
+                    f"repeats (it ended no better than at initialization; lr {point.lr:.3g} too high?)"
                 )
             if point.diverged:
                 warnings.append(
