@@ -73,6 +73,7 @@ def test_parse_size_rejects_nonsense(text):
         RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate`"),
         RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes"),
         RuntimeError("MPS backend out of memory (MPS allocated: 1 GB)"),
+        RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if"),
         MemoryError(),
     ],
 )
@@ -133,8 +134,8 @@ def test_search_linear_allocator_exact_sequence():
     run = linear_allocator()
     search = find_max_batch_size(run, usable_bytes=90_000, limit=4000)
     # warm-up, the ladder, then straight to the line's answer (1000 + 100 B <= 90000).
-    assert run.calls == [2, 2, 8, 32, 890]
-    assert search.tried == (2, 2, 8, 32, 890)
+    assert run.calls == [4, 4, 32, 890]
+    assert search.tried == (4, 4, 32, 890)
     assert search.max_batch_size == 890 and search.verified
     assert search.model.bytes_per_sample == pytest.approx(100)
     assert search.model.fixed_bytes == pytest.approx(1000)
@@ -153,7 +154,7 @@ def test_search_backs_off_after_fake_oom_exact_sequence(exc):
     # spans more than 2x), for at most 6 steps after the ladder.
     run = linear_allocator(oom_above=500, exc=exc)
     search = find_max_batch_size(run, usable_bytes=90_000, limit=4000)
-    assert run.calls == [2, 2, 8, 32, 890, 168, 386, 586, 486, 536]
+    assert run.calls == [4, 4, 32, 890, 168, 386, 586, 486, 536]
     assert search.max_batch_size == 486  # within 3% of the true 500, never above it
     oom_sizes = [p.batch_size for p in search.points if p.oom]
     assert oom_sizes == [890, 586, 536]
@@ -162,8 +163,8 @@ def test_search_backs_off_after_fake_oom_exact_sequence(exc):
 def test_search_oom_in_the_ladder_and_the_warm_up():
     run = linear_allocator(oom_above=5)
     search = find_max_batch_size(run, usable_bytes=90_000, limit=4000)
-    # 8 OOMs in the ladder: bisect between 2 and 8, then between 4 and 8.
-    assert run.calls == [2, 2, 8, 4, 6, 5]
+    # 32 OOMs in the ladder: bisect between 4 and 32 (geometric), then 4 and 11.
+    assert run.calls == [4, 4, 32, 11, 6, 5]
     assert search.max_batch_size == 5
 
     run = linear_allocator(oom_above=1)
@@ -181,7 +182,7 @@ def test_search_non_oom_error_propagates():
 def test_search_caps_at_the_limit():
     run = linear_allocator()
     search = find_max_batch_size(run, usable_bytes=90_000, limit=100)
-    assert run.calls == [2, 2, 8, 32, 100]
+    assert run.calls == [4, 4, 32, 100]
     assert search.max_batch_size == 100 and search.predicted_batch_size == pytest.approx(890)
 
 
@@ -201,20 +202,21 @@ def test_search_convex_curve_matches_exhaustive_truth():
     truth = max(b for b in range(1, 40_001) if curve(b) <= usable)
     search = find_max_batch_size(run, usable_bytes=usable, limit=40_000)
     assert search.max_batch_size == truth == 6093
-    assert calls == [2, 2, 8, 32, 40_000, 5753, 6093]
+    # the ladder sees only the flat phase, so the first jump goes to the limit
+    assert calls == [4, 4, 32, 40_000, 5753, 6093]
 
 
 def test_search_predict_only_runs_only_the_ladder():
     run = linear_allocator()
     search = find_max_batch_size(run, usable_bytes=90_000, limit=4000, predict_only=True)
-    assert run.calls == [2, 2, 8, 32]
+    assert run.calls == [4, 4, 32]
     assert search.max_batch_size == 890 and not search.verified
 
 
 def test_search_too_slow_returns_the_unverified_prediction():
     run = linear_allocator()
     search = find_max_batch_size(run, usable_bytes=90_000, limit=4000, too_slow=lambda b: b > 100)
-    assert run.calls == [2, 2, 8, 32]
+    assert run.calls == [4, 4, 32]
     assert search.max_batch_size == 890 and not search.verified
 
 
@@ -223,21 +225,21 @@ def test_budget_below_the_model_alone():
     with pytest.raises(MemoryBudgetError) as info:
         find_max_batch_size(run, usable_bytes=5_000, limit=4000)
     assert "model alone needs about 9.77 KiB" in str(info.value)
-    assert run.calls == [2, 2, 1]
+    assert run.calls == [4, 4, 2, 1]
 
 
 def test_batch_one_does_not_fit():
     run = linear_allocator(oom_above=0)
     with pytest.raises(MemoryBudgetError, match="batch size 1 does not fit: .* ran out of memory"):
         find_max_batch_size(run, usable_bytes=90_000, limit=4000)
-    assert run.calls == [2, 1]
+    assert run.calls == [4, 2, 1]
 
 
 def test_step_peak_tuple_keeps_reserved_bytes():
     search = find_max_batch_size(
         lambda b: StepPeak(1000 + 100 * b, 2048 * b), usable_bytes=90_000, limit=4000
     )
-    assert [p.reserved_bytes for p in search.points] == [4096, 16384, 65536, 890 * 2048]
+    assert [p.reserved_bytes for p in search.points] == [4 * 2048, 32 * 2048, 890 * 2048]
 
 
 # --- CPU profiler replay -----------------------------------------------------------------
@@ -325,7 +327,7 @@ def test_probe_memory_finds_the_true_max_in_few_steps():
     assert probe.usable_bytes == int(600 * 1024 * 0.9)
     truth = exhaustive_max(task, probe.usable_bytes)
     assert truth * 0.97 <= probe.max_batch_size <= truth
-    assert probe.probe_steps == len(probe.tried) <= 7
+    assert probe.probe_steps == len(probe.tried) <= 6
     assert probe.eval_peak_bytes is not None and probe.eval_peak_bytes < probe.usable_bytes
     assert probe.budget_source == "--memory-budget 600 KiB"
     # JSON round trip
@@ -347,7 +349,7 @@ def test_probe_memory_default_cpu_budget_is_labelled():
 def test_probe_memory_target_memory_is_prediction_only():
     probe = probe_memory(wide_task(), device="cpu", target_memory="400KiB")
     assert probe.predicted_only and not probe.verified
-    assert probe.probe_steps == 4  # warm-up and the ladder, nothing verified
+    assert probe.probe_steps == 3  # warm-up and the ladder, nothing verified
     assert "prediction only" in probe.budget_source
 
 
@@ -503,7 +505,7 @@ def test_search_on_a_live_model_with_fake_oom_leaves_no_trace():
     with preserve_training_state(model, optimizer):
         search = find_max_batch_size(run_step, usable_bytes=50 * 2**20, limit=task.num_train)
     # The limit (2048) OOMs, then geometric bisection closes in on the fake 300.
-    assert search.tried == (2, 2, 8, 32, 2048, 256, 724, 430, 343, 299)
+    assert search.tried == (4, 4, 32, 2048, 256, 724, 430, 343, 299)
     assert search.max_batch_size == 299
     assert_same(before, snapshot(model, optimizer))
     assert torch.equal(torch.get_rng_state(), rng_before)

@@ -84,7 +84,7 @@ def test_probe_cli_json_to_stdout_and_target_memory(capsys):
     assert code == 0, err
     data = json.loads(out)  # stdout holds the JSON alone; the table went to stderr
     assert data["predicted_only"] and not data["memory"]["verified"]
-    assert data["probe_steps"] == 4  # warm-up and the ladder: nothing else runs
+    assert data["probe_steps"] == 3  # warm-up and the ladder: nothing else runs
     assert "predicted for the target memory, not run" in err
 
 
@@ -193,10 +193,10 @@ def test_probe_step_failure_is_a_task_error():
         batch_size=8,
     )
     big = batchlab.probe_memory(task, device="cpu", memory_budget="1GiB")
-    two = next(p.peak_bytes for p in big.points if p.batch_size == 2)
-    # B=2 does not fit, so the search tries B=1, where BatchNorm over (N, C) cannot train
+    four = next(p.peak_bytes for p in big.points if p.batch_size == 4)
+    # B=4 and 2 do not fit, so the search tries B=1, where BatchNorm over (N, C) fails
     with pytest.raises(batchlab.BatchlabError) as info:
-        batchlab.probe_memory(task, device="cpu", memory_budget=int(two * 0.8 / 0.9))
+        batchlab.probe_memory(task, device="cpu", memory_budget=int(four * 0.8 / 0.9))
     assert "'flatbn' at batch size 1 failed: ValueError: Expected more than 1 value" in str(
         info.value
     )

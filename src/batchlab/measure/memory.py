@@ -39,10 +39,10 @@ from batchlab.step import TrainStep, autocast_context, make_grad_scaler, resolve
 from batchlab.task import Task, load_task
 
 DEFAULT_MARGIN = 0.1
-FIT_BATCH_SIZES = (2, 8, 32)
+FIT_BATCH_SIZES = (4, 32)  # two small probes; the search adds points near the limit
 TOLERANCE = 0.03  # stop when the max is known to within 3%
 MAX_SEARCH_STEPS = 6  # verification/back-off steps after the fit ladder
-MAX_STEP_SECONDS = 10.0  # never run a single probe step predicted to take longer
+MAX_STEP_SECONDS = 30.0  # never run a single probe step predicted to take longer
 
 # ---------------------------------------------------------------------------------------
 # Sizes
@@ -109,6 +109,8 @@ _OOM_MESSAGES = (
     "out of memory",  # CUDA, MPS, XPU: "CUDA out of memory. Tried to allocate ..."
     "cublas_status_alloc_failed",
     "cudnn_status_alloc_failed",
+    # cuDNN reports a failed workspace allocation this way (Lightning and Accelerate agree)
+    "cudnn error: cudnn_status_not_supported.",
     "can't allocate memory",  # CPU: "DefaultCPUAllocator: can't allocate memory"
 )
 
@@ -284,7 +286,7 @@ def find_max_batch_size(
 
     1. a warm-up step at the smallest ladder size (it creates the optimizer state, so its
        peak is not the steady state and is not used);
-    2. the ladder `fit_batch_sizes` (default 2, 8, 32), stopping at the first that does
+    2. the ladder `fit_batch_sizes` (default 4, 32), stopping at the first that does
        not fit; if none fits, halve down to 1;
     3. up to `max_search_steps` steps at the predicted limit: the line through the two
        largest sizes that fit extrapolates, the chord between the largest fit and the
@@ -830,12 +832,18 @@ def check_margin(margin: float) -> float:
 
 
 def _predict_seconds(timings: dict[int, float], batch_size: int) -> float:
-    """Seconds for one probe step at `batch_size`, from the cheapest measured seconds/sample.
+    """Seconds for one probe step at `batch_size`, from the steps measured so far.
 
-    Step time grows about linearly in B, and small steps carry a fixed overhead, so the
-    lowest seconds-per-sample seen (usually at the largest B) is the least pessimistic
-    estimate; taking the minimum also discards windows slowed down by other processes.
+    Two estimates, each pessimistic in its own way, and the smaller is taken: the lowest
+    seconds-per-sample seen times B (ignores the fixed cost of a step, so overestimates),
+    and the line through the smallest and largest measured sizes (its slope absorbs noise,
+    but the fixed cost of a step is not multiplied by B).
     """
     if not timings:
         return 0.0
-    return batch_size * min(seconds / b for b, seconds in timings.items())
+    proportional = batch_size * min(seconds / b for b, seconds in timings.items())
+    lo, hi = min(timings), max(timings)
+    if hi == lo:
+        return proportional
+    slope = max(0.0, (timings[hi] - timings[lo]) / (hi - lo))
+    return min(proportional, timings[hi] + slope * (batch_size - hi))
