@@ -214,6 +214,24 @@ def test_charlm_transformer_with_attention():
     assert set(norms.fallback) == {"pos.weight"}
 
 
+@pytest.mark.parametrize("strategy", ["hooks", "vmap"])
+def test_both_strategies_are_exact_when_a_fallback_is_needed(strategy):
+    """With a vmap fallback, the faster of hooks+vmap and all-vmap is picked: both exact."""
+    torch.manual_seed(0)
+    model, batch = _cases()["seq-embedding-layernorm"]
+    params = list(model.parameters())
+    norms = PerExampleGradNorms(model, ce_loss, params)
+    norms(batch)
+    assert norms.strategy in ("hooks", "vmap")
+    norms.strategy = strategy
+    sq, grads, loss = norms(batch)
+    assert sq.double() == pytest.approx(brute_force_sq_norms(model, ce_loss, batch), rel=2e-5)
+    expected = torch.autograd.grad(ce_loss(model, batch), params)
+    for g, e in zip(grads, expected, strict=True):
+        assert torch.allclose(g, e, atol=1e-6)
+    assert float(loss) == pytest.approx(float(ce_loss(model, batch).detach()), rel=1e-6)
+
+
 def test_a_batch_of_one_is_its_own_gradient():
     torch.manual_seed(0)
     model = nn.Linear(3, 2)

@@ -29,6 +29,7 @@ the batch loss must be the mean of those (the Task contract), so
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -218,6 +219,8 @@ class PerExampleGradNorms:
         self.params = list(params)
         self.hooked: dict[nn.Module, tuple[_NormFn, list[str]]] = {}
         self.fallback: dict[str, nn.Parameter] = {}
+        self.strategy: str | None = None  # "hooks" (+ vmap for the fallback) or "vmap"
+        self._names: list[str] = []
         self._planned = False
 
     # -- planning ---------------------------------------------------------------------------
@@ -259,6 +262,8 @@ class PerExampleGradNorms:
                 covered.update(id(getattr(mod, name)) for name in names)
         names_of = {id(p): name for name, p in self.model.named_parameters()}
         self.fallback = {names_of[id(p)]: p for p in self.params if id(p) not in covered}
+        self._names = [names_of[id(p)] for p in self.params]
+        self.strategy = None if self.fallback else "hooks"
         self._planned = True
 
     def _probe(self, modules: dict[nn.Module, _NormFn], batch: Any) -> dict[nn.Module, list]:
@@ -288,14 +293,34 @@ class PerExampleGradNorms:
 
     def __call__(self, batch: Any) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor]:
         n = batch_size_of(batch)
+        if n >= 2 and not self._planned:
+            self._plan(batch, n)
+        if n < 2 or self.strategy == "hooks":
+            return self._hooks_pass(batch, n)
+        if self.strategy == "vmap":
+            return self._vmap_pass(batch, n)
+        # Parameters the hooks cannot cover need a vmapped forward and backward through the
+        # whole model anyway (e.g. a positional embedding at the bottom of a transformer).
+        # Then vmapping every parameter can be cheaper than hooks + vmap: both are exact,
+        # so time each once on this batch and keep the faster.
+        timings = {}
+        for strategy, run in (("hooks", self._hooks_pass), ("vmap", self._vmap_pass)):
+            start = time.perf_counter()
+            result = run(batch, n)
+            _sync(result[0])
+            timings[strategy] = time.perf_counter() - start
+        self.strategy = min(timings, key=timings.get)
+        return result
+
+    def _hooks_pass(
+        self, batch: Any, n: int
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor]:
         if n == 1:  # the batch gradient is the example's gradient
             loss = check_scalar_loss(self.loss_fn(self.model, batch))
             grads = list(torch.autograd.grad(loss, self.params, allow_unused=True))
             with torch.no_grad():
                 sq = sum(_wide(g).square().sum() for g in grads if g is not None)
             return torch.as_tensor(sq, device=loss.device).reshape(1), grads, loss.detach()
-        if not self._planned:
-            self._plan(batch, n)
         contributions: list[torch.Tensor] = []
 
         def forward_hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -333,8 +358,24 @@ class PerExampleGradNorms:
         return sq, grads, loss.detach()
 
     def _vmap_sq_norms(self, batch: Any, n: int) -> torch.Tensor:
-        names = list(self.fallback)
-        values = {name: p.detach() for name, p in self.fallback.items()}
+        grads, _ = self._vmap_grads(batch, n, self.fallback)
+        return sum(_wide(g).reshape(n, -1).square().sum(1) for g in grads.values())
+
+    def _vmap_pass(
+        self, batch: Any, n: int
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor]:
+        """Every parameter through vmap: norms, mean gradient and mean loss at once."""
+        named = dict(zip(self._names, self.params, strict=True))
+        grads, losses = self._vmap_grads(batch, n, named)
+        sq = sum(_wide(g).reshape(n, -1).square().sum(1) for g in grads.values())
+        mean = [grads[name].mean(0).to(p.dtype) for name, p in named.items()]
+        return sq, mean, losses.mean()
+
+    def _vmap_grads(
+        self, batch: Any, n: int, params: dict[str, nn.Parameter]
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Per-example gradients (n, *shape) of `params`, and the per-example losses."""
+        values = {name: p.detach() for name, p in params.items()}
         loss_fn, model = self.loss_fn, self.model
 
         def example_loss(params: dict[str, torch.Tensor], example: Any) -> torch.Tensor:
@@ -347,7 +388,7 @@ class PerExampleGradNorms:
         numel = sum(v.numel() for v in values.values())
         chunk = max(1, min(n, VMAP_CHUNK_FLOATS // max(1, numel)))
         per_example = torch.func.vmap(
-            torch.func.grad(example_loss),
+            torch.func.grad_and_value(example_loss),
             in_dims=(None, in_dims),
             randomness="different",
             chunk_size=chunk if chunk < n else None,
@@ -355,8 +396,12 @@ class PerExampleGradNorms:
         with warnings.catch_warnings(), torch.no_grad():
             # functorch warns when an op (e.g. CPU flash attention) has no batching rule.
             warnings.filterwarnings("ignore", message="There is a performance drop")
-            grads = per_example(values, batch)
-        return sum(_wide(grads[name]).reshape(n, -1).square().sum(1) for name in names)
+            return per_example(values, batch)
+
+
+def _sync(t: torch.Tensor) -> None:
+    if t.device.type == "cuda":
+        torch.cuda.synchronize(t.device)
 
 
 def per_example_grad_norms(
