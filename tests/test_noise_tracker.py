@@ -212,6 +212,32 @@ def test_plain_loop_single_micro_batch_keeps_the_gradient():
     assert tracker.samples == []  # one micro-batch: nothing to contrast
 
 
+def test_sparse_embedding_gradients():
+    """nn.Embedding(sparse=True): sparse micro-batch gradients are summed and measured too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(20, 4, sparse=True), nn.Flatten(), nn.Linear(12, 2))
+    x = torch.randint(0, 20, (16, 3))
+    y = torch.randint(0, 2, (16,))
+    tracker = GradientNoiseScaleTracker(num_examples=100)
+    for idx in torch.arange(16).split(4):
+        (F.cross_entropy(model(x[idx]), y[idx]) / 4).backward()
+        tracker.after_backward(model, 4)
+    tracker.end_step(model)
+    grads = [p.grad.to_dense() if p.grad.is_sparse else p.grad for p in model.parameters()]
+    ref = nn.Sequential(nn.Embedding(20, 4), nn.Flatten(), nn.Linear(12, 2))
+    ref.load_state_dict(model.state_dict())
+
+    def sq(idx):
+        g = torch.autograd.grad(F.cross_entropy(ref(x[idx]), y[idx]), list(ref.parameters()))
+        return sum(float(t.double().square().sum()) for t in g)
+
+    small = statistics.mean(sq(i) for i in torch.arange(16).split(4))
+    expected = two_batch_estimate(small, 4, sq(torch.arange(16)), 16, 100)
+    assert tracker.samples[0][1:] == pytest.approx(expected, rel=1e-4)
+    full = torch.autograd.grad(F.cross_entropy(ref(x), y), list(ref.parameters()))
+    assert all(torch.allclose(g, f, atol=1e-6) for g, f in zip(grads, full, strict=True))
+
+
 def test_track_noise_records_into_history():
     task = make_task(lambda params, lr: torch.optim.SGD(params, lr=lr))
     history = batchlab.train(task, 8, accumulation_steps=4, max_steps=14, track_noise=True)
@@ -306,6 +332,9 @@ def test_bad_settings():
     with pytest.raises(ConfigError) as err:
         measure_noise(make_task(), steps=4, micro_batches=5)
     assert "divisor" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        measure_noise(make_task(n=100), steps=4, method="per-example")
+    assert "fewer than 4 disjoint batches of its reference batch 32" in str(err.value)
 
 
 def test_too_few_steps_is_unreliable_not_garbage():

@@ -44,6 +44,7 @@ from batchlab.errors import ConfigError, NoiseEstimateError
 from batchlab.measure.noise import (
     DEFAULT_CONFIDENCE,
     MAX_CI_RATIO,
+    MIN_BATCHES,
     NoiseScale,
     _ci_from_json,
     adam_preconditioner,
@@ -286,7 +287,7 @@ class GradientNoiseScaleTracker(TrainCallback):
         self._pending.append(
             _Pending(
                 self._steps,
-                [[(local.double() / world).sqrt()]],
+                [[(local.double() / world).sqrt().reshape(())]],
                 [1.0],
                 [local_batch_size],
                 big,
@@ -424,7 +425,7 @@ class GradientNoiseScaleTracker(TrainCallback):
             return
         # One device-to-host copy for everything pending (a single sync on CUDA).
         groups = [parts for item in pending for parts in _parts_of(item)]
-        flat = [t.reshape(()) for parts in groups for t in parts]
+        flat = [t for parts in groups for t in parts]  # 0-d tensors
         values = torch.stack(flat).double().tolist() if flat else []
         sums, start = [], 0
         for parts in groups:  # each group: the per-parameter norms of one gradient
@@ -512,22 +513,25 @@ class _MicroNorms:
         live = [g for g in grads if g is not None]
         if any(g.is_sparse for g in live):
             live = [g.coalesce().values() if g.is_sparse else g for g in live]
-        self.sq.append(torch._foreach_norm(live))
+        self.sq.append(_foreach_norm(live))
         if self.pre is not None:
             weights = [d for d, g in zip(self.pre, grads, strict=True) if g is not None]
-            self.pre_sq.append(torch._foreach_norm(torch._foreach_mul(live, weights)))
+            self.pre_sq.append(_foreach_norm(_foreach_mul(live, weights)))
         if not self.all_micro:
             return
         running = self.running
         if index == 0:
             running[:] = grads
         else:
-            pairs = [(r, g) for r, g in zip(running, grads, strict=True)]
-            both = [j for j, (r, g) in enumerate(pairs) if r is not None and g is not None]
-            if len(both) == len(params) and not any(g.is_sparse for g in grads):
+            dense = len(live) == len(grads) and not live[0].is_sparse
+            if (
+                dense
+                and all(r is not None for r in running)
+                and not any(g.is_sparse for g in grads)
+            ):
                 torch._foreach_add_(running, grads)
             else:
-                for j, (r, g) in enumerate(pairs):
+                for j, (r, g) in enumerate(zip(running, grads, strict=True)):
                     if g is None:
                         continue
                     if r is None:
@@ -559,8 +563,16 @@ class _MicroNorms:
         pre = None
         if self.pre is not None:
             weights = [d for d, g in zip(self.pre, grads, strict=True) if g is not None]
-            pre = torch._foreach_norm(torch._foreach_mul(live, weights))
-        return torch._foreach_norm(live), pre
+            pre = _foreach_norm(_foreach_mul(live, weights))
+        return _foreach_norm(live), pre
+
+
+def _foreach_norm(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return list(torch._foreach_norm(tensors)) if tensors else []
+
+
+def _foreach_mul(tensors: list[torch.Tensor], weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    return list(torch._foreach_mul(tensors, weights)) if tensors else []
 
 
 def _parts_of(item: _Pending) -> list[list[torch.Tensor]]:
@@ -728,6 +740,14 @@ def measure_noise(
     else:
         k, micro = 1, 1
         check_batch_size(num_batches, what="num_batches")
+        # Each measurement draws disjoint batches: cap them at what the dataset holds.
+        num_batches = min(num_batches, task.num_train // ref)
+        if num_batches < MIN_BATCHES:
+            raise ConfigError(
+                f"per-example: {task.name!r} has {task.num_train} examples, fewer than "
+                f"{MIN_BATCHES} disjoint batches of its reference batch {ref}; use "
+                "method='two-batch'"
+            )
         periodic = _PeriodicMeasurement(every, num_batches, seed, confidence)
         extra = [periodic]
     t0 = time.perf_counter()
