@@ -54,8 +54,7 @@ def test_find_knee_fraction_and_bad_input():
 
 
 def test_summarize_windows_median_and_spread():
-    # 4 steps of B=10 per window: rates 40/s, 80/s and 20/s
-    point = summarize_windows(10, [1.0, 0.5, 2.0], steps_per_window=4)
+    point = summarize_windows(10, [40.0, 80.0, 20.0], steps_per_window=4)
     assert point.samples_per_s == 40
     assert point.step_s == pytest.approx(0.25)
     assert point.samples_per_s_low == 20 and point.samples_per_s_high == 80
@@ -234,3 +233,34 @@ def test_profile_throughput_stops_at_an_oom(monkeypatch):
     profile = profile_throughput(tiny_task(n=1024), device="cpu", check_alignment=False)
     assert profile.points[-1].batch_size == 64
     assert any("B=128 ran out of memory" in w for w in profile.warnings)
+
+
+class FakeClock:
+    """Stands in for the `time` module: only advances when the fake device runs."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_time_budget_holds_when_steps_slow_down_after_warm_up(monkeypatch):
+    clock = FakeClock()
+    calls = []
+
+    def run(timer, batch_size, count):
+        calls.append(count)
+        timer.steps += count
+        # warm-up steps are fast; every later step is 10x slower (a busy machine)
+        per_step = 1e-4 * batch_size if len(calls) <= 12 else 1e-3 * batch_size
+        clock.now += per_step * count
+        return per_step * count
+
+    monkeypatch.setattr(tp, "time", clock)
+    monkeypatch.setattr(tp._Timer, "run", run)
+    profile = profile_throughput(tiny_task(n=64), device="cpu", time_budget=2.0)
+    # 2 s budget: the windows re-size after the first round, and rounds stop at the deadline
+    assert clock.now < 2.0 * 1.5
+    assert all(p.windows >= 3 for p in profile.points)
+    assert profile.points[0].steps_per_window < calls[len(profile.points) + 1]

@@ -28,6 +28,7 @@ from batchlab.theory import interpolate_step_seconds
 
 KNEE_FRACTION = 0.9
 WINDOWS = 5
+MIN_WINDOWS = 3  # rounds always timed, even past the time budget
 WINDOW_SECONDS = 0.1
 TIME_BUDGET_SECONDS = 10.0
 MIN_ALIGNMENT_GAIN = 0.03  # an aligned size must be >= 3% faster ...
@@ -127,10 +128,10 @@ def find_knee(
 
 
 def summarize_windows(
-    batch_size: int, window_seconds: Sequence[float], steps_per_window: int
+    batch_size: int, samples_per_s: Sequence[float], steps_per_window: int
 ) -> ThroughputPoint:
-    """Median, low and high samples/s over timed windows of `steps_per_window` steps."""
-    rates = [batch_size * steps_per_window / s for s in window_seconds]
+    """Median, low and high samples/s over the timed windows of one batch size."""
+    rates = list(samples_per_s)
     median = statistics.median(rates)
     return ThroughputPoint(
         batch_size=batch_size,
@@ -261,15 +262,28 @@ def _interleaved(
     timer: _Timer,
     per_window: dict[int, int],
     windows: int,
+    window_seconds: float,
+    deadline: float,
     on_window: Callable[[], None] | None = None,
 ) -> list[dict[int, float]]:
-    """`windows` rounds; each times every size once, alternating the order between rounds."""
+    """Rounds of one timed window per size, alternating the order; samples/s per window.
+
+    After each round every size's steps per window are re-sized from what the round
+    measured (a single warm-up step is a poor guide on a busy machine), and once the
+    `deadline` (a `time.perf_counter()` value) has passed, no new round starts after the
+    first `MIN_WINDOWS`. `per_window` is updated in place.
+    """
     sizes = sorted(per_window)
     rounds = []
     for r in range(windows):
+        if r >= MIN_WINDOWS and time.perf_counter() > deadline:
+            break
         rates = {}
         for b in sizes if r % 2 == 0 else reversed(sizes):
-            rates[b] = timer.run(b, per_window[b])
+            count = per_window[b]
+            seconds = timer.run(b, count)
+            rates[b] = b * count / seconds
+            per_window[b] = max(1, round(count * window_seconds / max(seconds, 1e-9)))
             if on_window is not None:
                 on_window()
         rounds.append(rates)
@@ -415,16 +429,24 @@ def _time_fresh_model(
             if progress is not None:
                 progress("throughput", done[0], total)
 
-        rounds = _interleaved(timer, per_window, windows, tick)
+        start = time.perf_counter()
+        share = len(per_window) / (len(per_window) + (ALIGNMENT_SIZES if check_alignment else 0))
+        rounds = _interleaved(
+            timer, per_window, windows, window_seconds, start + share * time_budget, tick
+        )
         points = tuple(
             summarize_windows(b, [r[b] for r in rounds], per_window[b]) for b in sorted(per_window)
         )
         findings: list[AlignmentFinding] = []
-        if check_alignment:
+        if check_alignment and time.perf_counter() > start + time_budget:
+            warnings.append("alignment not checked: timing the ladder used up the time budget")
+        elif check_alignment:
             knee = find_knee(
                 [p.batch_size for p in points], [p.samples_per_s for p in points], knee_fraction
             )
-            findings = _time_alignment(timer, knee, points[-1].batch_size, windows, window_seconds)
+            findings = _time_alignment(
+                timer, knee, points[-1].batch_size, windows, window_seconds, start + time_budget
+            )
     return points, findings, timer.steps
 
 
@@ -472,16 +494,20 @@ def _warm_up(
 
 
 def _time_alignment(
-    timer: _Timer, knee: int, max_batch_size: int, windows: int, window_seconds: float
+    timer: _Timer,
+    knee: int,
+    max_batch_size: int,
+    windows: int,
+    window_seconds: float,
+    deadline: float,
 ) -> list[AlignmentFinding]:
     candidates = alignment_candidates(knee, max_batch_size)
     if not candidates:
         return []
     sizes = sorted({b for _, a, nb in candidates for b in (a, *nb)})
-    for b in sizes:  # warm-up, and one step to size the windows alike for all
+    per_window = {}
+    for b in sizes:  # warm-up, then size the windows
         timer.run(b, 1)
-    seconds = timer.run(max(sizes), 1)
-    count = max(1, round(window_seconds / max(seconds, 1e-9)))
-    rounds = _interleaved(timer, dict.fromkeys(sizes, count), windows)
-    rates = [{b: b * count / s for b, s in r.items()} for r in rounds]
-    return [judge_alignment(rule, a, nb, rates) for rule, a, nb in candidates]
+        per_window[b] = max(1, round(window_seconds / max(timer.run(b, 1), 1e-9)))
+    rounds = _interleaved(timer, per_window, windows, window_seconds, deadline)
+    return [judge_alignment(rule, a, nb, rounds) for rule, a, nb in candidates]
