@@ -257,7 +257,7 @@ class GradientNoiseScaleTracker(TrainCallback):
         self.bind(ddp_model)
 
         # DDP checks the hook's annotations: leave them off rather than name private types.
-        def hook(group, bucket):  # noqa: ANN001, ANN202
+        def hook(group, bucket):
             sq = bucket.buffer().detach().float().square().sum()
             self._ddp_local_sq = sq if self._ddp_local_sq is None else self._ddp_local_sq + sq
             return default_hooks.allreduce_hook(group, bucket)
@@ -352,10 +352,7 @@ class GradientNoiseScaleTracker(TrainCallback):
         if num_micro < 2:  # nothing to contrast: no work at all
             return
         last = index == num_micro - 1
-        if index == 0 and self.preconditioned:
-            self._precond = adam_preconditioner(self._optimizer, self._params)
-        self._norms.micro(index, last, self._precond)
-        self._micro_sizes.append(micro_size)
+        self._micro(micro_size, last)
         if last:
             scaler = self._state.step_fn.scaler
             scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
