@@ -252,8 +252,9 @@ def test_time_budget_holds_when_steps_slow_down_after_warm_up(monkeypatch):
     def run(timer, batch_size, count):
         calls.append(count)
         timer.steps += count
-        # warm-up steps are fast; every later step is 10x slower (a busy machine)
-        per_step = 1e-4 * batch_size if len(calls) <= 12 else 1e-3 * batch_size
+        # warm-up (1 + 2 calls for each of the 6 sizes) is fast; every later step is 10x
+        # slower, as when another process starts on a busy machine
+        per_step = 1e-4 * batch_size if len(calls) <= 13 else 1e-3 * batch_size
         clock.now += per_step * count
         return per_step * count
 
@@ -263,4 +264,5 @@ def test_time_budget_holds_when_steps_slow_down_after_warm_up(monkeypatch):
     # 2 s budget: the windows re-size after the first round, and rounds stop at the deadline
     assert clock.now < 2.0 * 1.5
     assert all(p.windows >= 3 for p in profile.points)
-    assert profile.points[0].steps_per_window < calls[len(profile.points) + 1]
+    assert [p.batch_size for p in profile.points] == [2, 4, 8, 16, 32, 64]
+    assert profile.points[0].steps_per_window < calls[13]  # B=2's first window, re-sized

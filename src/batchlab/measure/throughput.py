@@ -458,7 +458,7 @@ def _warm_up(
     time_budget: float,
     warnings: list[str],
 ) -> dict[int, int]:
-    """One warm-up step per size (smallest first); returns steps per window for each kept size.
+    """Three warm-up steps per size (smallest first); returns steps per window for each size.
 
     Sizes whose timing would push the total past `time_budget` are dropped, as is any
     size that runs out of memory, and every size above it.
@@ -469,7 +469,9 @@ def _warm_up(
     for i, b in enumerate(sizes):
         oom = False
         try:
-            seconds = timer.run(b, 1)
+            # the slower of a first step and the mean of two more: a pessimistic guide, so
+            # the first round of windows cannot overrun the budget by much
+            seconds = max(timer.run(b, 1), timer.run(b, 2) / 2)
         except Exception as exc:
             if not is_oom_error(exc):
                 raise
