@@ -8,7 +8,6 @@ device, the loss is read back to the host only where needed, evaluation runs und
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +18,7 @@ from torch import nn
 from batchlab.data import Batcher, epoch_chunks
 from batchlab.errors import ConfigError
 from batchlab.history import Evaluation, History
+from batchlab.recorder import RunRecorder
 from batchlab.step import (
     TrainStep,
     autocast_context,
@@ -233,85 +233,33 @@ def _run(
     optimizer = task.optimizer(model.parameters(), peak_lr)
     # Each param group keeps its own ratio to the peak lr during warm-up.
     group_ratios = [g["lr"] / peak_lr for g in optimizer.param_groups]
-    batcher = Batcher(task.train_data, dev, task.collate_fn)
-    val_batcher = (
-        Batcher(task.val_data, dev, task.collate_fn) if task.val_data is not None else None
-    )
     step_fn = TrainStep(
         model,
         optimizer,
         task.loss,
-        batcher,
+        Batcher(task.train_data, dev, task.collate_fn),
         micro_batch_size=batch_size,
         device=dev,
         amp=amp,
         scaler=make_grad_scaler(dev, amp),
     )
     state = RunState(task, model, optimizer, step_fn, dev, total_steps, steps_per_epoch, effective)
+    rec = RunRecorder(state, amp=amp, target=target, callbacks=callbacks)
     generator = torch.Generator().manual_seed(seed)
     # Reading the loss back forces a CUDA sync; on CPU it is free, so check every step.
     sync_every = 1 if dev.type == "cpu" else 25
-
-    steps_log: list[int] = []
-    losses: list[float] = []
-    lrs: list[float] = []
-    pending: list[torch.Tensor] = []
-    evals: list[Evaluation] = []
-    train_seconds = eval_seconds = 0.0
-    hit: Evaluation | None = None
-    diverged_step: int | None = None
 
     def lr_at(step: int) -> float:  # step is 1-based
         if warmup_steps and step <= warmup_steps:
             return peak_lr * step / warmup_steps
         return peak_lr
 
-    def flush() -> int | None:
-        """Move pending losses to the host; return the first non-finite step, if any."""
-        nonlocal pending
-        if not pending:
-            return None
-        values = [pending[0].item()] if len(pending) == 1 else torch.stack(pending).tolist()
-        first = len(losses)
-        losses.extend(values)
-        pending = []
-        state.last_loss = values[-1]
-        for offset, v in enumerate(values):
-            if not math.isfinite(v):
-                return steps_log[first + offset]
-        return None
-
-    def run_eval() -> Evaluation:
-        nonlocal eval_seconds
-        t0 = time.perf_counter()
-        val_loss, metrics = (None, {})
-        if val_batcher is not None:
-            val_loss, metrics = evaluate(model, val_batcher, task, device=dev, amp=amp)
-        eval_seconds += time.perf_counter() - t0
-        ev = Evaluation(
-            step=state.step,
-            examples=state.examples,
-            epoch=state.examples / task.num_train,
-            train_seconds=train_seconds,
-            val_loss=val_loss,
-            metrics=metrics,
-        )
-        evals.append(ev)
-        for cb in callbacks:
-            cb.on_eval(state, ev)
-        return ev
-
     for cb in callbacks:
         cb.on_start(state)
-    first_eval = run_eval()
-    if target is not None:
-        target.check_available(list(first_eval.metrics))
-        if target.reached(first_eval.val_loss, first_eval.metrics):
-            hit = first_eval
-
+    rec.evaluate()
     chunks: list[torch.Tensor] = []
-    t_start = time.perf_counter()
-    while hit is None and state.step < total_steps:
+    rec.start_clock()
+    while not rec.done and state.step < total_steps:
         if not chunks:
             chunks = epoch_chunks(task.num_train, effective, generator)
             chunks.reverse()  # pop() from the end walks the epoch in order
@@ -321,50 +269,22 @@ def _run(
         if warmup_steps and step <= warmup_steps + 1:
             for group, ratio in zip(optimizer.param_groups, group_ratios, strict=True):
                 group["lr"] = lr_now * ratio
-        pending.append(step_fn(indices))
+        loss = step_fn(indices)
         state.step = step
         state.examples += len(indices)
-        steps_log.append(step)
-        lrs.append(lr_now)
+        rec.record_step(step, loss, lr_now)
         for cb in callbacks:
             cb.on_step(state)
         is_eval = step % eval_every == 0 or step == total_steps
-        if is_eval or step % sync_every == 0:
-            diverged_step = flush()
-            if diverged_step is not None:
-                break
+        if (is_eval or step % sync_every == 0) and rec.flush() is not None:
+            break
         if is_eval:
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            train_seconds += time.perf_counter() - t_start
-            ev = run_eval()
-            if target is not None and target.reached(ev.val_loss, ev.metrics):
-                hit = ev
-            t_start = time.perf_counter()
-    if diverged_step is None:
-        diverged_step = flush()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    if evals[-1].step != state.step:  # stopped between evaluations (divergence)
-        train_seconds += time.perf_counter() - t_start
+            rec.evaluate()
+    rec.stop_clock()
+    rec.flush()
     for cb in callbacks:
         cb.on_end(state)
-
-    last = evals[-1]
-    final: dict[str, float] = {"steps": state.step, "examples": state.examples}
-    if last.val_loss is not None:
-        final["val_loss"] = last.val_loss
-        final.update({f"val_{k}": v for k, v in last.metrics.items()})
-    if losses:
-        window = [v for v in losses[-10:] if math.isfinite(v)]
-        if window:
-            final["train_loss"] = sum(window) / len(window)
-    with torch.no_grad():
-        final["param_norm"] = float(
-            torch.sqrt(sum((p.detach().float() ** 2).sum() for p in model.parameters()))
-        )
-    return History(
-        task=task.name,
+    return rec.history(
         batch_size=batch_size,
         accumulation_steps=accumulation_steps,
         effective_batch_size=effective,
@@ -372,24 +292,4 @@ def _run(
         lr_rule=lr_rule,
         warmup_steps=warmup_steps,
         seed=seed,
-        device=str(dev),
-        amp=amp,
-        num_train=task.num_train,
-        steps=tuple(steps_log),
-        train_loss=tuple(losses),
-        lrs=tuple(lrs),
-        evals=tuple(evals),
-        total_steps=state.step,
-        total_examples=state.examples,
-        epochs=state.examples / task.num_train,
-        train_seconds=train_seconds,
-        eval_seconds=eval_seconds,
-        target=None if target is None else str(target),
-        steps_to_target=None if hit is None else hit.step,
-        examples_to_target=None if hit is None else hit.examples,
-        seconds_to_target=None if hit is None else hit.train_seconds,
-        diverged=diverged_step is not None,
-        diverged_step=diverged_step,
-        final=final,
-        extras=dict(state.extras),
     )

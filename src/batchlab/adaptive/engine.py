@@ -27,11 +27,12 @@ from batchlab.adaptive.sampler import ResizableBatchSampler
 from batchlab.adaptive.throughput_model import FixedThroughput, ThroughputFit, ThroughputModel
 from batchlab.data import Batcher
 from batchlab.errors import ConfigError
-from batchlab.history import Evaluation, History
+from batchlab.history import History
+from batchlab.recorder import RunRecorder
 from batchlab.step import TrainStep, make_grad_scaler, resolve_device
 from batchlab.target import Target, parse_target
 from batchlab.task import Task, check_batch_size, check_lr, load_task
-from batchlab.train import RunState, TrainCallback, evaluate
+from batchlab.train import RunState, TrainCallback
 
 NoiseArg = float | Callable[[int], float] | NoiseSource | None
 
@@ -218,9 +219,6 @@ def _run(
         getattr(noise, "split_every", 0) if getattr(noise, "needs_micro_batches", False) else 0
     )
     batcher = Batcher(task.train_data, dev, task.collate_fn)
-    val_batcher = (
-        Batcher(task.val_data, dev, task.collate_fn) if task.val_data is not None else None
-    )
     step_fn = TrainStep(
         model,
         optimizer,
@@ -249,49 +247,19 @@ def _run(
     sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
     cuda_time_every = 5
 
-    steps_log: list[int] = []
-    losses: list[float] = []
-    lrs: list[float] = []
     batch_sizes: list[int] = []
-    evals: list[Evaluation] = []
-    train_seconds = eval_seconds = 0.0
-    hit: Evaluation | None = None
-    diverged_step: int | None = None
+    hooks = [cb for cb in (noise, *callbacks) if isinstance(cb, TrainCallback)]
+    rec = RunRecorder(state, amp=amp, target=target, callbacks=callbacks)
 
-    def run_eval() -> Evaluation:
-        nonlocal eval_seconds
-        t0 = time.perf_counter()
-        val_loss, metrics = (None, {})
-        if val_batcher is not None:
-            val_loss, metrics = evaluate(model, val_batcher, task, device=dev, amp=amp)
-        eval_seconds += time.perf_counter() - t0
-        ev = Evaluation(
-            step=state.step,
-            examples=state.examples,
-            epoch=state.examples / task.num_train,
-            train_seconds=train_seconds,
-            val_loss=val_loss,
-            metrics=metrics,
-        )
-        evals.append(ev)
-        for cb in callbacks:
-            cb.on_eval(state, ev)
-        return ev
-
-    for cb in (noise, *callbacks):
-        if isinstance(cb, TrainCallback):
-            cb.on_start(state)
+    for cb in hooks:
+        cb.on_start(state)
     timer = _StepTimer(step_fn, sync)  # after on_start: wraps any hook a tracker installed
-    first_eval = run_eval()
-    if target is not None:
-        target.check_available(list(first_eval.metrics))
-        if target.reached(first_eval.val_loss, first_eval.metrics):
-            hit = first_eval
+    rec.evaluate()
 
     next_eval = eval_every_examples
     fresh_config = True  # the first step at a new micro-batch size pays one-off costs
-    t_start = time.perf_counter()
-    while hit is None and controller.reference_examples < budget - 1e-9:
+    rec.start_clock()
+    while not rec.done and controller.reference_examples < budget - 1e-9:
         if max_steps is not None and state.step >= max_steps:
             break
         indices = sampler.take(controller.batch_size)
@@ -324,17 +292,13 @@ def _run(
         controller.record_step(len(indices))
         state.step = step
         state.examples += len(indices)
-        value = float(loss)  # CPU: free; CUDA: a sync per step, acceptable for this engine
-        losses.append(value)
-        state.last_loss = value
-        steps_log.append(step)
-        lrs.append(lr_now)
+        rec.record_step(step, loss, lr_now)
         batch_sizes.append(len(indices))
-        for cb in (noise, *callbacks):
-            if isinstance(cb, TrainCallback):
-                cb.on_step(state)
-        if not math.isfinite(value):
-            diverged_step = step
+        # The controller reads the loss every step anyway: CPU free, CUDA a sync per step.
+        diverged = rec.flush() is not None
+        for cb in hooks:
+            cb.on_step(state)
+        if diverged:
             break
         if controller.due(step):
             before = (controller.micro_batch_size, controller.accumulation_steps)
@@ -347,32 +311,14 @@ def _run(
                 fresh_config = after[0] != before[0]
         if state.examples >= next_eval or controller.reference_examples >= budget - 1e-9:
             next_eval = (state.examples // eval_every_examples + 1) * eval_every_examples
-            sync()
-            train_seconds += time.perf_counter() - t_start
-            ev = run_eval()
-            if target is not None and target.reached(ev.val_loss, ev.metrics):
-                hit = ev
-            t_start = time.perf_counter()
-    sync()
-    if evals[-1].step != state.step:  # stopped between evaluations
-        train_seconds += time.perf_counter() - t_start
-        if diverged_step is None:
-            run_eval()
-    for cb in (noise, *callbacks):
-        if isinstance(cb, TrainCallback):
-            cb.on_end(state)
+            rec.evaluate()
+    rec.stop_clock()
+    if rec.evals[-1].step != state.step and rec.diverged_step is None:
+        rec.evaluate()  # stopped between evaluations
+    for cb in hooks:
+        cb.on_end(state)
 
-    last = evals[-1]
-    final: dict[str, float] = {"steps": state.step, "examples": state.examples}
-    if last.val_loss is not None:
-        final["val_loss"] = last.val_loss
-        final.update({f"val_{k}": v for k, v in last.metrics.items()})
-    window = [v for v in losses[-10:] if math.isfinite(v)]
-    if window:
-        final["train_loss"] = sum(window) / len(window)
-    final["reference_epochs"] = controller.reference_epochs(task.num_train)
-    extras = dict(state.extras)
-    extras["adaptive"] = {
+    adaptive = {
         "lr_rule": controller.lr_rule if isinstance(controller.lr_rule, str) else "custom",
         "reference_batch_size": task.batch_size,
         "reference_lr": base_lr,
@@ -381,33 +327,14 @@ def _run(
         "throughput_fit": throughput.fit().to_dict() if throughput.ready else None,
         "decisions": [d.to_dict() for d in controller.decisions],
     }
-    return History(
-        task=task.name,
+    return rec.history(
         batch_size=controller.micro_batch_size,
         accumulation_steps=controller.accumulation_steps,
         effective_batch_size=controller.batch_size,
-        lr=max(lrs) if lrs else controller.lr,
-        lr_rule=f"adaptive ({extras['adaptive']['lr_rule']})",
+        lr=max(rec.lrs) if rec.lrs else controller.lr,
+        lr_rule=f"adaptive ({adaptive['lr_rule']})",
         warmup_steps=warmup_steps,
         seed=seed,
-        device=str(dev),
-        amp=amp,
-        num_train=task.num_train,
-        steps=tuple(steps_log),
-        train_loss=tuple(losses),
-        lrs=tuple(lrs),
-        evals=tuple(evals),
-        total_steps=state.step,
-        total_examples=state.examples,
-        epochs=state.examples / task.num_train,
-        train_seconds=train_seconds,
-        eval_seconds=eval_seconds,
-        target=None if target is None else str(target),
-        steps_to_target=None if hit is None else hit.step,
-        examples_to_target=None if hit is None else hit.examples,
-        seconds_to_target=None if hit is None else hit.train_seconds,
-        diverged=diverged_step is not None,
-        diverged_step=diverged_step,
-        final=final,
-        extras=extras,
+        final={"reference_epochs": controller.reference_epochs(task.num_train)},
+        extras={"adaptive": adaptive},
     )
