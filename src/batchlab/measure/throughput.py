@@ -372,10 +372,15 @@ def profile_throughput(
     )
     noisiest = max(points, key=lambda p: p.spread)
     if noisiest.spread > NOISY_SPREAD:
+        hint = ""
+        if dev.type == "cpu" and torch.get_num_threads() > 1:
+            hint = (
+                f" (with {torch.get_num_threads()} threads on a busy CPU, OMP_NUM_THREADS=1 helps)"
+            )
         warnings.append(
             f"timing is noisy: at B={noisiest.batch_size} the windows range over "
-            f"{noisiest.spread:.0%} of the median; other processes are competing for "
-            "the device (on a busy CPU, fewer threads help: OMP_NUM_THREADS=1)"
+            f"{noisiest.spread:.0%} of the median; other processes are competing for the "
+            f"device{hint}"
         )
     return ThroughputProfile(
         device=str(dev),

@@ -107,13 +107,17 @@ def plot_memory(memory: MemoryProbe, ax: Any = None) -> Any:
     )
     verb = "predicted" if not memory.verified else "max"
     ax.axvline(memory.max_batch_size, color=KNEE_COLOR, lw=1.2)
+    right_half = memory.max_batch_size > x_max * 0.6
     ax.annotate(
-        f" {verb} B={memory.max_batch_size}",
-        (memory.max_batch_size, memory.usable_bytes / scale),
+        f"{verb} B={memory.max_batch_size}",
+        (memory.max_batch_size, memory.budget_bytes / scale),
+        xytext=(-6 if right_half else 6, 6),
+        textcoords="offset points",
         color=KNEE_COLOR,
         fontsize=9,
-        ha="right" if memory.max_batch_size > x_max * 0.6 else "left",
+        ha="right" if right_half else "left",
         va="bottom",
+        bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.8},
     )
     ax.set_xlim(0, x_max)
     ax.set_ylim(0, top / scale)
