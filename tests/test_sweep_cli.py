@@ -64,6 +64,7 @@ def without_timing(record):
 def test_sweep_runs_stores_reports_and_resumes(capsys, tmp_path):
     out = tmp_path / "sw"
     args = ["sweep", "digits-mlp", "--batch-sizes", "16,64,256", *FAST, "--out", out]
+    args += ["--sharpness", "hessian,epsilon"]
     code, stdout, _ = run_cli(capsys, *args, "--json", tmp_path / "r.json")
     assert code == 0
     assert "batchlab sweep digits-mlp: 3 runs" in stdout
@@ -78,6 +79,7 @@ def test_sweep_runs_stores_reports_and_resumes(capsys, tmp_path):
         assert key in record
     assert record["history"]["extras"]["distance_from_init"]["values"]
     assert record["sharpness"]["hessian_top_eigenvalue"]["method"] == "hessian_top_eigenvalue"
+    assert "Keskar" in record["sharpness"]["epsilon_sharpness"]["description"]
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["sweep"]["runs_done"] == 3 and data["analysis"]["groups"][0]["points"]
 
@@ -90,7 +92,10 @@ def test_sweep_runs_stores_reports_and_resumes(capsys, tmp_path):
         capsys, "sweep", "digits-mlp", "--batch-sizes", "16,64", *FAST, "--out", out
     )
     assert code == 2
-    assert err.count("\n") == 1 and "holds a different sweep (differs in: batch_sizes, runs)" in err
+    assert (
+        err.count("\n") == 1
+        and "holds a different sweep (differs in: batch_sizes, runs, sharpness)" in err
+    )
 
 
 def test_report_rebuilds_from_the_store_alone(capsys, tmp_path, monkeypatch):
@@ -200,7 +205,13 @@ def test_a_diverging_lr_is_recorded_and_the_sweep_goes_on(capsys, tmp_path):
 
 
 def test_the_same_seed_gives_identical_results_on_cpu(tmp_path):
-    spec = make_sweep_spec("digits-mlp", batch_sizes="16,64", max_steps=10, sharpness_examples=64)
+    spec = make_sweep_spec(
+        "digits-mlp",
+        batch_sizes="16,64",
+        max_steps=10,
+        sharpness_examples=64,
+        sharpness="hessian,epsilon",
+    )
     a = run_sweep(spec, tmp_path / "a")
     b = run_sweep(spec, tmp_path / "b")
     assert a.runs_done == b.runs_done == 2
@@ -300,6 +311,10 @@ def test_optimizer_swap_and_lr_rules_in_the_spec():
         (["--target", "val_f1>=0.5"], "val_f1, which this task does not report"),
         (["--backend", "slurm"], "backend: expected one of local, ray, got 'slurm'"),
         (["--from-plan", "missing.json"], "--from-plan: 'missing.json' does not exist"),
+        (
+            ["--sharpness", "trace"],
+            "sharpness: expected a comma-separated list of hessian, epsilon",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line(capsys, tmp_path, args, message):

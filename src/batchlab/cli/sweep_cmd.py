@@ -125,6 +125,13 @@ def sweep(
     ] = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
+    sharpness: Annotated[
+        str,
+        typer.Option(
+            "--sharpness",
+            help="Measured at the end of each run: hessian (top eigenvalue), epsilon (Keskar's, CPU, small models), both, or none.",
+        ),
+    ] = "hessian",
     report: Annotated[
         bool, typer.Option("--report/--no-report", help="Write DIR/report.html at the end.")
     ] = True,
@@ -150,6 +157,7 @@ def sweep(
         device=device,
         plan=from_plan,
         b_simple=b_simple,
+        sharpness=sharpness,
     )
     n_jobs = jobs if jobs is not None else default_jobs(device, len(spec.runs))
     progress = Progress(

@@ -47,10 +47,18 @@ class RunContext:
     target: str | None = None  # runs stop at it when set
     sharpness_examples: int = 1024
     threads: int | None = None  # torch intra-op threads in the process running the run
+    sharpness: tuple[str, ...] = ("hessian",)  # which measures: "hessian", "epsilon"
 
     @classmethod
     def from_spec(cls, spec: SweepSpec, threads: int | None = None) -> RunContext:
-        return cls(spec.task_ref, spec.device, spec.target, spec.sharpness_examples, threads)
+        return cls(
+            spec.task_ref,
+            spec.device,
+            spec.target,
+            spec.sharpness_examples,
+            threads,
+            tuple(spec.sharpness),
+        )
 
 
 def cpu_count() -> int:
@@ -93,7 +101,8 @@ class _FinalMeasurements(TrainCallback):
         t1 = time.perf_counter()
         self.seconds["train_eval"] = t1 - t0
         n = self.context.sharpness_examples
-        for measure in (hessian_top_eigenvalue, epsilon_sharpness):
+        chosen = {"hessian": hessian_top_eigenvalue, "epsilon": epsilon_sharpness}
+        for measure in (chosen[name] for name in self.context.sharpness):
             try:
                 result = measure(
                     state.model,

@@ -38,6 +38,9 @@ DEFAULT_MIN_STEPS = 200  # so big batches get enough updates to reach a target a
 LADDER_START = 8
 EVALS_PER_RUN = 50
 SHARPNESS_EXAMPLES = 1024
+# "hessian": top Hessian eigenvalue (cheap, any device). "epsilon": Keskar et al.'s
+# epsilon-sharpness, an L-BFGS-B search over all weights on the CPU: fine for small models.
+SHARPNESS_MEASURES = ("hessian", "epsilon")
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,7 @@ class SweepSpec(JsonResult):
     plan: PlanInfo | None
     runs: tuple[RunSpec, ...]
     format: int = SPEC_FORMAT
+    sharpness: tuple[str, ...] = ("hessian",)  # measured at the end of each run
 
     def differences(self, other: SweepSpec) -> list[str]:
         """Names of the top-level fields that differ (runs last, as it follows the rest)."""
@@ -143,6 +147,8 @@ class SweepSpec(JsonResult):
         if self.target:
             parts += ["--target", f"'{self.target}'"]
         parts += ["--repeats", str(self.repeats), "--seed", str(self.seed)]
+        if tuple(self.sharpness) != ("hessian",):
+            parts += ["--sharpness", ",".join(self.sharpness) or "none"]
         parts += ["--lr", f"{self.reference_lr:g}"]
         if self.device != "auto":
             parts += ["--device", self.device]
@@ -192,6 +198,19 @@ def parse_optimizers(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]
         raise ConfigError(
             f"optimizer: expected a comma-separated list of {', '.join(OPTIMIZERS)}, "
             f"got {text!r}; e.g. --optimizer sgd,adam"
+        )
+    return tuple(dict.fromkeys(names))
+
+
+def parse_sharpness(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """`"hessian,epsilon"`, `"hessian"` or `"none"` -> the measures to take."""
+    names = [s.strip().lower() for s in text.split(",")] if isinstance(text, str) else list(text)
+    names = [n for n in names if n and n != "none"]
+    bad = [n for n in names if n not in SHARPNESS_MEASURES]
+    if bad:
+        raise ConfigError(
+            f"sharpness: expected a comma-separated list of {', '.join(SHARPNESS_MEASURES)} "
+            f"(or none), got {text!r}"
         )
     return tuple(dict.fromkeys(names))
 
@@ -349,6 +368,7 @@ def make_sweep_spec(
     plan: str | Path | PlanInfo | None = None,
     b_simple: float | None = None,
     sharpness_examples: int = SHARPNESS_EXAMPLES,
+    sharpness: str | tuple[str, ...] | list[str] = ("hessian",),
 ) -> SweepSpec:
     """Resolve sweep options into a `SweepSpec` (every run written out).
 
@@ -395,6 +415,7 @@ def make_sweep_spec(
     if tgt is not None:
         _check_target(t, tgt)
     check_batch_size(sharpness_examples, what="sharpness examples")
+    measures = parse_sharpness(sharpness)
 
     plan_info = plan if isinstance(plan, PlanInfo) or plan is None else load_plan(plan)
     if plan_info is not None and b_simple is None:
@@ -500,6 +521,7 @@ def make_sweep_spec(
         b_simple=b_simple,
         plan=plan_info,
         runs=tuple(builder.runs),
+        sharpness=measures,
     )
 
 
