@@ -17,7 +17,7 @@ import torch
 import batchlab
 from batchlab.adaptive import AdaptiveBatchSize, ResizableBatchSampler
 from batchlab.adaptive.grad_norms import MicroBatchGradNorms
-from batchlab.adaptive.noise_source import two_batch_estimate
+from batchlab.adaptive.noise_source import smoothed_noise_estimate
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
         fixed_accumulation_steps=2,
         max_batch_size=len(task.train_data) // 4,
     )
-    noise = two_batch_estimate()
+    noise = smoothed_noise_estimate()
     norms = MicroBatchGradNorms(model.parameters(), noise.update, weighting="equal")
     sampler = ResizableBatchSampler(task.train_data, controller.micro_batch_size, seed=0)
 

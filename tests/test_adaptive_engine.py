@@ -157,7 +157,7 @@ def exact_b_simple(x, y, w):
 )
 def test_micro_batch_norms_estimate_the_exact_noise_scale(sizes, weighting):
     from batchlab.adaptive.grad_norms import MicroBatchGradNorms
-    from batchlab.adaptive.noise_source import TwoBatchEMA
+    from batchlab.adaptive.noise_source import smoothed_noise_estimate
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 5, generator=g, dtype=torch.float64)
@@ -166,7 +166,7 @@ def test_micro_batch_norms_estimate_the_exact_noise_scale(sizes, weighting):
     )
     w = torch.nn.Parameter(torch.tensor([0.8, -1.5, 0.0, 0.3, 2.0], dtype=torch.float64))
     exact = exact_b_simple(x, y, w.detach())
-    estimate = TwoBatchEMA(decay=0.999)
+    estimate = smoothed_noise_estimate(decay=0.999)
     norms = MicroBatchGradNorms([w], estimate.update, weighting=weighting)
     total = sum(sizes)
     for _ in range(1500):
@@ -184,14 +184,14 @@ def test_micro_batch_norms_estimate_the_exact_noise_scale(sizes, weighting):
 def test_micro_batch_norms_without_the_last_micro_batch():
     """The HF Trainer path: the last of k micro-batches is clipped before a hook sees it."""
     from batchlab.adaptive.grad_norms import MicroBatchGradNorms
-    from batchlab.adaptive.noise_source import TwoBatchEMA
+    from batchlab.adaptive.noise_source import smoothed_noise_estimate
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(64, 5, generator=g, dtype=torch.float64)
     y = torch.randn(64, generator=g, dtype=torch.float64)
     w = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
     exact = exact_b_simple(x, y, w.detach())
-    estimate = TwoBatchEMA(decay=0.999)
+    estimate = smoothed_noise_estimate(decay=0.999)
     norms = MicroBatchGradNorms([w], estimate.update, weighting="equal")
     for _ in range(1500):
         w.grad = None

@@ -13,8 +13,7 @@ measured training time includes.
 
 from __future__ import annotations
 
-from batchlab.adaptive.grad_norms import MicroBatchGradNorms
-from batchlab.adaptive.noise_source import TwoBatchEMA
+from batchlab.measure.noise_tracker import GradientNoiseScaleTracker
 from batchlab.train import RunState, TrainCallback
 
 
@@ -31,40 +30,17 @@ class MeasuredNoise(TrainCallback):
 
     def __init__(self, decay: float = 0.95, split_every: int = 4, record_every: int = 20) -> None:
         self.split_every = split_every
-        try:
-            from batchlab.measure.noise_tracker import GradientNoiseScaleTracker
-        except ImportError:
-            self.tracker = None
-            self.estimate = TwoBatchEMA(decay)
-        else:
-            self.tracker = GradientNoiseScaleTracker(beta=decay, every=record_every)
-            self.estimate = None
+        self.tracker = GradientNoiseScaleTracker(beta=decay, every=record_every)
 
     def on_start(self, state: RunState) -> None:
-        if self.tracker is not None:
-            self.tracker.on_start(state)  # installs its micro-batch hook
-            return
-        norms = MicroBatchGradNorms(state.model.parameters(), self.estimate.update)
-        inner = state.step_fn.micro_hook
-
-        def hook(index: int, num_micro: int, size: int) -> None:
-            if num_micro >= 2:
-                norms.after_backward(size)
-                if index == num_micro - 1:
-                    norms.end_step()
-            if inner is not None:
-                inner(index, num_micro, size)
-
-        state.step_fn.micro_hook = hook
+        self.tracker.on_start(state)  # installs its micro-batch hook
 
     def on_step(self, state: RunState) -> None:
-        if self.tracker is not None:
-            self.tracker.on_step(state)
+        self.tracker.on_step(state)
 
     def on_end(self, state: RunState) -> None:
-        if self.tracker is not None:
-            self.tracker.on_end(state)
+        self.tracker.on_end(state)
 
     def b_simple(self, step: int) -> float | None:
-        value = self.tracker.b_simple if self.tracker is not None else self.estimate.b_simple()
+        value = self.tracker.b_simple
         return value if value is not None and value > 0 else None

@@ -27,7 +27,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from batchlab.adaptive.controller import AdaptiveBatchSize, Decision
-from batchlab.adaptive.noise_source import two_batch_estimate
+from batchlab.adaptive.noise_source import smoothed_noise_estimate
 
 
 class DDPNoiseScale:
@@ -50,7 +50,7 @@ class DDPNoiseScale:
         self._global: list[torch.Tensor] = []
         # The tracker's own attach_ddp would do, but its hook's string annotations fail
         # DDP's runtime check (see docs/adaptive.md); this hook has none.
-        self.estimate = two_batch_estimate(decay)
+        self.estimate = smoothed_noise_estimate(decay)
         model.register_comm_hook(None, self._hook)
 
     def _hook(self, process_group, bucket):  # no annotations: DDP checks them at runtime

@@ -29,7 +29,7 @@ from typing import Any
 from batchlab.adaptive.controller import AdaptiveBatchSize as Controller
 from batchlab.adaptive.controller import Decision, LrRule
 from batchlab.adaptive.grad_norms import MicroBatchGradNorms
-from batchlab.adaptive.noise_source import two_batch_estimate
+from batchlab.adaptive.noise_source import smoothed_noise_estimate
 from batchlab.adaptive.sampler import ResizableBatchSampler
 from batchlab.errors import ConfigError, NoiseEstimateError
 
@@ -63,7 +63,7 @@ class NoiseScaleMonitor(Callback):
     """
 
     def __init__(self, decay: float = 0.95, name: str = "b_simple") -> None:
-        self.estimate = two_batch_estimate(decay)
+        self.estimate = smoothed_noise_estimate(decay)
         self.name = name
         self.b_simple: float | None = None
         self.history: list[tuple[int, float]] = []  # (global step, B_simple)

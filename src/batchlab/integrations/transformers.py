@@ -33,7 +33,7 @@ import time
 
 from batchlab.adaptive.controller import AdaptiveBatchSize, Decision, LrRule
 from batchlab.adaptive.grad_norms import MicroBatchGradNorms
-from batchlab.adaptive.noise_source import two_batch_estimate
+from batchlab.adaptive.noise_source import smoothed_noise_estimate
 from batchlab.errors import NoiseEstimateError
 
 try:
@@ -54,7 +54,7 @@ class NoiseScaleCallback(TrainerCallback):
     """
 
     def __init__(self, decay: float = 0.95, name: str = "b_simple") -> None:
-        self.estimate = two_batch_estimate(decay)
+        self.estimate = smoothed_noise_estimate(decay)
         self.name = name
         self.b_simple: float | None = None
         self.history: list[tuple[int, float]] = []  # (global step, B_simple)
