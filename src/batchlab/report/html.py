@@ -6,7 +6,8 @@ issue and still show everything.
 
     page = HtmlPage("batchlab plan: mnist1d-cnn", subtitle="CPU, 2 cores")
     page.cards([Card("batch size", "256", "fastest"), Card("lr", "0.02", "sqrt rule")])
-    page.section("Throughput")
+    page.section("Throughput", note="Measured on one GPU.")       # h2 (+ a muted line)
+    page.subsection("Forward + backward")                            # h3
     page.figure(fig, caption="Examples per second vs batch size")   # a matplotlib Figure
     page.figures([(fig_a, "left"), (fig_b, "right")])                # side by side
     page.table(["B", "s/step"], [[64, "0.012"], [128, "0.020"]], caption="Measured")

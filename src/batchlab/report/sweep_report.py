@@ -137,11 +137,12 @@ def _cards(spec: SweepSpec, analysis: SweepAnalysis) -> list[Card]:
     group = analysis.groups[0] if analysis.groups else None
     fit = group.fit if group else None
     if fit is not None:
+        which = f"{group.label}; " if len(analysis.groups) > 1 else ""
         cards.append(
             Card(
                 "B_crit (fitted)",
                 fmt(fit.b_crit),
-                fmt_interval(fit.b_crit_ci) or fit.ci_method,
+                which + (fmt_interval(fit.b_crit_ci) or fit.ci_method),
                 accent=True,
             )
         )
