@@ -121,7 +121,7 @@ def plot_memory(memory: MemoryProbe, ax: Any = None) -> Any:
     )
     ax.set_xlim(0, x_max)
     ax.set_ylim(0, top / scale)
-    ax.legend(fontsize=8, loc="upper left", frameon=False)
+    ax.legend(fontsize=8, loc="best", framealpha=0.9, edgecolor="none")
     return ax
 
 
@@ -168,7 +168,7 @@ def plot_throughput(profile: ThroughputProfile, ax: Any = None) -> Any:
     ax.set_xticklabels([str(b) for b in sizes], fontsize=8, rotation=45)
     ax.minorticks_off()
     ax.set_ylim(bottom=0)
-    ax.legend(fontsize=8, loc="upper left", frameon=False)
+    ax.legend(fontsize=8, loc="best", framealpha=0.9, edgecolor="none")
     return ax
 
 
