@@ -206,6 +206,17 @@ def test_search_convex_curve_matches_exhaustive_truth():
     assert calls == [4, 4, 32, 40_000, 5753, 6093]
 
 
+def test_search_jagged_curve_reports_a_sensible_line():
+    # A 30 kB jump at B=500 (a kernel switching algorithm): the limit is 499, and the
+    # line through the points on either side of it would have a negative intercept.
+    def curve(b):
+        return 1000 + 100 * b + (30_000 if b >= 500 else 0)
+
+    search = find_max_batch_size(curve, usable_bytes=60_000, limit=4000)
+    assert 480 <= search.max_batch_size <= 499
+    assert search.model.fixed_bytes >= 0 and search.model.bytes_per_sample > 0
+
+
 def test_search_predict_only_runs_only_the_ladder():
     run = linear_allocator()
     search = find_max_batch_size(run, usable_bytes=90_000, limit=4000, predict_only=True)

@@ -424,11 +424,22 @@ def _midpoint(good: int, bad: int) -> int:
 
 
 def _model_near_limit(points: list[MemoryPoint], good: int, bad: int) -> MemoryModel:
-    """The line through the measured points on either side of the limit (or just below)."""
+    """The line through the measured points on either side of the limit (or just below).
+
+    Where the peak is jagged near the limit (allocator rounding, kernels switching), that
+    line can have a negative intercept; the least-squares line through every point is
+    then the better summary of "fixed + per sample", and failing that, a line through
+    the origin.
+    """
     near = [p for p in points if p.peak_bytes is not None and p.batch_size in (good, bad)]
-    if len(near) == 2:
-        return local_model(near)
-    return local_model([p for p in points if p.fits] or points)
+    model = local_model(near if len(near) == 2 else [p for p in points if p.fits] or points)
+    if model.fixed_bytes >= 0:
+        return model
+    overall = fit_memory_model(points)
+    if overall.fixed_bytes >= 0 and overall.bytes_per_sample > 0:
+        return MemoryModel(overall.fixed_bytes, overall.bytes_per_sample, "least-squares")
+    largest = max((p for p in points if p.fits), key=lambda p: p.batch_size)
+    return MemoryModel(0.0, largest.peak_bytes / largest.batch_size, "proportional")
 
 
 def _nothing_fits_message(points: list[MemoryPoint], usable: float) -> str:
