@@ -1,8 +1,9 @@
 """Sweep wall time with `--jobs 1` vs `--jobs 2`, and the bookkeeping cost per run.
 
-One fixed small sweep (mnist1d-mlp, 6 batch sizes, a fixed step budget) is run with one
-in-process worker and with two worker processes, interleaved (1 2 1 2 ...) so machine noise
-hits both alike; each repeat starts from an empty directory. Reported:
+One fixed small sweep (mnist1d-mlp, 6 batch sizes, a fixed step budget) is run three ways,
+interleaved (A B C A B C ...) so machine noise hits all alike, each from an empty directory:
+`--jobs 1` in-process with torch's default threads (one per core), `--jobs 1` with one
+thread, and `--jobs 2` (two worker processes, one thread each). Reported:
 
 - wall seconds of each, their medians and the ratio jobs1 / jobs2 (the parallel speedup,
   worker start-up included);
@@ -23,6 +24,8 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 from batchlab.sweep.runner import cpu_count, run_sweep
 from batchlab.sweep.spec import make_sweep_spec
@@ -63,24 +66,40 @@ def main() -> None:
 
     spec = make_sweep_spec(args.task, batch_sizes="16,32,64,128,256,512", max_steps=args.steps)
     print(f"sweep: {args.task}, {len(spec.runs)} runs x {args.steps} steps; {cpu_count()} cores")
-    walls: dict[int, list[float]] = {1: [], 2: []}
+    configs = {
+        "jobs 1 (default threads)": (1, None),
+        "jobs 1 (1 thread)": (1, 1),
+        "jobs 2": (2, None),
+    }
+    walls: dict[str, list[float]] = {name: [] for name in configs}
     overhead, records = [], []
+    default_threads = torch.get_num_threads()
     for i in range(args.repeats):
-        for jobs in (1, 2):
+        for name, (jobs, threads) in configs.items():
+            torch.set_num_threads(threads or default_threads)
             wall, recs = one_sweep(spec, jobs)
-            walls[jobs].append(wall)
-            if jobs == 1:
+            walls[name].append(wall)
+            if jobs == 1 and threads == 1:
                 inside = sum(r.seconds["total"] for r in recs)
                 overhead.append((wall - inside) / len(recs))
                 records = recs
-            print(f"  repeat {i}: jobs {jobs}: {wall:6.2f} s")
-    m1, m2 = statistics.median(walls[1]), statistics.median(walls[2])
-    spread = {j: (max(w) - min(w)) / statistics.median(w) for j, w in walls.items()}
-    print(f"jobs 1: median {m1:.2f} s (spread {spread[1]:.0%})")
-    print(f"jobs 2: median {m2:.2f} s (spread {spread[2]:.0%})")
-    print(f"speedup jobs1 / jobs2: {m1 / m2:.2f}x")
-    print(f"bookkeeping per run (jobs 1, outside the runs): {1000 * statistics.median(overhead):.1f} ms")
-    print(f"one fsynced append of a {len(records[0].to_json(indent=None)) / 1024:.0f} KiB record: {1000 * append_seconds(records[0]):.2f} ms")
+            print(f"  repeat {i}: {name}: {wall:6.2f} s")
+    torch.set_num_threads(default_threads)
+    medians = {name: statistics.median(w) for name, w in walls.items()}
+    for name, w in walls.items():
+        spread = (max(w) - min(w)) / medians[name]
+        print(f"{name}: median {medians[name]:.2f} s (spread {spread:.0%})")
+    m2 = medians["jobs 2"]
+    print(
+        f"speedup jobs 1 (default threads) / jobs 2: {medians['jobs 1 (default threads)'] / m2:.2f}x"
+    )
+    print(f"speedup jobs 1 (1 thread) / jobs 2: {medians['jobs 1 (1 thread)'] / m2:.2f}x")
+    print(
+        f"bookkeeping per run (jobs 1, 1 thread, outside the runs): {1000 * statistics.median(overhead):.1f} ms"
+    )
+    print(
+        f"one fsynced append of a {len(records[0].to_json(indent=None)) / 1024:.0f} KiB record: {1000 * append_seconds(records[0]):.2f} ms"
+    )
     train = sum(r.seconds["train"] for r in records)
     evals = sum(r.seconds["eval"] for r in records)
     final = sum(r.seconds.get("train_eval", 0) + r.seconds.get("sharpness", 0) for r in records)

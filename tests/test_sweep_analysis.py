@@ -297,3 +297,13 @@ def test_a_run_that_never_learned_is_flagged():
     analysis = analyze_sweep(spec, records, target="val_acc>=0.8", n_boot=0)
     assert [p.stalled for p in analysis.groups[0].points] == [0, 1]
     assert any("B=32 did not learn in 1 of 1 repeats" in w for w in analysis.warnings)
+
+
+def test_a_target_met_at_initialization_is_left_out_of_the_fit():
+    spec = make_sweep_spec("digits-mlp", batch_sizes="16,32,64,128", max_steps=100)
+    reach = {16: 0, 32: 60, 64: 40, 128: 30}
+    records = [fake_record(r, reach_step=reach[r.batch_size]) for r in spec.runs]
+    analysis = analyze_sweep(spec, records, target="val_acc>=0.8", n_boot=0)
+    (group,) = analysis.groups
+    assert group.fit is not None and group.fit.batch_sizes == (32, 64, 128)
+    assert "already held at initialization for B=16" in group.fit_note

@@ -551,13 +551,19 @@ def analyze_sweep(
                     f"repeats (lr {point.lr:.3g})"
                 )
         fit, notes = None, []
-        obs = [(p.batch_size, s) for p in points for s in p.steps_to_target]
+        obs = [(p.batch_size, s) for p in points for s in p.steps_to_target if s > 0]
+        at_init = sorted({p.batch_size for p in points for s in p.steps_to_target if s <= 0})
         unreached = [p.batch_size for p in points if p.reached == 0]
         if tgt is None:
             notes.append("no target: the runs record no validation metric")
         elif unreached:
             notes.append(
                 f"B={', '.join(map(str, unreached))} never reached {tgt}; fitted without them"
+            )
+        if at_init:
+            notes.append(
+                f"{tgt} already held at initialization for B={', '.join(map(str, at_init))}; "
+                "those repeats are left out of the fit (pick a harder --target)"
             )
         try:
             if tgt is not None:
