@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from batchlab.measure.noise_tracker import NoiseRun
+from batchlab.report.axes import new_axes
 
 FIGSIZE = (7.0, 4.2)
 NOISE_COLOR = "#2f6fde"
@@ -19,16 +20,10 @@ LOSS_COLOR = "#e4572e"
 BATCH_COLOR = "#555555"
 
 
-def _new_axes() -> Any:
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=FIGSIZE, layout="constrained").subplots()
-
-
 def plot_noise_run(run: NoiseRun, ax: Any = None) -> Any:
     """B_simple (log scale) with its confidence band, unreliable points hollow; loss on a
     second axis; the reference batch as a dotted line for scale."""
-    ax = ax if ax is not None else _new_axes()
+    ax = ax if ax is not None else new_axes(FIGSIZE)
     pts = [p for p in run.points if p.b_simple is not None]
     finite_highs = [p.b_simple_ci[1] for p in run.points if math.isfinite(p.b_simple_ci[1])]
     values = [p.b_simple for p in pts] + finite_highs + [run.batch_size]

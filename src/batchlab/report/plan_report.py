@@ -7,7 +7,7 @@ from pathlib import Path
 from batchlab.measure.memory import format_bytes
 from batchlab.plan.model import Plan, Recommendation
 from batchlab.report.html import Card, HtmlPage, esc
-from batchlab.report.plan_plots import plot_b_simple, plot_time_to_target
+from batchlab.report.plan_plots import plot_time_to_target
 
 REPORT_FILE = "report.html"
 
@@ -60,12 +60,17 @@ def plan_page(plan: Plan) -> HtmlPage:
         "What learns fastest, and what that costs",
         "S(B) = S_min (1 + B_noise/B) (McCandlish et al. 2018) times the measured step time.",
     )
-    page.figures(
-        [
-            (plot_time_to_target(plan).figure, "Predicted time to target, relative to B0"),
-            (plot_b_simple(plan).figure, "B_simple over the measured training phase"),
-        ]
-    )
+    figures = [(plot_time_to_target(plan).figure, "Predicted time to target, relative to B0")]
+    if plan.noise is not None:
+        from batchlab.report.noise_plots import plot_noise_run
+
+        ax = plot_noise_run(plan.noise)
+        ax.axhline(plan.b_simple, color="#0f9bb5", ls="--", lw=1.2)
+        ax.annotate(f"used: {plan.b_simple:.0f}", (0.01, plan.b_simple), color="#0f9bb5",
+                    xycoords=("axes fraction", "data"), xytext=(0, 4), textcoords="offset points",
+                    fontsize=9)  # fmt: skip
+        figures.append((ax.figure, "B_simple over the measured training phase, and the loss"))
+    page.figures(figures)
     if plan.probe is not None:
         from batchlab.report.probe_plots import plot_memory, plot_throughput
 

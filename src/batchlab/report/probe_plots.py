@@ -12,27 +12,12 @@ from typing import Any
 from batchlab.measure.memory import MemoryProbe, format_bytes
 from batchlab.measure.probe import ProbeResult
 from batchlab.measure.throughput import ThroughputProfile
+from batchlab.report.axes import new_axes, style_axes
 
-FIGSIZE = (6.4, 4.2)
 POINT_COLOR = "#2f6fde"
 MISFIT_COLOR = "#e4572e"
 BUDGET_COLOR = "#111111"
 KNEE_COLOR = "#29a35a"
-
-
-def _new_axes(figsize: tuple[float, float] = FIGSIZE) -> Any:
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=figsize, layout="constrained").subplots()
-
-
-def _style(ax: Any, title: str, xlabel: str, ylabel: str) -> None:
-    ax.set_title(title, fontsize=11, loc="left")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
 
 
 def _bytes_axis(ax: Any, top: float) -> float:
@@ -47,12 +32,12 @@ def _bytes_axis(ax: Any, top: float) -> float:
 
 def plot_memory(memory: MemoryProbe, ax: Any = None) -> Any:
     """Measured peak per step against B, the fitted line, the budget and the usable limit."""
-    ax = ax if ax is not None else _new_axes()
+    ax = ax if ax is not None else new_axes()
     ran = [p for p in memory.points if p.peak_bytes is not None]
     x_max = max([p.batch_size for p in memory.points] + [memory.max_batch_size]) * 1.08
     top = max([p.peak_bytes for p in ran] + [memory.budget_bytes]) * 1.08
     scale = _bytes_axis(ax, top)
-    _style(ax, f"Memory ({memory.device})", "batch size B", ax.get_ylabel())
+    style_axes(ax, f"Memory ({memory.device})", "batch size B", ax.get_ylabel())
 
     fit_x = [0.0, x_max]
     fit_y = [(memory.fixed_bytes + memory.bytes_per_sample * x) / scale for x in fit_x]
@@ -127,8 +112,8 @@ def plot_memory(memory: MemoryProbe, ax: Any = None) -> Any:
 
 def plot_throughput(profile: ThroughputProfile, ax: Any = None) -> Any:
     """Median samples/s against B (log2 axis) with the windows' range, and the knee."""
-    ax = ax if ax is not None else _new_axes()
-    _style(ax, f"Throughput ({profile.device})", "batch size B", "training samples / s")
+    ax = ax if ax is not None else new_axes()
+    style_axes(ax, f"Throughput ({profile.device})", "batch size B", "training samples / s")
     sizes = [p.batch_size for p in profile.points]
     medians = [p.samples_per_s for p in profile.points]
     low = [p.samples_per_s - p.samples_per_s_low for p in profile.points]
