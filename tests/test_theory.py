@@ -124,3 +124,14 @@ def test_warmup_only_for_large_lr_growth():
     assert warmup_steps_for(2.0, 1000) == 0
     assert warmup_steps_for(4.0, 1000) == 50
     assert warmup_steps_for(8.0, 3) == 1
+
+
+def test_monotone_step_seconds_pools_noisy_dips():
+    from batchlab.theory import monotone_step_seconds
+
+    clean = [0.001, 0.002, 0.004]
+    assert monotone_step_seconds([8, 16, 32], clean) == pytest.approx(clean)
+    fitted = monotone_step_seconds([8, 16, 32, 64], [0.001, 0.004, 0.001, 0.008])
+    assert fitted[0] == pytest.approx(0.001) and fitted[3] == pytest.approx(0.008)
+    assert fitted[1] == pytest.approx(fitted[2]) == pytest.approx(0.002)  # geometric mean
+    assert all(a <= b for a, b in zip(fitted, fitted[1:]))

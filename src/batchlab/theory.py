@@ -198,6 +198,24 @@ def interpolate_step_seconds(
     return float(math.exp(np.interp(x, xs, ys)))
 
 
+def monotone_step_seconds(
+    batch_sizes: list[int] | tuple[int, ...], step_seconds: list[float] | tuple[float, ...]
+) -> list[float]:
+    """Measured step times made non-decreasing in B by isotonic regression (in log time).
+
+    A bigger batch does at least the work of a smaller one, so a step cannot get faster
+    as B grows; a measured dip is timing noise (15-40% on shared machines). Pooling the
+    violators keeps one noisy point from deciding the plan. Returned in input order.
+    """
+    import numpy as np
+    from sklearn.isotonic import IsotonicRegression
+
+    xs = np.log(np.asarray(batch_sizes, dtype=float))
+    ys = np.log(np.asarray(step_seconds, dtype=float))
+    fitted = IsotonicRegression(increasing=True).fit_transform(xs, ys)
+    return [float(v) for v in np.exp(fitted)]
+
+
 def efficient_batch_size(b_noise: float, *, max_batch_size: int | None = None) -> int:
     """B ~= B_crit ~= B_noise: steps are 2 S_min and examples 2 E_min (McCandlish et al. 2018).
 

@@ -17,6 +17,7 @@ from batchlab.results import JsonResult
 from batchlab.theory import (
     efficient_batch_size,
     interpolate_step_seconds,
+    monotone_step_seconds,
     predicted_speedup,
     relative_steps,
     scale_lr,
@@ -204,9 +205,10 @@ def candidate_batch_sizes(m: Measurements, b_noise: float) -> list[int]:
 
 
 def _step_seconds(m: Measurements, batch_size: int) -> tuple[int, int, float]:
+    """Seconds per optimizer step at B: monotone fit of the measured ladder, interpolated."""
     micro, accum = accumulation_for(batch_size, m.max_batch_size)
     xs = [p.batch_size for p in m.throughput]
-    ts = [p.step_s for p in m.throughput]
+    ts = monotone_step_seconds(xs, [p.step_s for p in m.throughput])
     return micro, accum, accum * interpolate_step_seconds(xs, ts, micro)
 
 
