@@ -192,6 +192,6 @@ def test_candidate_step_times_are_monotone_even_when_measurements_dip():
     times = {8: 0.0008, 16: 0.0016, 32: 0.0032, 64: 0.0005, 128: 0.0128, 256: 0.0256, 512: 0.0512}
     plan = build_plan(measurements(step_s=lambda b: times[b]), b_simple=300.0)
     steps = [c.step_s for c in sorted(plan.candidates, key=lambda c: c.batch_size)]
-    assert all(a <= b * (1 + 1e-9) for a, b in zip(steps, steps[1:]))
+    assert all(a <= b * (1 + 1e-9) for a, b in zip(steps, steps[1:], strict=False))
     by_b = {c.batch_size: c for c in plan.candidates}
     assert by_b[64].step_s > times[64] and by_b[32].step_s < times[32]

@@ -134,4 +134,4 @@ def test_monotone_step_seconds_pools_noisy_dips():
     fitted = monotone_step_seconds([8, 16, 32, 64], [0.001, 0.004, 0.001, 0.008])
     assert fitted[0] == pytest.approx(0.001) and fitted[3] == pytest.approx(0.008)
     assert fitted[1] == pytest.approx(fitted[2]) == pytest.approx(0.002)  # geometric mean
-    assert all(a <= b for a, b in zip(fitted, fitted[1:]))
+    assert all(a <= b for a, b in zip(fitted, fitted[1:], strict=False))
