@@ -12,7 +12,7 @@ import pytest
 
 from batchlab.sweep.spec import make_sweep_spec
 
-ARGS = ["digits-mlp", "--batch-sizes", "16,32,64,128", "--max-steps", "25", "--repeats", "2"]
+ARGS = ["digits-mlp", "--batch-sizes", "16,32,64,128", "--max-steps", "40", "--repeats", "4"]
 
 
 def _start(out, jobs):
@@ -36,16 +36,16 @@ def test_sigkill_at_random_moments_then_resume_records_every_run_exactly_once(tm
     kills = 0
     progress = []
     for jobs in (1, 2, 1, 1):
+        before = len([x for x in _lines(results) if x])
         proc = _start(out, jobs)
         deadline = time.monotonic() + 60
-        # Wait until it is training (the spec is written), then a random moment later.
-        while (
-            not (out / "sweep.json").exists()
-            and proc.poll() is None
-            and time.monotonic() < deadline
-        ):
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 1.0 if jobs == 1 else 3.0))
+        # Wait until this attempt has stored a run (so every attempt makes progress), then
+        # kill it at a random moment of the runs that follow.
+        while proc.poll() is None and time.monotonic() < deadline:
+            if len([x for x in _lines(results) if x]) > before:
+                break
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.25))
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             kills += 1
@@ -54,6 +54,7 @@ def test_sigkill_at_random_moments_then_resume_records_every_run_exactly_once(tm
         if proc.returncode == 0:
             break  # it finished before we could kill it: the rest is the resume check
     assert kills >= 3, f"the sweep finished too soon to be killed ({progress})"
+    assert progress[-1] < 16, progress  # work was left for the resume
 
     final = _start(out, 1)
     _, err = final.communicate(timeout=120)
@@ -62,7 +63,7 @@ def test_sigkill_at_random_moments_then_resume_records_every_run_exactly_once(tm
     expected = sorted(
         r.run_id
         for r in make_sweep_spec(
-            "digits-mlp", batch_sizes="16,32,64,128", max_steps=25, repeats=2
+            "digits-mlp", batch_sizes="16,32,64,128", max_steps=40, repeats=4
         ).runs
     )
     lines = [x for x in _lines(results) if x]
