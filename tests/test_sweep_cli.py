@@ -291,6 +291,12 @@ def test_optimizer_swap_and_lr_rules_in_the_spec():
     assert by[("sgd", 128)].warmup_steps == 1  # LR x4 > 2: Goyal et al.'s gradual warm-up
     tuned = make_sweep_spec("dots", batch_sizes="32", lr_rule="tuned", max_steps=5)
     assert sorted(r.lr for r in tuned.runs) == pytest.approx([5e-3, 1e-2, 2e-2])
+    ada = make_sweep_spec(
+        "dots", batch_sizes="32,256", lr_rule="adascale", b_simple=64.0, max_steps=5
+    )
+    # AdaScale gain r = (B/B0)(B_simple + B0)/(B_simple + B) (Johnson et al. 2020), B0 = 32
+    assert [r.lr for r in ada.runs] == pytest.approx([1e-2, 1e-2 * 8 * 96 / 320])
+    assert ada.runs[1].lr_rule == "adascale" and ada.b_simple == 64.0
     default = make_sweep_spec("digits-mlp")
     assert default.batch_sizes == (8, 16, 32, 64, 128, 256, 512, 1024)
     assert default.epochs == 30 and min(r.max_steps for r in default.runs) == 200
