@@ -14,7 +14,7 @@ import time
 import torch
 
 import batchlab
-from batchlab.plan import plan
+from batchlab.planner import plan
 
 
 def main() -> None:

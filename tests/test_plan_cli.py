@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-import batchlab.plan.measure as plan_measure
+import batchlab.planner.measure as plan_measure
 from batchlab.cli import main
-from batchlab.plan import Plan
+from batchlab.planner import Plan
 
 FAST = ["--memory-budget", "256MiB", "--noise-steps", "30", "--throughput-seconds", "1"]
 

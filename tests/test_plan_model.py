@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 
 from batchlab.errors import ConfigError
-from batchlab.plan import Measurements, Plan, build_plan, default_lr_rule
-from batchlab.plan.model import MemoryPoint, NoisePoint, ThroughputPoint, accumulation_for
+from batchlab.planner import Measurements, Plan, build_plan, default_lr_rule
+from batchlab.planner.model import MemoryPoint, NoisePoint, ThroughputPoint, accumulation_for
 
 
 def measurements(

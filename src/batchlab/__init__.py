@@ -10,6 +10,7 @@ from batchlab.measure.probe import ProbeResult, probe
 from batchlab.measure.run_stats import DistanceFromInit, GradNormTracker
 from batchlab.measure.sharpness import Sharpness, epsilon_sharpness, hessian_top_eigenvalue
 from batchlab.measure.throughput import ThroughputProfile, profile_throughput
+from batchlab.planner import Plan, PlanInterrupted, build_plan, plan
 from batchlab.sweep import (
     StepsFit,
     SweepAnalysis,
@@ -36,6 +37,8 @@ __all__ = [
     "MemoryProbe",
     "NoiseRun",
     "NoiseScale",
+    "Plan",
+    "PlanInterrupted",
     "ProbeResult",
     "ResizableBatchSampler",
     "Sharpness",
@@ -47,6 +50,7 @@ __all__ = [
     "TrainCallback",
     "adascale_gain",
     "analyze_sweep",
+    "build_plan",
     "calc",
     "epsilon_sharpness",
     "evaluate",
@@ -58,6 +62,7 @@ __all__ = [
     "make_sweep_spec",
     "measure_noise",
     "parse_size",
+    "plan",
     "probe",
     "probe_memory",
     "profile_throughput",

@@ -24,9 +24,9 @@ from batchlab.cli.common import (
     write_json,
 )
 from batchlab.measure.memory import format_bytes
-from batchlab.plan import PartialPlan, Plan, PlanInterrupted
-from batchlab.plan import plan as make_plan
-from batchlab.plan.measure import DEFAULT_NOISE_STEPS, DEFAULT_THROUGHPUT_SECONDS
+from batchlab.planner import PartialPlan, Plan, PlanInterrupted
+from batchlab.planner import plan as make_plan
+from batchlab.planner.measure import DEFAULT_NOISE_STEPS, DEFAULT_THROUGHPUT_SECONDS
 
 PHASES = {"memory": "memory probe", "throughput": "throughput ladder", "noise": "noise scale"}
 

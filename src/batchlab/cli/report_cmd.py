@@ -57,7 +57,7 @@ def _plan_report(path: Path, out: Path | None) -> Path:
     """The plan branch: `batchlab report plan.json --out DIR`, no re-measuring."""
     import json
 
-    from batchlab.plan.model import Plan
+    from batchlab.planner.model import Plan
     from batchlab.report.plan_report import write_plan_report
 
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from batchlab.plan.model import Plan
+from batchlab.planner.model import Plan
 from batchlab.report.axes import new_axes, style_axes
 from batchlab.theory import relative_steps
 
@@ -53,14 +53,15 @@ def plot_time_to_target(plan: Plan, ax: Any = None) -> Any:
         ax.axvline(plan.max_batch_size, color="#111111", lw=1, ls="-.", alpha=0.7)
         ax.text(plan.max_batch_size, 0.02, " memory max\n (accumulate beyond)", fontsize=8,
                 transform=ax.get_xaxis_transform(), va="bottom")  # fmt: skip
-    for rec, color, name in (
-        (plan.efficient, EFF_COLOR, "efficient"),
-        (plan.recommended, REC_COLOR, "fastest"),
+    # The efficient label goes up-left and the fastest one up-right: they are often close.
+    for rec, color, name, offset, align in (
+        (plan.efficient, EFF_COLOR, "efficient", (-10, 14), "right"),
+        (plan.recommended, REC_COLOR, "fastest", (10, 14), "left"),
     ):
         y = 1 / rec.predicted_speedup
         ax.plot([rec.batch_size], [y], "*", color=color, ms=16, mec="white", zorder=5)
         ax.annotate(f"{name}\nB={rec.batch_size}", (rec.batch_size, y), textcoords="offset points",
-                    xytext=(8, 8), color=color, fontsize=9, fontweight="bold")  # fmt: skip
+                    xytext=offset, ha=align, color=color, fontsize=9, fontweight="bold")  # fmt: skip
     ax.plot([b0], [1.0], "s", color=REF_COLOR, ms=7, zorder=4)
     ax.annotate(f"reference B0={b0:g}", (b0, 1.0), textcoords="offset points", xytext=(8, -14),
                 color=REF_COLOR, fontsize=9)  # fmt: skip

@@ -23,7 +23,7 @@ from batchlab.history import History
 from batchlab.measure.memory import parse_size
 from batchlab.measure.noise_tracker import NoiseRun, measure_noise
 from batchlab.measure.probe import ProbeResult, has_batchnorm, probe
-from batchlab.plan.model import (
+from batchlab.planner.model import (
     Measurements,
     MemoryPoint,
     NoisePoint,

@@ -1,7 +1,7 @@
 """`batchlab plan`: combine hardware and noise measurements into a batch size, LR and report."""
 
-from batchlab.plan.measure import PartialPlan, PlanInterrupted, plan
-from batchlab.plan.model import (
+from batchlab.planner.measure import PartialPlan, PlanInterrupted, plan
+from batchlab.planner.model import (
     Candidate,
     Measurements,
     Plan,
