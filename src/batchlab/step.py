@@ -10,7 +10,7 @@ from torch import nn
 
 from batchlab.data import Batcher
 from batchlab.errors import DeviceError, TaskError
-from batchlab.task import LossFn
+from batchlab.task import LossFn, Task
 
 # Called after each micro-batch's backward with (micro_index, num_micro, micro_size).
 MicroHook = Callable[[int, int, int], None]
@@ -61,6 +61,27 @@ def check_scalar_loss(loss: object) -> torch.Tensor:
             "reduce it with .mean()"
         )
     return loss
+
+
+def build_step(
+    task: Task, device: torch.device, *, lr: float, micro_batch_size: int, amp: bool = False
+) -> TrainStep:
+    """A fresh model and optimizer for `task` on `device`, in train mode, wrapped in a step.
+
+    Seed the RNG first: the model's initial weights come from it.
+    """
+    model = task.model().to(device)
+    model.train()
+    return TrainStep(
+        model,
+        task.optimizer(model.parameters(), lr),
+        task.loss,
+        Batcher(task.train_data, device, task.collate_fn),
+        micro_batch_size=micro_batch_size,
+        device=device,
+        amp=amp,
+        scaler=make_grad_scaler(device, amp),
+    )
 
 
 class TrainStep:

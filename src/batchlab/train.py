@@ -22,8 +22,8 @@ from batchlab.recorder import RunRecorder
 from batchlab.step import (
     TrainStep,
     autocast_context,
+    build_step,
     check_scalar_loss,
-    make_grad_scaler,
     resolve_device,
 )
 from batchlab.target import Target, parse_target
@@ -228,21 +228,10 @@ def _run(
     callbacks: Sequence[TrainCallback],
 ) -> History:
     effective = batch_size * accumulation_steps
-    model = task.model().to(dev)
-    model.train()
-    optimizer = task.optimizer(model.parameters(), peak_lr)
+    step_fn = build_step(task, dev, lr=peak_lr, micro_batch_size=batch_size, amp=amp)
+    model, optimizer = step_fn.model, step_fn.optimizer
     # Each param group keeps its own ratio to the peak lr during warm-up.
     group_ratios = [g["lr"] / peak_lr for g in optimizer.param_groups]
-    step_fn = TrainStep(
-        model,
-        optimizer,
-        task.loss,
-        Batcher(task.train_data, dev, task.collate_fn),
-        micro_batch_size=batch_size,
-        device=dev,
-        amp=amp,
-        scaler=make_grad_scaler(dev, amp),
-    )
     state = RunState(task, model, optimizer, step_fn, dev, total_steps, steps_per_epoch, effective)
     rec = RunRecorder(state, amp=amp, target=target, callbacks=callbacks)
     generator = torch.Generator().manual_seed(seed)

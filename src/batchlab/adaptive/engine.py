@@ -25,11 +25,10 @@ from batchlab.adaptive.controller import AdaptiveBatchSize, LrRule
 from batchlab.adaptive.noise_source import FixedNoise, NoiseSource
 from batchlab.adaptive.sampler import ResizableBatchSampler
 from batchlab.adaptive.throughput_model import FixedThroughput, ThroughputFit, ThroughputModel
-from batchlab.data import Batcher
 from batchlab.errors import ConfigError
 from batchlab.history import History
 from batchlab.recorder import RunRecorder
-from batchlab.step import TrainStep, make_grad_scaler, resolve_device
+from batchlab.step import TrainStep, build_step, resolve_device
 from batchlab.target import Target, parse_target
 from batchlab.task import Task, check_batch_size, check_lr, load_task
 from batchlab.train import RunState, TrainCallback
@@ -204,9 +203,8 @@ def _run(
     target: Target | None,
     callbacks: Sequence[TrainCallback],
 ) -> History:
-    model = task.model().to(dev)
-    model.train()
-    optimizer = task.optimizer(model.parameters(), base_lr)
+    step_fn = build_step(task, dev, lr=base_lr, micro_batch_size=task.batch_size, amp=amp)
+    model, optimizer = step_fn.model, step_fn.optimizer
     group_ratios = [g["lr"] / base_lr for g in optimizer.param_groups]
     throughput = (
         ThroughputModel() if fixed_throughput is None else FixedThroughput(fixed_throughput)
@@ -214,20 +212,10 @@ def _run(
     controller = AdaptiveBatchSize(
         task.batch_size, base_lr, optimizer=optimizer, throughput=throughput, **settings
     )
+    step_fn.micro_batch_size = controller.micro_batch_size
     noise = _noise_source(b_simple)
     split_every = (
         getattr(noise, "split_every", 0) if getattr(noise, "needs_micro_batches", False) else 0
-    )
-    batcher = Batcher(task.train_data, dev, task.collate_fn)
-    step_fn = TrainStep(
-        model,
-        optimizer,
-        task.loss,
-        batcher,
-        micro_batch_size=controller.micro_batch_size,
-        device=dev,
-        amp=amp,
-        scaler=make_grad_scaler(dev, amp),
     )
     budget = ref_epochs * task.num_train  # in reference-batch examples of progress
     ref_steps = math.ceil(budget / task.batch_size)

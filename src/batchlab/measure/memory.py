@@ -35,7 +35,7 @@ from batchlab.data import Batcher
 from batchlab.errors import BatchlabError, ConfigError, MemoryBudgetError, TaskError
 from batchlab.measure.state import preserve_training_state, release_memory
 from batchlab.results import JsonResult
-from batchlab.step import TrainStep, autocast_context, make_grad_scaler, resolve_device
+from batchlab.step import TrainStep, autocast_context, build_step, resolve_device
 from batchlab.task import Task, load_task
 
 DEFAULT_MARGIN = 0.1
@@ -794,15 +794,8 @@ def _search_fresh_model(
     **search_kwargs,
 ) -> tuple[BatchSearch, int | None]:
     """Build the task's model on `dev`, run the search on it, and measure one eval pass."""
-    model = task.model().to(dev)
-    model.train()
-    optimizer = task.optimizer(model.parameters(), task.lr)
-    scaler = make_grad_scaler(dev, amp)
-    batcher = Batcher(task.train_data, dev, task.collate_fn)
-    step = TrainStep(
-        model, optimizer, task.loss, batcher, micro_batch_size=1, device=dev, amp=amp,
-        scaler=scaler,
-    )  # fmt: skip
+    step = build_step(task, dev, lr=task.lr, micro_batch_size=1, amp=amp)
+    model, optimizer, scaler = step.model, step.optimizer, step.scaler
     order = torch.randperm(task.num_train, generator=torch.Generator().manual_seed(seed))
 
     def run_step(b: int) -> StepPeak:

@@ -17,12 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
-from batchlab.data import Batcher
 from batchlab.errors import ConfigError
 from batchlab.measure.memory import ProgressFn, is_oom_error
 from batchlab.measure.state import preserve_training_state, release_memory
 from batchlab.results import JsonResult
-from batchlab.step import TrainStep, make_grad_scaler, resolve_device
+from batchlab.step import TrainStep, build_step, resolve_device
 from batchlab.task import Task, check_batch_size, load_task
 from batchlab.theory import interpolate_step_seconds
 
@@ -413,15 +412,8 @@ def _time_fresh_model(
     warnings: list[str],
 ) -> tuple[tuple[ThroughputPoint, ...], list[AlignmentFinding], int]:
     """Build the task's model on `dev`; time the ladder, then alignment around the knee."""
-    model = task.model().to(dev)
-    model.train()
-    optimizer = task.optimizer(model.parameters(), task.lr)
-    scaler = make_grad_scaler(dev, amp)
-    batcher = Batcher(task.train_data, dev, task.collate_fn)
-    step = TrainStep(
-        model, optimizer, task.loss, batcher, micro_batch_size=1, device=dev, amp=amp,
-        scaler=scaler,
-    )  # fmt: skip
+    step = build_step(task, dev, lr=task.lr, micro_batch_size=1, amp=amp)
+    model, optimizer, scaler = step.model, step.optimizer, step.scaler
     order = torch.randperm(task.num_train, generator=torch.Generator().manual_seed(seed))
     timer = _Timer(step, order)
     with preserve_training_state(model, optimizer, scaler):
