@@ -10,6 +10,7 @@ adopt its decision, so all ranks always run the same batch size.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 import batchlab
 from batchlab.adaptive import AdaptiveBatchSize, ResizableBatchSampler
 from batchlab.integrations.ddp import DDPNoiseScale, decide_and_broadcast
+from batchlab.measure.distributed import shutdown
 
 
 def main() -> None:
@@ -89,7 +91,11 @@ def main() -> None:
                 f"{d['accumulation_steps']} x {world} ranks)  lr={d['lr']:.4g}  "
                 f"B_simple={d['b_simple'] or float('nan'):.0f}  {d['action']}"
             )
-    dist.destroy_process_group()
+    # Release DDP (its reducer holds the process group) before leaving the group, then wait
+    # for every rank: gloo aborts a rank whose peer tears down while it still talks.
+    del noise, ddp, optimizer
+    gc.collect()
+    shutdown()
 
 
 if __name__ == "__main__":

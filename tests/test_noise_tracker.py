@@ -17,6 +17,7 @@ import batchlab
 from batchlab.data import epoch_chunks
 from batchlab.errors import ConfigError, NoiseEstimateError
 from batchlab.history import History
+from batchlab.measure.distributed import shutdown
 from batchlab.measure.noise import (
     build_noise_scale,
     gradient_noise_scale,
@@ -389,8 +390,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         tracker.ddp_end_step(model, 16)
     if rank == 0:
         torch.save([s[1:] for s in tracker.samples], out)
-    dist.barrier()  # gloo aborts a process torn down while its peer is still talking
-    dist.destroy_process_group()
+    shutdown()  # gloo aborts a process torn down while its peer is still talking
 
 
 @pytest.mark.slow

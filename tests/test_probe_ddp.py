@@ -48,7 +48,7 @@ def _rank_main(rank: int, world_size: int, store: str, out_dir: str) -> None:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result.to_dict(), f)
     finally:
-        dist.destroy_process_group()
+        distributed.shutdown()
 
 
 @pytest.mark.slow

@@ -130,9 +130,7 @@ def probe(
         write_json(result, json_path, console)
     finally:
         if created_group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+            distributed.shutdown()
 
 
 def _steps_line(result: ProbeResult) -> str:

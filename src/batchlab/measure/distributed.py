@@ -65,3 +65,15 @@ def rank_device(device: str) -> str:
     if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
         return f"cuda:{os.environ.get('LOCAL_RANK', torch.cuda.current_device())}"
     return device
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly: wait for every rank, then destroy it.
+
+    Without the barrier a rank that finishes first tears down its gloo context while a peer
+    is still talking to it, and the peer aborts ("terminate called without an active
+    exception", SIGABRT).
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
