@@ -138,6 +138,8 @@ def test_warnings():
         measurements(noise_reliable=False, noise_reason="|G|^2 <= 0"), b_simple=10.0
     )
     assert "unreliable-noise" in {w.code for w in unreliable.warnings}
+    dataset_capped = build_plan(measurements(num_train=512), b_simple=300.0)
+    assert "throughput-rising-at-max" not in {w.code for w in dataset_capped.warnings}
     quiet = build_plan(measurements(step_s=lambda b: 1e-4 * b), b_simple=300.0)
     assert not {w.code for w in quiet.warnings} & {"large-batch-regime", "throughput-rising-at-max"}
 

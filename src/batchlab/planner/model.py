@@ -399,7 +399,9 @@ def plan_warnings(
             )
         )
     tp = sorted(m.throughput, key=lambda p: p.batch_size)
-    if len(tp) >= 2 and tp[-1].batch_size >= m.max_batch_size * 0.9:
+    # Only when memory is the limit: at the training-set size there is nothing to gain.
+    memory_bound = m.max_batch_size < m.num_train
+    if memory_bound and len(tp) >= 2 and tp[-1].batch_size >= m.max_batch_size * 0.9:
         gain = tp[-1].samples_per_s / tp[-2].samples_per_s
         if gain > 1.05:
             out.append(
