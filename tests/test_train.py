@@ -167,3 +167,27 @@ def test_non_scalar_loss_is_a_clear_error():
     with pytest.raises(TaskError) as info:
         batchlab.train(task, 8, max_steps=1)
     assert "must return a scalar tensor" in str(info.value) and ", 3); reduce" in str(info.value)
+
+
+def test_amp_on_cpu_is_bf16_autocast_and_still_trains(task):
+    """On CPU `amp=True` runs the forward under bf16 autocast (no GradScaler needed)."""
+    from batchlab.step import amp_dtype, make_grad_scaler
+
+    cpu = torch.device("cpu")
+    assert amp_dtype(cpu) == torch.bfloat16 and make_grad_scaler(cpu, True) is None
+    seen = []
+
+    class Spy(batchlab.TrainCallback):
+        def on_start(self, state):
+            state.model.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+
+    history = batchlab.train(task, 8, epochs=4, amp=True, callbacks=[Spy()])
+    assert history.amp and torch.bfloat16 in seen
+    assert history.train_loss[-1] < history.train_loss[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_amp_on_cuda_trains(task):
+    history = batchlab.train(task, 8, epochs=2, amp=True, device="cuda")
+    assert history.device.startswith("cuda") and not history.diverged
