@@ -163,7 +163,7 @@ def ratio_interval(
 # --- the result --------------------------------------------------------------------------
 
 
-def _ci_from_json(ci: Any) -> tuple[float, float]:
+def ci_from_json(ci: Any) -> tuple[float, float]:
     """JSON has no infinity: an unbounded end is written as null; read it back as inf."""
     low, high = ci
     return (0.0 if low is None else float(low), math.inf if high is None else float(high))
@@ -204,7 +204,7 @@ class NoiseScale(JsonResult):
     preconditioned: NoiseScale | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "b_simple_ci", _ci_from_json(self.b_simple_ci))
+        object.__setattr__(self, "b_simple_ci", ci_from_json(self.b_simple_ci))
 
 
 def build_noise_scale(

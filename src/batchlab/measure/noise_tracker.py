@@ -46,10 +46,10 @@ from batchlab.measure.noise import (
     MAX_CI_RATIO,
     MIN_BATCHES,
     NoiseScale,
-    _ci_from_json,
     adam_preconditioner,
     batch_variance_factor,
     build_noise_scale,
+    ci_from_json,
     gradient_noise_scale,
     solve_two_batch,
 )
@@ -600,7 +600,7 @@ class NoisePoint(JsonResult):
     reliable: bool
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "b_simple_ci", _ci_from_json(self.b_simple_ci))
+        object.__setattr__(self, "b_simple_ci", ci_from_json(self.b_simple_ci))
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 
 from batchlab.errors import ConfigError
-from batchlab.measure.noise import _ci_from_json
+from batchlab.measure.noise import ci_from_json
 from batchlab.measure.noise_tracker import NoiseRun
 from batchlab.measure.probe import ProbeResult
 from batchlab.results import JsonResult
@@ -66,7 +66,7 @@ class NoisePoint(JsonResult):
 
     def __post_init__(self) -> None:
         if self.b_simple_ci is not None:  # JSON has no inf: an unbounded high comes back null
-            object.__setattr__(self, "b_simple_ci", _ci_from_json(self.b_simple_ci))
+            object.__setattr__(self, "b_simple_ci", ci_from_json(self.b_simple_ci))
 
 
 @dataclass(frozen=True)
