@@ -338,3 +338,22 @@ def test_bad_input_is_one_clear_line(capsys, tmp_path, args, message):
     )
     assert code == 2
     assert message in err and err.count("\n") == 1
+
+
+def test_sweep_adaptive_runs_next_to_the_fixed_batches(tmp_path, capsys):
+    """`--adaptive` adds one train_adaptive run per repeat; it stays out of the S(B) fit."""
+    from batchlab.cli import main
+
+    out = tmp_path / "s"
+    args = ["sweep", "dots", "--batch-sizes", "32,64", "--max-steps", "60", "--repeats", "1"]
+    args += ["--sharpness", "none", "--jobs", "1", "--adaptive", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "adaptive (batch 32" in printed
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    adaptive = [r for r in lines if r["spec"]["source"] == "adaptive"]
+    assert len(adaptive) == 1 and len(lines) == 3
+    assert "decisions" in adaptive[0]["history"]["extras"]["adaptive"]
+    spec = json.loads((out / "sweep.json").read_text())
+    assert spec["adaptive"] is True
+    assert "Adaptive vs fixed batch sizes" in (out / "report.html").read_text()

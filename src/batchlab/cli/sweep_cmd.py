@@ -132,6 +132,12 @@ def sweep(
             help="Measured at the end of each run: hessian (top eigenvalue), epsilon (Keskar's, CPU, small models), both, or none.",
         ),
     ] = "hessian",
+    adaptive: Annotated[
+        bool,
+        typer.Option(
+            "--adaptive", help="Also train with an adaptive batch size, next to the fixed ones."
+        ),
+    ] = False,
     report: Annotated[
         bool, typer.Option("--report/--no-report", help="Write DIR/report.html at the end.")
     ] = True,
@@ -158,6 +164,7 @@ def sweep(
         plan=from_plan,
         b_simple=b_simple,
         sharpness=sharpness,
+        adaptive=adaptive,
     )
     n_jobs = jobs if jobs is not None else default_jobs(device, len(spec.runs))
     progress = Progress(
@@ -252,6 +259,15 @@ def print_summary(console: Console, analysis: SweepAnalysis) -> None:
         console.print(
             f"  plan {row.role} B={row.batch_size}: predicted speedup {fmt(row.predicted_speedup)}, "
             f"measured {fmt(row.measured_speedup)}"
+        )
+    a = analysis.adaptive
+    if a is not None:
+        path = " -> ".join(str(b) for b in a.batch_path) or "-"
+        console.print(
+            f"  adaptive (batch {path}): reached {a.reached}/{a.runs}, "
+            f"{fmt(a.median_steps_to_target)} steps, {fmt(a.median_seconds_to_target, 2)} s to target; "
+            f"best fixed B={a.best_fixed_batch_size}: {fmt(a.best_fixed_seconds_to_target, 2)} s, "
+            f"reference: {fmt(a.reference_seconds_to_target, 2)} s"
         )
     for warning in analysis.warnings:
         console.print(f"[yellow]warning:[/yellow] {warning}")

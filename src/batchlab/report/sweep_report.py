@@ -383,6 +383,49 @@ def sweep_page(
             ],
             caption="Relative to the plan's reference run (B0, lr0); 'ladder' rows use the sweep's LR rule.",
         )
+    if analysis.adaptive is not None:
+        a = analysis.adaptive
+        page.section(
+            "Adaptive vs fixed batch sizes",
+            "train_adaptive starts at the reference batch and follows goodput = throughput x "
+            "efficiency (Pollux); medians over repeats, training seconds to the target.",
+        )
+        page.table(
+            [
+                "run",
+                "batch",
+                "reached",
+                "steps to target",
+                "examples to target",
+                "seconds to target",
+            ],
+            [
+                [
+                    "adaptive",
+                    " -> ".join(str(b) for b in a.batch_path) or "-",
+                    f"{a.reached}/{a.runs}",
+                    fmt(a.median_steps_to_target),
+                    fmt(a.median_examples_to_target),
+                    fmt(a.median_seconds_to_target),
+                ],
+                [
+                    "best fixed",
+                    str(a.best_fixed_batch_size),
+                    "",
+                    "",
+                    "",
+                    fmt(a.best_fixed_seconds_to_target),
+                ],
+                [
+                    "reference",
+                    str(spec.reference_batch_size),
+                    "",
+                    "",
+                    "",
+                    fmt(a.reference_seconds_to_target),
+                ],
+            ],
+        )
     page.section("Reproduce")
     page.reproduce([spec.reproduce_command(out_dir), f"batchlab report {out_dir}"])
     return page

@@ -155,6 +155,21 @@ class PlanComparison(JsonResult):
 
 
 @dataclass(frozen=True)
+class AdaptiveComparison(JsonResult):
+    """`train_adaptive` runs (medians over repeats) next to the best fixed batch."""
+
+    runs: int
+    reached: int
+    median_steps_to_target: float | None
+    median_examples_to_target: float | None
+    median_seconds_to_target: float | None
+    batch_path: tuple[int, ...]  # the batch sizes the first repeat's decisions chose, in order
+    best_fixed_batch_size: int | None  # fastest to target among the task optimizer's ladder
+    best_fixed_seconds_to_target: float | None
+    reference_seconds_to_target: float | None  # the ladder's run at the reference batch
+
+
+@dataclass(frozen=True)
 class SweepAnalysis(JsonResult):
     task: str
     target: str | None
@@ -167,6 +182,7 @@ class SweepAnalysis(JsonResult):
     runs: tuple[RunMetrics, ...]
     b_simple: float | None
     warnings: tuple[str, ...]
+    adaptive: AdaptiveComparison | None = None
 
 
 # -- per run -------------------------------------------------------------------------------
@@ -590,6 +606,7 @@ def analyze_sweep(
         )
 
     plan_rows = _plan_comparison(spec, metrics, groups) if spec.plan is not None else ()
+    adaptive = _adaptive_comparison(spec, records, metrics, groups)
     return SweepAnalysis(
         task=spec.task,
         target=None if tgt is None else str(tgt),
@@ -602,6 +619,40 @@ def analyze_sweep(
         runs=tuple(metrics),
         b_simple=spec.b_simple,
         warnings=tuple(warnings),
+        adaptive=adaptive,
+    )
+
+
+def _adaptive_comparison(
+    spec: SweepSpec,
+    records: Sequence[RunRecord],
+    metrics: list[RunMetrics],
+    groups: list[GroupAnalysis],
+) -> AdaptiveComparison | None:
+    runs = [m for m in metrics if m.source == "adaptive"]
+    if not runs:
+        return None
+    path: tuple[int, ...] = ()
+    for record in records:
+        if record.spec.source == "adaptive" and record.history is not None:
+            decisions = record.history.extras.get("adaptive", {}).get("decisions", [])
+            sizes = [spec.reference_batch_size] + [d["batch_size"] for d in decisions]
+            path = tuple(b for i, b in enumerate(sizes) if i == 0 or b != sizes[i - 1])
+            break
+    fixed = next((g for g in groups if g.optimizer == "task" and g.lr_rule != "tuned"), None)
+    timed = [p for p in (fixed.points if fixed else ()) if p.median_seconds_to_target]
+    best = min(timed, key=lambda p: p.median_seconds_to_target, default=None)
+    ref = next((p for p in timed if p.batch_size == spec.reference_batch_size), None)
+    return AdaptiveComparison(
+        runs=len(runs),
+        reached=sum(m.steps_to_target is not None for m in runs),
+        median_steps_to_target=_median(m.steps_to_target for m in runs),
+        median_examples_to_target=_median(m.examples_to_target for m in runs),
+        median_seconds_to_target=_median(m.seconds_to_target for m in runs),
+        batch_path=path,
+        best_fixed_batch_size=None if best is None else best.batch_size,
+        best_fixed_seconds_to_target=None if best is None else best.median_seconds_to_target,
+        reference_seconds_to_target=None if ref is None else ref.median_seconds_to_target,
     )
 
 

@@ -27,6 +27,7 @@ import torch
 
 from batchlab.data import Batcher
 from batchlab.errors import ConfigError
+from batchlab.history import History
 from batchlab.measure.run_stats import DistanceFromInit, GradNormTracker
 from batchlab.measure.sharpness import epsilon_sharpness, hessian_top_eigenvalue
 from batchlab.results import JsonResult
@@ -135,20 +136,21 @@ def execute_run(task: str | Task, run: RunSpec, context: RunContext) -> RunRecor
     try:
         base = load_task(task)
         final = _FinalMeasurements(base, context, run.seed)
-        history = train(
-            _task_for(run, base),
-            run.micro_batch_size,
-            run.lr,  # the peak LR, already scaled by the sweep's rule
-            max_steps=run.max_steps,
-            lr_rule="none",
-            warmup_steps=run.warmup_steps,
-            accumulation_steps=run.accumulation_steps,
-            device=context.device,
-            seed=run.seed,
-            eval_every=run.eval_every,
-            target=context.target,
-            callbacks=[DistanceFromInit(), GradNormTracker(), final],
-        )
+        callbacks = [DistanceFromInit(), GradNormTracker(), final]
+        if run.source == "adaptive":
+            from batchlab.adaptive import train_adaptive
+
+            history = train_adaptive(
+                _task_for(run, base),
+                lr=run.lr,
+                max_steps=run.max_steps,
+                device=context.device,
+                seed=run.seed,
+                target=context.target,
+                callbacks=callbacks,
+            )
+        else:
+            history = _train_fixed(base, run, context, callbacks)
     except Exception as exc:
         return RunRecord(
             run_id=run.run_id,
@@ -170,6 +172,23 @@ def execute_run(task: str | Task, run: RunSpec, context: RunContext) -> RunRecor
         sharpness=final.sharpness,
         seconds=seconds,
         worker=worker,
+    )
+
+
+def _train_fixed(base: Task, run: RunSpec, context: RunContext, callbacks: list) -> History:
+    return train(
+        _task_for(run, base),
+        run.micro_batch_size,
+        run.lr,  # the peak LR, already scaled by the sweep's rule
+        max_steps=run.max_steps,
+        lr_rule="none",
+        warmup_steps=run.warmup_steps,
+        accumulation_steps=run.accumulation_steps,
+        device=context.device,
+        seed=run.seed,
+        eval_every=run.eval_every,
+        target=context.target,
+        callbacks=callbacks,
     )
 
 

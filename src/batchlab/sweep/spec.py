@@ -129,6 +129,7 @@ class SweepSpec(JsonResult):
     runs: tuple[RunSpec, ...]
     format: int = SPEC_FORMAT
     sharpness: tuple[str, ...] = ("hessian",)  # measured at the end of each run
+    adaptive: bool = False  # also run `train_adaptive` from the reference batch
 
     def differences(self, other: SweepSpec) -> list[str]:
         """Names of the top-level fields that differ (runs last, as it follows the rest)."""
@@ -149,6 +150,8 @@ class SweepSpec(JsonResult):
         parts += ["--repeats", str(self.repeats), "--seed", str(self.seed)]
         if tuple(self.sharpness) != ("hessian",):
             parts += ["--sharpness", ",".join(self.sharpness) or "none"]
+        if self.adaptive:
+            parts += ["--adaptive"]
         parts += ["--lr", f"{self.reference_lr:g}"]
         if self.device != "auto":
             parts += ["--device", self.device]
@@ -369,6 +372,7 @@ def make_sweep_spec(
     b_simple: float | None = None,
     sharpness_examples: int = SHARPNESS_EXAMPLES,
     sharpness: str | tuple[str, ...] | list[str] = ("hessian",),
+    adaptive: bool = False,
 ) -> SweepSpec:
     """Resolve sweep options into a `SweepSpec` (every run written out).
 
@@ -389,6 +393,9 @@ def make_sweep_spec(
         lr: the reference LR of the task's optimizer (default: the task's `lr`).
         plan: a `batchlab plan --json` file; its reference, recommended and efficient
             batches are added with their planned LRs.
+        adaptive: also run `batchlab.adaptive.train_adaptive` (the task's optimizer, from
+            the reference batch and LR, the reference batch's step budget) once per repeat,
+            to compare with the fixed batch sizes. Its runs are not part of the S(B) fit.
     """
     t = load_task(task)
     if isinstance(task, str):
@@ -499,6 +506,25 @@ def make_sweep_spec(
                     repeat=repeat,
                     seed=run_seed,
                 )
+        if adaptive:
+            budget = _budget(t.num_train, t.batch_size, epochs, max_steps, min_steps)
+            builder.add(
+                source="adaptive",
+                batch_size=t.batch_size,  # where it starts; History records the path
+                micro_batch_size=t.batch_size,
+                accumulation_steps=1,
+                optimizer="task",
+                optimizer_family=task_family,
+                lr=reference_lr,
+                lr_rule="adaptive",
+                lr_multiplier=1.0,
+                reference_lr=reference_lr,
+                warmup_steps=0,
+                max_steps=budget.max_steps,
+                eval_every=budget.eval_every,
+                repeat=repeat,
+                seed=run_seed,
+            )
     return SweepSpec(
         task=t.name,
         task_ref=task_ref,
@@ -522,6 +548,7 @@ def make_sweep_spec(
         plan=plan_info,
         runs=tuple(builder.runs),
         sharpness=measures,
+        adaptive=adaptive,
     )
 
 
