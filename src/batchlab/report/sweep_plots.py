@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from batchlab.report.axes import new_axes
 from batchlab.sweep.analysis import (
     GroupAnalysis,
     SweepAnalysis,
@@ -21,13 +22,6 @@ from batchlab.sweep.store import RunRecord
 FIGSIZE = (6.4, 4.0)
 GROUP_COLORS = ["#2f6fde", "#e4572e", "#29a35a", "#9b5de5", "#f0a202", "#00a6a6"]
 PLAN_COLOR = "#111111"
-
-
-def new_axes(figsize: tuple[float, float] = FIGSIZE) -> Any:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize, layout="constrained")
-    return fig.subplots()
 
 
 def _style(
@@ -99,7 +93,7 @@ def plot_val_curves(
     records: Sequence[RunRecord], analysis: SweepAnalysis, metric: str = "loss", ax: Any = None
 ) -> Any:
     """Validation loss (or a metric such as `acc`) vs epoch, one line per batch size."""
-    ax = ax if ax is not None else new_axes()
+    ax = ax if ax is not None else new_axes(FIGSIZE)
     runs = _main_records(records, analysis)
     colors = _batch_colors([r.spec.batch_size for r in runs])
     for r in runs:
@@ -144,7 +138,7 @@ def plot_batch_metric(
     ax: Any = None,
 ) -> Any:
     """Any per-batch median (a `BatchPoint` field) vs batch size, one line per group."""
-    ax = ax if ax is not None else new_axes()
+    ax = ax if ax is not None else new_axes(FIGSIZE)
     batches: set[int] = set()
     for i, group in enumerate(analysis.groups):
         pts = [
@@ -298,7 +292,7 @@ def _shade_regimes(ax: Any, group: GroupAnalysis, label_at_top: bool) -> None:
 def _to_target_plot(
     analysis: SweepAnalysis, examples: bool, ax: Any, b_simple: float | None
 ) -> Any:
-    ax = ax if ax is not None else new_axes()
+    ax = ax if ax is not None else new_axes(FIGSIZE)
     batches: set[int] = set()
     for i, group in enumerate(analysis.groups):
         color = GROUP_COLORS[i % len(GROUP_COLORS)]
@@ -355,7 +349,7 @@ def plot_distance_from_init(
     records: Sequence[RunRecord], analysis: SweepAnalysis, ax: Any = None
 ) -> Any:
     """|theta_t - theta_0| vs optimizer step (log), one line per batch size."""
-    ax = ax if ax is not None else new_axes()
+    ax = ax if ax is not None else new_axes(FIGSIZE)
     runs = _main_records(records, analysis)
     colors = _batch_colors([r.spec.batch_size for r in runs])
     for r in runs:
@@ -385,7 +379,7 @@ def plot_plan_check(analysis: SweepAnalysis, what: str = "speedup", ax: Any = No
     Predicted values are a line through the plan's candidates; measured ones are markers,
     filled for the plan's own batches (with its LRs), hollow for ladder batches.
     """
-    ax = ax if ax is not None else new_axes()
+    ax = ax if ax is not None else new_axes(FIGSIZE)
     pred_key, meas_key = (
         ("predicted_speedup", "measured_speedup")
         if what == "speedup"
