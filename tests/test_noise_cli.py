@@ -8,7 +8,7 @@ import math
 import pytest
 
 from batchlab.cli import main
-from batchlab.measure.noise_tracker import NoiseRun
+from batchlab.measure.noise_run import NoiseRun
 from batchlab.tasks import BUILTIN_TASKS
 
 TASK_FILE = """
@@ -133,7 +133,7 @@ def test_plot_draws_into_given_axes_and_handles_unbounded_intervals(task_file):
     from matplotlib.figure import Figure
 
     from batchlab.measure.noise import build_noise_scale
-    from batchlab.measure.noise_tracker import NoisePoint
+    from batchlab.measure.noise_run import NoisePoint
     from batchlab.report.noise_plots import plot_noise_run
 
     final = build_noise_scale(2.0, 0.05, None, 0, num_examples=64, method="two-batch")

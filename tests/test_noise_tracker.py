@@ -25,7 +25,8 @@ from batchlab.measure.noise import (
     t_quantile,
     two_batch_estimate,
 )
-from batchlab.measure.noise_tracker import GradientNoiseScaleTracker, NoiseRun, measure_noise
+from batchlab.measure.noise_run import NoiseRun, measure_noise
+from batchlab.measure.noise_tracker import GradientNoiseScaleTracker
 
 N = 256
 

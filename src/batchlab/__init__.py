@@ -5,7 +5,8 @@ from batchlab.errors import BatchlabError
 from batchlab.history import Evaluation, History
 from batchlab.measure.memory import MemoryProbe, parse_size, probe_memory
 from batchlab.measure.noise import NoiseScale, gradient_noise_scale
-from batchlab.measure.noise_tracker import GradientNoiseScaleTracker, NoiseRun, measure_noise
+from batchlab.measure.noise_run import NoiseRun, measure_noise
+from batchlab.measure.noise_tracker import GradientNoiseScaleTracker
 from batchlab.measure.probe import ProbeResult, probe
 from batchlab.measure.run_stats import DistanceFromInit, GradNormTracker
 from batchlab.measure.sharpness import Sharpness, epsilon_sharpness, hessian_top_eigenvalue

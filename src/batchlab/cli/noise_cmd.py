@@ -22,7 +22,7 @@ from batchlab.cli.common import (
     write_json,
 )
 from batchlab.measure.noise import NoiseScale
-from batchlab.measure.noise_tracker import DEFAULT_EVERY, DEFAULT_STEPS, measure_noise
+from batchlab.measure.noise_run import DEFAULT_EVERY, DEFAULT_STEPS, measure_noise
 from batchlab.task import load_task
 
 

@@ -2,7 +2,8 @@
 
 from batchlab.measure.memory import MemoryProbe, is_oom_error, parse_size, probe_memory
 from batchlab.measure.noise import NoiseScale, gradient_noise_scale
-from batchlab.measure.noise_tracker import GradientNoiseScaleTracker, NoiseRun, measure_noise
+from batchlab.measure.noise_run import NoiseRun, measure_noise
+from batchlab.measure.noise_tracker import GradientNoiseScaleTracker
 from batchlab.measure.per_example import per_example_grad_norms
 from batchlab.measure.probe import ProbeResult, probe
 from batchlab.measure.state import preserve_training_state

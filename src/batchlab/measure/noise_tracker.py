@@ -25,14 +25,12 @@ Three ways to feed it:
   after each backward: each replica's local gradient norm is taken in a comm hook, before
   the all-reduce.
 
-`measure_noise(task, ...)` trains a task with its reference settings and records the
-trajectory of B_simple against step and training loss (`batchlab noise`).
+`batchlab.measure.noise_run.measure_noise` uses it to record B_simple along a training run.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,17 +42,13 @@ from batchlab.errors import ConfigError, NoiseEstimateError
 from batchlab.measure.noise import (
     DEFAULT_CONFIDENCE,
     MAX_CI_RATIO,
-    MIN_BATCHES,
     NoiseScale,
     adam_preconditioner,
     batch_variance_factor,
     build_noise_scale,
-    ci_from_json,
-    gradient_noise_scale,
     solve_two_batch,
 )
-from batchlab.results import JsonResult
-from batchlab.task import Task, check_batch_size, load_task
+from batchlab.task import check_batch_size
 from batchlab.train import RunState, TrainCallback
 
 DEFAULT_BETA = 0.95  # EMA decay per step: an averaging window of about 20 steps
@@ -577,239 +571,3 @@ def _parts_of(item: _Pending) -> list[list[torch.Tensor]]:
     if item.pre_small_sq is not None:
         out += [*item.pre_small_sq, item.pre_big_sq]
     return out
-
-
-# --- batchlab noise ----------------------------------------------------------------------
-
-DEFAULT_STEPS = 300
-DEFAULT_EVERY = 10
-MICRO_BATCH_CHOICES = (4, 2, 3, 5, 6, 8)  # accumulation splits tried, in order
-PER_EXAMPLE_BATCHES = 8  # batches per standalone per-example measurement
-
-
-@dataclass(frozen=True)
-class NoisePoint(JsonResult):
-    """B_simple at one point of training; train_loss is the mean over the steps since the
-    previous point."""
-
-    step: int
-    examples: int
-    train_loss: float | None
-    b_simple: float | None
-    b_simple_ci: tuple[float, float]
-    reliable: bool
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "b_simple_ci", ci_from_json(self.b_simple_ci))
-
-
-@dataclass(frozen=True)
-class NoiseRun(JsonResult):
-    """B_simple along a training run of a task at its reference settings (`batchlab noise`)."""
-
-    task: str
-    method: str
-    steps: int
-    every: int
-    seed: int
-    device: str
-    batch_size: int  # examples per optimizer step (the task's reference batch)
-    micro_batch_size: int  # the small batch of the two-batch estimator
-    lr: float
-    num_train: int
-    beta: float  # EMA decay of the tracker (two-batch)
-    points: tuple[NoisePoint, ...]
-    final: NoiseScale
-    train_seconds: float
-
-
-class _PeriodicMeasurement(TrainCallback):
-    """Per-example reference along training: a standalone measurement every `every` steps."""
-
-    def __init__(self, every: int, num_batches: int, seed: int, confidence: float) -> None:
-        self.every = every
-        self.num_batches = num_batches
-        self.seed = seed
-        self.confidence = confidence
-        self.results: dict[int, tuple[int, NoiseScale]] = {}  # step -> (examples, result)
-
-    def on_step(self, state: RunState) -> None:
-        if state.step % self.every == 0 or state.step == state.total_steps:
-            self._measure(state)
-
-    def on_end(self, state: RunState) -> None:
-        if state.step not in self.results:
-            self._measure(state)
-
-    def _measure(self, state: RunState) -> None:
-        task = state.task
-        try:
-            result = gradient_noise_scale(
-                state.model,
-                task.train_data,
-                task.loss,
-                batch_size=task.batch_size,
-                num_batches=self.num_batches,
-                method="per-example",
-                seed=self.seed * 1_000_003 + state.step,
-                device=state.device,
-                collate_fn=task.collate_fn,
-                confidence=self.confidence,
-            )
-        except NoiseEstimateError as exc:
-            if "non-finite" not in str(exc):
-                raise
-            raise NoiseEstimateError(f"at training step {state.step}: {exc}") from exc
-        self.results[state.step] = (state.examples, result)
-
-
-def _accumulation_split(batch_size: int) -> int:
-    for k in MICRO_BATCH_CHOICES:
-        if batch_size % k == 0 and batch_size // k >= 1 and k <= batch_size:
-            return k
-    raise ConfigError(
-        f"two-batch: the reference batch {batch_size} cannot be split into 2 to 8 equal "
-        "micro-batches; use method='per-example'"
-    )
-
-
-def measure_noise(
-    task: Task | str,
-    *,
-    steps: int = DEFAULT_STEPS,
-    every: int = DEFAULT_EVERY,
-    method: str = "two-batch",
-    seed: int = 0,
-    device: str | torch.device = "auto",
-    micro_batches: int | None = None,
-    beta: float = DEFAULT_BETA,
-    num_batches: int = PER_EXAMPLE_BATCHES,
-    confidence: float = DEFAULT_CONFIDENCE,
-    callbacks: Sequence[TrainCallback] = (),
-) -> NoiseRun:
-    """Train `task` at its reference batch and lr for `steps` steps, recording B_simple.
-
-    Why this design: the planner runs it for a short phase (100-300 steps), so it must cost
-    little more than the training itself.
-    - `two-batch` (default): the reference batch is split into `micro_batches` accumulation
-      micro-batches (4 when it divides, else 2, 3, 5, 6, 8), which gives exactly the same
-      update as one batch, and the tracker reads their gradient norms nearly for free. The
-      points are the tracker's EMA (window ~1/(1-beta) steps) at every `every`-th step.
-    - `per-example`: plain steps at the reference batch, plus, every `every` steps, a
-      standalone exact per-example measurement over `num_batches` batches at the current
-      weights (leaving no trace, so training is unaffected). Costs about
-      `num_batches * 2.5 / every` extra steps per step; it is the reference, not the
-      default.
-
-    Args:
-        steps: optimizer steps to train (>= 1).
-        every: record a point every this many steps (and at the last step).
-        confidence: level of the B_simple intervals.
-        callbacks: extra TrainCallbacks (e.g. a progress bar).
-
-    Raises NoiseEstimateError naming the step when a gradient becomes non-finite.
-    """
-    from batchlab.train import train
-
-    task = load_task(task)
-    check_batch_size(steps, what="steps")
-    check_batch_size(every, what="every")
-    if method not in ("two-batch", "per-example"):
-        raise ConfigError(f"method: expected two-batch or per-example, got {method!r}")
-    ref = task.batch_size
-    if method == "two-batch":
-        k = _accumulation_split(ref) if micro_batches is None else micro_batches
-        check_batch_size(k, what="micro_batches")
-        if k < 2 or ref % k:
-            raise ConfigError(
-                f"micro_batches: expected a divisor >= 2 of the reference batch {ref}, got {k}"
-            )
-        micro = ref // k
-        tracker = GradientNoiseScaleTracker(
-            beta=beta,
-            every=every,
-            num_examples=task.num_train,
-            confidence=confidence,
-            preconditioned=True,
-            on_nonfinite="skip",
-        )
-        extra: list[TrainCallback] = [tracker]
-    else:
-        k, micro = 1, 1
-        check_batch_size(num_batches, what="num_batches")
-        # Each measurement draws disjoint batches: cap them at what the dataset holds.
-        num_batches = min(num_batches, task.num_train // ref)
-        if num_batches < MIN_BATCHES:
-            raise ConfigError(
-                f"per-example: {task.name!r} has {task.num_train} examples, fewer than "
-                f"{MIN_BATCHES} disjoint batches of its reference batch {ref}; use "
-                "method='two-batch'"
-            )
-        periodic = _PeriodicMeasurement(every, num_batches, seed, confidence)
-        extra = [periodic]
-    t0 = time.perf_counter()
-    history = train(
-        task,
-        ref // k if method == "two-batch" else ref,
-        accumulation_steps=k,
-        max_steps=steps,
-        eval_every=steps,
-        device=device,
-        seed=seed,
-        callbacks=[*extra, *callbacks],
-    )
-    seconds = time.perf_counter() - t0
-    if history.diverged:
-        raise NoiseEstimateError(
-            f"non-finite loss at training step {history.diverged_step} of {task.name!r} at its "
-            f"reference lr {task.lr:g}; B_simple is undefined there"
-        )
-    if method == "two-batch":
-        if tracker.nonfinite_step is not None:
-            raise NoiseEstimateError(
-                f"non-finite gradient at training step {tracker.nonfinite_step} of "
-                f"{task.name!r}; lower the learning rate or check the data"
-            )
-        raw = [
-            (p["step"], p["examples"], p["b_simple"], p["b_simple_ci"], p["reliable"])
-            for p in tracker.points
-        ]
-        final = tracker.noise_scale()
-    else:
-        raw = [
-            (s, examples, r.b_simple, r.b_simple_ci, r.reliable)
-            for s, (examples, r) in sorted(periodic.results.items())
-        ]
-        final = periodic.results[max(periodic.results)][1]
-    losses = dict(zip(history.steps, history.train_loss, strict=True))
-    points, previous = [], 0
-    for step, examples, b_simple, ci, reliable in raw:
-        window = [losses[s] for s in range(previous + 1, step + 1) if s in losses]
-        window = [v for v in window if math.isfinite(v)]
-        points.append(
-            NoisePoint(
-                step=step,
-                examples=examples,
-                train_loss=sum(window) / len(window) if window else None,
-                b_simple=b_simple,
-                b_simple_ci=tuple(ci),
-                reliable=reliable,
-            )
-        )
-        previous = step
-    return NoiseRun(
-        task=task.name,
-        method=method,
-        steps=history.total_steps,
-        every=every,
-        seed=seed,
-        device=history.device,
-        batch_size=ref,
-        micro_batch_size=micro,
-        lr=history.lr,
-        num_train=task.num_train,
-        beta=beta,
-        points=tuple(points),
-        final=final,
-        train_seconds=seconds,
-    )

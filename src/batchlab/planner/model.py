@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from batchlab.errors import ConfigError
 from batchlab.measure.noise import ci_from_json
-from batchlab.measure.noise_tracker import NoiseRun
+from batchlab.measure.noise_run import NoiseRun
 from batchlab.measure.probe import ProbeResult
 from batchlab.results import JsonResult
 from batchlab.theory import (

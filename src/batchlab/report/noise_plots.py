@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from batchlab.measure.noise_tracker import NoiseRun
+from batchlab.measure.noise_run import NoiseRun
 from batchlab.report.axes import new_axes
 
 FIGSIZE = (7.0, 4.2)
