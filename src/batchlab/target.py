@@ -5,6 +5,7 @@ from __future__ import annotations
 import operator
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from batchlab.errors import ConfigError
 
@@ -51,3 +52,29 @@ def parse_target(text: str | Target | None) -> Target | None:
     except ValueError:
         raise ConfigError(f"target: {raw!r} in {text!r} is not a number") from None
     return Target(metric=metric, op=op, value=value)
+
+
+def target_for_task(
+    text: str | Target | None, task: Any, *, check_metrics: bool = False
+) -> Target | None:
+    """Parse `text` for `task`: it needs validation data, and with `check_metrics` the
+    task's metrics must include the target's (checked on two validation examples with a
+    fresh model, leaving the RNG as it was), so a typo fails before any training."""
+    target = parse_target(text)
+    if target is None:
+        return None
+    if task.val_data is None:
+        raise ConfigError(f"target {target} needs validation data, and task {task.name!r} has none")
+    if check_metrics:
+        import torch
+
+        from batchlab.data import Batcher
+
+        names: list[str] = []
+        if task.metrics is not None:
+            batcher = Batcher(task.val_data, torch.device("cpu"), task.collate_fn)
+            _, batch = next(batcher.sequential(2))
+            with torch.no_grad(), torch.random.fork_rng():
+                names = list(task.metrics(task.model(), batch))
+        target.check_available(names)
+    return target

@@ -100,6 +100,13 @@ def check_lr(value: Any, *, what: str = "learning rate") -> float:
     return lr
 
 
+def check_warmup_steps(value: Any) -> int:
+    """Return `value` as warm-up steps (an int >= 0), or raise a ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"warmup steps: expected an integer >= 0, got {value!r}")
+    return value
+
+
 def load_task(spec: str | Task) -> Task:
     """Resolve a built-in task name or `path/to/file.py:function` to a `Task`."""
     if isinstance(spec, Task):

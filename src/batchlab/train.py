@@ -26,8 +26,8 @@ from batchlab.step import (
     check_scalar_loss,
     resolve_device,
 )
-from batchlab.target import Target, parse_target
-from batchlab.task import Task, check_batch_size, check_lr, load_task
+from batchlab.target import Target, target_for_task
+from batchlab.task import Task, check_batch_size, check_lr, check_warmup_steps, load_task
 from batchlab.theory import scale_lr
 
 EVAL_BATCH_SIZE = 1024
@@ -170,8 +170,7 @@ def train(
 
         tracker = GradientNoiseScaleTracker(num_examples=task.num_train, on_nonfinite="skip")
         callbacks = [*callbacks, tracker]
-    if not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise ConfigError(f"warmup steps: expected an integer >= 0, got {warmup_steps!r}")
+    check_warmup_steps(warmup_steps)
     effective = batch_size * accumulation_steps
     if effective > task.num_train:
         raise ConfigError(
@@ -180,9 +179,7 @@ def train(
         )
     base_lr = check_lr(task.lr if lr is None else lr)
     peak_lr = scale_lr(base_lr, task.batch_size, effective, lr_rule, b_simple=b_simple)
-    tgt = parse_target(target)
-    if tgt is not None and task.val_data is None:
-        raise ConfigError(f"target {tgt} needs validation data, and task {task.name!r} has none")
+    tgt = target_for_task(target, task)
     steps_per_epoch, total_steps = _plan_length(task.num_train, effective, epochs, max_steps, task)
     if eval_every is None:
         eval_every = max(1, min(steps_per_epoch, total_steps // 20))

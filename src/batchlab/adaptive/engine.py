@@ -29,8 +29,8 @@ from batchlab.errors import ConfigError
 from batchlab.history import History
 from batchlab.recorder import RunRecorder
 from batchlab.step import TrainStep, build_step, resolve_device
-from batchlab.target import Target, parse_target
-from batchlab.task import Task, check_batch_size, check_lr, load_task
+from batchlab.target import Target, target_for_task
+from batchlab.task import Task, check_batch_size, check_lr, check_warmup_steps, load_task
 from batchlab.train import RunState, TrainCallback
 
 NoiseArg = float | Callable[[int], float] | NoiseSource | None
@@ -87,8 +87,7 @@ def train_adaptive(
     """
     task = load_task(task)
     base_lr = check_lr(task.lr if lr is None else lr)
-    if not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise ConfigError(f"warmup steps: expected an integer >= 0, got {warmup_steps!r}")
+    check_warmup_steps(warmup_steps)
     if epochs is not None and (not isinstance(epochs, (int, float)) or epochs <= 0):
         raise ConfigError(f"epochs: expected a positive number, got {epochs!r}")
     if max_steps is not None:
@@ -101,9 +100,7 @@ def train_adaptive(
             f"max batch size {max_batch_size} is larger than the training set of "
             f"{task.name!r} ({task.num_train} examples); use at most {task.num_train}"
         )
-    tgt = parse_target(target)
-    if tgt is not None and task.val_data is None:
-        raise ConfigError(f"target {tgt} needs validation data, and task {task.name!r} has none")
+    tgt = target_for_task(target, task)
     ref_steps_per_epoch = math.ceil(task.num_train / task.batch_size)
     if eval_every is None:
         eval_every = max(1, min(ref_steps_per_epoch, int(ref_epochs * ref_steps_per_epoch) // 20))

@@ -31,9 +31,9 @@ from batchlab.planner.model import (
     ThroughputPoint,
     build_plan,
 )
-from batchlab.target import parse_target
+from batchlab.target import target_for_task
 from batchlab.task import Task, check_batch_size, load_task
-from batchlab.train import TrainCallback, evaluate
+from batchlab.train import TrainCallback
 
 DEFAULT_NOISE_STEPS = 200
 DEFAULT_THROUGHPUT_SECONDS = 10.0
@@ -49,26 +49,10 @@ class PlanInterrupted(BatchlabError):
         self.measured = measured
 
 
-def check_target_for_task(target: str | None, task: Task, device: str = "cpu") -> str | None:
+def check_target_for_task(target: str | None, task: Task) -> str | None:
     """Parse `target` and check the task reports its metric (names the available ones)."""
-    tgt = parse_target(target)
-    if tgt is None:
-        return None
-    if task.val_data is None:
-        raise ConfigError(f"target {tgt} needs validation data, and task {task.name!r} has none")
-    from batchlab.data import Batcher
-
-    small = torch.utils.data.Subset(task.val_data, range(min(8, len(task.val_data))))
-    with torch.random.fork_rng():
-        model = task.model()
-    _, metrics = evaluate(
-        model,
-        Batcher(small, torch.device("cpu"), task.collate_fn),
-        task,
-        device=torch.device("cpu"),
-    )
-    tgt.check_available(list(metrics))
-    return str(tgt)
+    tgt = target_for_task(target, task, check_metrics=True)
+    return None if tgt is None else str(tgt)
 
 
 def _aligned_multiple(result: ProbeResult) -> int | None:

@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from batchlab.report.axes import new_axes
+from batchlab.report.axes import new_axes, style_axes
 from batchlab.sweep.analysis import (
     GroupAnalysis,
     SweepAnalysis,
@@ -43,12 +43,7 @@ def _style(
         ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(NullFormatter())
-    ax.set_title(title, fontsize=11, loc="left")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(True, which="major", alpha=0.3)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
+    style_axes(ax, title, xlabel, ylabel)
 
 
 def _batch_ticks(ax: Any, batches: Sequence[int]) -> None:

@@ -19,7 +19,7 @@ import torch
 
 from batchlab.errors import ConfigError
 from batchlab.results import JsonResult
-from batchlab.target import Target, parse_target
+from batchlab.target import target_for_task
 from batchlab.task import Task, check_batch_size, check_lr, load_task
 from batchlab.theory import scale_lr, warmup_steps_for
 
@@ -418,9 +418,7 @@ def make_sweep_spec(
         raise ConfigError(f"epochs: expected a positive number, got {epochs!r}")
     if not isinstance(min_steps, int) or min_steps < 0:
         raise ConfigError(f"min steps: expected an integer >= 0, got {min_steps!r}")
-    tgt = parse_target(target)
-    if tgt is not None:
-        _check_target(t, tgt)
+    tgt = target_for_task(target, t, check_metrics=True)
     check_batch_size(sharpness_examples, what="sharpness examples")
     measures = parse_sharpness(sharpness)
 
@@ -550,21 +548,6 @@ def make_sweep_spec(
         sharpness=measures,
         adaptive=adaptive,
     )
-
-
-def _check_target(task: Task, target: Target) -> None:
-    """Refuse a target the task cannot report before any run starts (not in every run)."""
-    if task.val_data is None:
-        raise ConfigError(f"target {target} needs validation data, and task {task.name!r} has none")
-    names: list[str] = []
-    if task.metrics is not None:
-        from batchlab.data import Batcher
-
-        batcher = Batcher(task.val_data, torch.device("cpu"), task.collate_fn)
-        _, batch = next(batcher.sequential(2))
-        with torch.no_grad(), torch.random.fork_rng():
-            names = list(task.metrics(task.model(), batch))
-    target.check_available(names)
 
 
 def _dedupe_plan_points(points: tuple[PlanPoint, ...]) -> list[PlanPoint]:
