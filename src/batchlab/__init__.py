@@ -1,5 +1,7 @@
 """batchlab: what batch size and learning rate should I train with? Answered from measurements."""
 
+import importlib.metadata
+
 from batchlab.adaptive import AdaptiveBatchSize, ResizableBatchSampler, train_adaptive
 from batchlab.errors import BatchlabError
 from batchlab.history import Evaluation, History
@@ -72,4 +74,4 @@ __all__ = [
     "train",
     "train_adaptive",
 ]
-__version__ = "0.1.0"
+__version__ = importlib.metadata.version("batchlab")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import datetime
 import html as _html
+import importlib.metadata
 import io
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -198,8 +199,7 @@ class HtmlPage:
         return self
 
     def render(self) -> str:
-        from batchlab import __version__
-
+        __version__ = importlib.metadata.version("batchlab")
         stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
         sub = f'<p class="subtitle">{esc(self.subtitle)}</p>' if self.subtitle else ""
         return (
