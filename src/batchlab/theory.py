@@ -8,9 +8,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from batchlab.core.checks import check_batch_size
 from batchlab.errors import ConfigError
 from batchlab.results import JsonResult
-from batchlab.task import check_batch_size
 
 LR_RULES = ("none", "linear", "sqrt", "adascale")
 

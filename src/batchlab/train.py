@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from batchlab.core.checks import check_batch_size, check_lr, check_warmup_steps
 from batchlab.data import Batcher, epoch_chunks
 from batchlab.errors import ConfigError
 from batchlab.history import Evaluation, History
@@ -27,7 +28,7 @@ from batchlab.step import (
     resolve_device,
 )
 from batchlab.target import Target, target_for_task
-from batchlab.task import Task, check_batch_size, check_lr, check_warmup_steps, load_task
+from batchlab.task import Task, load_task
 from batchlab.theory import scale_lr
 
 EVAL_BATCH_SIZE = 1024

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 import torch
 
 from batchlab.adaptive.throughput_model import ThroughputFit, ThroughputModel
+from batchlab.core.checks import check_batch_size, check_lr
 from batchlab.errors import ConfigError
 from batchlab.results import JsonResult
-from batchlab.task import check_batch_size, check_lr
 
 # Optimizers whose update is proportional to the gradient: AdaScale's gain applies as is.
 SGD_LIKE = frozenset({"SGD", "ASGD", "LARS", "SGDW"})

@@ -25,12 +25,13 @@ from batchlab.adaptive.controller import AdaptiveBatchSize, LrRule
 from batchlab.adaptive.noise_source import FixedNoise, NoiseSource
 from batchlab.adaptive.sampler import ResizableBatchSampler
 from batchlab.adaptive.throughput_model import FixedThroughput, ThroughputFit, ThroughputModel
+from batchlab.core.checks import check_batch_size, check_lr, check_warmup_steps
 from batchlab.errors import ConfigError
 from batchlab.history import History
 from batchlab.recorder import RunRecorder
 from batchlab.step import TrainStep, build_step, resolve_device
 from batchlab.target import Target, target_for_task
-from batchlab.task import Task, check_batch_size, check_lr, check_warmup_steps, load_task
+from batchlab.task import Task, load_task
 from batchlab.train import RunState, TrainCallback
 
 NoiseArg = float | Callable[[int], float] | NoiseSource | None

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
+from batchlab.core.checks import check_batch_size
 from batchlab.errors import ConfigError
-from batchlab.task import check_batch_size
 
 
 class ResizableBatchSampler(Sampler[list[int]]):

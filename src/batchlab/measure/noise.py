@@ -45,13 +45,14 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from batchlab.core.checks import check_batch_size
 from batchlab.data import Batcher
 from batchlab.errors import ConfigError, NoiseEstimateError
 from batchlab.measure.per_example import PerExampleGradNorms, check_per_example_model
 from batchlab.measure.state import preserve_training_state
 from batchlab.results import JsonResult
 from batchlab.step import check_scalar_loss, resolve_device
-from batchlab.task import LossFn, check_batch_size
+from batchlab.task import LossFn
 
 MIN_BATCHES = 4  # fewer leaves the jackknife with too few degrees of freedom for an interval
 MAX_BLOCKS = 32  # jackknife blocks: each holds one gradient-sized buffer

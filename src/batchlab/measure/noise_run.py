@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from batchlab.core.checks import check_batch_size
 from batchlab.errors import ConfigError, NoiseEstimateError
 from batchlab.measure.noise import (
     DEFAULT_CONFIDENCE,
@@ -25,7 +26,7 @@ from batchlab.measure.noise import (
 )
 from batchlab.measure.noise_tracker import DEFAULT_BETA, GradientNoiseScaleTracker
 from batchlab.results import JsonResult
-from batchlab.task import Task, check_batch_size, load_task
+from batchlab.task import Task, load_task
 from batchlab.train import RunState, TrainCallback
 
 DEFAULT_STEPS = 300

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from batchlab.core.checks import check_batch_size
 from batchlab.measure import distributed
 from batchlab.measure.memory import DEFAULT_MARGIN, MemoryProbe, ProgressFn, probe_memory
 from batchlab.measure.throughput import (
@@ -20,7 +21,7 @@ from batchlab.measure.throughput import (
     profile_throughput,
 )
 from batchlab.results import JsonResult
-from batchlab.task import Task, check_batch_size, load_task
+from batchlab.task import Task, load_task
 
 BATCHNORM_MIN_BATCH = 8
 

@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 
+from batchlab.core.checks import check_batch_size, check_lr
 from batchlab.errors import ConfigError
 from batchlab.results import JsonResult
 from batchlab.target import target_for_task
-from batchlab.task import Task, check_batch_size, check_lr, load_task
+from batchlab.task import Task, load_task
 from batchlab.theory import scale_lr, warmup_steps_for
 
 SPEC_FORMAT = 1
