@@ -9,8 +9,9 @@ import torch
 from conftest import tiny_task
 
 from batchlab import History
-from batchlab.adaptive import ThroughputFit, train_adaptive
+from batchlab.adaptive import train_adaptive
 from batchlab.adaptive.controller import efficiency
+from batchlab.core.step_time import StepTimeModel
 from batchlab.errors import BatchlabError, ConfigError, NoiseEstimateError
 from batchlab.train import TrainCallback
 
@@ -97,7 +98,7 @@ def test_memory_cap_uses_accumulation_and_never_exceeds_cap():
 def test_deterministic_json_round_trip_and_rng_untouched():
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    fit = ThroughputFit(alpha=1e-3, beta=1e-5, gamma=1e-4, micro_batch_sizes=(4, 8))
+    fit = StepTimeModel(alpha=1e-3, beta=1e-5, gamma=1e-4)
     a = run(b_simple=lambda step: 10.0 + step, throughput=fit)
     assert torch.equal(torch.get_rng_state(), before)
     b = run(b_simple=lambda step: 10.0 + step, throughput=fit)
@@ -131,13 +132,21 @@ def test_bad_input_is_one_clear_line(kwargs, error, text):
 
 
 def test_unknown_optimizer_asks_for_a_rule():
-    class Lion(torch.optim.SGD):  # an optimizer the rule table does not know
-        pass
+    class Mystery(torch.optim.Optimizer):  # no name, base class or `betas` the table knows
+        def __init__(self, params, lr):
+            super().__init__(params, {"lr": lr})
 
-    task = tiny_task(64, optimizer=lambda params, lr: Lion(params, lr=lr))
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.add_(p.grad, alpha=-group["lr"])
+
+    task = tiny_task(64, optimizer=lambda params, lr: Mystery(params, lr=lr))
     with pytest.raises(BatchlabError) as info:
         train_adaptive(task, b_simple=10.0, device="cpu")
-    assert "Lion" in str(info.value) and "lr_rule=" in str(info.value)
+    assert "Mystery" in str(info.value) and "lr_rule=" in str(info.value)
     h = train_adaptive(task, b_simple=10.0, device="cpu", lr_rule="adascale", epochs=1)
     assert math.isfinite(h.train_loss[-1])
 

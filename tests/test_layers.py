@@ -21,7 +21,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
     frozenset(layer.split())
     for layer in (
         "errors results core",
-        "data task history target theory",
+        "data task history target",
         "tasks",
         "callbacks step recorder train",
         "measure",

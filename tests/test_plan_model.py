@@ -4,9 +4,11 @@ import dataclasses
 
 import pytest
 
+from batchlab.core.batching import split
+from batchlab.core.optim import default_lr_rule
 from batchlab.errors import ConfigError
-from batchlab.planner import Measurements, Plan, build_plan, default_lr_rule
-from batchlab.planner.model import MemoryPoint, NoisePoint, ThroughputPoint, accumulation_for
+from batchlab.planner import Measurements, Plan, build_plan
+from batchlab.planner.model import MemoryPoint, NoisePoint, ThroughputPoint
 
 
 def measurements(
@@ -85,8 +87,8 @@ def test_linear_step_time_makes_small_batches_fastest_in_wall_time():
 
 
 def test_above_memory_max_uses_accumulation():
-    assert accumulation_for(2048, 512) == (512, 4)
-    assert accumulation_for(1000, 512) == (500, 2)
+    assert split(2048, 512) == (512, 4)
+    assert split(1000, 512) == (500, 2)
     plan = build_plan(measurements(), b_simple=1e5)
     big = next(c for c in plan.candidates if c.batch_size == 2048)
     assert (big.micro_batch_size, big.accumulation_steps) == (512, 4)
@@ -107,7 +109,9 @@ def test_default_lr_rule_by_optimizer(optimizer, rule, factor):
 
 
 def test_unknown_optimizer_needs_an_explicit_rule():
-    with pytest.raises(ConfigError, match="pass lr_rule='linear' or 'sqrt' explicitly"):
+    with pytest.raises(
+        ConfigError, match="got Shampoo; pass lr_rule='linear' .* or lr_rule='sqrt' .* explicitly"
+    ):
         default_lr_rule("Shampoo")
     plan = build_plan(measurements(optimizer="Shampoo"), b_simple=300.0, lr_rule="linear")
     assert plan.recommended.lr_rule == "linear"

@@ -3,8 +3,8 @@ import math
 import pytest
 
 import batchlab
+from batchlab.core.tradeoff import examples_factor, steps_factor
 from batchlab.errors import ConfigError
-from batchlab.theory import examples_factor, steps_factor
 
 
 def test_textbook_example():
@@ -78,14 +78,14 @@ def test_steps_examples_tradeoff():
 
 
 def test_speedup_is_one_at_the_reference():
-    from batchlab.theory import predicted_speedup
+    from batchlab.core.tradeoff import predicted_speedup
 
     assert predicted_speedup(128, 128, 500.0, 0.02, 0.02) == pytest.approx(1.0)
 
 
 def test_speedup_pure_model():
     """With t(B) constant (perfect parallelism), speedup = S(B0)/S(B)."""
-    from batchlab.theory import predicted_speedup, relative_steps
+    from batchlab.core.tradeoff import predicted_speedup, relative_steps
 
     b_noise = 256.0
     s = predicted_speedup(1024, 64, b_noise, 0.01, 0.01)
@@ -94,7 +94,7 @@ def test_speedup_pure_model():
 
 
 def test_interpolate_step_seconds_log_log():
-    from batchlab.theory import interpolate_step_seconds
+    from batchlab.core.step_time import interpolate_step_seconds
 
     bs, ts = [8, 32, 128], [0.001, 0.002, 0.008]
     assert interpolate_step_seconds(bs, ts, 32) == pytest.approx(0.002)
@@ -107,7 +107,7 @@ def test_interpolate_step_seconds_log_log():
 
 
 def test_efficient_batch_is_b_noise_in_the_pure_model():
-    from batchlab.theory import efficient_batch_size, examples_factor, steps_factor
+    from batchlab.core.tradeoff import efficient_batch_size, examples_factor, steps_factor
 
     for b_noise in (3.2, 57.0, 640.0):
         b = efficient_batch_size(b_noise)
@@ -119,7 +119,7 @@ def test_efficient_batch_is_b_noise_in_the_pure_model():
 
 
 def test_warmup_only_for_large_lr_growth():
-    from batchlab.theory import warmup_steps_for
+    from batchlab.core.lr import warmup_steps_for
 
     assert warmup_steps_for(2.0, 1000) == 0
     assert warmup_steps_for(4.0, 1000) == 50
@@ -127,11 +127,11 @@ def test_warmup_only_for_large_lr_growth():
 
 
 def test_monotone_step_seconds_pools_noisy_dips():
-    from batchlab.theory import monotone_step_seconds
+    from batchlab.core.step_time import isotonic_log_log
 
     clean = [0.001, 0.002, 0.004]
-    assert monotone_step_seconds([8, 16, 32], clean) == pytest.approx(clean)
-    fitted = monotone_step_seconds([8, 16, 32, 64], [0.001, 0.004, 0.001, 0.008])
+    assert isotonic_log_log([8, 16, 32], clean) == pytest.approx(clean)
+    fitted = isotonic_log_log([8, 16, 32, 64], [0.001, 0.004, 0.001, 0.008])
     assert fitted[0] == pytest.approx(0.001) and fitted[3] == pytest.approx(0.008)
     assert fitted[1] == pytest.approx(fitted[2]) == pytest.approx(0.002)  # geometric mean
     assert all(a <= b for a, b in zip(fitted, fitted[1:], strict=False))

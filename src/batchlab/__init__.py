@@ -3,6 +3,8 @@
 import importlib.metadata
 
 from batchlab.adaptive import AdaptiveBatchSize, ResizableBatchSampler, train_adaptive
+from batchlab.core.batching import BatchArithmetic, calc
+from batchlab.core.lr import adascale_gain, scale_lr
 from batchlab.errors import BatchlabError
 from batchlab.history import Evaluation, History
 from batchlab.measure.memory import MemoryProbe, parse_size, probe_memory
@@ -25,7 +27,6 @@ from batchlab.sweep import (
     run_sweep,
 )
 from batchlab.task import Task, load_task
-from batchlab.theory import BatchArithmetic, adascale_gain, calc, scale_lr
 from batchlab.train import TrainCallback, evaluate, train
 
 __all__ = [

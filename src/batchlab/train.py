@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from batchlab.core.checks import check_batch_size, check_lr, check_warmup_steps
+from batchlab.core.lr import scale_lr
 from batchlab.data import Batcher, epoch_chunks
 from batchlab.errors import ConfigError
 from batchlab.history import Evaluation, History
@@ -29,7 +30,6 @@ from batchlab.step import (
 )
 from batchlab.target import Target, target_for_task
 from batchlab.task import Task, load_task
-from batchlab.theory import scale_lr
 
 EVAL_BATCH_SIZE = 1024
 

@@ -4,7 +4,8 @@ from batchlab.adaptive.controller import AdaptiveBatchSize, Decision, efficiency
 from batchlab.adaptive.engine import train_adaptive
 from batchlab.adaptive.noise_source import FixedNoise, NoiseSource
 from batchlab.adaptive.sampler import ResizableBatchSampler
-from batchlab.adaptive.throughput_model import FixedThroughput, ThroughputFit, ThroughputModel
+from batchlab.adaptive.throughput_model import FixedThroughput, ThroughputModel
+from batchlab.core.step_time import StepTimeModel
 
 __all__ = [
     "AdaptiveBatchSize",
@@ -13,7 +14,7 @@ __all__ = [
     "FixedThroughput",
     "NoiseSource",
     "ResizableBatchSampler",
-    "ThroughputFit",
+    "StepTimeModel",
     "ThroughputModel",
     "efficiency",
     "train_adaptive",

@@ -31,19 +31,21 @@ from dataclasses import dataclass
 
 import torch
 
-from batchlab.adaptive.throughput_model import ThroughputFit, ThroughputModel
+from batchlab.adaptive.throughput_model import ThroughputModel
+from batchlab.core.batching import split
 from batchlab.core.checks import check_batch_size, check_lr
+from batchlab.core.lr import (
+    ADAPTIVE_LR_RULES,
+    adascale_gain,
+    check_lr_rule,
+    efficiency,
+    lr_from_gain,
+)
+from batchlab.core.optim import default_lr_rule
+from batchlab.core.step_time import StepTimeModel
 from batchlab.errors import ConfigError
 from batchlab.results import JsonResult
 
-# Optimizers whose update is proportional to the gradient: AdaScale's gain applies as is.
-SGD_LIKE = frozenset({"SGD", "ASGD", "LARS", "SGDW"})
-# Optimizers that normalise the update by a running second moment: use sqrt(gain).
-ADAM_LIKE = frozenset(
-    {"Adam", "AdamW", "NAdam", "RAdam", "Adamax", "Adagrad", "Adadelta", "RMSprop", "SparseAdam",
-     "Adafactor", "LAMB", "Lamb", "FusedAdam", "DeepSpeedCPUAdam"}
-)  # fmt: skip
-LR_RULES = ("auto", "adascale", "sqrt-adascale", "none")
 LrRule = str | Callable[[float, float], float]
 
 
@@ -61,37 +63,6 @@ class Decision(JsonResult):
     efficiency: float | None  # E(batch_size) relative to the reference batch
     gain: float  # predicted goodput of this choice / that of the previous one
     action: str  # start, keep, switch, explore (time a new micro-batch size at the same B)
-
-
-def efficiency(batch_size: float, reference_batch_size: float, b_simple: float) -> float:
-    """E(B) = (B_simple + B0) / (B_simple + B) (McCandlish et al. 2018, eq. 2.11 in B0 units)."""
-    return (b_simple + reference_batch_size) / (b_simple + batch_size)
-
-
-def optimizer_lr_rule(optimizer: torch.optim.Optimizer | type | str) -> str:
-    """`adascale` for SGD-like optimizers, `sqrt-adascale` for Adam-like; else a ConfigError."""
-    # Wrappers (Accelerate's AcceleratedOptimizer, Lightning's LightningOptimizer) hold the
-    # real optimizer in `.optimizer`.
-    while not isinstance(optimizer, (str, type)) and isinstance(
-        getattr(optimizer, "optimizer", None), torch.optim.Optimizer
-    ):
-        optimizer = optimizer.optimizer
-    if isinstance(optimizer, str):
-        name = optimizer
-    elif isinstance(optimizer, type):
-        name = optimizer.__name__
-    else:
-        name = type(optimizer).__name__
-    if name in SGD_LIKE:
-        return "adascale"
-    if name in ADAM_LIKE:
-        return "sqrt-adascale"
-    raise ConfigError(
-        f"adaptive lr rule: no rule known for optimizer {name}; expected an SGD-like "
-        f"({', '.join(sorted(SGD_LIKE))}) or Adam-like one, got {name}; pass "
-        "lr_rule='adascale' (update proportional to the gradient), 'sqrt-adascale' "
-        "(normalised update), 'none', or a function (lr0, gain) -> lr"
-    )
 
 
 class AdaptiveBatchSize:
@@ -227,8 +198,13 @@ class AdaptiveBatchSize:
         return efficiency(batch_size, self.reference_batch_size, b_simple)
 
     def gain(self, batch_size: int, b_simple: float | None) -> float:
-        """AdaScale gain r = (B/B0) E(B) (Johnson et al. 2020): B0-steps one step is worth."""
-        return batch_size / self.reference_batch_size * self.efficiency(batch_size, b_simple)
+        """AdaScale gain r = (B/B0) E(B) (Johnson et al. 2020): B0-steps one step is worth.
+
+        B/B0 while no noise estimate exists (E = 1).
+        """
+        if b_simple is None:
+            return batch_size / self.reference_batch_size
+        return adascale_gain(batch_size, self.reference_batch_size, b_simple)
 
     def lr_for(self, batch_size: int, b_simple: float | None) -> float:
         r = self.gain(batch_size, b_simple)
@@ -236,14 +212,10 @@ class AdaptiveBatchSize:
         if callable(rule):
             lr = float(rule(self.reference_lr, r))
             return check_lr(lr, what="learning rate from the custom lr rule")
-        if rule == "adascale":
-            return self.reference_lr * r
-        if rule == "sqrt-adascale":
-            return self.reference_lr * math.sqrt(r)
-        return self.reference_lr  # "none"
+        return lr_from_gain(self.reference_lr, r, rule)
 
     def predicted_goodput(
-        self, micro_batch_size: int, accumulation_steps: int, b_simple: float, fit: ThroughputFit
+        self, micro_batch_size: int, accumulation_steps: int, b_simple: float, fit: StepTimeModel
     ) -> float:
         """Reference-batch examples per second: throughput(B) * E(B)."""
         rate = fit.samples_per_second(micro_batch_size, accumulation_steps, self.world_size)
@@ -253,16 +225,13 @@ class AdaptiveBatchSize:
     # ----------------------------------------------------------------- candidates
     def _split(self, batch_size: int) -> tuple[int, int]:
         """Largest micro-batch under the cap, fewest accumulation steps, for >= batch_size."""
-        per_replica = math.ceil(batch_size / self.world_size)
-        if self.fixed_micro_batch_size is not None:
-            micro = self.fixed_micro_batch_size
-            return micro, math.ceil(per_replica / micro)
-        if self.fixed_accumulation_steps is not None:
-            accum = self.fixed_accumulation_steps
-            return math.ceil(per_replica / accum), accum
-        cap = self.max_micro_batch_size or per_replica
-        accum = math.ceil(per_replica / cap)
-        return math.ceil(per_replica / accum), accum
+        return split(
+            batch_size,
+            self.max_micro_batch_size,
+            self.world_size,
+            fixed_micro=self.fixed_micro_batch_size,
+            fixed_accumulation=self.fixed_accumulation_steps,
+        )
 
     def candidates(self) -> list[tuple[int, int]]:
         """`(micro, accumulation)` pairs on the batch ladder, within every limit."""
@@ -382,16 +351,14 @@ class AdaptiveBatchSize:
     def _resolve_rule(rule: LrRule, optimizer: object) -> LrRule:
         if callable(rule):
             return rule
-        if rule not in LR_RULES:
-            raise ConfigError(
-                f"adaptive lr rule: expected one of {', '.join(LR_RULES)} or a function "
-                f"(lr0, gain) -> lr, got {rule!r}"
-            )
+        check_lr_rule(
+            rule, ADAPTIVE_LR_RULES, what="adaptive lr_rule (or a function (lr0, gain) -> lr)"
+        )
         if rule != "auto":
             return rule
         if optimizer is None:
             raise ConfigError(
-                "adaptive lr rule 'auto' needs the optimizer to choose between AdaScale "
+                "adaptive lr_rule 'auto' needs the optimizer to choose between AdaScale "
                 "(SGD-like) and its square root (Adam-like); pass optimizer=... or lr_rule=..."
             )
-        return optimizer_lr_rule(optimizer)
+        return default_lr_rule(optimizer, adaptive=True)

@@ -24,8 +24,9 @@ import torch
 from batchlab.adaptive.controller import AdaptiveBatchSize, LrRule
 from batchlab.adaptive.noise_source import FixedNoise, NoiseSource
 from batchlab.adaptive.sampler import ResizableBatchSampler
-from batchlab.adaptive.throughput_model import FixedThroughput, ThroughputFit, ThroughputModel
+from batchlab.adaptive.throughput_model import FixedThroughput, ThroughputModel
 from batchlab.core.checks import check_batch_size, check_lr, check_warmup_steps
+from batchlab.core.step_time import StepTimeModel
 from batchlab.errors import ConfigError
 from batchlab.history import History
 from batchlab.recorder import RunRecorder
@@ -51,7 +52,7 @@ def train_adaptive(
     interval: int = 20,
     threshold: float = 0.05,
     b_simple: NoiseArg = None,
-    throughput: ThroughputFit | None = None,
+    throughput: StepTimeModel | None = None,
     amp: bool = False,
     device: str | torch.device = "auto",
     seed: int = 0,
@@ -80,7 +81,7 @@ def train_adaptive(
         b_simple: the noise scale: None measures it during training (tracker on
             accumulation micro-batches, the standalone estimator otherwise); a number or a
             function of the step uses that; or any `NoiseSource`.
-        throughput: a fixed `ThroughputFit` to plan with instead of timing the steps
+        throughput: a fixed `StepTimeModel` (`batchlab.core.step_time`) to plan with instead of timing the steps
             (decisions then depend on the seed only: reproducible runs, tests).
         eval_every: evaluate every `eval_every * B0` training examples (default: once a
             reference epoch, and at least ~20 times a run).
@@ -191,7 +192,7 @@ def _run(
     base_lr: float,
     settings: dict[str, Any],
     b_simple: NoiseArg,
-    fixed_throughput: ThroughputFit | None,
+    fixed_throughput: StepTimeModel | None,
     ref_epochs: float,
     max_steps: int | None,
     warmup_steps: int,

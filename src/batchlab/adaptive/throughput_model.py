@@ -1,18 +1,15 @@
-"""Online model of how long a training step takes at a given micro-batch and accumulation.
+"""Online collector of step timings for the adaptive controller.
 
-One micro-batch of `b` examples takes `alpha + beta * b` seconds: `alpha` is the fixed cost
-of a forward/backward pass (kernel launches, Python, a device that is not yet full) and
-`beta` the cost of each example. An optimizer step adds `gamma`, once per step:
+The training loop reports how long each micro-batch's forward/backward and each optimizer
+step took; `fit()` turns the per-size medians into the ONE step-time model of
+`batchlab.core.step_time` (the planner's too), with the `line` extrapolation: the
+controller grows the batch at most `max_growth` per decision and times every new size, so
+it may trust the fixed-cost line a little beyond what it has seen.
 
-    step_seconds(b, k) = k * (alpha + beta * b) + gamma
-
-This is the throughput half of Pollux's goodput (Qiao et al., OSDI'21, section 3.2),
-without its network term (that one matters across machines, not on one).
-
-The fit keeps the median of the last `window` timings of each micro-batch size, so one slow
-step on a shared machine does not move it, and solves a least-squares line through those
-medians, weighting each size by how often it was seen. Two distinct micro-batch sizes make
-it `ready`; before that it cannot tell `alpha` from `beta` and says so.
+Keeping the median of the last `window` timings of each micro-batch size means one slow
+step on a shared machine does not move the fit; each size is weighted by how often it was
+seen. Two distinct micro-batch sizes make it `ready`: before that it cannot tell the fixed
+cost of a micro-batch from the cost of each example, and says so.
 """
 
 from __future__ import annotations
@@ -20,34 +17,13 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from dataclasses import dataclass
 
+from batchlab.core.step_time import StepTimeModel, fit_step_time
 from batchlab.errors import ConfigError
-from batchlab.results import JsonResult
-
-
-@dataclass(frozen=True)
-class ThroughputFit(JsonResult):
-    """The fitted step-time model: `k * (alpha + beta * b) + gamma` seconds."""
-
-    alpha: float  # seconds per micro-batch, fixed part
-    beta: float  # seconds per example
-    gamma: float  # seconds per optimizer step (the step itself, zero_grad...)
-    micro_batch_sizes: tuple[int, ...]  # the distinct sizes the fit rests on
-
-    def step_seconds(self, micro_batch_size: int, accumulation_steps: int = 1) -> float:
-        return accumulation_steps * (self.alpha + self.beta * micro_batch_size) + self.gamma
-
-    def samples_per_second(
-        self, micro_batch_size: int, accumulation_steps: int = 1, world_size: int = 1
-    ) -> float:
-        """Examples per second over all replicas (each replica runs its own micro-batches)."""
-        batch = micro_batch_size * accumulation_steps * world_size
-        return batch / self.step_seconds(micro_batch_size, accumulation_steps)
 
 
 class ThroughputModel:
-    """Collects measured micro-batch and optimizer-step times and fits `ThroughputFit`.
+    """Collects measured micro-batch and optimizer-step times and fits the step-time model (`batchlab.core.step_time`).
 
     Args:
         window: timings kept per micro-batch size (the median of these is used). Default 20.
@@ -88,57 +64,33 @@ class ThroughputModel:
         """True once two distinct micro-batch sizes were timed (the line is identifiable)."""
         return len(self._micro) >= 2
 
-    def fit(self, allow_single: bool = False) -> ThroughputFit:
-        """Weighted least squares of the per-size medians; `alpha, beta >= 0`.
+    def fit(self, allow_single: bool = False) -> StepTimeModel:
+        """The step-time model through the per-size medians (weights: timings seen).
 
-        With `allow_single` and one size timed, the fit is exact at that size only
-        (`alpha` = its median time, `beta` = 0): enough when the micro-batch never changes.
+        With `allow_single` and one size timed, the model is exact at that size only (its
+        time at any micro-batch is that median): enough when the micro-batch never changes.
         """
-        if allow_single and len(self._micro) == 1:
-            (size,) = self._micro
-            gamma = statistics.median(self._optimizer) if self._optimizer else 0.0
-            median = statistics.median(self._micro[size])
-            return ThroughputFit(alpha=median, beta=0.0, gamma=gamma, micro_batch_sizes=(size,))
-        if not self.ready:
+        if not (self.ready or (allow_single and len(self._micro) == 1)):
             raise ConfigError(
                 "throughput model: expected timings at two or more micro-batch sizes, got "
                 f"{list(self.micro_batch_sizes)}; time another size before fitting"
             )
-        sizes = self.micro_batch_sizes
-        medians = [statistics.median(self._micro[b]) for b in sizes]
-        weights = [min(self._counts[b], self.window) for b in sizes]
-        alpha, beta = _weighted_line(sizes, medians, weights)
-        if beta <= 0:  # noise made bigger batches look free; per-example cost is never <= 0
-            beta = max(m / b for b, m in zip(sizes, medians, strict=True)) * 1e-3
-            alpha = max(0.0, statistics.median(medians) - beta * statistics.median(sizes))
-        if alpha < 0:  # through the origin instead: time proportional to the batch
-            alpha = 0.0
-            beta = sum(w * m * b for b, m, w in zip(sizes, medians, weights, strict=True)) / sum(
-                w * b * b for b, w in zip(sizes, weights, strict=True)
-            )
         gamma = statistics.median(self._optimizer) if self._optimizer else 0.0
-        return ThroughputFit(alpha=alpha, beta=beta, gamma=gamma, micro_batch_sizes=sizes)
-
-
-def _weighted_line(xs: tuple[int, ...], ys: list[float], ws: list[int]) -> tuple[float, float]:
-    """Intercept and slope of the weighted least-squares line through (xs, ys)."""
-    total = sum(ws)
-    mx = sum(w * x for x, w in zip(xs, ws, strict=True)) / total
-    my = sum(w * y for y, w in zip(ys, ws, strict=True)) / total
-    sxx = sum(w * (x - mx) ** 2 for x, w in zip(xs, ws, strict=True))
-    sxy = sum(w * (x - mx) * (y - my) for x, y, w in zip(xs, ys, ws, strict=True))
-    slope = sxy / sxx
-    return my - slope * mx, slope
+        sizes = self.micro_batch_sizes
+        # One optimizer step of one micro-batch of b took median(b) + gamma.
+        points = [(b, 1, statistics.median(self._micro[b]) + gamma) for b in sizes]
+        weights = [min(self._counts[b], self.window) for b in sizes]
+        return fit_step_time(points, weights=weights, gamma=gamma, extrapolation="line")
 
 
 class FixedThroughput(ThroughputModel):
     """A throughput model that ignores measurements and always answers `fit`.
 
     For reproducible runs (decisions then depend on the seed only, not on the clock) and
-    for planning for another device from its measured `ThroughputFit`.
+    for planning for another device from its measured `StepTimeModel`.
     """
 
-    def __init__(self, fit: ThroughputFit) -> None:
+    def __init__(self, fit: StepTimeModel) -> None:
         super().__init__()
         self._fixed = fit
 
@@ -152,5 +104,5 @@ class FixedThroughput(ThroughputModel):
     def ready(self) -> bool:
         return True
 
-    def fit(self, allow_single: bool = False) -> ThroughputFit:
+    def fit(self, allow_single: bool = False) -> StepTimeModel:
         return self._fixed

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from batchlab.cli.common import JsonOpt, console_for, write_json
-from batchlab.theory import calc as compute
+from batchlab.core.batching import calc as compute
 
 
 def calc(

@@ -27,10 +27,11 @@ from batchlab.cli.common import (
     console_for,
     write_json,
 )
+from batchlab.core.lr import SWEEP_LR_RULES
 from batchlab.report.sweep_report import REPORT_FILE, fmt, fmt_interval, sweep_page
 from batchlab.sweep.analysis import SweepAnalysis, analyze_sweep
 from batchlab.sweep.runner import default_jobs, run_sweep
-from batchlab.sweep.spec import DEFAULT_MIN_STEPS, LR_RULES, make_sweep_spec
+from batchlab.sweep.spec import DEFAULT_MIN_STEPS, make_sweep_spec
 from batchlab.sweep.store import RunRecord, SweepStore
 
 
@@ -55,7 +56,7 @@ def sweep(
         str,
         typer.Option(
             "--lr-rule",
-            help=f"{'|'.join(LR_RULES)}: LR at each B from the task's (B0, lr0). auto = linear for SGD, sqrt for Adam; tuned = auto x {{0.5, 1, 2}}, best kept.",
+            help=f"{'|'.join(SWEEP_LR_RULES)}: LR at each B from the task's (B0, lr0). auto = linear for SGD, sqrt for Adam; tuned = auto x {{0.5, 1, 2}}, best kept.",
         ),
     ] = "auto",
     optimizer: Annotated[

@@ -17,14 +17,15 @@ from dataclasses import dataclass
 
 import torch
 
+from batchlab.core.batching import split
 from batchlab.core.checks import check_batch_size
+from batchlab.core.step_time import interpolate_step_seconds
 from batchlab.errors import ConfigError
 from batchlab.measure.memory import ProgressFn, is_oom_error
 from batchlab.measure.state import preserve_training_state, release_memory
 from batchlab.results import JsonResult
 from batchlab.step import TrainStep, build_step, resolve_device
 from batchlab.task import Task, load_task
-from batchlab.theory import interpolate_step_seconds
 
 KNEE_FRACTION = 0.9
 WINDOWS = 5
@@ -212,8 +213,7 @@ def plan_accumulation(
     """
     check_batch_size(effective_batch_size, what="effective batch size")
     check_batch_size(max_batch_size, what="max batch size")
-    steps = math.ceil(effective_batch_size / max_batch_size)
-    micro = math.ceil(effective_batch_size / steps)
+    micro, steps = split(effective_batch_size, max_batch_size)
     rate = peak = cost = None
     if profile is not None and profile.points:
         rate = profile.samples_per_s_at(micro)

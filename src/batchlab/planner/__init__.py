@@ -8,7 +8,6 @@ from batchlab.planner.model import (
     PlanWarning,
     Recommendation,
     build_plan,
-    default_lr_rule,
 )
 
 __all__ = [
@@ -20,6 +19,5 @@ __all__ = [
     "PlanWarning",
     "Recommendation",
     "build_plan",
-    "default_lr_rule",
     "plan",
 ]

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 
 from batchlab.core.checks import check_batch_size
+from batchlab.core.lr import PLAN_LR_RULES, check_lr_rule
+from batchlab.core.optim import default_lr_rule
 from batchlab.errors import BatchlabError, ConfigError
 from batchlab.history import History
 from batchlab.measure.memory import parse_size
@@ -61,6 +63,12 @@ def _aligned_multiple(result: ProbeResult) -> int | None:
         if finding.confirmed and finding.rule == "multiple_of_8":
             return 8
     return None
+
+
+def _task_optimizer(task: Task) -> torch.optim.Optimizer:
+    """The task's optimizer over a fresh model, without touching the global RNG."""
+    with torch.random.fork_rng():
+        return task.optimizer(task.model().parameters(), task.lr)
 
 
 def measurements_from(task: Task, result: ProbeResult, noise: NoiseRun) -> Measurements:
@@ -138,7 +146,8 @@ def plan(
         noise_steps: optimizer steps of the B_simple measurement phase, at the task's
             reference batch and lr.
         throughput_seconds: rough time budget of the throughput ladder.
-        lr_rule: force `linear`, `sqrt` or `adascale` (default: by optimizer type).
+        lr_rule: force `linear`, `sqrt` or `adascale` (default: the optimizer family's
+            rule, `batchlab.core.optim.default_lr_rule`).
         target: e.g. `val_acc>=0.9`; checked against the task's metrics.
         reference_run: a `History` (or its JSON path) of a reference-batch run with the
             same target; the plan then also predicts absolute seconds to target.
@@ -148,8 +157,9 @@ def plan(
     t0 = time.perf_counter()
     task = load_task(task)
     check_batch_size(noise_steps, what="noise steps")
-    if lr_rule is not None and lr_rule not in ("linear", "sqrt", "adascale"):
-        raise ConfigError(f"lr rule: expected linear, sqrt or adascale, got {lr_rule!r}")
+    if lr_rule is None:  # decided before minutes of measuring, from the optimizer itself
+        lr_rule = default_lr_rule(_task_optimizer(task))
+    check_lr_rule(lr_rule, PLAN_LR_RULES)
     if memory_budget is not None:
         parse_size(memory_budget, what="memory budget")
     if target_memory is not None:

@@ -1,7 +1,7 @@
 """The plan's data and its pure decision logic: measurements in, recommendations out.
 
 Nothing here measures. `build_plan` takes what the probes and the noise measurement found
-and applies the formulas of `batchlab.theory`; tests feed it known answers.
+and applies the pure models of `batchlab.core`; tests feed it known answers.
 """
 
 from __future__ import annotations
@@ -9,37 +9,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from batchlab.core.batching import split
+from batchlab.core.lr import TRAIN_LR_RULES, scale_lr, warmup_steps_for
+from batchlab.core.optim import default_lr_rule
+from batchlab.core.step_time import StepTimeModel, fit_step_time
+from batchlab.core.tradeoff import efficient_batch_size, predicted_speedup, relative_steps
 from batchlab.errors import ConfigError
 from batchlab.measure.noise import ci_from_json
 from batchlab.measure.noise_run import NoiseRun
 from batchlab.measure.probe import ProbeResult
 from batchlab.results import JsonResult
-from batchlab.theory import (
-    efficient_batch_size,
-    interpolate_step_seconds,
-    monotone_step_seconds,
-    predicted_speedup,
-    relative_steps,
-    scale_lr,
-    warmup_steps_for,
-)
-
-# Optimizers whose effective step is normalised per coordinate: the sqrt rule suits them
-# (Hoffer et al. 2017; Malladi et al. 2022 derive sqrt scaling for Adam).
-ADAM_LIKE = ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "Adadelta", "RMSprop")
-SGD_LIKE = ("SGD", "ASGD", "LARS", "LAMB")
-
-
-def default_lr_rule(optimizer_name: str) -> str:
-    """`linear` for SGD-like optimizers (Goyal et al. 2017), `sqrt` for Adam-like ones."""
-    if optimizer_name in ADAM_LIKE:
-        return "sqrt"
-    if optimizer_name in SGD_LIKE:
-        return "linear"
-    raise ConfigError(
-        f"no default LR rule for optimizer {optimizer_name}: expected one of "
-        f"{', '.join(SGD_LIKE + ADAM_LIKE)}; pass lr_rule='linear' or 'sqrt' explicitly"
-    )
 
 
 @dataclass(frozen=True)
@@ -181,12 +160,6 @@ def b_simple_used(points: tuple[NoisePoint, ...]) -> tuple[float, str]:
     return mean, f"mean of {len(late)} measurements from step {lo} to {first_step[-1]}"
 
 
-def accumulation_for(batch_size: int, max_batch_size: int) -> tuple[int, int]:
-    """(micro_batch_size, accumulation_steps) reaching `batch_size` within memory."""
-    steps = max(1, math.ceil(batch_size / max_batch_size))
-    return math.ceil(batch_size / steps), steps
-
-
 def candidate_batch_sizes(m: Measurements, b_noise: float) -> list[int]:
     """The measured ladder, powers of two, B0 and ~B_noise, capped at the training set."""
     sizes = {p.batch_size for p in m.throughput}
@@ -204,12 +177,16 @@ def candidate_batch_sizes(m: Measurements, b_noise: float) -> list[int]:
     return sorted(b for b in sizes if 1 <= b <= m.num_train)
 
 
+def step_time_model(m: Measurements) -> StepTimeModel:
+    """The shared step-time model through the measured ladder (one micro-batch a step, so
+    the per-step cost is folded into the micro-batch time), extrapolated conservatively."""
+    return fit_step_time([(p.batch_size, 1, p.step_s) for p in m.throughput])
+
+
 def _step_seconds(m: Measurements, batch_size: int) -> tuple[int, int, float]:
-    """Seconds per optimizer step at B: monotone fit of the measured ladder, interpolated."""
-    micro, accum = accumulation_for(batch_size, m.max_batch_size)
-    xs = [p.batch_size for p in m.throughput]
-    ts = monotone_step_seconds(xs, [p.step_s for p in m.throughput])
-    return micro, accum, accum * interpolate_step_seconds(xs, ts, micro)
+    """`(micro, accumulation, seconds per optimizer step)` at B within the memory max."""
+    micro, accum = split(batch_size, m.max_batch_size)
+    return micro, accum, step_time_model(m).step_seconds(micro, accum)
 
 
 def _recommend(
@@ -330,7 +307,7 @@ def build_plan(
         r: scale_lr(
             m.reference_lr, m.reference_batch_size, recommended.batch_size, r, b_simple=b_noise
         )
-        for r in ("none", "linear", "sqrt", "adascale")
+        for r in TRAIN_LR_RULES
     }
     predicted_seconds = (
         reference_seconds_to_target / recommended.predicted_speedup

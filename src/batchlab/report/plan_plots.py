@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from batchlab.core.tradeoff import relative_steps
 from batchlab.planner.model import Plan
 from batchlab.report.axes import new_axes, style_axes
-from batchlab.theory import relative_steps
 
 REC_COLOR = "#29a35a"
 EFF_COLOR = "#0f9bb5"

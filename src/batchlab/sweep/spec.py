@@ -18,14 +18,14 @@ from typing import Any
 import torch
 
 from batchlab.core.checks import check_batch_size, check_lr
+from batchlab.core.lr import SWEEP_LR_RULES, scale_lr, warmup_steps_for
+from batchlab.core.optim import family_lr_rule, optimizer_family
 from batchlab.errors import ConfigError
 from batchlab.results import JsonResult
 from batchlab.target import target_for_task
 from batchlab.task import Task, load_task
-from batchlab.theory import scale_lr, warmup_steps_for
 
 SPEC_FORMAT = 1
-LR_RULES = ("auto", "none", "linear", "sqrt", "adascale", "tuned")
 OPTIMIZERS = ("task", "sgd", "adam")
 # `--lr-rule tuned`: a small grid around the rule's LR, best by steps-to-target, as
 # McCandlish et al. 2018 and Shallue et al. 2018 tuned the LR at every batch size.
@@ -219,13 +219,10 @@ def parse_sharpness(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def optimizer_family(optimizer: torch.optim.Optimizer) -> str:
-    """`adam` for Adam-like optimizers (they keep second moments: `betas`), else `sgd`."""
-    return "adam" if "betas" in optimizer.defaults else "sgd"
-
-
 def task_optimizer_family(task: Task) -> str:
-    probe = task.optimizer([torch.zeros(1, requires_grad=True)], task.lr)
+    """`sgd` or `adam`: the family of the task's optimizer, from the one table in
+    `batchlab.core.optim` (the planner and the adaptive controller read it too)."""
+    probe = task.optimizer([torch.zeros(1, 1, requires_grad=True)], task.lr)
     return optimizer_family(probe)
 
 
@@ -406,8 +403,8 @@ def make_sweep_spec(
             task_ref = f"{Path(name).resolve()}:{func}"
     else:
         task_ref = t.name
-    if lr_rule not in LR_RULES:
-        raise ConfigError(f"lr rule: expected one of {', '.join(LR_RULES)}, got {lr_rule!r}")
+    if lr_rule not in SWEEP_LR_RULES:
+        raise ConfigError(f"lr rule: expected one of {', '.join(SWEEP_LR_RULES)}, got {lr_rule!r}")
     check_batch_size(repeats, what="repeats")
     if epochs is not None and max_steps is not None:
         raise ConfigError("give --epochs or --max-steps, not both")
@@ -456,7 +453,7 @@ def make_sweep_spec(
             ref_lr = _family_lr(reference_lr, task_family, family)
             rule = lr_rule
             if lr_rule in ("auto", "tuned"):
-                rule = "sqrt" if family == "adam" else "linear"
+                rule = family_lr_rule(family)
             grid = TUNED_LR_GRID if lr_rule == "tuned" else (1.0,)
             for b in sizes:
                 budget = _budget(t.num_train, b, epochs, max_steps, min_steps)

@@ -1,0 +1,56 @@
+"""The large-batch trade-off: steps and examples to a target against batch size.
+
+McCandlish et al. 2018 ("An Empirical Model of Large-Batch Training"): with the noise scale
+B_noise, reaching a target takes S(B) = S_min (1 + B_noise/B) steps and
+E(B) = E_min (1 + B/B_noise) examples. Pure formulas with their sources.
+"""
+
+from __future__ import annotations
+
+import math
+
+from batchlab.errors import ConfigError
+
+
+def steps_factor(batch_size: float, b_noise: float) -> float:
+    """S(B) / S_min = 1 + B_noise / B (McCandlish et al. 2018, eq. 2.11)."""
+    return 1.0 + b_noise / batch_size
+
+
+def examples_factor(batch_size: float, b_noise: float) -> float:
+    """E(B) / E_min = 1 + B / B_noise (McCandlish et al. 2018, eq. 2.11)."""
+    return 1.0 + batch_size / b_noise
+
+
+def relative_steps(batch_size: float, reference_batch_size: float, b_noise: float) -> float:
+    """S(B) / S(B0) = (1 + B_noise/B) / (1 + B_noise/B0): no S_min needed."""
+    return steps_factor(batch_size, b_noise) / steps_factor(reference_batch_size, b_noise)
+
+
+def predicted_speedup(
+    batch_size: float,
+    reference_batch_size: float,
+    b_noise: float,
+    step_seconds: float,
+    reference_step_seconds: float,
+) -> float:
+    """speedup(B) = [S(B0) t(B0)] / [S(B) t(B)], with S from McCandlish et al. 2018.
+
+    `step_seconds` is the wall time of one optimizer step at effective batch B (including
+    accumulation). A value above 1 means B reaches the target sooner than B0.
+    """
+    return (steps_factor(reference_batch_size, b_noise) * reference_step_seconds) / (
+        steps_factor(batch_size, b_noise) * step_seconds
+    )
+
+
+def efficient_batch_size(b_noise: float, *, max_batch_size: int | None = None) -> int:
+    """B ~= B_crit ~= B_noise: steps are 2 S_min and examples 2 E_min (McCandlish et al. 2018).
+
+    The balanced choice when compute costs money: any larger batch buys fewer than half
+    the steps it adds in examples.
+    """
+    if not b_noise > 0 or not math.isfinite(b_noise):
+        raise ConfigError(f"expected a positive, finite B_noise, got {b_noise!r}")
+    b = max(1, round(b_noise))
+    return min(b, max_batch_size) if max_batch_size else b
