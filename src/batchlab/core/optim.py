@@ -56,12 +56,14 @@ def unwrap_optimizer(optimizer: Any) -> Any:
     """The real optimizer behind wrappers that keep it in `.optimizer`.
 
     Accelerate's AcceleratedOptimizer, Lightning's LightningOptimizer and Lookahead-style
-    wrappers do; duck-typed on `param_groups` so torch need not be imported here.
+    wrappers do (wrappers of wrappers too); duck-typed on `param_groups` so torch need not
+    be imported here.
     """
-    while not isinstance(optimizer, (str, type)) and hasattr(
-        getattr(optimizer, "optimizer", None), "param_groups"
-    ):
-        optimizer = optimizer.optimizer
+    while not isinstance(optimizer, (str, type)):
+        inner = getattr(optimizer, "optimizer", None)
+        if not (hasattr(inner, "param_groups") or hasattr(inner, "optimizer")):
+            return optimizer
+        optimizer = inner
     return optimizer
 
 
