@@ -150,15 +150,9 @@ class AdaptiveBatchSize:
                     "or a larger memory budget"
                 )
         self.max_micro_batch_size = max_micro_batch_size
-        if not (isinstance(threshold, (int, float)) and 0 <= threshold < 10):
-            raise ConfigError(f"threshold: expected a number in [0, 10), got {threshold!r}")
-        self.threshold = float(threshold)
-        if not (isinstance(max_growth, (int, float)) and max_growth > 1):
-            raise ConfigError(f"max growth: expected a number > 1, got {max_growth!r}")
-        self.max_growth = float(max_growth)
-        if not (isinstance(ladder_ratio, (int, float)) and ladder_ratio > 1):
-            raise ConfigError(f"ladder ratio: expected a number > 1, got {ladder_ratio!r}")
-        self.ladder_ratio = float(ladder_ratio)
+        self.threshold = _check_number(threshold, "threshold", "in [0, 10)", lambda v: 0 <= v < 10)
+        self.max_growth = _check_number(max_growth, "max growth", "> 1", lambda v: v > 1)
+        self.ladder_ratio = _check_number(ladder_ratio, "ladder ratio", "> 1", lambda v: v > 1)
         if fixed_micro_batch_size is not None:
             check_batch_size(fixed_micro_batch_size, what="fixed micro-batch size")
         if fixed_accumulation_steps is not None:
@@ -362,3 +356,12 @@ class AdaptiveBatchSize:
                 "(SGD-like) and its square root (Adam-like); pass optimizer=... or lr_rule=..."
             )
         return default_lr_rule(optimizer, adaptive=True)
+
+
+def _check_number(
+    value: object, what: str, expected: str, within: Callable[[float], bool]
+) -> float:
+    """`value` as a float when it is a number and `within(value)`, else a ConfigError."""
+    if not (isinstance(value, (int, float)) and within(value)):
+        raise ConfigError(f"{what}: expected a number {expected}, got {value!r}")
+    return float(value)
