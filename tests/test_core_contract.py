@@ -75,6 +75,13 @@ def _task_for(cls: type):
     return tiny_task(64, optimizer=make)
 
 
+class _Mystery(torch.optim.Optimizer):
+    """An optimizer no table knows: no known name or base class, no `betas`."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, {"lr": lr})
+
+
 def test_torch_ships_the_optimizers_we_expect():
     names = {c.__name__ for c in TORCH_OPTIMIZERS}
     assert {"SGD", "Adam", "AdamW", "LBFGS", "Rprop", "Adafactor"} <= names
@@ -180,6 +187,14 @@ def test_unknown_optimizer_error_names_lr_rule_for_each_context():
     assert "got Mystery" in str(fixed.value) and "lr_rule='linear'" in str(fixed.value)
     assert "lr_rule='adascale'" in str(adaptive.value)
     assert "lr_rule='sqrt-adascale'" in str(adaptive.value)
+
+
+def test_unknown_optimizer_in_a_sweep_needs_a_rule_only_for_auto():
+    task = tiny_task(64, optimizer=lambda params, lr: _Mystery(params, lr))
+    with pytest.raises(ConfigError, match="got _Mystery; pass lr_rule='linear'"):
+        make_sweep_spec(task, batch_sizes="8", max_steps=5, sharpness="none")
+    spec = make_sweep_spec(task, batch_sizes="8,32", max_steps=5, sharpness="none", lr_rule="none")
+    assert spec.task_optimizer_family == "sgd" and {r.lr for r in spec.runs} == {0.1}
 
 
 # ------------------------------------------------------------------ LR vocabulary

@@ -219,11 +219,21 @@ def parse_sharpness(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def task_optimizer_family(task: Task) -> str:
+def task_optimizer_family(task: Task, lr_rule: str = "auto") -> str:
     """`sgd` or `adam`: the family of the task's optimizer, from the one table in
-    `batchlab.core.optim` (the planner and the adaptive controller read it too)."""
+    `batchlab.core.optim` (the planner and the adaptive controller read it too).
+
+    An optimizer the table does not know is an error only when the family must pick the
+    rule (`auto`, `tuned`); with an explicit `lr_rule` it only labels the runs, and counts
+    as `sgd` as it always did here.
+    """
     probe = task.optimizer([torch.zeros(1, 1, requires_grad=True)], task.lr)
-    return optimizer_family(probe)
+    try:
+        return optimizer_family(probe)
+    except ConfigError:
+        if lr_rule in ("auto", "tuned"):
+            raise
+        return "sgd"
 
 
 def make_optimizer(name: str, params: Any, lr: float) -> torch.optim.Optimizer:
@@ -443,7 +453,7 @@ def make_sweep_spec(
         )
     opts = parse_optimizers(optimizers)
     reference_lr = check_lr(t.lr if lr is None else lr, what="--lr")
-    task_family = task_optimizer_family(t)
+    task_family = task_optimizer_family(t, lr_rule)
 
     builder = _Builder()
     for repeat in range(repeats):
