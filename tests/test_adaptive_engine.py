@@ -11,8 +11,8 @@ from conftest import tiny_task
 from batchlab import History
 from batchlab.adaptive import ThroughputFit, train_adaptive
 from batchlab.adaptive.controller import efficiency
+from batchlab.callbacks import TrainCallback
 from batchlab.errors import BatchlabError, ConfigError, NoiseEstimateError
-from batchlab.train import TrainCallback
 
 
 def run(b_simple=1e5, n=512, **kwargs) -> History:

@@ -3,6 +3,7 @@
 import importlib.metadata
 
 from batchlab.adaptive import AdaptiveBatchSize, ResizableBatchSampler, train_adaptive
+from batchlab.callbacks import TrainCallback, evaluate
 from batchlab.errors import BatchlabError
 from batchlab.history import Evaluation, History
 from batchlab.measure.memory import MemoryProbe, parse_size, probe_memory
@@ -24,9 +25,10 @@ from batchlab.sweep import (
     make_sweep_spec,
     run_sweep,
 )
-from batchlab.task import Task, load_task
+from batchlab.task import Task
+from batchlab.tasks import load_task
 from batchlab.theory import BatchArithmetic, adascale_gain, calc, scale_lr
-from batchlab.train import TrainCallback, evaluate, train
+from batchlab.train import train
 
 __all__ = [
     "AdaptiveBatchSize",

@@ -20,7 +20,8 @@ from batchlab.measure.throughput import (
     profile_throughput,
 )
 from batchlab.results import JsonResult
-from batchlab.task import Task, check_batch_size, load_task
+from batchlab.task import Task, check_batch_size
+from batchlab.tasks import load_task
 
 BATCHNORM_MIN_BATCH = 8
 

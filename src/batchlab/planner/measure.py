@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from batchlab.callbacks import TrainCallback
 from batchlab.errors import BatchlabError, ConfigError
 from batchlab.history import History
 from batchlab.measure.memory import parse_size
@@ -32,8 +33,8 @@ from batchlab.planner.model import (
     build_plan,
 )
 from batchlab.target import target_for_task
-from batchlab.task import Task, check_batch_size, load_task
-from batchlab.train import TrainCallback
+from batchlab.task import Task, check_batch_size
+from batchlab.tasks import load_task
 
 DEFAULT_NOISE_STEPS = 200
 DEFAULT_THROUGHPUT_SECONDS = 10.0

@@ -20,7 +20,8 @@ import torch
 from batchlab.errors import ConfigError
 from batchlab.results import JsonResult
 from batchlab.target import target_for_task
-from batchlab.task import Task, check_batch_size, check_lr, load_task
+from batchlab.task import Task, check_batch_size, check_lr
+from batchlab.tasks import load_task
 from batchlab.theory import scale_lr, warmup_steps_for
 
 SPEC_FORMAT = 1
