@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 import torch
 from conftest import tiny_task
+from torch.utils.data import TensorDataset
 
-from batchlab import History
+from batchlab import History, Task
 from batchlab.adaptive import ThroughputFit, train_adaptive
 from batchlab.adaptive.controller import efficiency
 from batchlab.callbacks import TrainCallback
@@ -205,7 +207,45 @@ def test_micro_batch_norms_without_the_last_micro_batch():
     assert estimate.b_simple() == pytest.approx(exact, rel=0.15)
 
 
+def linear_regression_task(n: int = 512) -> tuple[Task, float]:
+    """A task whose weights barely move (lr 1e-9), so its B_simple is a known constant.
+
+    Returns the task and the exact B_simple at its (fixed) initial weights.
+    """
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 5, generator=g)
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0]) + 0.5 * torch.randn(n, generator=g)
+    w0 = torch.tensor([[0.8, -1.5, 0.0, 0.3, 2.0]])
+
+    def model() -> torch.nn.Module:
+        linear = torch.nn.Linear(5, 1, bias=False)
+        with torch.no_grad():
+            linear.weight.copy_(w0)
+        return linear
+
+    def loss(m, batch):
+        xb, yb = batch
+        return 0.5 * ((m(xb)[:, 0] - yb) ** 2).mean()
+
+    task = Task(
+        name="linear",
+        model=model,
+        train_data=TensorDataset(x, y),
+        loss=loss,
+        optimizer=lambda params, lr: torch.optim.SGD(params, lr=lr),
+        lr=1e-9,
+        batch_size=16,
+        epochs=3,
+    )
+    return task, exact_b_simple(x.double(), y.double(), w0[0].double())
+
+
 def test_engine_measures_noise_without_help():
-    h = train_adaptive(tiny_task(512), epochs=3, interval=8, device="cpu")
+    """b_simple=None: split steps feed the tracker; its estimate matches the exact value."""
+    task, exact = linear_regression_task()
+    h = train_adaptive(task, interval=8, device="cpu", seed=0)
     values = [d["b_simple"] for d in h.extras["adaptive"]["decisions"][1:]]
-    assert values and all(v is not None and v > 0 for v in values)
+    assert len(values) >= 8 and all(v is not None for v in values)
+    assert exact == pytest.approx(6.48, abs=0.01)  # small against B0=16: a real test of E(B)
+    # The EMA over ~20 split steps: within 30% of the exact value at the end of the run.
+    assert statistics.median(values[-4:]) == pytest.approx(exact, rel=0.3)
