@@ -191,3 +191,77 @@ def test_amp_on_cpu_is_bf16_autocast_and_still_trains(task):
 def test_amp_on_cuda_trains(task):
     history = batchlab.train(task, 8, epochs=2, amp=True, device="cuda")
     assert history.device.startswith("cuda") and not history.diverged
+
+
+# ------------------------------------------------------------------ one loop, one order
+class HookLog(batchlab.TrainCallback):
+    """Records every hook call as `name step`."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.losses: list[float | None] = []  # state.last_loss as on_step saw it
+
+    def on_start(self, state):
+        self.calls.append(f"start {state.step}")
+
+    def on_step(self, state):
+        self.calls.append(f"step {state.step}")
+        self.losses.append(state.last_loss)
+
+    def on_eval(self, state, evaluation):
+        self.calls.append(f"eval {evaluation.step}")
+
+    def on_end(self, state):
+        self.calls.append(f"end {state.step}")
+
+
+def _fixed(task, **kwargs):
+    return batchlab.train(task, 8, **kwargs)
+
+
+def _adaptive(task, **kwargs):
+    # b_simple tiny: the controller keeps the reference batch, so both runs take equal steps.
+    return batchlab.train_adaptive(task, b_simple=1e-3, interval=2, device="cpu", **kwargs)
+
+
+@pytest.mark.parametrize("run", [_fixed, _adaptive], ids=["fixed", "adaptive"])
+def test_callbacks_fire_in_the_documented_order(task, run):
+    """Both policies run the one loop: the order of batchlab.loop's docstring, exactly.
+
+    5 steps with an evaluation every 2: the fixed policy evaluates at its last step, the
+    adaptive one after stopping between evaluations; the callbacks cannot tell them apart.
+    """
+    log = HookLog()
+    history = run(task, max_steps=5, eval_every=2, callbacks=[log])
+    assert log.calls == [
+        "start 0",
+        "eval 0",
+        "step 1",
+        "step 2",
+        "eval 2",
+        "step 3",
+        "step 4",
+        "eval 4",
+        "step 5",
+        "eval 5",
+        "end 5",
+    ]
+    assert [e.step for e in history.evals] == [0, 2, 4, 5]
+    # On CPU the loss is read back before on_step: each call sees its own step's loss.
+    assert log.losses == list(history.train_loss)
+
+
+@pytest.mark.parametrize("run", [_fixed, _adaptive], ids=["fixed", "adaptive"])
+def test_divergence_ends_the_run_after_on_step_without_evaluating(run):
+    import dataclasses
+
+    def mse(model, batch):
+        x, y = batch
+        return ((model(x)[:, 0] - y.float() * 100) ** 2).mean()
+
+    task = dataclasses.replace(tiny_task(lr=10.0), loss=mse, metrics=None)
+    log = HookLog()
+    history = run(task, epochs=50, callbacks=[log])
+    last = history.diverged_step
+    assert history.diverged and last is not None
+    assert log.calls[-2:] == [f"step {last}", f"end {last}"]
