@@ -3,10 +3,12 @@ import math
 import pytest
 import torch
 from conftest import tiny_task
+from fake_clock import FakeClock, StepCosts
 
 import batchlab
 from batchlab.data import Batcher
 from batchlab.errors import ConfigError, TaskError
+from batchlab.loop import FixedBatch, run_training
 from batchlab.step import TrainStep
 
 TIMING = {"train_seconds", "eval_seconds", "seconds_to_target"}
@@ -265,3 +267,32 @@ def test_divergence_ends_the_run_after_on_step_without_evaluating(run):
     last = history.diverged_step
     assert history.diverged and last is not None
     assert log.calls[-2:] == [f"step {last}", f"end {last}"]
+
+
+# ------------------------------------------------------------------ an injected clock
+def test_training_time_excludes_evaluation_exactly(task):
+    """With a fake clock, the History's seconds are the known costs of its steps."""
+    alpha, beta, gamma = 2.0**-7, 2.0**-12, 2.0**-9
+    clock = FakeClock()
+    costs = StepCosts(clock, alpha, beta, gamma)
+    policy = FixedBatch(
+        batch_size=4,
+        accumulation_steps=2,
+        peak_lr=0.1,
+        lr_rule="none",
+        warmup_steps=0,
+        total_steps=10,
+        steps_per_epoch=8,
+        eval_every=4,
+        seed=0,
+    )
+    history = run_training(task, policy, device=torch.device("cpu"), clock=clock, callbacks=[costs])
+    assert history.total_steps == 10
+    # Each step: two forwards of 4 examples and one optimizer step.
+    assert history.train_seconds == pytest.approx(10 * (2 * alpha + 8 * beta + gamma), rel=1e-12)
+    assert history.train_seconds == pytest.approx(costs.train, rel=1e-12)
+    # Each evaluation: the loss and the metrics forward over the 32 validation examples.
+    assert [e.step for e in history.evals] == [0, 4, 8, 10]
+    assert history.eval_seconds == pytest.approx(4 * 2 * (alpha + 32 * beta), rel=1e-12)
+    assert [e.train_seconds for e in history.evals] == pytest.approx(costs.train_at_eval)
+    assert costs.train_at_eval[1] == pytest.approx(4 * (2 * alpha + 8 * beta + gamma))
