@@ -8,13 +8,18 @@ import statistics
 import pytest
 import torch
 from conftest import tiny_task
+from fake_clock import FakeClock, StepCosts
 from torch.utils.data import TensorDataset
 
 from batchlab import History, Task
 from batchlab.adaptive import ThroughputFit, train_adaptive
 from batchlab.adaptive.controller import efficiency
+from batchlab.adaptive.engine import AdaptiveBatch
+from batchlab.adaptive.noise_source import FixedNoise
+from batchlab.adaptive.throughput_model import ThroughputModel
 from batchlab.callbacks import TrainCallback
 from batchlab.errors import BatchlabError, ConfigError, NoiseEstimateError
+from batchlab.loop import run_training
 
 
 def run(b_simple=1e5, n=512, **kwargs) -> History:
@@ -249,3 +254,31 @@ def test_engine_measures_noise_without_help():
     assert exact == pytest.approx(6.48, abs=0.01)  # small against B0=16: a real test of E(B)
     # The EMA over ~20 split steps: within 30% of the exact value at the end of the run.
     assert statistics.median(values[-4:]) == pytest.approx(exact, rel=0.3)
+
+
+# ------------------------------------------------------------------ an injected clock
+def test_step_timer_recovers_a_known_step_time_model():
+    """A fake clock where a micro-batch of b costs alpha + beta*b and a step gamma: the
+    throughput model fed by the engine's timer must find exactly those three numbers."""
+    alpha, beta, gamma = 2.0**-7, 2.0**-12, 2.0**-9
+    clock = FakeClock()
+    costs = StepCosts(clock, alpha, beta, gamma)
+    policy = AdaptiveBatch(
+        base_lr=0.1,
+        noise=FixedNoise(1e5),
+        throughput=ThroughputModel(),
+        epochs=3,
+        eval_every_examples=64,
+        memory_cap=12,
+        interval=4,
+    )
+    h = run_training(
+        tiny_task(512), policy, device=torch.device("cpu"), clock=clock, callbacks=[costs]
+    )
+    fit = h.extras["adaptive"]["throughput_fit"]
+    assert len(fit["micro_batch_sizes"]) >= 2
+    assert (fit["alpha"], fit["beta"], fit["gamma"]) == pytest.approx(
+        (alpha, beta, gamma), rel=1e-9
+    )
+    assert h.train_seconds == pytest.approx(costs.train, rel=1e-12)
+    assert h.eval_seconds == pytest.approx(costs.eval, rel=1e-12)
