@@ -97,31 +97,24 @@ def train(
             f"{task.name!r} ({task.num_train} examples); use at most {task.num_train}"
         )
     base_lr = check_lr(task.lr if lr is None else lr)
-    peak_lr = scale_lr(base_lr, task.batch_size, effective, lr_rule, b_simple=b_simple)
     tgt = target_for_task(target, task)
     steps_per_epoch, total_steps = _plan_length(task.num_train, effective, epochs, max_steps, task)
     if eval_every is None:
         eval_every = max(1, min(steps_per_epoch, total_steps // 20))
-    check_batch_size(eval_every, what="eval_every")
     policy = FixedBatch(
         batch_size=batch_size,
         accumulation_steps=accumulation_steps,
-        peak_lr=peak_lr,
+        peak_lr=scale_lr(base_lr, task.batch_size, effective, lr_rule, b_simple=b_simple),
         lr_rule=lr_rule,
         warmup_steps=warmup_steps,
         total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
-        eval_every=eval_every,
+        eval_every=check_batch_size(eval_every, what="eval_every"),
         seed=seed,
     )
+    dev = resolve_device(device)
     return run_training(
-        task,
-        policy,
-        device=resolve_device(device),
-        amp=amp,
-        seed=seed,
-        target=tgt,
-        callbacks=callbacks,
+        task, policy, device=dev, amp=amp, seed=seed, target=tgt, callbacks=callbacks
     )
 
 

@@ -92,18 +92,6 @@ def train_adaptive(
     check_warmup_steps(warmup_steps)
     check_run_length(epochs, max_steps)
     ref_epochs = float(epochs if epochs is not None else (task.epochs or 1))
-    if max_batch_size is None:
-        max_batch_size = default_max_batch_size(task)
-    if max_batch_size > task.num_train:
-        raise ConfigError(
-            f"max_batch_size {max_batch_size} is larger than the training set of "
-            f"{task.name!r} ({task.num_train} examples); use at most {task.num_train}"
-        )
-    tgt = target_for_task(target, task)
-    ref_steps_per_epoch = math.ceil(task.num_train / task.batch_size)
-    if eval_every is None:
-        eval_every = max(1, min(ref_steps_per_epoch, int(ref_epochs * ref_steps_per_epoch) // 20))
-    check_batch_size(eval_every, what="eval_every")
     policy = AdaptiveBatch(
         base_lr=base_lr,
         noise=_noise_source(b_simple),
@@ -111,24 +99,39 @@ def train_adaptive(
         epochs=ref_epochs,
         max_steps=max_steps,
         warmup_steps=warmup_steps,
-        eval_every_examples=eval_every * task.batch_size,
+        eval_every_examples=_eval_every(task, ref_epochs, eval_every) * task.batch_size,
         seed=seed,
         lr_rule=lr_rule,
         memory_cap=memory_cap,
-        max_batch_size=max_batch_size,
+        max_batch_size=_max_batch_size(task, max_batch_size),
         max_accumulation_steps=max_accumulation_steps,
         interval=interval,
         threshold=threshold,
     )
+    tgt = target_for_task(target, task)
+    dev = resolve_device(device)
     return run_training(
-        task,
-        policy,
-        device=resolve_device(device),
-        amp=amp,
-        seed=seed,
-        target=tgt,
-        callbacks=callbacks,
+        task, policy, device=dev, amp=amp, seed=seed, target=tgt, callbacks=callbacks
     )
+
+
+def _max_batch_size(task: Task, max_batch_size: int | None) -> int:
+    if max_batch_size is None:
+        max_batch_size = default_max_batch_size(task)
+    if max_batch_size > task.num_train:
+        raise ConfigError(
+            f"max_batch_size {max_batch_size} is larger than the training set of "
+            f"{task.name!r} ({task.num_train} examples); use at most {task.num_train}"
+        )
+    return max_batch_size
+
+
+def _eval_every(task: Task, ref_epochs: float, eval_every: int | None) -> int:
+    """Reference steps between evaluations: default once a reference epoch, >= ~20 a run."""
+    if eval_every is None:
+        ref_steps_per_epoch = math.ceil(task.num_train / task.batch_size)
+        return max(1, min(ref_steps_per_epoch, int(ref_epochs * ref_steps_per_epoch) // 20))
+    return check_batch_size(eval_every, what="eval_every")
 
 
 def default_max_batch_size(task: Task) -> int:
