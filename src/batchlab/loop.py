@@ -14,8 +14,9 @@ adaptive engine's noise tracker, come first, then the caller's, in the order giv
 3. The initial evaluation, at step 0: `on_eval(state, evaluation)`.
 4. For each optimizer step, until the policy has no next step, a target is reached or the
    loss is not finite:
-   a. the policy picks the examples and the lr (`next_step`); the step runs;
-   b. `on_step(state)`, with `state.step` and `state.examples` already counting it;
+   a. the policy picks the examples and the lr (`next_step`); the step runs (`run_step`);
+   b. `on_step(state)`, with `state.step` and `state.examples` already counting the step
+      and, whenever the loss was read back this step (below), `state.last_loss` its loss;
    c. if the loss was not finite, the run stops here: no evaluation of a diverged model;
    d. the policy updates itself (`after_step`), e.g. switches the batch for the next step;
    e. if an evaluation is due: `on_eval(state, evaluation)`; a reached target stops the run.
@@ -31,6 +32,7 @@ at every step on CPU; on CUDA, where that read is a sync, at evaluations and eve
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,7 +74,7 @@ class BatchSummary:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-class BatchPolicy:
+class BatchPolicy(ABC):
     """Decides what each optimizer step of the loop trains on. Subclass it for a new policy.
 
     The loop calls, in order: `bind` once the model and optimizer exist; `start` after the
@@ -97,31 +99,35 @@ class BatchPolicy:
     callbacks: Sequence[TrainCallback] = ()
     loss_every_step: bool = False
 
+    @abstractmethod
     def bind(self, state: RunState, clock: Clock) -> None:
         """Set the micro-batch size on `state.step_fn` and the run length fields of `state`
         (`total_steps`, `steps_per_epoch`, `effective_batch_size`)."""
-        raise NotImplementedError
 
     def start(self, state: RunState) -> None:
-        """After every callback's `on_start`, before the initial evaluation."""
+        """After every callback's `on_start`, before the initial evaluation (optional)."""
+        return None
 
+    @abstractmethod
     def next_step(self, state: RunState) -> StepPlan | None:
         """The examples and lr of step `state.step + 1`, or None when the run is complete."""
-        raise NotImplementedError
 
     def run_step(self, state: RunState, plan: StepPlan) -> torch.Tensor:
         """Run the optimizer step and return its detached mean loss (a hook for timing)."""
         return state.step_fn(plan.indices)
 
+    @abstractmethod
     def eval_due(self, state: RunState) -> bool:
         """Whether to evaluate after step `state.step` (called once per step)."""
-        raise NotImplementedError
 
     def after_step(self, state: RunState) -> None:
-        """After `on_step`, unless the loss diverged: may change the batch from the next step."""
+        """After `on_step`, unless the loss diverged: may change the batch from the next step
+        on (optional)."""
+        return None
 
+    @abstractmethod
     def summary(self, recorder: RunRecorder) -> BatchSummary:
-        raise NotImplementedError
+        """The batch, accumulation, lr and extras the History reports."""
 
 
 class FixedBatch(BatchPolicy):
