@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 import torch
 from conftest import tiny_task
+from fake_clock import FakeClock, StepCosts
+from torch.utils.data import TensorDataset
 
-from batchlab import History
+from batchlab import History, Task
 from batchlab.adaptive import train_adaptive
 from batchlab.adaptive.controller import efficiency
-from batchlab.core.step_time import StepTimeModel
+from batchlab.adaptive.engine import AdaptiveBatch
+from batchlab.adaptive.noise_source import FixedNoise
+from batchlab.adaptive.throughput_model import ThroughputModel
+from batchlab.callbacks import TrainCallback
 from batchlab.errors import BatchlabError, ConfigError, NoiseEstimateError
-from batchlab.train import TrainCallback
+from batchlab.loop import run_training
 
 
 def run(b_simple=1e5, n=512, **kwargs) -> History:
@@ -132,21 +138,13 @@ def test_bad_input_is_one_clear_line(kwargs, error, text):
 
 
 def test_unknown_optimizer_asks_for_a_rule():
-    class Mystery(torch.optim.Optimizer):  # no name, base class or `betas` the table knows
-        def __init__(self, params, lr):
-            super().__init__(params, {"lr": lr})
+    class Lion(torch.optim.SGD):  # an optimizer the rule table does not know
+        pass
 
-        @torch.no_grad()
-        def step(self, closure=None):
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        p.add_(p.grad, alpha=-group["lr"])
-
-    task = tiny_task(64, optimizer=lambda params, lr: Mystery(params, lr=lr))
+    task = tiny_task(64, optimizer=lambda params, lr: Lion(params, lr=lr))
     with pytest.raises(BatchlabError) as info:
         train_adaptive(task, b_simple=10.0, device="cpu")
-    assert "Mystery" in str(info.value) and "lr_rule=" in str(info.value)
+    assert "Lion" in str(info.value) and "lr_rule=" in str(info.value)
     h = train_adaptive(task, b_simple=10.0, device="cpu", lr_rule="adascale", epochs=1)
     assert math.isfinite(h.train_loss[-1])
 
@@ -214,7 +212,73 @@ def test_micro_batch_norms_without_the_last_micro_batch():
     assert estimate.b_simple() == pytest.approx(exact, rel=0.15)
 
 
+def linear_regression_task(n: int = 512) -> tuple[Task, float]:
+    """A task whose weights barely move (lr 1e-9), so its B_simple is a known constant.
+
+    Returns the task and the exact B_simple at its (fixed) initial weights.
+    """
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 5, generator=g)
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0]) + 0.5 * torch.randn(n, generator=g)
+    w0 = torch.tensor([[0.8, -1.5, 0.0, 0.3, 2.0]])
+
+    def model() -> torch.nn.Module:
+        linear = torch.nn.Linear(5, 1, bias=False)
+        with torch.no_grad():
+            linear.weight.copy_(w0)
+        return linear
+
+    def loss(m, batch):
+        xb, yb = batch
+        return 0.5 * ((m(xb)[:, 0] - yb) ** 2).mean()
+
+    task = Task(
+        name="linear",
+        model=model,
+        train_data=TensorDataset(x, y),
+        loss=loss,
+        optimizer=lambda params, lr: torch.optim.SGD(params, lr=lr),
+        lr=1e-9,
+        batch_size=16,
+        epochs=3,
+    )
+    return task, exact_b_simple(x.double(), y.double(), w0[0].double())
+
+
 def test_engine_measures_noise_without_help():
-    h = train_adaptive(tiny_task(512), epochs=3, interval=8, device="cpu")
+    """b_simple=None: split steps feed the tracker; its estimate matches the exact value."""
+    task, exact = linear_regression_task()
+    h = train_adaptive(task, interval=8, device="cpu", seed=0)
     values = [d["b_simple"] for d in h.extras["adaptive"]["decisions"][1:]]
-    assert values and all(v is not None and v > 0 for v in values)
+    assert len(values) >= 8 and all(v is not None for v in values)
+    assert exact == pytest.approx(6.48, abs=0.01)  # small against B0=16: a real test of E(B)
+    # The EMA over ~20 split steps: within 30% of the exact value at the end of the run.
+    assert statistics.median(values[-4:]) == pytest.approx(exact, rel=0.3)
+
+
+# ------------------------------------------------------------------ an injected clock
+def test_step_timer_recovers_a_known_step_time_model():
+    """A fake clock where a micro-batch of b costs alpha + beta*b and a step gamma: the
+    throughput model fed by the engine's timer must find exactly those three numbers."""
+    alpha, beta, gamma = 2.0**-7, 2.0**-12, 2.0**-9
+    clock = FakeClock()
+    costs = StepCosts(clock, alpha, beta, gamma)
+    policy = AdaptiveBatch(
+        base_lr=0.1,
+        noise=FixedNoise(1e5),
+        throughput=ThroughputModel(),
+        epochs=3,
+        eval_every_examples=64,
+        memory_cap=12,
+        interval=4,
+    )
+    h = run_training(
+        tiny_task(512), policy, device=torch.device("cpu"), clock=clock, callbacks=[costs]
+    )
+    fit = h.extras["adaptive"]["throughput_fit"]
+    assert len(fit["micro_batch_sizes"]) >= 2
+    assert (fit["alpha"], fit["beta"], fit["gamma"]) == pytest.approx(
+        (alpha, beta, gamma), rel=1e-9
+    )
+    assert h.train_seconds == pytest.approx(costs.train, rel=1e-12)
+    assert h.eval_seconds == pytest.approx(costs.eval, rel=1e-12)

@@ -23,7 +23,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
         "errors results core",
         "data task history target",
         "tasks",
-        "callbacks step recorder train",
+        "callbacks step recorder train loop",
         "measure",
         "adaptive",
         "planner",

@@ -7,8 +7,8 @@ import torch
 from conftest import tiny_task
 
 import batchlab
+from batchlab.callbacks import TrainCallback
 from batchlab.measure.run_stats import DistanceFromInit, GradNormTracker, log_spaced_steps
-from batchlab.train import TrainCallback
 
 
 class Recorder(TrainCallback):

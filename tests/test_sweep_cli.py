@@ -1,12 +1,12 @@
 """`batchlab sweep` and `batchlab report` end to end, the backend contract, and bad input."""
 
 import json
-import sys
 
 import pytest
 import torch
 
 from batchlab.cli import main
+from batchlab.step import TrainStep
 from batchlab.sweep.runner import LocalBackend, RayBackend, RunContext, execute_run, run_sweep
 from batchlab.sweep.spec import SGD_OVER_ADAM_LR, make_sweep_spec
 from batchlab.sweep.store import SweepStore
@@ -109,7 +109,7 @@ def test_report_rebuilds_from_the_store_alone(capsys, tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("report must not train")
 
-    monkeypatch.setattr(sys.modules["batchlab.train"], "_run", no_training)
+    monkeypatch.setattr(TrainStep, "__call__", no_training)  # every optimizer step
     code, stdout, _ = run_cli(capsys, "report", out)
     assert code == 0 and "report.html" in stdout
     html = (out / "report.html").read_text()

@@ -25,12 +25,17 @@ def _kwargs(**over):
     return kw
 
 
-def test_task_has_the_contract_fields():
+def test_task_defaults_and_sizes():
     task = batchlab.Task(**_kwargs())
-    for field in ("name", "model", "train_data", "val_data", "loss", "optimizer", "lr"):
-        assert hasattr(task, field)
-    assert task.batch_size == 2 and task.metrics is None and task.collate_fn is None
+    assert (task.val_data, task.metrics, task.collate_fn, task.epochs) == (None, None, None, None)
+    assert task.description == "" and dict(task.extra) == {}
+    assert (task.batch_size, task.lr, task.num_train, task.num_val) == (2, 0.1, 4, 0)
     assert isinstance(task.model(), nn.Module)
+
+
+def test_load_task_passes_a_task_through():
+    task = batchlab.Task(**_kwargs())
+    assert batchlab.load_task(task) is task
 
 
 @pytest.mark.parametrize(

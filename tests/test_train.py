@@ -3,10 +3,12 @@ import math
 import pytest
 import torch
 from conftest import tiny_task
+from fake_clock import FakeClock, StepCosts
 
 import batchlab
 from batchlab.data import Batcher
 from batchlab.errors import ConfigError, TaskError
+from batchlab.loop import FixedBatch, run_training
 from batchlab.step import TrainStep
 
 TIMING = {"train_seconds", "eval_seconds", "seconds_to_target"}
@@ -191,3 +193,106 @@ def test_amp_on_cpu_is_bf16_autocast_and_still_trains(task):
 def test_amp_on_cuda_trains(task):
     history = batchlab.train(task, 8, epochs=2, amp=True, device="cuda")
     assert history.device.startswith("cuda") and not history.diverged
+
+
+# ------------------------------------------------------------------ one loop, one order
+class HookLog(batchlab.TrainCallback):
+    """Records every hook call as `name step`."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.losses: list[float | None] = []  # state.last_loss as on_step saw it
+
+    def on_start(self, state):
+        self.calls.append(f"start {state.step}")
+
+    def on_step(self, state):
+        self.calls.append(f"step {state.step}")
+        self.losses.append(state.last_loss)
+
+    def on_eval(self, state, evaluation):
+        self.calls.append(f"eval {evaluation.step}")
+
+    def on_end(self, state):
+        self.calls.append(f"end {state.step}")
+
+
+def _fixed(task, **kwargs):
+    return batchlab.train(task, 8, **kwargs)
+
+
+def _adaptive(task, **kwargs):
+    # b_simple tiny: the controller keeps the reference batch, so both runs take equal steps.
+    return batchlab.train_adaptive(task, b_simple=1e-3, interval=2, device="cpu", **kwargs)
+
+
+@pytest.mark.parametrize("run", [_fixed, _adaptive], ids=["fixed", "adaptive"])
+def test_callbacks_fire_in_the_documented_order(task, run):
+    """Both policies run the one loop: the order of batchlab.loop's docstring, exactly.
+
+    5 steps with an evaluation every 2: the fixed policy evaluates at its last step, the
+    adaptive one after stopping between evaluations; the callbacks cannot tell them apart.
+    """
+    log = HookLog()
+    history = run(task, max_steps=5, eval_every=2, callbacks=[log])
+    assert log.calls == [
+        "start 0",
+        "eval 0",
+        "step 1",
+        "step 2",
+        "eval 2",
+        "step 3",
+        "step 4",
+        "eval 4",
+        "step 5",
+        "eval 5",
+        "end 5",
+    ]
+    assert [e.step for e in history.evals] == [0, 2, 4, 5]
+    # On CPU the loss is read back before on_step: each call sees its own step's loss.
+    assert log.losses == list(history.train_loss)
+
+
+@pytest.mark.parametrize("run", [_fixed, _adaptive], ids=["fixed", "adaptive"])
+def test_divergence_ends_the_run_after_on_step_without_evaluating(run):
+    import dataclasses
+
+    def mse(model, batch):
+        x, y = batch
+        return ((model(x)[:, 0] - y.float() * 100) ** 2).mean()
+
+    task = dataclasses.replace(tiny_task(lr=10.0), loss=mse, metrics=None)
+    log = HookLog()
+    history = run(task, epochs=50, callbacks=[log])
+    last = history.diverged_step
+    assert history.diverged and last is not None
+    assert log.calls[-2:] == [f"step {last}", f"end {last}"]
+
+
+# ------------------------------------------------------------------ an injected clock
+def test_training_time_excludes_evaluation_exactly(task):
+    """With a fake clock, the History's seconds are the known costs of its steps."""
+    alpha, beta, gamma = 2.0**-7, 2.0**-12, 2.0**-9
+    clock = FakeClock()
+    costs = StepCosts(clock, alpha, beta, gamma)
+    policy = FixedBatch(
+        batch_size=4,
+        accumulation_steps=2,
+        peak_lr=0.1,
+        lr_rule="none",
+        warmup_steps=0,
+        total_steps=10,
+        steps_per_epoch=8,
+        eval_every=4,
+        seed=0,
+    )
+    history = run_training(task, policy, device=torch.device("cpu"), clock=clock, callbacks=[costs])
+    assert history.total_steps == 10
+    # Each step: two forwards of 4 examples and one optimizer step.
+    assert history.train_seconds == pytest.approx(10 * (2 * alpha + 8 * beta + gamma), rel=1e-12)
+    assert history.train_seconds == pytest.approx(costs.train, rel=1e-12)
+    # Each evaluation: the loss and the metrics forward over the 32 validation examples.
+    assert [e.step for e in history.evals] == [0, 4, 8, 10]
+    assert history.eval_seconds == pytest.approx(4 * 2 * (alpha + 32 * beta), rel=1e-12)
+    assert [e.train_seconds for e in history.evals] == pytest.approx(costs.train_at_eval)
+    assert costs.train_at_eval[1] == pytest.approx(4 * (2 * alpha + 8 * beta + gamma))

@@ -3,6 +3,7 @@
 import importlib.metadata
 
 from batchlab.adaptive import AdaptiveBatchSize, ResizableBatchSampler, train_adaptive
+from batchlab.callbacks import TrainCallback, evaluate
 from batchlab.core.batching import BatchArithmetic, calc
 from batchlab.core.lr import adascale_gain, scale_lr
 from batchlab.errors import BatchlabError
@@ -26,8 +27,9 @@ from batchlab.sweep import (
     make_sweep_spec,
     run_sweep,
 )
-from batchlab.task import Task, load_task
-from batchlab.train import TrainCallback, evaluate, train
+from batchlab.task import Task
+from batchlab.tasks import load_task
+from batchlab.train import train
 
 __all__ = [
     "AdaptiveBatchSize",

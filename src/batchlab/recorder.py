@@ -1,28 +1,34 @@
-"""The bookkeeping of one training run, shared by `batchlab.train` and `train_adaptive`.
+"""The bookkeeping of one training run, kept by the training loop (`batchlab.loop`).
 
 A `RunRecorder` keeps the loss log (read back to the host lazily: on CUDA that read is a
 sync), the evaluations, training vs evaluation wall-clock, the target and divergence, and
-turns it all into a `History` at the end. The loops only decide what to train on.
+turns it all into a `History` at the end. The loop and its batch policy only decide what to
+train on.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
+from batchlab.callbacks import RunState, TrainCallback, evaluate
 from batchlab.data import Batcher
 from batchlab.history import Evaluation, History
 from batchlab.target import Target
 
-if TYPE_CHECKING:
-    from batchlab.train import RunState, TrainCallback
-
 
 class RunRecorder:
+    """Records one run into its `History`.
+
+    Args:
+        clock: seconds as a float, `time.perf_counter` by default; tests pass a fake one to
+            check the training/evaluation time split exactly.
+    """
+
     def __init__(
         self,
         state: RunState,
@@ -30,8 +36,10 @@ class RunRecorder:
         amp: bool,
         target: Target | None,
         callbacks: Sequence[TrainCallback],
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.state = state
+        self.clock = clock
         self.amp = amp
         self.target = target
         self.callbacks = callbacks
@@ -48,7 +56,7 @@ class RunRecorder:
         self._pending: list[torch.Tensor] = []
         self.train_seconds = 0.0
         self.eval_seconds = 0.0
-        self._clock: float | None = None
+        self._started: float | None = None
         self.hit: Evaluation | None = None
         self.diverged_step: int | None = None
 
@@ -58,13 +66,13 @@ class RunRecorder:
             torch.cuda.synchronize(self.state.device)
 
     def start_clock(self) -> None:
-        self._clock = time.perf_counter()
+        self._started = self.clock()
 
     def stop_clock(self) -> None:
-        if self._clock is not None:
+        if self._started is not None:
             self._sync()
-            self.train_seconds += time.perf_counter() - self._clock
-            self._clock = None
+            self.train_seconds += self.clock() - self._started
+            self._started = None
 
     # -- steps --------------------------------------------------------------------------
     def record_step(self, step: int, loss: torch.Tensor, lr: float) -> None:
@@ -91,18 +99,16 @@ class RunRecorder:
     # -- evaluation ---------------------------------------------------------------------
     def evaluate(self) -> Evaluation:
         """Evaluate now (clock paused), tell the callbacks, check the target."""
-        from batchlab.train import evaluate
-
-        running = self._clock is not None
+        running = self._started is not None
         self.stop_clock()
         state = self.state
-        t0 = time.perf_counter()
+        t0 = self.clock()
         val_loss, metrics = (None, {})
         if self.val_batcher is not None:
             val_loss, metrics = evaluate(
                 state.model, self.val_batcher, state.task, device=state.device, amp=self.amp
             )
-        self.eval_seconds += time.perf_counter() - t0
+        self.eval_seconds += self.clock() - t0
         ev = Evaluation(
             step=state.step,
             examples=state.examples,

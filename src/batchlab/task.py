@@ -1,17 +1,13 @@
 """The Task contract: everything batchlab needs to train and measure a model.
 
-A task file is any Python file with a function that returns a `Task`; on the command line
-`TASK` is a built-in name (`batchlab tasks`) or `path/to/file.py:function`.
+A task file is any Python file with a function that returns a `Task`; `batchlab.tasks`
+holds the built-in tasks and `load_task`, which resolves a name or `path/to/file.py:function`.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import inspect
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -83,55 +79,3 @@ class Task:
         return 0 if self.val_data is None else len(self.val_data)
 
 
-def load_task(spec: str | Task) -> Task:
-    """Resolve a built-in task name or `path/to/file.py:function` to a `Task`."""
-    if isinstance(spec, Task):
-        return spec
-    from batchlab.tasks import BUILTIN_TASKS
-
-    if spec in BUILTIN_TASKS:
-        return BUILTIN_TASKS[spec].factory()
-    path_part, sep, func_name = spec.rpartition(":")
-    if not sep or not path_part.endswith(".py"):
-        names = ", ".join(BUILTIN_TASKS)
-        raise TaskError(
-            f"unknown task {spec!r}: expected a built-in name ({names}) or path/to/file.py:function"
-        )
-    return _load_task_file(Path(path_part), func_name)
-
-
-def _load_task_file(path: Path, func_name: str) -> Task:
-    if not path.is_file():
-        raise TaskError(f"task file {str(path)!r} does not exist; check the path before ':'")
-    module_name = f"batchlab_user_task_{abs(hash(str(path.resolve())))}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise TaskError(f"cannot import {str(path)!r} as a Python file")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    # The user's file may import siblings next to it.
-    sys.path.insert(0, str(path.resolve().parent))
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        raise TaskError(f"importing {str(path)!r} failed: {type(exc).__name__}: {exc}") from exc
-    finally:
-        sys.path.pop(0)
-    func = getattr(module, func_name, None)
-    if func is None or not callable(func):
-        available = sorted(
-            n
-            for n, v in vars(module).items()
-            if inspect.isfunction(v) and v.__module__ == module_name and not n.startswith("_")
-        )
-        raise TaskError(
-            f"{str(path)!r} has no function {func_name!r}; "
-            f"functions defined there: {', '.join(available) or 'none'}"
-        )
-    task = func()
-    if not isinstance(task, Task):
-        raise TaskError(
-            f"{path}:{func_name}() returned {type(task).__name__}, expected a batchlab.Task; "
-            "return Task(name=..., model=..., ...)"
-        )
-    return task

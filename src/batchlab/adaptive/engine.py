@@ -1,10 +1,10 @@
-"""The adaptive training loop behind `batchlab train TASK --adaptive`.
+"""The adaptive batch policy behind `batchlab train TASK --adaptive`, and `train_adaptive`.
 
-Same pieces as `batchlab.train` (`TrainStep`, `Batcher`, `evaluate`, `History`), with three
-additions: the examples come from a `ResizableBatchSampler`, every step is timed per
-micro-batch to feed the `ThroughputModel`, and every `interval` steps the
-`AdaptiveBatchSize` controller may change `(micro_batch_size, accumulation_steps)` and the
-learning rate. Changes happen between optimizer steps only.
+It runs the one training loop (`batchlab.loop`) with `AdaptiveBatch` as its batch policy:
+the examples come from a `ResizableBatchSampler`, every step is timed per micro-batch to
+feed the `ThroughputModel`, and every `interval` steps the `AdaptiveBatchSize` controller
+may change `(micro_batch_size, accumulation_steps)` and the learning rate. Changes happen
+between optimizer steps only.
 
 Run length is counted in reference-batch epochs of progress (sum of B * E(B) / N): at a
 bigger batch each example is worth less, so `epochs=20` means "as far as 20 epochs at the
@@ -15,9 +15,7 @@ examples actually seen, so they line up with those of fixed-batch runs.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 
@@ -25,17 +23,21 @@ from batchlab.adaptive.controller import AdaptiveBatchSize, LrRule
 from batchlab.adaptive.noise_source import FixedNoise, NoiseSource
 from batchlab.adaptive.sampler import ResizableBatchSampler
 from batchlab.adaptive.throughput_model import FixedThroughput, ThroughputModel
-from batchlab.core.checks import check_batch_size, check_lr, check_warmup_steps
-from batchlab.core.step_time import StepTimeModel
+from batchlab.callbacks import RunState, TrainCallback
 from batchlab.errors import ConfigError
 from batchlab.history import History
+from batchlab.loop import BatchPolicy, BatchSummary, Clock, StepPlan, check_run_length, run_training
 from batchlab.recorder import RunRecorder
-from batchlab.step import TrainStep, build_step, resolve_device
+from batchlab.step import TrainStep, resolve_device
 from batchlab.target import Target, target_for_task
-from batchlab.task import Task, load_task
-from batchlab.train import RunState, TrainCallback
+from batchlab.core.checks import check_batch_size, check_lr, check_warmup_steps
+from batchlab.core.step_time import StepTimeModel
+from batchlab.task import Task
+from batchlab.tasks import load_task
 
 NoiseArg = float | Callable[[int], float] | NoiseSource | None
+# On CUDA, timing a step needs synchronisation; time one step in this many.
+CUDA_TIME_EVERY = 5
 
 
 def train_adaptive(
@@ -90,89 +92,53 @@ def train_adaptive(
     task = load_task(task)
     base_lr = check_lr(task.lr if lr is None else lr)
     check_warmup_steps(warmup_steps)
-    if epochs is not None and (not isinstance(epochs, (int, float)) or epochs <= 0):
-        raise ConfigError(f"epochs: expected a positive number, got {epochs!r}")
-    if max_steps is not None:
-        check_batch_size(max_steps, what="max steps")
+    check_run_length(epochs, max_steps)
     ref_epochs = float(epochs if epochs is not None else (task.epochs or 1))
-    if max_batch_size is None:
-        max_batch_size = max(task.batch_size, min(64 * task.batch_size, task.num_train // 4))
-    if max_batch_size > task.num_train:
-        raise ConfigError(
-            f"max batch size {max_batch_size} is larger than the training set of "
-            f"{task.name!r} ({task.num_train} examples); use at most {task.num_train}"
-        )
-    tgt = target_for_task(target, task)
-    ref_steps_per_epoch = math.ceil(task.num_train / task.batch_size)
-    if eval_every is None:
-        eval_every = max(1, min(ref_steps_per_epoch, int(ref_epochs * ref_steps_per_epoch) // 20))
-    check_batch_size(eval_every, what="eval every")
-    dev = resolve_device(device)
-    settings = dict(
+    policy = AdaptiveBatch(
+        base_lr=base_lr,
+        noise=_noise_source(b_simple),
+        throughput=ThroughputModel() if throughput is None else FixedThroughput(throughput),
+        epochs=ref_epochs,
+        max_steps=max_steps,
+        warmup_steps=warmup_steps,
+        eval_every_examples=_eval_every(task, ref_epochs, eval_every) * task.batch_size,
+        seed=seed,
         lr_rule=lr_rule,
-        max_micro_batch_size=memory_cap,
-        max_batch_size=max_batch_size,
+        memory_cap=memory_cap,
+        max_batch_size=_max_batch_size(task, max_batch_size),
         max_accumulation_steps=max_accumulation_steps,
         interval=interval,
         threshold=threshold,
     )
-    fork_devices = [dev.index or 0] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(seed)
-        return _run(
-            task,
-            dev,
-            base_lr=base_lr,
-            settings=settings,
-            b_simple=b_simple,
-            fixed_throughput=throughput,
-            ref_epochs=ref_epochs,
-            max_steps=max_steps,
-            warmup_steps=warmup_steps,
-            amp=amp,
-            seed=seed,
-            eval_every_examples=eval_every * task.batch_size,
-            target=tgt,
-            callbacks=callbacks,
+    tgt = target_for_task(target, task)
+    dev = resolve_device(device)
+    return run_training(
+        task, policy, device=dev, amp=amp, seed=seed, target=tgt, callbacks=callbacks
+    )
+
+
+def _max_batch_size(task: Task, max_batch_size: int | None) -> int:
+    if max_batch_size is None:
+        max_batch_size = default_max_batch_size(task)
+    if max_batch_size > task.num_train:
+        raise ConfigError(
+            f"max_batch_size {max_batch_size} is larger than the training set of "
+            f"{task.name!r} ({task.num_train} examples); use at most {task.num_train}"
         )
+    return max_batch_size
 
 
-class _StepTimer:
-    """Times each micro-batch of a step through `TrainStep.micro_hook`.
+def _eval_every(task: Task, ref_epochs: float, eval_every: int | None) -> int:
+    """Reference steps between evaluations: default once a reference epoch, >= ~20 a run."""
+    if eval_every is None:
+        ref_steps_per_epoch = math.ceil(task.num_train / task.batch_size)
+        return max(1, min(ref_steps_per_epoch, int(ref_epochs * ref_steps_per_epoch) // 20))
+    return check_batch_size(eval_every, what="eval_every")
 
-    Wraps whatever hook was installed before (a noise tracker), so both run; the wrapped
-    hook's own time lands in the optimizer-step share, where per-step overhead belongs.
-    """
 
-    def __init__(self, step_fn: TrainStep, sync: Callable[[], None]) -> None:
-        self.inner = step_fn.micro_hook
-        self.sync = sync
-        self.enabled = False
-        self.micro_seconds: list[tuple[int, float]] = []  # (micro-batch size, seconds)
-        self._last = 0.0
-        step_fn.micro_hook = self
-
-    def start(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.micro_seconds = []
-        if enabled:
-            self.sync()
-            self._last = time.perf_counter()
-
-    def __call__(self, index: int, num_micro: int, size: int) -> None:
-        if self.enabled:
-            self.sync()
-            now = time.perf_counter()
-            self.micro_seconds.append((size, now - self._last))
-        if self.inner is not None:
-            self.inner(index, num_micro, size)
-        if self.enabled:
-            self._last = time.perf_counter()
-
-    def finish(self) -> float:
-        """Seconds from the last micro-batch to now (the optimizer step)."""
-        self.sync()
-        return time.perf_counter() - self._last
+def default_max_batch_size(task: Task) -> int:
+    """A quarter of the training set, at most 64 reference batches, at least one."""
+    return max(task.batch_size, min(64 * task.batch_size, task.num_train // 4))
 
 
 def _noise_source(b_simple: NoiseArg) -> NoiseSource:
@@ -185,143 +151,225 @@ def _noise_source(b_simple: NoiseArg) -> NoiseSource:
     return FixedNoise(b_simple)
 
 
-def _run(
-    task: Task,
-    dev: torch.device,
-    *,
-    base_lr: float,
-    settings: dict[str, Any],
-    b_simple: NoiseArg,
-    fixed_throughput: StepTimeModel | None,
-    ref_epochs: float,
-    max_steps: int | None,
-    warmup_steps: int,
-    amp: bool,
-    seed: int,
-    eval_every_examples: int,
-    target: Target | None,
-    callbacks: Sequence[TrainCallback],
-) -> History:
-    step_fn = build_step(task, dev, lr=base_lr, micro_batch_size=task.batch_size, amp=amp)
-    model, optimizer = step_fn.model, step_fn.optimizer
-    group_ratios = [g["lr"] / base_lr for g in optimizer.param_groups]
-    throughput = (
-        ThroughputModel() if fixed_throughput is None else FixedThroughput(fixed_throughput)
-    )
-    controller = AdaptiveBatchSize(
-        task.batch_size, base_lr, optimizer=optimizer, throughput=throughput, **settings
-    )
-    step_fn.micro_batch_size = controller.micro_batch_size
-    noise = _noise_source(b_simple)
-    split_every = (
-        getattr(noise, "split_every", 0) if getattr(noise, "needs_micro_batches", False) else 0
-    )
-    budget = ref_epochs * task.num_train  # in reference-batch examples of progress
-    ref_steps = math.ceil(budget / task.batch_size)
-    state = RunState(
-        task,
-        model,
-        optimizer,
-        step_fn,
-        dev,
-        total_steps=ref_steps if max_steps is None else min(ref_steps, max_steps),
-        steps_per_epoch=math.ceil(task.num_train / controller.batch_size),
-        effective_batch_size=controller.batch_size,
-    )
-    sampler = ResizableBatchSampler(task.num_train, controller.batch_size, seed=seed)
-    # On CUDA, timing a step needs synchronisation; time one step in `cuda_time_every`.
-    cuda = dev.type == "cuda"
-    sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
-    cuda_time_every = 5
+class _StepTimer:
+    """Times each micro-batch of a step through `TrainStep.micro_hook`.
 
-    batch_sizes: list[int] = []
-    hooks = [cb for cb in (noise, *callbacks) if isinstance(cb, TrainCallback)]
-    rec = RunRecorder(state, amp=amp, target=target, callbacks=callbacks)
+    Wraps whatever hook was installed before (a noise tracker), so both run; the wrapped
+    hook's own time is left out of the timings, so the model learns what training costs,
+    not what measuring it does.
+    """
 
-    for cb in hooks:
-        cb.on_start(state)
-    timer = _StepTimer(step_fn, sync)  # after on_start: wraps any hook a tracker installed
-    rec.evaluate()
+    def __init__(self, step_fn: TrainStep, sync: Callable[[], None], clock: Clock) -> None:
+        self.inner = step_fn.micro_hook
+        self.sync = sync
+        self.clock = clock
+        self.enabled = False
+        self.micro_seconds: list[tuple[int, float]] = []  # (micro-batch size, seconds)
+        self._last = 0.0
+        step_fn.micro_hook = self
 
-    next_eval = eval_every_examples
-    fresh_config = True  # the first step at a new micro-batch size pays one-off costs
-    rec.start_clock()
-    while not rec.done and controller.reference_examples < budget - 1e-9:
-        if max_steps is not None and state.step >= max_steps:
-            break
-        indices = sampler.take(controller.batch_size)
-        if indices is None:  # end of an epoch
-            continue
+    def start(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.micro_seconds = []
+        if enabled:
+            self.sync()
+            self._last = self.clock()
+
+    def __call__(self, index: int, num_micro: int, size: int) -> None:
+        if self.enabled:
+            self.sync()
+            self.micro_seconds.append((size, self.clock() - self._last))
+        if self.inner is not None:
+            self.inner(index, num_micro, size)
+        if self.enabled:
+            self._last = self.clock()
+
+    def finish(self) -> float:
+        """Seconds from the last micro-batch to now (the optimizer step)."""
+        self.sync()
+        return self.clock() - self._last
+
+
+class AdaptiveBatch(BatchPolicy):
+    """The `AdaptiveBatchSize` controller as the loop's batch policy, with its noise source
+    and a step timer.
+
+    It starts at the task's reference batch B0 and lr. Every step but the first at a new
+    micro-batch size (which pays one-off costs) is timed per micro-batch into `throughput`;
+    on CUDA only one step in `CUDA_TIME_EVERY`, as timing needs a sync. Every `interval`
+    steps the controller may change the micro-batch, accumulation and lr, from the next
+    step on. While a step is one micro-batch and the noise source needs micro-batches (it
+    measures B_simple from them), every `split_every`-th step runs as two half micro-batches:
+    the same update, one small/big pair for the estimate.
+
+    Args:
+        base_lr: learning rate at the reference batch.
+        noise: where B_simple comes from; one that is a `TrainCallback` runs as a callback.
+        throughput: the step-time model the controller plans with; the timer feeds it.
+        epochs: run length in reference-batch epochs of progress.
+        max_steps: stop after this many optimizer steps (None: no limit).
+        warmup_steps: linear warm-up of the learning rate over these optimizer steps.
+        eval_every_examples: evaluate every this many training examples, and at the end.
+        seed: seeds the sampler's permutations.
+        lr_rule, memory_cap, max_batch_size, max_accumulation_steps, interval, threshold:
+            the controller's settings, as in `train_adaptive`.
+    """
+
+    loss_every_step = True  # no decision on a diverged model; on CUDA the timer syncs anyway
+
+    def __init__(
+        self,
+        *,
+        base_lr: float,
+        noise: NoiseSource,
+        throughput: ThroughputModel,
+        epochs: float,
+        eval_every_examples: int,
+        max_steps: int | None = None,
+        warmup_steps: int = 0,
+        seed: int = 0,
+        lr_rule: LrRule = "auto",
+        memory_cap: int | None = None,
+        max_batch_size: int | None = None,
+        max_accumulation_steps: int = 16,
+        interval: int = 20,
+        threshold: float = 0.05,
+    ) -> None:
+        self.build_lr = self.base_lr = base_lr
+        self.noise = noise
+        self.callbacks = [noise] if isinstance(noise, TrainCallback) else []
+        needs_micro = getattr(noise, "needs_micro_batches", False)
+        self.split_every = getattr(noise, "split_every", 0) if needs_micro else 0
+        self.throughput = throughput
+        self.epochs = epochs
+        self.eval_every_examples = eval_every_examples
+        self.max_steps = max_steps
+        self.warmup_steps = warmup_steps
+        self.seed = seed
+        self.settings = dict(
+            lr_rule=lr_rule,
+            max_micro_batch_size=memory_cap,
+            max_batch_size=max_batch_size,
+            max_accumulation_steps=max_accumulation_steps,
+            interval=interval,
+            threshold=threshold,
+        )
+        self.batch_sizes: list[int] = []
+
+    def bind(self, state: RunState, clock: Clock) -> None:
+        task = state.task
+        if self.settings["max_batch_size"] is None:
+            self.settings["max_batch_size"] = default_max_batch_size(task)
+        self.controller = controller = AdaptiveBatchSize(
+            task.batch_size,
+            self.base_lr,
+            optimizer=state.optimizer,
+            throughput=self.throughput,
+            **self.settings,
+        )
+        state.step_fn.micro_batch_size = controller.micro_batch_size
+        self.budget = self.epochs * task.num_train  # in reference-batch examples of progress
+        ref_steps = math.ceil(self.budget / task.batch_size)
+        state.total_steps = ref_steps if self.max_steps is None else min(ref_steps, self.max_steps)
+        state.steps_per_epoch = math.ceil(task.num_train / controller.batch_size)
+        state.effective_batch_size = controller.batch_size
+        self.sampler = ResizableBatchSampler(task.num_train, controller.batch_size, seed=self.seed)
+        device = state.device
+        self.cuda = device.type == "cuda"
+        self.sync = (lambda: torch.cuda.synchronize(device)) if self.cuda else (lambda: None)
+        self.clock = clock
+        self.batch_sizes = []
+        self.next_eval = self.eval_every_examples
+        self.fresh_config = True  # the first step at a new micro-batch size pays one-off costs
+
+    def start(self, state: RunState) -> None:
+        # After on_start: the timer wraps any micro-batch hook a tracker installed.
+        self.timer = _StepTimer(state.step_fn, self.sync, self.clock)
+
+    def next_step(self, state: RunState) -> StepPlan | None:
+        controller = self.controller
+        if controller.reference_examples >= self.budget - 1e-9:
+            return None
+        if self.max_steps is not None and state.step >= self.max_steps:
+            return None
+        indices = self.sampler.take(controller.batch_size)
+        while indices is None:  # the end of an epoch; the next take starts the next one
+            indices = self.sampler.take(controller.batch_size)
         step = state.step + 1
-        factor = min(1.0, step / warmup_steps) if warmup_steps else 1.0
-        lr_now = controller.lr * factor
-        for group, ratio in zip(optimizer.param_groups, group_ratios, strict=True):
-            group["lr"] = lr_now * ratio
+        factor = min(1.0, step / self.warmup_steps) if self.warmup_steps else 1.0
+        return StepPlan(torch.as_tensor(indices), controller.lr * factor)
+
+    def run_step(self, state: RunState, plan: StepPlan) -> torch.Tensor:
+        controller, step_fn = self.controller, state.step_fn
+        step, size = state.step + 1, len(plan.indices)
         # No accumulation: split every few steps in two for the noise estimate (same update).
         split = (
-            split_every > 0
+            self.split_every > 0
             and controller.accumulation_steps == 1
-            and step % split_every == 0
-            and len(indices) >= 4
+            and step % self.split_every == 0
+            and size >= 4
         )
-        timed = not split and not fresh_config and (not cuda or step % cuda_time_every == 0)
-        timer.start(timed)
+        timed = (
+            not split and not self.fresh_config and (not self.cuda or step % CUDA_TIME_EVERY == 0)
+        )
+        self.timer.start(timed)
         if split:
-            step_fn.micro_batch_size = (len(indices) + 1) // 2
-        loss = step_fn(torch.as_tensor(indices))
+            step_fn.micro_batch_size = (size + 1) // 2
+        loss = step_fn(plan.indices)
         step_fn.micro_batch_size = controller.micro_batch_size
         if timed:
-            optimizer_seconds = timer.finish()
-            for size, seconds in timer.micro_seconds:
-                throughput.observe_micro(size, seconds)
-            throughput.observe_optimizer(optimizer_seconds)
-        fresh_config = False
-        controller.record_step(len(indices))
-        state.step = step
-        state.examples += len(indices)
-        rec.record_step(step, loss, lr_now)
-        batch_sizes.append(len(indices))
-        # The controller reads the loss every step anyway: CPU free, CUDA a sync per step.
-        diverged = rec.flush() is not None
-        for cb in hooks:
-            cb.on_step(state)
-        if diverged:
-            break
-        if controller.due(step):
-            before = (controller.micro_batch_size, controller.accumulation_steps)
-            decision = controller.decide(step, noise.b_simple(step))
-            after = (decision.micro_batch_size, decision.accumulation_steps)
-            if after != before:
-                step_fn.micro_batch_size = decision.micro_batch_size
-                state.effective_batch_size = decision.batch_size
-                state.steps_per_epoch = math.ceil(task.num_train / decision.batch_size)
-                fresh_config = after[0] != before[0]
-        if state.examples >= next_eval or controller.reference_examples >= budget - 1e-9:
-            next_eval = (state.examples // eval_every_examples + 1) * eval_every_examples
-            rec.evaluate()
-    rec.stop_clock()
-    if rec.evals[-1].step != state.step and rec.diverged_step is None:
-        rec.evaluate()  # stopped between evaluations
-    for cb in hooks:
-        cb.on_end(state)
+            optimizer_seconds = self.timer.finish()
+            for micro_size, seconds in self.timer.micro_seconds:
+                self.throughput.observe_micro(micro_size, seconds)
+            self.throughput.observe_optimizer(optimizer_seconds)
+        self.fresh_config = False
+        controller.record_step(size)
+        self.batch_sizes.append(size)
+        return loss
 
-    adaptive = {
-        "lr_rule": controller.lr_rule if isinstance(controller.lr_rule, str) else "custom",
-        "reference_batch_size": task.batch_size,
-        "reference_lr": base_lr,
-        "reference_epochs": controller.reference_epochs(task.num_train),
-        "batch_sizes": batch_sizes,
-        "throughput_fit": throughput.fit().to_dict() if throughput.ready else None,
-        "decisions": [d.to_dict() for d in controller.decisions],
-    }
-    return rec.history(
-        batch_size=controller.micro_batch_size,
-        accumulation_steps=controller.accumulation_steps,
-        effective_batch_size=controller.batch_size,
-        lr=max(rec.lrs) if rec.lrs else controller.lr,
-        lr_rule=f"adaptive ({adaptive['lr_rule']})",
-        warmup_steps=warmup_steps,
-        seed=seed,
-        final={"reference_epochs": controller.reference_epochs(task.num_train)},
-        extras={"adaptive": adaptive},
-    )
+    def eval_due(self, state: RunState) -> bool:
+        if (
+            state.examples >= self.next_eval
+            or self.controller.reference_examples >= self.budget - 1e-9
+        ):
+            every = self.eval_every_examples
+            self.next_eval = (state.examples // every + 1) * every
+            return True
+        return False
+
+    def after_step(self, state: RunState) -> None:
+        controller = self.controller
+        if not controller.due(state.step):
+            return
+        before = (controller.micro_batch_size, controller.accumulation_steps)
+        decision = controller.decide(state.step, self.noise.b_simple(state.step))
+        after = (decision.micro_batch_size, decision.accumulation_steps)
+        if after != before:
+            state.step_fn.micro_batch_size = decision.micro_batch_size
+            state.effective_batch_size = decision.batch_size
+            state.steps_per_epoch = math.ceil(state.task.num_train / decision.batch_size)
+            self.fresh_config = after[0] != before[0]
+
+    def summary(self, recorder: RunRecorder) -> BatchSummary:
+        controller, task = self.controller, recorder.state.task
+        rule = controller.lr_rule if isinstance(controller.lr_rule, str) else "custom"
+        reference_epochs = controller.reference_epochs(task.num_train)
+        adaptive = {
+            "lr_rule": rule,
+            "reference_batch_size": task.batch_size,
+            "reference_lr": self.base_lr,
+            "reference_epochs": reference_epochs,
+            "batch_sizes": self.batch_sizes,
+            "throughput_fit": self.throughput.fit().to_dict() if self.throughput.ready else None,
+            "decisions": [d.to_dict() for d in controller.decisions],
+        }
+        return BatchSummary(
+            batch_size=controller.micro_batch_size,
+            accumulation_steps=controller.accumulation_steps,
+            effective_batch_size=controller.batch_size,
+            lr=max(recorder.lrs) if recorder.lrs else controller.lr,
+            lr_rule=f"adaptive ({rule})",
+            warmup_steps=self.warmup_steps,
+            final={"reference_epochs": reference_epochs},
+            extras={"adaptive": adaptive},
+        )

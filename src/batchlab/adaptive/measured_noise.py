@@ -13,8 +13,8 @@ measured training time includes.
 
 from __future__ import annotations
 
+from batchlab.callbacks import RunState, TrainCallback
 from batchlab.measure.noise_tracker import GradientNoiseScaleTracker
-from batchlab.train import RunState, TrainCallback
 
 
 class MeasuredNoise(TrainCallback):

@@ -38,7 +38,7 @@ class FixedNoise:
             if not (math.isfinite(value) and value > 0):
                 raise NoiseEstimateError(
                     f"b_simple: expected a positive finite number, got {value!r}; measure it "
-                    "with `batchlab noise TASK`"
+                    "with batchlab.measure_noise(task)"
                 )
         self.value = value
 

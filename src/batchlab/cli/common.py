@@ -18,10 +18,10 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from batchlab.callbacks import RunState, TrainCallback
 from batchlab.history import Evaluation
 from batchlab.results import JsonResult
 from batchlab.tasks import DEFAULT_TASK
-from batchlab.train import RunState, TrainCallback
 
 TaskArg = Annotated[
     str,

@@ -23,7 +23,7 @@ from batchlab.cli.common import (
 )
 from batchlab.measure.noise import NoiseScale
 from batchlab.measure.noise_run import DEFAULT_EVERY, DEFAULT_STEPS, measure_noise
-from batchlab.task import load_task
+from batchlab.tasks import load_task
 
 
 def _ci(ci: tuple[float, float]) -> str:

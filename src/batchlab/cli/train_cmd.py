@@ -18,7 +18,7 @@ from batchlab.cli.common import (
     fmt,
     write_json,
 )
-from batchlab.task import load_task
+from batchlab.tasks import load_task
 from batchlab.train import train as run_training
 
 

@@ -36,7 +36,8 @@ from batchlab.errors import BatchlabError, ConfigError, MemoryBudgetError, TaskE
 from batchlab.measure.state import preserve_training_state, release_memory
 from batchlab.results import JsonResult
 from batchlab.step import TrainStep, autocast_context, build_step, resolve_device
-from batchlab.task import Task, load_task
+from batchlab.task import Task
+from batchlab.tasks import load_task
 
 DEFAULT_MARGIN = 0.1
 FIT_BATCH_SIZES = (4, 32)  # two small probes; the search adds points near the limit

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from batchlab.callbacks import RunState, TrainCallback
 from batchlab.core.checks import check_batch_size
 from batchlab.errors import ConfigError, NoiseEstimateError
 from batchlab.measure.noise import (
@@ -26,8 +27,8 @@ from batchlab.measure.noise import (
 )
 from batchlab.measure.noise_tracker import DEFAULT_BETA, GradientNoiseScaleTracker
 from batchlab.results import JsonResult
-from batchlab.task import Task, load_task
-from batchlab.train import RunState, TrainCallback
+from batchlab.task import Task
+from batchlab.tasks import load_task
 
 DEFAULT_STEPS = 300
 DEFAULT_EVERY = 10

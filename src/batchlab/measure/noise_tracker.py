@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from batchlab.callbacks import RunState, TrainCallback
 from batchlab.core.checks import check_batch_size
 from batchlab.errors import ConfigError, NoiseEstimateError
 from batchlab.measure.noise import (
@@ -49,7 +50,6 @@ from batchlab.measure.noise import (
     build_noise_scale,
     solve_two_batch,
 )
-from batchlab.train import RunState, TrainCallback
 
 DEFAULT_BETA = 0.95  # EMA decay per step: an averaging window of about 20 steps
 

@@ -21,7 +21,8 @@ from batchlab.measure.throughput import (
     profile_throughput,
 )
 from batchlab.results import JsonResult
-from batchlab.task import Task, load_task
+from batchlab.task import Task
+from batchlab.tasks import load_task
 
 BATCHNORM_MIN_BATCH = 8
 

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from batchlab.train import RunState, TrainCallback
+from batchlab.callbacks import RunState, TrainCallback
 
 
 def log_spaced_steps(total_steps: int, points: int) -> set[int]:

@@ -25,7 +25,8 @@ from batchlab.measure.memory import ProgressFn, is_oom_error
 from batchlab.measure.state import preserve_training_state, release_memory
 from batchlab.results import JsonResult
 from batchlab.step import TrainStep, build_step, resolve_device
-from batchlab.task import Task, load_task
+from batchlab.task import Task
+from batchlab.tasks import load_task
 
 KNEE_FRACTION = 0.9
 WINDOWS = 5

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from batchlab.callbacks import TrainCallback
 from batchlab.core.checks import check_batch_size
 from batchlab.core.lr import PLAN_LR_RULES, check_lr_rule
 from batchlab.core.optim import default_lr_rule
@@ -35,8 +36,8 @@ from batchlab.planner.model import (
     build_plan,
 )
 from batchlab.target import target_for_task
-from batchlab.task import Task, load_task
-from batchlab.train import TrainCallback
+from batchlab.task import Task
+from batchlab.tasks import load_task
 
 DEFAULT_NOISE_STEPS = 200
 DEFAULT_THROUGHPUT_SECONDS = 10.0

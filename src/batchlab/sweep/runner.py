@@ -25,6 +25,7 @@ from typing import Protocol
 
 import torch
 
+from batchlab.callbacks import RunState, TrainCallback, evaluate
 from batchlab.data import Batcher
 from batchlab.errors import ConfigError
 from batchlab.history import History
@@ -33,8 +34,9 @@ from batchlab.measure.sharpness import epsilon_sharpness, hessian_top_eigenvalue
 from batchlab.results import JsonResult
 from batchlab.sweep.spec import RunSpec, SweepSpec, make_optimizer
 from batchlab.sweep.store import RunRecord, StoreContents, SweepStore
-from batchlab.task import Task, load_task
-from batchlab.train import RunState, TrainCallback, evaluate, train
+from batchlab.task import Task
+from batchlab.tasks import load_task
+from batchlab.train import train
 
 BACKENDS = ("local", "ray")
 

@@ -23,7 +23,8 @@ from batchlab.core.optim import family_lr_rule, optimizer_family
 from batchlab.errors import ConfigError
 from batchlab.results import JsonResult
 from batchlab.target import target_for_task
-from batchlab.task import Task, load_task
+from batchlab.task import Task
+from batchlab.tasks import load_task
 
 SPEC_FORMAT = 1
 OPTIMIZERS = ("task", "sgd", "adam")
