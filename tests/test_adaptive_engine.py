@@ -18,6 +18,7 @@ from batchlab.adaptive.engine import AdaptiveBatch
 from batchlab.adaptive.noise_source import FixedNoise
 from batchlab.adaptive.throughput_model import ThroughputModel
 from batchlab.callbacks import TrainCallback
+from batchlab.core.step_time import StepTimeModel
 from batchlab.errors import BatchlabError, ConfigError, NoiseEstimateError
 from batchlab.loop import run_training
 
@@ -138,13 +139,21 @@ def test_bad_input_is_one_clear_line(kwargs, error, text):
 
 
 def test_unknown_optimizer_asks_for_a_rule():
-    class Lion(torch.optim.SGD):  # an optimizer the rule table does not know
-        pass
+    class Mystery(torch.optim.Optimizer):  # no name, base class or `betas` the table knows
+        def __init__(self, params, lr):
+            super().__init__(params, {"lr": lr})
 
-    task = tiny_task(64, optimizer=lambda params, lr: Lion(params, lr=lr))
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.add_(p.grad, alpha=-group["lr"])
+
+    task = tiny_task(64, optimizer=lambda params, lr: Mystery(params, lr=lr))
     with pytest.raises(BatchlabError) as info:
         train_adaptive(task, b_simple=10.0, device="cpu")
-    assert "Lion" in str(info.value) and "lr_rule=" in str(info.value)
+    assert "Mystery" in str(info.value) and "lr_rule=" in str(info.value)
     h = train_adaptive(task, b_simple=10.0, device="cpu", lr_rule="adascale", epochs=1)
     assert math.isfinite(h.train_loss[-1])
 
