@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from batchlab.measure import distributed
+from batchlab.measure.distributed import agree_min, rank_device, world_size
 from batchlab.measure.memory import DEFAULT_MARGIN, MemoryProbe, ProgressFn, probe_memory
 from batchlab.measure.throughput import (
     TIME_BUDGET_SECONDS,
@@ -95,7 +95,7 @@ def probe(
     task = load_task(task)
     if effective_batch_size is not None:
         check_batch_size(effective_batch_size, what="effective batch size")
-    device = distributed.rank_device(device)
+    device = rank_device(device)
     memory = probe_memory(
         task,
         device=device,
@@ -106,7 +106,7 @@ def probe(
         seed=seed,
         progress=progress,
     )
-    max_batch = distributed.agree_min(memory.max_batch_size)
+    max_batch = agree_min(memory.max_batch_size)
     profile = profile_throughput(
         task,
         max_batch_size=max_batch,
@@ -117,7 +117,7 @@ def probe(
         check_alignment=check_alignment,
         progress=progress,
     )
-    knee = distributed.agree_min(profile.knee_batch_size)
+    knee = agree_min(profile.knee_batch_size)
     aligned = profile.aligned_knee_batch_size if knee == profile.knee_batch_size else knee
 
     warnings = list(memory.warnings) + list(profile.warnings)
@@ -137,7 +137,7 @@ def probe(
     return ProbeResult(
         task=task.name,
         device=memory.device,
-        world_size=distributed.world_size(),
+        world_size=world_size(),
         max_batch_size=max_batch,
         knee_batch_size=knee,
         knee_fraction=profile.knee_fraction,

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from batchlab.errors import ConfigError
-from batchlab.measure.memory import ProgressFn, is_oom_error
+from batchlab.measure.memory import ProgressFn
+from batchlab.measure.oom import is_oom_error
 from batchlab.measure.state import preserve_training_state, release_memory
 from batchlab.results import JsonResult
 from batchlab.step import TrainStep, build_step, resolve_device

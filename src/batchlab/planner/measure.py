@@ -20,9 +20,9 @@ import torch
 
 from batchlab.errors import BatchlabError, ConfigError
 from batchlab.history import History
-from batchlab.measure.memory import parse_size
 from batchlab.measure.noise_run import NoiseRun, measure_noise
 from batchlab.measure.probe import ProbeResult, has_batchnorm, probe
+from batchlab.measure.sizes import parse_size
 from batchlab.planner.model import (
     Measurements,
     MemoryPoint,
