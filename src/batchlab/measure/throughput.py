@@ -14,6 +14,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -234,13 +235,34 @@ def plan_accumulation(
 # Measuring
 
 
-class _Timer:
-    """Runs timed windows of training steps on one live TrainStep."""
+class StepTimer(Protocol):
+    """Times windows of training steps. `profile_throughput(timer=...)` takes any such object.
+
+    The default, `TrainStepTimer`, runs the task's real `TrainStep`; a simulated device
+    (in tests, or to replay a recorded profile) only has to answer these three.
+    """
+
+    steps: int  # training steps timed so far
+
+    def run(self, batch_size: int, count: int) -> float:
+        """Seconds for `count` steps at `batch_size`."""
+        ...
+
+    def clock(self) -> float:
+        """The time now, in seconds: the time budget's deadlines are checked against it."""
+        ...
+
+
+class TrainStepTimer:
+    """Runs timed windows of training steps on one live TrainStep (synchronized on CUDA)."""
 
     def __init__(self, step: TrainStep, order: torch.Tensor) -> None:
         self.step = step
         self.order = order
         self.steps = 0
+
+    def clock(self) -> float:
+        return time.perf_counter()
 
     def run(self, batch_size: int, count: int) -> float:
         """Seconds for `count` steps at `batch_size`, synchronized on CUDA."""
@@ -259,7 +281,7 @@ class _Timer:
 
 
 def _interleaved(
-    timer: _Timer,
+    timer: StepTimer,
     per_window: dict[int, int],
     windows: int,
     window_seconds: float,
@@ -270,13 +292,13 @@ def _interleaved(
 
     After each round every size's steps per window are re-sized from what the round
     measured (a single warm-up step is a poor guide on a busy machine), and once the
-    `deadline` (a `time.perf_counter()` value) has passed, no new round starts after the
+    `deadline` (a `timer.clock()` value) has passed, no new round starts after the
     first `MIN_WINDOWS`. `per_window` is updated in place.
     """
     sizes = sorted(per_window)
     rounds = []
     for r in range(windows):
-        if r >= MIN_WINDOWS and time.perf_counter() > deadline:
+        if r >= MIN_WINDOWS and timer.clock() > deadline:
             break
         rates = {}
         for b in sizes if r % 2 == 0 else reversed(sizes):
@@ -304,6 +326,7 @@ def profile_throughput(
     knee_fraction: float = KNEE_FRACTION,
     check_alignment: bool = True,
     progress: ProgressFn | None = None,
+    timer: StepTimer | None = None,
 ) -> ThroughputProfile:
     """Training samples/s at a geometric ladder of batch sizes, the knee and alignment.
 
@@ -319,6 +342,8 @@ def profile_throughput(
         knee_fraction: the knee is the smallest B reaching this fraction of peak samples/s.
         check_alignment: also time multiples of 8 and powers of two around the knee
             against their neighbours; rounding is recommended only where it measured faster.
+        timer: what runs and times the steps (default: a `TrainStepTimer` on the task's
+            model); a `StepTimer` that simulates a device makes the analysis testable.
 
     Every step is the engine's `TrainStep` on a model built from the task with `seed`;
     the caller's RNG state is untouched and memory is freed afterwards.
@@ -329,59 +354,31 @@ def profile_throughput(
     check_batch_size(windows, what="windows")
     if not isinstance(time_budget, (int, float)) or not time_budget > 0:
         raise ConfigError(
-            f"time budget: expected a positive number of seconds, got {time_budget!r}"
+            f"time budget: expected a positive number of seconds, got {time_budget!r}",
+            param="time_budget",
         )
-    limit = task.num_train if max_batch_size is None else check_batch_size(max_batch_size)
     warnings: list[str] = []
-    if limit > task.num_train:
-        warnings.append(f"capped at the training set size ({task.num_train} examples)")
-        limit = task.num_train
-    if batch_sizes is None:
-        sizes = geometric_ladder(limit, start=min(2, limit))
-    else:
-        sizes = sorted({check_batch_size(b, what="batch size") for b in batch_sizes})
-        if sizes[-1] > task.num_train:
-            raise ConfigError(
-                f"batch sizes: expected at most the training set size ({task.num_train}), "
-                f"got {sizes[-1]}; drop the larger sizes"
-            )
-
+    sizes = _sizes_to_time(task, batch_sizes, max_batch_size, warnings)
     if window_seconds is None:  # share the budget among the ladder and the alignment sizes
         slots = windows * (len(sizes) + (ALIGNMENT_SIZES if check_alignment else 0))
         window_seconds = min(WINDOW_SECONDS, time_budget / slots)
-    fork_devices = [dev.index or 0] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(seed)
-        points, findings, steps = _time_fresh_model(
-            task,
-            dev,
-            sizes,
-            amp=amp,
-            seed=seed,
-            windows=windows,
-            window_seconds=window_seconds,
-            time_budget=time_budget,
-            knee_fraction=knee_fraction,
-            check_alignment=check_alignment,
-            progress=progress,
-            warnings=warnings,
-        )
-    release_memory()  # the model and optimizer went with the helper's frame
+    schedule = _Schedule(windows, window_seconds, time_budget, knee_fraction, check_alignment)
+    if timer is None:
+        fork_devices = [dev.index or 0] if dev.type == "cuda" else []
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(seed)
+            points, findings, steps = _time_fresh_model(
+                task, dev, sizes, schedule, amp=amp, seed=seed, progress=progress,
+                warnings=warnings,
+            )  # fmt: skip
+        release_memory()  # the model and optimizer went with the helper's frame
+    else:
+        points, findings = _time_sizes(timer, sizes, schedule, progress, warnings)
+        steps = timer.steps
     knee = find_knee(
         [p.batch_size for p in points], [p.samples_per_s for p in points], knee_fraction
     )
-    noisiest = max(points, key=lambda p: p.spread)
-    if noisiest.spread > NOISY_SPREAD:
-        hint = ""
-        if dev.type == "cpu" and torch.get_num_threads() > 1:
-            hint = (
-                f" (with {torch.get_num_threads()} threads on a busy CPU, OMP_NUM_THREADS=1 helps)"
-            )
-        warnings.append(
-            f"timing is noisy: at B={noisiest.batch_size} the windows range over "
-            f"{noisiest.spread:.0%} of the median; other processes are competing for the "
-            f"device{hint}"
-        )
+    noisy = _noise_warning(points, dev)
     return ThroughputProfile(
         device=str(dev),
         amp=amp,
@@ -393,63 +390,118 @@ def profile_throughput(
         aligned_knee_batch_size=aligned_knee(knee, findings, points[-1].batch_size),
         steps=steps,
         seconds=time.perf_counter() - t0,
-        warnings=tuple(warnings),
+        warnings=tuple(warnings + ([noisy] if noisy else [])),
     )
+
+
+def _sizes_to_time(
+    task: Task, batch_sizes: Sequence[int] | None, max_batch_size: int | None, warnings: list[str]
+) -> list[int]:
+    """The batch sizes to time, sorted: the given ones, or the ladder up to the max."""
+    limit = task.num_train if max_batch_size is None else check_batch_size(max_batch_size)
+    if limit > task.num_train:
+        warnings.append(f"capped at the training set size ({task.num_train} examples)")
+        limit = task.num_train
+    if batch_sizes is None:
+        return geometric_ladder(limit, start=min(2, limit))
+    sizes = sorted({check_batch_size(b, what="batch size") for b in batch_sizes})
+    if sizes[-1] > task.num_train:
+        raise ConfigError(
+            f"batch sizes: expected at most the training set size ({task.num_train}), "
+            f"got {sizes[-1]}; drop the larger sizes",
+            param="batch_sizes",
+        )
+    return sizes
+
+
+def _noise_warning(points: Sequence[ThroughputPoint], dev: torch.device) -> str | None:
+    """A warning when the noisiest point's windows spread over more than `NOISY_SPREAD`."""
+    noisiest = max(points, key=lambda p: p.spread)
+    if noisiest.spread <= NOISY_SPREAD:
+        return None
+    hint = ""
+    if dev.type == "cpu" and torch.get_num_threads() > 1:
+        hint = f" (with {torch.get_num_threads()} threads on a busy CPU, OMP_NUM_THREADS=1 helps)"
+    return (
+        f"timing is noisy: at B={noisiest.batch_size} the windows range over "
+        f"{noisiest.spread:.0%} of the median; other processes are competing for the "
+        f"device{hint}"
+    )
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    """How to spend the time budget: windows per size, their length, and what to time."""
+
+    windows: int
+    window_seconds: float
+    time_budget: float
+    knee_fraction: float
+    check_alignment: bool
 
 
 def _time_fresh_model(
     task: Task,
     dev: torch.device,
     sizes: list[int],
+    schedule: _Schedule,
     *,
     amp: bool,
     seed: int,
-    windows: int,
-    window_seconds: float,
-    time_budget: float,
-    knee_fraction: float,
-    check_alignment: bool,
     progress: ProgressFn | None,
     warnings: list[str],
 ) -> tuple[tuple[ThroughputPoint, ...], list[AlignmentFinding], int]:
-    """Build the task's model on `dev`; time the ladder, then alignment around the knee."""
+    """Build the task's model on `dev` and time it; everything it touches is put back."""
     step = build_step(task, dev, lr=task.lr, micro_batch_size=1, amp=amp)
     model, optimizer, scaler = step.model, step.optimizer, step.scaler
     order = torch.randperm(task.num_train, generator=torch.Generator().manual_seed(seed))
-    timer = _Timer(step, order)
+    timer = TrainStepTimer(step, order)
     with preserve_training_state(model, optimizer, scaler):
-        per_window = _warm_up(timer, sizes, windows, window_seconds, time_budget, warnings)
-        total = windows * len(per_window)
-        done = [0]
-
-        def tick() -> None:
-            done[0] += 1
-            if progress is not None:
-                progress("throughput", done[0], total)
-
-        start = time.perf_counter()
-        share = len(per_window) / (len(per_window) + (ALIGNMENT_SIZES if check_alignment else 0))
-        rounds = _interleaved(
-            timer, per_window, windows, window_seconds, start + share * time_budget, tick
-        )
-        points = tuple(
-            summarize_windows(b, [r[b] for r in rounds], per_window[b]) for b in sorted(per_window)
-        )
-        findings: list[AlignmentFinding] = []
-        if check_alignment and time.perf_counter() > start + time_budget:
-            warnings.append("alignment not checked: timing the ladder used up the time budget")
-        elif check_alignment:
-            knee = find_knee(
-                [p.batch_size for p in points], [p.samples_per_s for p in points], knee_fraction
-            )
-            findings = _time_alignment(
-                timer, knee, points[-1].batch_size, windows, window_seconds, start + time_budget
-            )
+        points, findings = _time_sizes(timer, sizes, schedule, progress, warnings)
     return points, findings, timer.steps
 
 
+def _time_sizes(
+    timer: StepTimer,
+    sizes: list[int],
+    schedule: _Schedule,
+    progress: ProgressFn | None,
+    warnings: list[str],
+) -> tuple[tuple[ThroughputPoint, ...], list[AlignmentFinding]]:
+    """Time the ladder (interleaved windows), then alignment around the knee."""
+    s = schedule
+    per_window = _warm_up(timer, sizes, s.windows, s.window_seconds, s.time_budget, warnings)
+    total = s.windows * len(per_window)
+    done = [0]
+
+    def tick() -> None:
+        done[0] += 1
+        if progress is not None:
+            progress("throughput", done[0], total)
+
+    start = timer.clock()
+    share = len(per_window) / (len(per_window) + (ALIGNMENT_SIZES if s.check_alignment else 0))
+    rounds = _interleaved(
+        timer, per_window, s.windows, s.window_seconds, start + share * s.time_budget, tick
+    )
+    points = tuple(
+        summarize_windows(b, [r[b] for r in rounds], per_window[b]) for b in sorted(per_window)
+    )
+    findings: list[AlignmentFinding] = []
+    if s.check_alignment and timer.clock() > start + s.time_budget:
+        warnings.append("alignment not checked: timing the ladder used up the time budget")
+    elif s.check_alignment:
+        knee = find_knee(
+            [p.batch_size for p in points], [p.samples_per_s for p in points], s.knee_fraction
+        )
+        findings = _time_alignment(
+            timer, knee, points[-1].batch_size, s.windows, s.window_seconds, start + s.time_budget
+        )
+    return points, findings
+
+
 def _warm_up(
-    timer: _Timer,
+    timer: StepTimer,
     sizes: list[int],
     windows: int,
     window_seconds: float,
@@ -494,7 +546,7 @@ def _warm_up(
 
 
 def _time_alignment(
-    timer: _Timer,
+    timer: StepTimer,
     knee: int,
     max_batch_size: int,
     windows: int,
