@@ -24,8 +24,7 @@ from batchlab.cli.common import (
 )
 from batchlab.measure import distributed
 from batchlab.measure.memory import DEFAULT_MARGIN
-from batchlab.measure.probe import ProbeResult
-from batchlab.measure.probe import probe as run_probe
+from batchlab.measure.probe import ProbeResult, ProbeSettings, run_probe
 from batchlab.measure.sizes import format_bytes
 from batchlab.measure.throughput import TIME_BUDGET_SECONDS
 
@@ -109,14 +108,8 @@ def probe(
         with _ProbeProgress(enabled=lead) as progress:
             result = run_probe(
                 task,
-                device=device,
-                memory_budget=memory_budget,
-                target_memory=target_memory,
-                margin=margin,
-                amp=amp,
-                seed=seed,
+                ProbeSettings(device, memory_budget, target_memory, margin, amp, seed, time_budget),
                 effective_batch_size=effective_batch,
-                throughput_seconds=time_budget,
                 progress=progress,
             )
         if not lead:

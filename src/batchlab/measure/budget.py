@@ -17,6 +17,23 @@ from batchlab.measure.sizes import format_bytes, parse_size
 from batchlab.measure.step_memory import DeviceBaseline
 
 
+def check_budget(
+    memory_budget: str | int | float | None, target_memory: str | int | float | None
+) -> tuple[int | None, int | None]:
+    """(memory_budget, target_memory) in bytes; at most one of them may be given."""
+    if memory_budget is not None and target_memory is not None:
+        raise ConfigError(
+            "expected one of `memory_budget` (verify on this device) or `target_memory` "
+            "(predict for another device), got both; drop one",
+            param="target_memory",
+        )
+    if target_memory is not None:
+        return None, parse_size(target_memory, what="target memory", param="target_memory")
+    if memory_budget is not None:
+        return parse_size(memory_budget, what="memory budget", param="memory_budget"), None
+    return None, None
+
+
 def resolve_budget(
     device: torch.device,
     memory_budget: str | int | float | None,
@@ -28,26 +45,19 @@ def resolve_budget(
     The source names the parameter in backticks (`` `memory_budget` 600 KiB ``), the
     convention of `batchlab.errors`, so that the CLI can show its flag instead.
     """
-    if memory_budget is not None and target_memory is not None:
-        raise ConfigError(
-            "expected one of `memory_budget` (verify on this device) or `target_memory` "
-            "(predict for another device), got both; drop one",
-            param="target_memory",
-        )
+    budget, target = check_budget(memory_budget, target_memory)
     warnings: list[str] = []
-    if target_memory is not None:
-        size = parse_size(target_memory, what="target memory", param="target_memory")
-        return size, f"target memory {format_bytes(size)} (prediction only)", True, warnings
+    if target is not None:
+        return target, f"target memory {format_bytes(target)} (prediction only)", True, warnings
     available, available_source = _available_bytes(device, baseline)
-    if memory_budget is not None:
-        size = parse_size(memory_budget, what="memory budget", param="memory_budget")
-        if device.type == "cuda" and size > available:
+    if budget is not None:
+        if device.type == "cuda" and budget > available:
             warnings.append(
-                f"memory budget {format_bytes(size)} is more than the free device memory "
+                f"memory budget {format_bytes(budget)} is more than the free device memory "
                 f"({format_bytes(available)}); using the free memory"
             )
             return available, available_source, False, warnings
-        return size, f"`memory_budget` {format_bytes(size)}", False, warnings
+        return budget, f"`memory_budget` {format_bytes(budget)}", False, warnings
     return available, available_source, False, warnings
 
 

@@ -105,6 +105,15 @@ class AccumulationPlan(JsonResult):
 # Pure analysis
 
 
+def check_time_budget(seconds: float, *, param: str = "time_budget") -> float:
+    """`seconds` if it is a positive number (`param` names it in the error)."""
+    if not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise ConfigError(
+            f"time budget: expected a positive number of seconds, got {seconds!r}", param=param
+        )
+    return seconds
+
+
 def geometric_ladder(max_batch_size: int, *, start: int = 2) -> list[int]:
     """Powers of two from `start` below `max_batch_size`, then the max itself."""
     check_batch_size(max_batch_size, what="max batch size")
@@ -352,11 +361,7 @@ def profile_throughput(
     task = load_task(task)
     dev = resolve_device(device)
     check_batch_size(windows, what="windows")
-    if not isinstance(time_budget, (int, float)) or not time_budget > 0:
-        raise ConfigError(
-            f"time budget: expected a positive number of seconds, got {time_budget!r}",
-            param="time_budget",
-        )
+    check_time_budget(time_budget)
     warnings: list[str] = []
     sizes = _sizes_to_time(task, batch_sizes, max_batch_size, warnings)
     if window_seconds is None:  # share the budget among the ladder and the alignment sizes

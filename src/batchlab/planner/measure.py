@@ -21,8 +21,7 @@ import torch
 from batchlab.errors import BatchlabError, ConfigError
 from batchlab.history import History
 from batchlab.measure.noise_run import NoiseRun, measure_noise
-from batchlab.measure.probe import ProbeResult, has_batchnorm, probe
-from batchlab.measure.sizes import parse_size
+from batchlab.measure.probe import ProbeResult, ProbeSettings, has_batchnorm, run_probe
 from batchlab.planner.model import (
     Measurements,
     MemoryPoint,
@@ -149,10 +148,9 @@ def plan(
     check_batch_size(noise_steps, what="noise steps")
     if lr_rule is not None and lr_rule not in ("linear", "sqrt", "adascale"):
         raise ConfigError(f"lr rule: expected linear, sqrt or adascale, got {lr_rule!r}")
-    if memory_budget is not None:
-        parse_size(memory_budget, what="memory budget")
-    if target_memory is not None:
-        parse_size(target_memory, what="target memory")
+    settings = ProbeSettings(  # checks them now, before anything is measured
+        device, memory_budget, target_memory, margin, amp, seed, throughput_seconds
+    )
     target = check_target_for_task(target, task)
     reference_seconds = None
     if reference_run is not None:
@@ -168,17 +166,7 @@ def plan(
     measured: dict[str, Any] = {}
     phase = "the hardware probe"
     try:
-        measured["probe"] = probe(
-            task,
-            device=device,
-            memory_budget=memory_budget,
-            target_memory=target_memory,
-            margin=margin,
-            amp=amp,
-            seed=seed,
-            throughput_seconds=throughput_seconds,
-            progress=progress,
-        )
+        measured["probe"] = run_probe(task, settings, progress=progress)
         phase = "the noise measurement"
         callbacks = [_NoiseProgress(progress)] if progress is not None else []
         measured["noise"] = measure_noise(
