@@ -20,6 +20,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -111,18 +112,19 @@ def probe_memory(
     Args:
         device: `auto`, `cpu`, `cuda` or `cuda:N`.
         memory_budget: bytes or a size like `6GiB`; default: the free device memory on CUDA,
-            the available system RAM on the CPU.
+            half the available system RAM on the CPU.
         target_memory: plan for a device you do not have; the result is a prediction.
-        margin: fraction of the budget kept free (default 0.1): fragmentation, other
-            processes, longer sequences later.
+        margin: fraction of the budget kept free: fragmentation, other processes, longer
+            sequences later.
         amp: measure with autocast (bf16, or fp16 with a GradScaler).
         max_batch_size: upper bound on the search (default: the training set size).
         max_step_seconds: a step predicted to take longer is not run (the result is then
             the model's prediction, flagged); keeps CPU probes short.
         progress: `progress(phase, done, total)` for a progress bar.
 
-    Every training step goes through the engine's `TrainStep`. The model is built from the
-    task with `seed`; the caller's RNG state is untouched and memory is freed afterwards.
+    Every step is the engine's `TrainStep` on a model built from the task with `seed`;
+    the caller's RNG state is untouched and memory is freed afterwards. Search settings:
+    `batch_search.find_max_batch_size`.
     """
     t0 = time.perf_counter()
     task = load_task(task)
@@ -137,25 +139,12 @@ def probe_memory(
     usable = int(budget * (1 - margin))
 
     timings: dict[int, float] = {}  # seconds of each measured step, by batch size
-    fork_devices = [dev.index or 0] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(seed)
-        search, eval_peak = _search_fresh_model(
-            task,
-            dev,
-            amp=amp,
-            seed=seed,
-            baseline=baseline,
-            timings=timings,
-            progress=progress,
-            usable_bytes=usable,
-            limit=limit,
-            fit_batch_sizes=fit_batch_sizes,
-            tolerance=tolerance,
-            max_search_steps=max_search_steps,
-            predict_only=predict_only,
-            too_slow=lambda b: _predict_seconds(timings, b) > max_step_seconds,
-        )
+    search, eval_peak = _search_fresh_model(
+        task, dev, amp=amp, seed=seed, baseline=baseline, timings=timings, progress=progress,
+        usable_bytes=usable, limit=limit, fit_batch_sizes=fit_batch_sizes, tolerance=tolerance,
+        max_search_steps=max_search_steps, predict_only=predict_only,
+        too_slow=lambda b: _predict_seconds(timings, b) > max_step_seconds,
+    )  # fmt: skip
     release_memory()  # the model, optimizer and activations are gone with the helper's frame
 
     capped = search.max_batch_size >= limit and search.predicted_batch_size > limit
@@ -165,20 +154,10 @@ def probe_memory(
     )  # fmt: skip
     return MemoryProbe(
         device=str(dev),
-        max_batch_size=search.max_batch_size,
-        fixed_bytes=search.model.fixed_bytes,
-        bytes_per_sample=search.model.bytes_per_sample,
         budget_bytes=budget,
         budget_source=source,
         margin=margin,
         usable_bytes=usable,
-        points=search.points,
-        tried=search.tried,
-        probe_steps=len(search.tried),
-        fit=search.global_fit.kind,
-        max_residual=search.global_fit.max_residual,
-        predicted_batch_size=search.predicted_batch_size,
-        verified=search.verified and not predict_only,
         predicted_only=predict_only,
         capped_by_dataset=capped,
         num_train=task.num_train,
@@ -186,7 +165,24 @@ def probe_memory(
         amp=amp,
         seconds=time.perf_counter() - t0,
         warnings=tuple(warnings),
+        **_search_fields(search, predict_only),
     )
+
+
+def _search_fields(search: BatchSearch, predict_only: bool) -> dict[str, Any]:
+    """The fields of `MemoryProbe` that say what the search found."""
+    return {
+        "max_batch_size": search.max_batch_size,
+        "fixed_bytes": search.model.fixed_bytes,
+        "bytes_per_sample": search.model.bytes_per_sample,
+        "points": search.points,
+        "tried": search.tried,
+        "probe_steps": len(search.tried),
+        "fit": search.global_fit.kind,
+        "max_residual": search.global_fit.max_residual,
+        "predicted_batch_size": search.predicted_batch_size,
+        "verified": search.verified and not predict_only,
+    }
 
 
 def _search_warnings(
@@ -234,37 +230,44 @@ def _search_fresh_model(
     progress: ProgressFn | None,
     **search_kwargs,
 ) -> tuple[BatchSearch, int | None]:
-    """Build the task's model on `dev`, run the search on it, and measure one eval pass."""
-    step = build_step(task, dev, lr=task.lr, micro_batch_size=1, amp=amp)
-    model, optimizer, scaler = step.model, step.optimizer, step.scaler
-    order = torch.randperm(task.num_train, generator=torch.Generator().manual_seed(seed))
+    """Build the task's model on `dev`, run the search on it, and measure one eval pass.
 
-    def run_step(b: int) -> StepPeak:
-        step.micro_batch_size = b
-        try:
-            peak = measure_step_memory(step, order[:b], baseline=baseline)
-        except Exception as exc:
-            if is_oom_error(exc) or isinstance(exc, BatchlabError):
-                raise
-            raise TaskError(
-                f"a training step of task {task.name!r} at batch size {b} failed: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
-        timings[b] = peak.seconds or 0.0
-        if progress is not None:
-            progress("memory", len(timings), None)
-        return peak
+    The model is built from `seed` inside a forked RNG and restored afterwards, so the
+    caller's RNG and nothing else is touched; its memory goes with this frame.
+    """
+    fork_devices = [dev.index or 0] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(seed)
+        step = build_step(task, dev, lr=task.lr, micro_batch_size=1, amp=amp)
+        order = torch.randperm(task.num_train, generator=torch.Generator().manual_seed(seed))
 
-    eval_peak = None
-    with preserve_training_state(model, optimizer, scaler):
-        search = find_max_batch_size(run_step, **search_kwargs)
-        if search.verified and not search_kwargs["predict_only"] and task.val_data is not None:
-            val_batcher = Batcher(task.val_data, dev, task.collate_fn)
-            n_eval = min(search.max_batch_size, task.num_val)
-            eval_peak = measure_eval_memory(
-                model, task.loss, val_batcher, torch.arange(n_eval), device=dev, amp=amp,
-                baseline=baseline,
-            )  # fmt: skip
+        def run_step(b: int) -> StepPeak:
+            step.micro_batch_size = b
+            try:
+                peak = measure_step_memory(step, order[:b], baseline=baseline)
+            except Exception as exc:
+                if is_oom_error(exc) or isinstance(exc, BatchlabError):
+                    raise
+                raise TaskError(
+                    f"a training step of task {task.name!r} at batch size {b} failed: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            timings[b] = peak.seconds or 0.0
+            if progress is not None:
+                progress("memory", len(timings), None)
+            return peak
+
+        eval_peak = None
+        with preserve_training_state(step.model, step.optimizer, step.scaler):
+            search = find_max_batch_size(run_step, **search_kwargs)
+            predict_only = search_kwargs["predict_only"]
+            if search.verified and not predict_only and task.val_data is not None:
+                val_batcher = Batcher(task.val_data, dev, task.collate_fn)
+                n_eval = min(search.max_batch_size, task.num_val)
+                eval_peak = measure_eval_memory(
+                    step.model, task.loss, val_batcher, torch.arange(n_eval), device=dev,
+                    amp=amp, baseline=baseline,
+                )  # fmt: skip
     return search, eval_peak
 
 
