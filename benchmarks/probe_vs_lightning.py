@@ -37,7 +37,8 @@ import torch
 
 import batchlab
 from batchlab.data import Batcher
-from batchlab.measure.memory import format_bytes, measure_step_memory, parse_size
+from batchlab.measure.sizes import format_bytes, parse_size
+from batchlab.measure.step_memory import measure_step_memory
 from batchlab.step import TrainStep
 
 CPU = torch.device("cpu")

@@ -105,3 +105,33 @@ def test_console_script_exit_code_and_no_traceback():
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("batchlab: error:")
+
+
+def test_library_errors_name_parameters_and_the_cli_shows_flags(capsys):
+    # The library's message names `memory_budget` and `target_memory`; the CLI prints the
+    # flags the user typed, through the one rewrite in cli/common.py.
+    code, _, err = run_cli(
+        capsys, "probe", "dots", "--device", "cpu", "--memory-budget", "1GiB",
+        "--target-memory", "2GiB",
+    )  # fmt: skip
+    assert code == 2
+    assert err == (
+        "batchlab: error: expected one of --memory-budget (verify on this device) or "
+        "--target-memory (predict for another device), got both; drop one\n"
+    )
+
+
+def test_with_flags_maps_parameters_of_the_running_command_only():
+    import typer
+
+    from batchlab.cli import app
+    from batchlab.cli.common import with_flags
+
+    probe = typer.main.get_command(app).commands["probe"]
+    text = "give `memory_budget`, `effective_batch_size` or `throughput_seconds`; `no_such`"
+    assert with_flags(text, probe) == (
+        "give --memory-budget, --effective-batch or --time-budget; `no_such`"
+    )
+    plan = typer.main.get_command(app).commands["plan"]
+    assert with_flags("`throughput_seconds`", plan) == "--throughput-seconds"
+    assert with_flags("`memory_budget`", None) == "`memory_budget`"  # no command running

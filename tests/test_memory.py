@@ -15,18 +15,14 @@ from torch.utils.data import TensorDataset
 import batchlab
 from batchlab.data import Batcher
 from batchlab.errors import ConfigError, DeviceError, MemoryBudgetError
-from batchlab.measure.memory import (
-    MemoryPoint,
-    StepPeak,
-    find_max_batch_size,
-    fit_memory_model,
-    is_oom_error,
-    measure_step_memory,
-    parse_size,
-    probe_memory,
-    replay_peak_bytes,
-)
+from batchlab.measure.batch_search import StepPeak, find_max_batch_size
+from batchlab.measure.cpu_replay import replay_peak_bytes
+from batchlab.measure.memory import probe_memory
+from batchlab.measure.memory_fit import MemoryPoint, fit_memory_model
+from batchlab.measure.oom import is_oom_error
+from batchlab.measure.sizes import parse_size
 from batchlab.measure.state import live_tensor_bytes, preserve_training_state
+from batchlab.measure.step_memory import measure_step_memory
 from batchlab.step import TrainStep
 from batchlab.tasks.common import cross_entropy_loss
 
@@ -340,7 +336,7 @@ def test_probe_memory_finds_the_true_max_in_few_steps():
     assert truth * 0.97 <= probe.max_batch_size <= truth
     assert probe.probe_steps == len(probe.tried) <= 6
     assert probe.eval_peak_bytes is not None and probe.eval_peak_bytes < probe.usable_bytes
-    assert probe.budget_source == "--memory-budget 600 KiB"
+    assert probe.budget_source == "`memory_budget` 600 KiB"  # a parameter, not a flag
     # JSON round trip
     assert batchlab.MemoryProbe.from_json(probe.to_json()) == probe
 
@@ -365,22 +361,40 @@ def test_probe_memory_target_memory_is_prediction_only():
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "error", "message"),
+    ("kwargs", "error", "message", "param"),
     [
-        ({"memory_budget": "12XB"}, ConfigError, r"memory budget: expected a number .*12XB"),
+        (
+            {"memory_budget": "12XB"},
+            ConfigError,
+            r"memory budget: expected a number .*12XB",
+            "memory_budget",
+        ),
         (
             {"memory_budget": "1GiB", "target_memory": "2GiB"},
             ConfigError,
-            "expected one of --memory-budget .* got both",
+            "expected one of `memory_budget` .* or `target_memory` .* got both",
+            "target_memory",
         ),
-        ({"margin": 1.5}, ConfigError, r"margin: expected a fraction of the budget in \[0, 1\)"),
-        ({"memory_budget": "4KiB"}, MemoryBudgetError, "the model alone needs about"),
+        (
+            {"margin": 1.5},
+            ConfigError,
+            r"margin: expected a fraction of the budget in \[0, 1\)",
+            "margin",
+        ),
+        (
+            {"memory_budget": "4KiB"},
+            MemoryBudgetError,
+            "the model alone needs about .* give a larger `memory_budget`, a smaller `margin`",
+            "memory_budget",
+        ),
     ],
 )
-def test_probe_memory_bad_input(kwargs, error, message):
+def test_probe_memory_bad_input(kwargs, error, message, param):
     with pytest.raises(error) as info:
         probe_memory(wide_task(), device="cpu", **kwargs)
     assert info.match(message)
+    assert "--" not in str(info.value)  # library errors name parameters, never CLI flags
+    assert info.value.param == param
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

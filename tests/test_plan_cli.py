@@ -52,7 +52,7 @@ def test_report_rebuilds_from_json_without_measuring(planned, tmp_path, monkeypa
     def boom(*a, **k):
         raise AssertionError("report must not measure")
 
-    monkeypatch.setattr(plan_measure, "probe", boom)
+    monkeypatch.setattr(plan_measure, "run_probe", boom)
     monkeypatch.setattr(plan_measure, "measure_noise", boom)
     code = main(["report", str(planned / "plan.json"), "--out", str(tmp_path)])
     assert code == 0

@@ -11,7 +11,8 @@ from torch.utils.data import TensorDataset
 
 import batchlab
 from batchlab.cli import main
-from batchlab.measure.probe import batchnorm_warning
+from batchlab.errors import ConfigError
+from batchlab.measure.probe import ProbeSettings, batchnorm_warning
 from batchlab.tasks.common import cross_entropy_loss
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -96,7 +97,10 @@ def test_probe_cli_json_to_stdout_and_target_memory(capsys):
             "memory budget: expected a number with an optional unit (B, KB, MB, GB, TB, KiB, "
             "MiB, GiB, TiB), e.g. 6GiB or 512MB, got '12XB'",
         ),
-        (["--memory-budget", "4KiB"], "the model alone needs about"),
+        (
+            ["--memory-budget", "4KiB"],
+            "give a larger --memory-budget, a smaller --margin, or a smaller model",
+        ),
         (["--memory-budget", "1GiB", "--target-memory", "2GiB"], "got both; drop one"),
         (["--margin", "1"], "margin: expected a fraction of the budget in [0, 1), got 1.0"),
         (["--effective-batch", "0"], "effective batch size: expected a positive integer, got 0"),
@@ -108,6 +112,26 @@ def test_probe_cli_bad_input_is_one_line(capsys, args, message):
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("batchlab: error: ")
     assert message in err
+
+
+@pytest.mark.parametrize(
+    ("settings", "param", "message"),
+    [
+        ({"memory_budget": "1GiB", "target_memory": "2GiB"}, "target_memory", "got both"),
+        ({"memory_budget": "12XB"}, "memory_budget", "memory budget: expected a number"),
+        ({"margin": 1.0}, "margin", r"margin: expected a fraction"),
+        ({"throughput_seconds": 0}, "throughput_seconds", "time budget: expected a positive"),
+    ],
+)
+def test_probe_settings_are_checked_before_anything_runs(settings, param, message):
+    with pytest.raises(ConfigError) as info:
+        ProbeSettings(**settings)
+    assert info.match(message)
+    assert info.value.param == param
+    # the same check fails batchlab.probe before the task is even loaded
+    with pytest.raises(ConfigError) as info:
+        batchlab.probe("no-such-task", device="cpu", **settings)
+    assert info.value.param == param
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -8,9 +8,9 @@ from conftest import tiny_task
 
 import batchlab
 from batchlab.errors import ConfigError
-from batchlab.measure import throughput as tp
 from batchlab.measure.state import live_tensor_bytes
 from batchlab.measure.throughput import (
+    AlignmentFinding,
     ThroughputPoint,
     ThroughputProfile,
     aligned_knee,
@@ -97,7 +97,7 @@ def test_judge_alignment_confirms_only_a_consistent_gain():
 
 
 def finding(rule, confirmed):
-    return tp.AlignmentFinding(rule, 64, (63, 65), 1.1, 1.0, confirmed, "")
+    return AlignmentFinding(rule, 64, (63, 65), 1.1, 1.0, confirmed, "")
 
 
 def test_aligned_knee_rounds_only_where_confirmed():
@@ -142,29 +142,33 @@ def test_plan_accumulation_throughput_cost():
 
 
 class FakeDevice:
-    """Replaces `_Timer.run`: step time = 1 ms + 2 us/sample, multiples of 8 are 20% faster."""
+    """A `StepTimer` for a simulated device: step time = 1 ms + 2 us/sample, multiples of 8
+    are `aligned_gain` times faster. Its clock advances only by the steps it runs."""
 
     def __init__(self, aligned_gain: float = 1.2) -> None:
         self.aligned_gain = aligned_gain
         self.calls: list[tuple[int, int]] = []
+        self.steps = 0
+        self.now = 0.0
 
-    def __call__(self, timer, batch_size: int, count: int) -> float:
-        self.calls.append((batch_size, count))
-        timer.steps += count
+    def step_seconds(self, batch_size: int) -> float:
         seconds = 1e-3 + 2e-6 * batch_size
-        if batch_size % 8 == 0:
-            seconds /= self.aligned_gain
-        return seconds * count
+        return seconds / self.aligned_gain if batch_size % 8 == 0 else seconds
 
-    def method(self):
-        """A plain function, so that it binds as a method of `_Timer`."""
-        return lambda timer, batch_size, count: self(timer, batch_size, count)
+    def run(self, batch_size: int, count: int) -> float:
+        self.calls.append((batch_size, count))
+        self.steps += count
+        seconds = self.step_seconds(batch_size) * count
+        self.now += seconds
+        return seconds
+
+    def clock(self) -> float:
+        return self.now
 
 
-def test_profile_throughput_on_a_fake_device_finds_knee_and_alignment(monkeypatch):
+def test_profile_throughput_on_a_fake_device_finds_knee_and_alignment():
     fake = FakeDevice()
-    monkeypatch.setattr(tp._Timer, "run", fake.method())
-    profile = profile_throughput(tiny_task(n=1024), device="cpu", max_batch_size=1000)
+    profile = profile_throughput(tiny_task(n=1024), device="cpu", max_batch_size=1000, timer=fake)
     sizes = [p.batch_size for p in profile.points]
     assert sizes == [2, 4, 8, 16, 32, 64, 128, 256, 512, 1000]
     # samples/s = 1.2 B / (1 ms + 2 us B) here (all multiples of 8): 303,557 at 512 and
@@ -177,20 +181,23 @@ def test_profile_throughput_on_a_fake_device_finds_knee_and_alignment(monkeypatc
     assert not rules["power_of_2"].confirmed  # P vs P-8 and P+8: all multiples of 8
     assert profile.aligned_knee_batch_size % 8 == 0
     assert profile.steps == sum(count for _, count in fake.calls)
+    # the warm-up: one step to create the optimizer state, then 1 + 2 steps per size
+    assert fake.calls[:3] == [(2, 1), (2, 1), (2, 2)]
+    assert all(p.windows == 5 for p in profile.points)  # the budget was never reached
 
 
-def test_profile_throughput_without_an_alignment_effect(monkeypatch):
-    monkeypatch.setattr(tp._Timer, "run", FakeDevice(aligned_gain=1.0).method())
-    profile = profile_throughput(tiny_task(n=1024), device="cpu", max_batch_size=1000)
+def test_profile_throughput_without_an_alignment_effect():
+    profile = profile_throughput(
+        tiny_task(n=1024), device="cpu", max_batch_size=1000, timer=FakeDevice(aligned_gain=1.0)
+    )
     assert not any(f.confirmed for f in profile.alignment)
     assert profile.aligned_knee_batch_size == profile.knee_batch_size
 
 
-def test_profile_throughput_drops_sizes_past_the_time_budget(monkeypatch):
-    monkeypatch.setattr(tp._Timer, "run", FakeDevice().method())
+def test_profile_throughput_drops_sizes_past_the_time_budget():
     profile = profile_throughput(
         tiny_task(n=1024), device="cpu", max_batch_size=1000, time_budget=0.02,
-        check_alignment=False,
+        check_alignment=False, timer=FakeDevice(),
     )  # fmt: skip
     assert profile.points[-1].batch_size < 1000
     assert any("would take more than the 0.02s budget" in w for w in profile.warnings)
@@ -222,47 +229,37 @@ def test_profile_throughput_explicit_sizes_and_bad_input():
         profile_throughput(task, device="cpu", time_budget=0)
 
 
-def test_profile_throughput_stops_at_an_oom(monkeypatch):
-    def run(timer, batch_size, count):
+class OomAbove100(FakeDevice):
+    """Runs out of memory above B=100."""
+
+    def run(self, batch_size: int, count: int) -> float:
         if batch_size > 100:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8 MiB")
-        timer.steps += count
-        return (1e-3 + 1e-6 * batch_size) * count
+        return super().run(batch_size, count)
 
-    monkeypatch.setattr(tp._Timer, "run", run)
-    profile = profile_throughput(tiny_task(n=1024), device="cpu", check_alignment=False)
+
+def test_profile_throughput_stops_at_an_oom():
+    fake = OomAbove100()
+    profile = profile_throughput(tiny_task(n=1024), device="cpu", check_alignment=False, timer=fake)
     assert profile.points[-1].batch_size == 64
     assert any("B=128 ran out of memory" in w for w in profile.warnings)
+    assert max(b for b, _ in fake.calls) == 64  # nothing at or above the OOM was timed
 
 
-class FakeClock:
-    """Stands in for the `time` module: only advances when the fake device runs."""
+class SlowsDownAfterWarmUp(FakeDevice):
+    """Warm-up (1 + 2 calls for each of the 6 sizes) is fast; every later step is 10x
+    slower, as when another process starts on a busy machine."""
 
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def perf_counter(self) -> float:
-        return self.now
+    def step_seconds(self, batch_size: int) -> float:
+        return (1e-4 if len(self.calls) <= 13 else 1e-3) * batch_size
 
 
-def test_time_budget_holds_when_steps_slow_down_after_warm_up(monkeypatch):
-    clock = FakeClock()
-    calls = []
-
-    def run(timer, batch_size, count):
-        calls.append(count)
-        timer.steps += count
-        # warm-up (1 + 2 calls for each of the 6 sizes) is fast; every later step is 10x
-        # slower, as when another process starts on a busy machine
-        per_step = 1e-4 * batch_size if len(calls) <= 13 else 1e-3 * batch_size
-        clock.now += per_step * count
-        return per_step * count
-
-    monkeypatch.setattr(tp, "time", clock)
-    monkeypatch.setattr(tp._Timer, "run", run)
-    profile = profile_throughput(tiny_task(n=64), device="cpu", time_budget=2.0)
+def test_time_budget_holds_when_steps_slow_down_after_warm_up():
+    fake = SlowsDownAfterWarmUp()
+    profile = profile_throughput(tiny_task(n=64), device="cpu", time_budget=2.0, timer=fake)
     # 2 s budget: the windows re-size after the first round, and rounds stop at the deadline
-    assert clock.now < 2.0 * 1.5
+    assert fake.now < 2.0 * 1.5
     assert all(p.windows >= 3 for p in profile.points)
     assert [p.batch_size for p in profile.points] == [2, 4, 8, 16, 32, 64]
-    assert profile.points[0].steps_per_window < calls[13]  # B=2's first window, re-sized
+    first_window = fake.calls[13][1]
+    assert profile.points[0].steps_per_window < first_window  # B=2's first window, re-sized

@@ -8,13 +8,14 @@ from batchlab.core.batching import BatchArithmetic, calc
 from batchlab.core.lr import adascale_gain, scale_lr
 from batchlab.errors import BatchlabError
 from batchlab.history import Evaluation, History
-from batchlab.measure.memory import MemoryProbe, parse_size, probe_memory
+from batchlab.measure.memory import MemoryProbe, probe_memory
 from batchlab.measure.noise import NoiseScale, gradient_noise_scale
 from batchlab.measure.noise_run import NoiseRun, measure_noise
 from batchlab.measure.noise_tracker import GradientNoiseScaleTracker
 from batchlab.measure.probe import ProbeResult, probe
 from batchlab.measure.run_stats import DistanceFromInit, GradNormTracker
 from batchlab.measure.sharpness import Sharpness, epsilon_sharpness, hessian_top_eigenvalue
+from batchlab.measure.sizes import parse_size
 from batchlab.measure.throughput import ThroughputProfile, profile_throughput
 from batchlab.planner import Plan, PlanInterrupted, build_plan, plan
 from batchlab.sweep import (

@@ -1,4 +1,15 @@
-"""Domain errors. The CLI turns each into one line on stderr and exit code 2."""
+"""Domain errors. The CLI turns each into one line on stderr and exit code 2.
+
+Messages name the library's *parameters*, never the CLI's flags: write a parameter name in
+backticks (`` `memory_budget` ``) and pass the one at fault as `param=`. The CLI rewrites
+every backticked name that is an option of the command being run into its flag
+(`--memory-budget`); a Python caller reads the parameter name as written.
+
+    raise ConfigError(
+        "expected one of `memory_budget` or `target_memory`, got both; drop one",
+        param="target_memory",
+    )
+"""
 
 from __future__ import annotations
 
@@ -7,7 +18,13 @@ class BatchlabError(Exception):
     """Base class of every error batchlab raises for bad input or an impossible request.
 
     Messages follow one shape: what was expected, what was given, and how to fix it.
+    `param` is the name of the parameter at fault, when one is (`"memory_budget"`), for
+    callers that want to point at it; the message itself names it in backticks.
     """
+
+    def __init__(self, *args: object, param: str | None = None) -> None:
+        super().__init__(*args)
+        self.param = param
 
 
 class ConfigError(BatchlabError, ValueError):

@@ -10,6 +10,7 @@ import sys
 import typer
 
 from batchlab.cli.calc_cmd import calc
+from batchlab.cli.common import with_flags
 from batchlab.cli.noise_cmd import noise
 from batchlab.cli.plan_cmd import plan
 from batchlab.cli.probe_cmd import probe
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         _error("interrupted")
         return 130
     except BatchlabError as exc:
-        _error(str(exc))
+        subcommand = getattr(command, "commands", {}).get(args[0])
+        _error(with_flags(str(exc), subcommand))
         return 2
     return result if isinstance(result, int) else 0
 

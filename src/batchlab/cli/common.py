@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -39,6 +40,36 @@ JsonOpt = Annotated[
 OutOpt = Annotated[
     Path | None, typer.Option("--out", help="Directory for plots and reports.", file_okay=False)
 ]
+
+
+# Library parameters whose option has another name on some command. The flag itself is
+# looked up on the command being run, so one table serves every command.
+PARAM_ALIASES = {"effective_batch_size": "effective_batch", "throughput_seconds": "time_budget"}
+_BACKTICKED = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
+
+
+def with_flags(text: str, command: Any | None) -> str:
+    """`text` from the library with each `` `parameter` `` shown as `command`'s flag for it.
+
+    Library errors, warnings and labels name parameters in backticks (see
+    `batchlab.errors`); on the command line the user typed flags, so `memory_budget`
+    becomes `--memory-budget`. A name the command has no option for keeps its backticks.
+    `command` is the (typer/click) command being run, e.g. `ctx.command`; None leaves
+    `text` as it is.
+    """
+    if command is None:
+        return text
+    flags = {}
+    for param in getattr(command, "params", ()):
+        long_flags = [o for o in param.opts if o.startswith("--")]
+        if param.name and long_flags:  # options only: arguments have no flag
+            flags[param.name] = long_flags[0]
+
+    def flag(match: re.Match[str]) -> str:
+        name = match.group(1)
+        return flags.get(name) or flags.get(PARAM_ALIASES.get(name, "")) or match.group(0)
+
+    return _BACKTICKED.sub(flag, text)
 
 
 def console_for(json_path: Path | None) -> Console:

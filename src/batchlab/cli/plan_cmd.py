@@ -23,7 +23,7 @@ from batchlab.cli.common import (
     console_for,
     write_json,
 )
-from batchlab.measure.memory import format_bytes
+from batchlab.measure.sizes import format_bytes
 from batchlab.planner import PartialPlan, Plan, PlanInterrupted
 from batchlab.planner import plan as make_plan
 from batchlab.planner.measure import DEFAULT_NOISE_STEPS, DEFAULT_THROUGHPUT_SECONDS

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich import box
@@ -19,12 +19,13 @@ from batchlab.cli.common import (
     SeedOpt,
     TaskArg,
     console_for,
+    with_flags,
     write_json,
 )
 from batchlab.measure import distributed
-from batchlab.measure.memory import DEFAULT_MARGIN, format_bytes
-from batchlab.measure.probe import ProbeResult
-from batchlab.measure.probe import probe as run_probe
+from batchlab.measure.memory import DEFAULT_MARGIN
+from batchlab.measure.probe import ProbeResult, ProbeSettings, run_probe
+from batchlab.measure.sizes import format_bytes
 from batchlab.measure.throughput import TIME_BUDGET_SECONDS
 
 
@@ -61,6 +62,7 @@ class _ProbeProgress:
 
 
 def probe(
+    ctx: typer.Context,
     task: TaskArg = DEFAULT,
     device: DeviceOpt = "auto",
     memory_budget: Annotated[
@@ -106,22 +108,16 @@ def probe(
         with _ProbeProgress(enabled=lead) as progress:
             result = run_probe(
                 task,
-                device=device,
-                memory_budget=memory_budget,
-                target_memory=target_memory,
-                margin=margin,
-                amp=amp,
-                seed=seed,
+                ProbeSettings(device, memory_budget, target_memory, margin, amp, seed, time_budget),
                 effective_batch_size=effective_batch,
-                throughput_seconds=time_budget,
                 progress=progress,
             )
         if not lead:
             return
-        console.print(summary_table(result))
+        console.print(summary_table(result, ctx.command))
         console.print(throughput_table(result))
         for warning in result.warnings:
-            console.print(f"[yellow]warning:[/yellow] {warning}")
+            console.print(f"[yellow]warning:[/yellow] {with_flags(warning, ctx.command)}")
         if out is not None:
             from batchlab.report.probe_plots import save_probe_figure
 
@@ -149,7 +145,7 @@ def _steps_line(result: ProbeResult) -> str:
     return f"{m.probe_steps}: B = " + ", ".join(labels)
 
 
-def summary_table(result: ProbeResult) -> Table:
+def summary_table(result: ProbeResult, command: Any | None = None) -> Table:
     m = result.memory
     title = f"batchlab probe {result.task} ({result.device}"
     title += f", {result.world_size} ranks)" if result.world_size > 1 else ")"
@@ -158,7 +154,7 @@ def summary_table(result: ProbeResult) -> Table:
     table.add_column()
     table.add_row(
         "memory budget",
-        f"{format_bytes(m.budget_bytes)}: {m.budget_source}\n"
+        f"{format_bytes(m.budget_bytes)}: {with_flags(m.budget_source, command)}\n"
         f"usable {format_bytes(m.usable_bytes)} (margin {m.margin:.0%})",
     )
     table.add_row(

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from batchlab.core.checks import check_batch_size
-from batchlab.measure import distributed
+from batchlab.measure.budget import check_budget, check_margin
+from batchlab.measure.distributed import agree_min, rank_device, world_size
 from batchlab.measure.memory import DEFAULT_MARGIN, MemoryProbe, ProgressFn, probe_memory
 from batchlab.measure.throughput import (
     TIME_BUDGET_SECONDS,
@@ -17,6 +18,7 @@ from batchlab.measure.throughput import (
     AlignmentFinding,
     ThroughputPoint,
     ThroughputProfile,
+    check_time_budget,
     plan_accumulation,
     profile_throughput,
 )
@@ -70,6 +72,29 @@ class ProbeResult(JsonResult):
         )
 
 
+@dataclass(frozen=True)
+class ProbeSettings:
+    """The settings of a hardware probe, defined and checked once.
+
+    `probe`, `batchlab.plan` and the CLI each build one and hand it to `run_probe`, so
+    the settings are passed on in one piece, and a bad one fails at once, before any
+    measurement runs. Fields are those of `probe`.
+    """
+
+    device: str = "auto"
+    memory_budget: str | int | float | None = None
+    target_memory: str | int | float | None = None
+    margin: float = DEFAULT_MARGIN
+    amp: bool = False
+    seed: int = 0
+    throughput_seconds: float = TIME_BUDGET_SECONDS
+
+    def __post_init__(self) -> None:
+        check_budget(self.memory_budget, self.target_memory)
+        check_margin(self.margin)
+        check_time_budget(self.throughput_seconds, param="throughput_seconds")
+
+
 def probe(
     task: Task | str,
     *,
@@ -93,33 +118,44 @@ def probe(
     Under `torchrun` (an initialized process group) each rank probes its own device, and
     the ranks agree on the MIN of the max batch size (and of the knee) before timing.
     """
+    # positional, in the order of ProbeSettings' fields
+    settings = ProbeSettings(
+        device, memory_budget, target_memory, margin, amp, seed, throughput_seconds
+    )
+    return run_probe(
+        task,
+        settings,
+        effective_batch_size=effective_batch_size,
+        check_alignment=check_alignment,
+        progress=progress,
+    )
+
+
+def run_probe(
+    task: Task | str,
+    settings: ProbeSettings,
+    *,
+    effective_batch_size: int | None = None,
+    check_alignment: bool = True,
+    progress: ProgressFn | None = None,
+) -> ProbeResult:
+    """`probe` with its settings in one piece (what `batchlab.plan` and the CLI call)."""
     t0 = time.perf_counter()
     task = load_task(task)
     if effective_batch_size is not None:
         check_batch_size(effective_batch_size, what="effective batch size")
-    device = distributed.rank_device(device)
+    s = settings
+    device = rank_device(s.device)
     memory = probe_memory(
-        task,
-        device=device,
-        memory_budget=memory_budget,
-        target_memory=target_memory,
-        margin=margin,
-        amp=amp,
-        seed=seed,
-        progress=progress,
-    )
-    max_batch = distributed.agree_min(memory.max_batch_size)
+        task, device=device, memory_budget=s.memory_budget, target_memory=s.target_memory,
+        margin=s.margin, amp=s.amp, seed=s.seed, progress=progress,
+    )  # fmt: skip
+    max_batch = agree_min(memory.max_batch_size)
     profile = profile_throughput(
-        task,
-        max_batch_size=max_batch,
-        device=device,
-        amp=amp,
-        seed=seed,
-        time_budget=throughput_seconds,
-        check_alignment=check_alignment,
-        progress=progress,
-    )
-    knee = distributed.agree_min(profile.knee_batch_size)
+        task, max_batch_size=max_batch, device=device, amp=s.amp, seed=s.seed,
+        time_budget=s.throughput_seconds, check_alignment=check_alignment, progress=progress,
+    )  # fmt: skip
+    knee = agree_min(profile.knee_batch_size)
     aligned = profile.aligned_knee_batch_size if knee == profile.knee_batch_size else knee
 
     warnings = list(memory.warnings) + list(profile.warnings)
@@ -139,7 +175,7 @@ def probe(
     return ProbeResult(
         task=task.name,
         device=memory.device,
-        world_size=distributed.world_size(),
+        world_size=world_size(),
         max_batch_size=max_batch,
         knee_batch_size=knee,
         knee_fraction=profile.knee_fraction,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,16 +21,16 @@ from batchlab.core.batching import split
 from batchlab.core.checks import check_batch_size
 from batchlab.core.step_time import interpolate_step_seconds
 from batchlab.errors import ConfigError
-from batchlab.measure.memory import ProgressFn, is_oom_error
+from batchlab.measure.memory import ProgressFn
 from batchlab.measure.state import preserve_training_state, release_memory
+from batchlab.measure.step_timing import StepTimer, TrainStepTimer, interleaved_rounds, warm_up
 from batchlab.results import JsonResult
-from batchlab.step import TrainStep, build_step, resolve_device
+from batchlab.step import build_step, resolve_device
 from batchlab.task import Task
 from batchlab.tasks import load_task
 
 KNEE_FRACTION = 0.9
 WINDOWS = 5
-MIN_WINDOWS = 3  # rounds always timed, even past the time budget
 WINDOW_SECONDS = 0.1
 TIME_BUDGET_SECONDS = 10.0
 MIN_ALIGNMENT_GAIN = 0.03  # an aligned size must be >= 3% faster ...
@@ -104,6 +104,15 @@ class AccumulationPlan(JsonResult):
 
 # ---------------------------------------------------------------------------------------
 # Pure analysis
+
+
+def check_time_budget(seconds: float, *, param: str = "time_budget") -> float:
+    """`seconds` if it is a positive number (`param` names it in the error)."""
+    if not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise ConfigError(
+            f"time budget: expected a positive number of seconds, got {seconds!r}", param=param
+        )
+    return seconds
 
 
 def geometric_ladder(max_batch_size: int, *, start: int = 2) -> list[int]:
@@ -235,62 +244,6 @@ def plan_accumulation(
 # Measuring
 
 
-class _Timer:
-    """Runs timed windows of training steps on one live TrainStep."""
-
-    def __init__(self, step: TrainStep, order: torch.Tensor) -> None:
-        self.step = step
-        self.order = order
-        self.steps = 0
-
-    def run(self, batch_size: int, count: int) -> float:
-        """Seconds for `count` steps at `batch_size`, synchronized on CUDA."""
-        step, device = self.step, self.step.device
-        step.micro_batch_size = batch_size
-        indices = self.order[:batch_size]
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(count):
-            step(indices)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        self.steps += count
-        return time.perf_counter() - start
-
-
-def _interleaved(
-    timer: _Timer,
-    per_window: dict[int, int],
-    windows: int,
-    window_seconds: float,
-    deadline: float,
-    on_window: Callable[[], None] | None = None,
-) -> list[dict[int, float]]:
-    """Rounds of one timed window per size, alternating the order; samples/s per window.
-
-    After each round every size's steps per window are re-sized from what the round
-    measured (a single warm-up step is a poor guide on a busy machine), and once the
-    `deadline` (a `time.perf_counter()` value) has passed, no new round starts after the
-    first `MIN_WINDOWS`. `per_window` is updated in place.
-    """
-    sizes = sorted(per_window)
-    rounds = []
-    for r in range(windows):
-        if r >= MIN_WINDOWS and time.perf_counter() > deadline:
-            break
-        rates = {}
-        for b in sizes if r % 2 == 0 else reversed(sizes):
-            count = per_window[b]
-            seconds = timer.run(b, count)
-            rates[b] = b * count / seconds
-            per_window[b] = max(1, round(count * window_seconds / max(seconds, 1e-9)))
-            if on_window is not None:
-                on_window()
-        rounds.append(rates)
-    return rounds
-
-
 def profile_throughput(
     task: Task | str,
     *,
@@ -305,6 +258,7 @@ def profile_throughput(
     knee_fraction: float = KNEE_FRACTION,
     check_alignment: bool = True,
     progress: ProgressFn | None = None,
+    timer: StepTimer | None = None,
 ) -> ThroughputProfile:
     """Training samples/s at a geometric ladder of batch sizes, the knee and alignment.
 
@@ -320,6 +274,8 @@ def profile_throughput(
         knee_fraction: the knee is the smallest B reaching this fraction of peak samples/s.
         check_alignment: also time multiples of 8 and powers of two around the knee
             against their neighbours; rounding is recommended only where it measured faster.
+        timer: what runs and times the steps (default: a `TrainStepTimer` on the task's
+            model); a `StepTimer` that simulates a device makes the analysis testable.
 
     Every step is the engine's `TrainStep` on a model built from the task with `seed`;
     the caller's RNG state is untouched and memory is freed afterwards.
@@ -328,61 +284,29 @@ def profile_throughput(
     task = load_task(task)
     dev = resolve_device(device)
     check_batch_size(windows, what="windows")
-    if not isinstance(time_budget, (int, float)) or not time_budget > 0:
-        raise ConfigError(
-            f"time budget: expected a positive number of seconds, got {time_budget!r}"
-        )
-    limit = task.num_train if max_batch_size is None else check_batch_size(max_batch_size)
+    check_time_budget(time_budget)
     warnings: list[str] = []
-    if limit > task.num_train:
-        warnings.append(f"capped at the training set size ({task.num_train} examples)")
-        limit = task.num_train
-    if batch_sizes is None:
-        sizes = geometric_ladder(limit, start=min(2, limit))
-    else:
-        sizes = sorted({check_batch_size(b, what="batch size") for b in batch_sizes})
-        if sizes[-1] > task.num_train:
-            raise ConfigError(
-                f"batch sizes: expected at most the training set size ({task.num_train}), "
-                f"got {sizes[-1]}; drop the larger sizes"
-            )
-
+    sizes = _sizes_to_time(task, batch_sizes, max_batch_size, warnings)
     if window_seconds is None:  # share the budget among the ladder and the alignment sizes
         slots = windows * (len(sizes) + (ALIGNMENT_SIZES if check_alignment else 0))
         window_seconds = min(WINDOW_SECONDS, time_budget / slots)
-    fork_devices = [dev.index or 0] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(seed)
-        points, findings, steps = _time_fresh_model(
-            task,
-            dev,
-            sizes,
-            amp=amp,
-            seed=seed,
-            windows=windows,
-            window_seconds=window_seconds,
-            time_budget=time_budget,
-            knee_fraction=knee_fraction,
-            check_alignment=check_alignment,
-            progress=progress,
-            warnings=warnings,
-        )
-    release_memory()  # the model and optimizer went with the helper's frame
+    schedule = _Schedule(windows, window_seconds, time_budget, knee_fraction, check_alignment)
+    if timer is None:
+        fork_devices = [dev.index or 0] if dev.type == "cuda" else []
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(seed)
+            points, findings, steps = _time_fresh_model(
+                task, dev, sizes, schedule, amp=amp, seed=seed, progress=progress,
+                warnings=warnings,
+            )  # fmt: skip
+        release_memory()  # the model and optimizer went with the helper's frame
+    else:
+        points, findings = _time_sizes(timer, sizes, schedule, progress, warnings)
+        steps = timer.steps
     knee = find_knee(
         [p.batch_size for p in points], [p.samples_per_s for p in points], knee_fraction
     )
-    noisiest = max(points, key=lambda p: p.spread)
-    if noisiest.spread > NOISY_SPREAD:
-        hint = ""
-        if dev.type == "cpu" and torch.get_num_threads() > 1:
-            hint = (
-                f" (with {torch.get_num_threads()} threads on a busy CPU, OMP_NUM_THREADS=1 helps)"
-            )
-        warnings.append(
-            f"timing is noisy: at B={noisiest.batch_size} the windows range over "
-            f"{noisiest.spread:.0%} of the median; other processes are competing for the "
-            f"device{hint}"
-        )
+    noisy = _noise_warning(points, dev)
     return ThroughputProfile(
         device=str(dev),
         amp=amp,
@@ -394,108 +318,118 @@ def profile_throughput(
         aligned_knee_batch_size=aligned_knee(knee, findings, points[-1].batch_size),
         steps=steps,
         seconds=time.perf_counter() - t0,
-        warnings=tuple(warnings),
+        warnings=tuple(warnings + ([noisy] if noisy else [])),
     )
+
+
+def _sizes_to_time(
+    task: Task, batch_sizes: Sequence[int] | None, max_batch_size: int | None, warnings: list[str]
+) -> list[int]:
+    """The batch sizes to time, sorted: the given ones, or the ladder up to the max."""
+    limit = task.num_train if max_batch_size is None else check_batch_size(max_batch_size)
+    if limit > task.num_train:
+        warnings.append(f"capped at the training set size ({task.num_train} examples)")
+        limit = task.num_train
+    if batch_sizes is None:
+        return geometric_ladder(limit, start=min(2, limit))
+    sizes = sorted({check_batch_size(b, what="batch size") for b in batch_sizes})
+    if sizes[-1] > task.num_train:
+        raise ConfigError(
+            f"batch sizes: expected at most the training set size ({task.num_train}), "
+            f"got {sizes[-1]}; drop the larger sizes",
+            param="batch_sizes",
+        )
+    return sizes
+
+
+def _noise_warning(points: Sequence[ThroughputPoint], dev: torch.device) -> str | None:
+    """A warning when the noisiest point's windows spread over more than `NOISY_SPREAD`."""
+    noisiest = max(points, key=lambda p: p.spread)
+    if noisiest.spread <= NOISY_SPREAD:
+        return None
+    hint = ""
+    if dev.type == "cpu" and torch.get_num_threads() > 1:
+        hint = f" (with {torch.get_num_threads()} threads on a busy CPU, OMP_NUM_THREADS=1 helps)"
+    return (
+        f"timing is noisy: at B={noisiest.batch_size} the windows range over "
+        f"{noisiest.spread:.0%} of the median; other processes are competing for the "
+        f"device{hint}"
+    )
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    """How to spend the time budget: windows per size, their length, and what to time."""
+
+    windows: int
+    window_seconds: float
+    time_budget: float
+    knee_fraction: float
+    check_alignment: bool
 
 
 def _time_fresh_model(
     task: Task,
     dev: torch.device,
     sizes: list[int],
+    schedule: _Schedule,
     *,
     amp: bool,
     seed: int,
-    windows: int,
-    window_seconds: float,
-    time_budget: float,
-    knee_fraction: float,
-    check_alignment: bool,
     progress: ProgressFn | None,
     warnings: list[str],
 ) -> tuple[tuple[ThroughputPoint, ...], list[AlignmentFinding], int]:
-    """Build the task's model on `dev`; time the ladder, then alignment around the knee."""
+    """Build the task's model on `dev` and time it; everything it touches is put back."""
     step = build_step(task, dev, lr=task.lr, micro_batch_size=1, amp=amp)
     model, optimizer, scaler = step.model, step.optimizer, step.scaler
     order = torch.randperm(task.num_train, generator=torch.Generator().manual_seed(seed))
-    timer = _Timer(step, order)
+    timer = TrainStepTimer(step, order)
     with preserve_training_state(model, optimizer, scaler):
-        per_window = _warm_up(timer, sizes, windows, window_seconds, time_budget, warnings)
-        total = windows * len(per_window)
-        done = [0]
-
-        def tick() -> None:
-            done[0] += 1
-            if progress is not None:
-                progress("throughput", done[0], total)
-
-        start = time.perf_counter()
-        share = len(per_window) / (len(per_window) + (ALIGNMENT_SIZES if check_alignment else 0))
-        rounds = _interleaved(
-            timer, per_window, windows, window_seconds, start + share * time_budget, tick
-        )
-        points = tuple(
-            summarize_windows(b, [r[b] for r in rounds], per_window[b]) for b in sorted(per_window)
-        )
-        findings: list[AlignmentFinding] = []
-        if check_alignment and time.perf_counter() > start + time_budget:
-            warnings.append("alignment not checked: timing the ladder used up the time budget")
-        elif check_alignment:
-            knee = find_knee(
-                [p.batch_size for p in points], [p.samples_per_s for p in points], knee_fraction
-            )
-            findings = _time_alignment(
-                timer, knee, points[-1].batch_size, windows, window_seconds, start + time_budget
-            )
+        points, findings = _time_sizes(timer, sizes, schedule, progress, warnings)
     return points, findings, timer.steps
 
 
-def _warm_up(
-    timer: _Timer,
+def _time_sizes(
+    timer: StepTimer,
     sizes: list[int],
-    windows: int,
-    window_seconds: float,
-    time_budget: float,
+    schedule: _Schedule,
+    progress: ProgressFn | None,
     warnings: list[str],
-) -> dict[int, int]:
-    """Three warm-up steps per size (smallest first); returns steps per window for each size.
+) -> tuple[tuple[ThroughputPoint, ...], list[AlignmentFinding]]:
+    """Time the ladder (interleaved windows), then alignment around the knee."""
+    s = schedule
+    per_window = warm_up(timer, sizes, s.windows, s.window_seconds, s.time_budget, warnings)
+    total = s.windows * len(per_window)
+    done = [0]
 
-    Sizes whose timing would push the total past `time_budget` are dropped, as is any
-    size that runs out of memory, and every size above it.
-    """
-    timer.run(sizes[0], 1)  # the first step creates the optimizer state
-    per_window: dict[int, int] = {}
-    planned = 0.0
-    for i, b in enumerate(sizes):
-        oom = False
-        try:
-            # the slower of a first step and the mean of two more: a pessimistic guide, so
-            # the first round of windows cannot overrun the budget by much
-            seconds = max(timer.run(b, 1), timer.run(b, 2) / 2)
-        except Exception as exc:
-            if not is_oom_error(exc):
-                raise
-            oom = True
-        if oom:
-            release_memory()
-            warnings.append(f"B={b} ran out of memory; throughput measured up to B={sizes[i - 1]}")
-            break
-        count = max(1, round(window_seconds / max(seconds, 1e-9)))
-        cost = windows * max(window_seconds, seconds)  # what its windows are meant to take
-        if per_window and planned + cost > time_budget:
-            warnings.append(
-                f"throughput measured up to B={max(per_window)}: timing B={b} and above "
-                f"would take more than the {time_budget:g}s budget"
-            )
-            break
-        per_window[b] = count
-        planned += cost
-    if not per_window:
-        raise ConfigError(f"B={sizes[0]} ran out of memory; pass a smaller batch size")
-    return per_window
+    def tick() -> None:
+        done[0] += 1
+        if progress is not None:
+            progress("throughput", done[0], total)
+
+    start = timer.clock()
+    share = len(per_window) / (len(per_window) + (ALIGNMENT_SIZES if s.check_alignment else 0))
+    rounds = interleaved_rounds(
+        timer, per_window, s.windows, s.window_seconds, start + share * s.time_budget, tick
+    )
+    points = tuple(
+        summarize_windows(b, [r[b] for r in rounds], per_window[b]) for b in sorted(per_window)
+    )
+    findings: list[AlignmentFinding] = []
+    if s.check_alignment and timer.clock() > start + s.time_budget:
+        warnings.append("alignment not checked: timing the ladder used up the time budget")
+    elif s.check_alignment:
+        knee = find_knee(
+            [p.batch_size for p in points], [p.samples_per_s for p in points], s.knee_fraction
+        )
+        findings = _time_alignment(
+            timer, knee, points[-1].batch_size, s.windows, s.window_seconds, start + s.time_budget
+        )
+    return points, findings
 
 
 def _time_alignment(
-    timer: _Timer,
+    timer: StepTimer,
     knee: int,
     max_batch_size: int,
     windows: int,
@@ -510,5 +444,5 @@ def _time_alignment(
     for b in sizes:  # warm-up, then size the windows
         timer.run(b, 1)
         per_window[b] = max(1, round(window_seconds / max(timer.run(b, 1), 1e-9)))
-    rounds = _interleaved(timer, per_window, windows, window_seconds, deadline)
+    rounds = interleaved_rounds(timer, per_window, windows, window_seconds, deadline)
     return [judge_alignment(rule, a, nb, rounds) for rule, a, nb in candidates]

@@ -24,9 +24,8 @@ from batchlab.core.lr import PLAN_LR_RULES, check_lr_rule
 from batchlab.core.optim import default_lr_rule
 from batchlab.errors import BatchlabError, ConfigError
 from batchlab.history import History
-from batchlab.measure.memory import parse_size
 from batchlab.measure.noise_run import NoiseRun, measure_noise
-from batchlab.measure.probe import ProbeResult, has_batchnorm, probe
+from batchlab.measure.probe import ProbeResult, ProbeSettings, has_batchnorm, run_probe
 from batchlab.planner.model import (
     Measurements,
     MemoryPoint,
@@ -161,10 +160,9 @@ def plan(
     if lr_rule is None:  # decided before minutes of measuring, from the optimizer itself
         lr_rule = default_lr_rule(_task_optimizer(task))
     check_lr_rule(lr_rule, PLAN_LR_RULES)
-    if memory_budget is not None:
-        parse_size(memory_budget, what="memory budget")
-    if target_memory is not None:
-        parse_size(target_memory, what="target memory")
+    settings = ProbeSettings(  # checks them now, before anything is measured
+        device, memory_budget, target_memory, margin, amp, seed, throughput_seconds
+    )
     target = check_target_for_task(target, task)
     reference_seconds = None
     if reference_run is not None:
@@ -180,17 +178,7 @@ def plan(
     measured: dict[str, Any] = {}
     phase = "the hardware probe"
     try:
-        measured["probe"] = probe(
-            task,
-            device=device,
-            memory_budget=memory_budget,
-            target_memory=target_memory,
-            margin=margin,
-            amp=amp,
-            seed=seed,
-            throughput_seconds=throughput_seconds,
-            progress=progress,
-        )
+        measured["probe"] = run_probe(task, settings, progress=progress)
         phase = "the noise measurement"
         callbacks = [_NoiseProgress(progress)] if progress is not None else []
         measured["noise"] = measure_noise(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from batchlab.measure.memory import format_bytes
+from batchlab.measure.sizes import format_bytes
 from batchlab.planner.model import Plan, Recommendation
 from batchlab.report.html import Card, HtmlPage, esc
 from batchlab.report.plan_plots import plot_time_to_target

@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from batchlab.measure.memory import MemoryProbe, format_bytes
+from batchlab.measure.memory import MemoryProbe
 from batchlab.measure.probe import ProbeResult
+from batchlab.measure.sizes import format_bytes
 from batchlab.measure.throughput import ThroughputProfile
 from batchlab.report.axes import new_axes, style_axes
 

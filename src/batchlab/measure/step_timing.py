@@ -1,0 +1,144 @@
+"""Timing training steps honestly: warm-up, then interleaved windows under a time budget.
+
+A `StepTimer` runs and times windows of steps; `TrainStepTimer` does it on a live
+`TrainStep`, synchronizing on CUDA. Interleaving the windows of every batch size
+(round 1: B=2, 4, 8 ...; round 2: ... B=4, 2) makes load from other processes hit every
+size alike, so ratios between sizes stay meaningful on a shared machine.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+from batchlab.errors import ConfigError
+from batchlab.measure.oom import is_oom_error
+from batchlab.measure.state import release_memory
+from batchlab.step import TrainStep
+
+MIN_WINDOWS = 3  # rounds always timed, even past the time budget
+
+
+class StepTimer(Protocol):
+    """Times windows of training steps. `profile_throughput(timer=...)` takes any such object.
+
+    The default, `TrainStepTimer`, runs the task's real `TrainStep`; a simulated device
+    (in tests, or to replay a recorded profile) only has to answer these three.
+    """
+
+    steps: int  # training steps timed so far
+
+    def run(self, batch_size: int, count: int) -> float:
+        """Seconds for `count` steps at `batch_size`."""
+        ...
+
+    def clock(self) -> float:
+        """The time now, in seconds: the time budget's deadlines are checked against it."""
+        ...
+
+
+class TrainStepTimer:
+    """Runs timed windows of training steps on one live TrainStep (synchronized on CUDA)."""
+
+    def __init__(self, step: TrainStep, order: torch.Tensor) -> None:
+        self.step = step
+        self.order = order
+        self.steps = 0
+
+    def clock(self) -> float:
+        return time.perf_counter()
+
+    def run(self, batch_size: int, count: int) -> float:
+        """Seconds for `count` steps at `batch_size`, synchronized on CUDA."""
+        step, device = self.step, self.step.device
+        step.micro_batch_size = batch_size
+        indices = self.order[:batch_size]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(count):
+            step(indices)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.steps += count
+        return time.perf_counter() - start
+
+
+def interleaved_rounds(
+    timer: StepTimer,
+    per_window: dict[int, int],
+    windows: int,
+    window_seconds: float,
+    deadline: float,
+    on_window: Callable[[], None] | None = None,
+) -> list[dict[int, float]]:
+    """Rounds of one timed window per size, alternating the order; samples/s per window.
+
+    After each round every size's steps per window are re-sized from what the round
+    measured (a single warm-up step is a poor guide on a busy machine), and once the
+    `deadline` (a `timer.clock()` value) has passed, no new round starts after the
+    first `MIN_WINDOWS`. `per_window` is updated in place.
+    """
+    sizes = sorted(per_window)
+    rounds = []
+    for r in range(windows):
+        if r >= MIN_WINDOWS and timer.clock() > deadline:
+            break
+        rates = {}
+        for b in sizes if r % 2 == 0 else reversed(sizes):
+            count = per_window[b]
+            seconds = timer.run(b, count)
+            rates[b] = b * count / seconds
+            per_window[b] = max(1, round(count * window_seconds / max(seconds, 1e-9)))
+            if on_window is not None:
+                on_window()
+        rounds.append(rates)
+    return rounds
+
+
+def warm_up(
+    timer: StepTimer,
+    sizes: list[int],
+    windows: int,
+    window_seconds: float,
+    time_budget: float,
+    warnings: list[str],
+) -> dict[int, int]:
+    """Three warm-up steps per size (smallest first); returns steps per window for each size.
+
+    Sizes whose timing would push the total past `time_budget` are dropped, as is any
+    size that runs out of memory, and every size above it.
+    """
+    timer.run(sizes[0], 1)  # the first step creates the optimizer state
+    per_window: dict[int, int] = {}
+    planned = 0.0
+    for i, b in enumerate(sizes):
+        oom = False
+        try:
+            # the slower of a first step and the mean of two more: a pessimistic guide, so
+            # the first round of windows cannot overrun the budget by much
+            seconds = max(timer.run(b, 1), timer.run(b, 2) / 2)
+        except Exception as exc:
+            if not is_oom_error(exc):
+                raise
+            oom = True
+        if oom:
+            release_memory()
+            warnings.append(f"B={b} ran out of memory; throughput measured up to B={sizes[i - 1]}")
+            break
+        count = max(1, round(window_seconds / max(seconds, 1e-9)))
+        cost = windows * max(window_seconds, seconds)  # what its windows are meant to take
+        if per_window and planned + cost > time_budget:
+            warnings.append(
+                f"throughput measured up to B={max(per_window)}: timing B={b} and above "
+                f"would take more than the {time_budget:g}s budget"
+            )
+            break
+        per_window[b] = count
+        planned += cost
+    if not per_window:
+        raise ConfigError(f"B={sizes[0]} ran out of memory; pass a smaller batch size")
+    return per_window
