@@ -28,10 +28,10 @@ import torch
 
 import batchlab
 from batchlab.data import Batcher, epoch_chunks
-from batchlab.measure.noise_tracker import GradientNoiseScaleTracker
 from batchlab.measure.per_example import PerExampleGradNorms
 from batchlab.step import TrainStep, resolve_device
 from batchlab.tasks import BUILTIN_TASKS
+from batchlab.tracking import GradientNoiseScaleTracker
 from batchlab.train import RunState
 
 MICRO_BATCHES = 4

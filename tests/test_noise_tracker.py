@@ -14,19 +14,19 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import batchlab
-from batchlab.data import epoch_chunks
-from batchlab.errors import ConfigError, NoiseEstimateError
-from batchlab.history import History
-from batchlab.measure.distributed import shutdown
-from batchlab.measure.noise import (
+from batchlab.core.noise_scale import (
     build_noise_scale,
-    gradient_noise_scale,
     ratio_interval,
     t_quantile,
     two_batch_estimate,
 )
+from batchlab.data import epoch_chunks
+from batchlab.errors import ConfigError, NoiseEstimateError
+from batchlab.history import History
+from batchlab.measure.distributed import shutdown
+from batchlab.measure.noise import gradient_noise_scale
 from batchlab.measure.noise_run import NoiseRun, measure_noise
-from batchlab.measure.noise_tracker import GradientNoiseScaleTracker
+from batchlab.tracking import GradientNoiseScaleTracker
 
 N = 256
 

@@ -3,12 +3,12 @@
 import importlib.metadata
 
 from batchlab.adaptive import AdaptiveBatchSize, ResizableBatchSampler, train_adaptive
+from batchlab.core.noise_scale import NoiseScale
 from batchlab.errors import BatchlabError
 from batchlab.history import Evaluation, History
 from batchlab.measure.memory import MemoryProbe, parse_size, probe_memory
-from batchlab.measure.noise import NoiseScale, gradient_noise_scale
+from batchlab.measure.noise import gradient_noise_scale
 from batchlab.measure.noise_run import NoiseRun, measure_noise
-from batchlab.measure.noise_tracker import GradientNoiseScaleTracker
 from batchlab.measure.probe import ProbeResult, probe
 from batchlab.measure.run_stats import DistanceFromInit, GradNormTracker
 from batchlab.measure.sharpness import Sharpness, epsilon_sharpness, hessian_top_eigenvalue
@@ -26,6 +26,7 @@ from batchlab.sweep import (
 )
 from batchlab.task import Task, load_task
 from batchlab.theory import BatchArithmetic, adascale_gain, calc, scale_lr
+from batchlab.tracking import GradientNoiseScaleTracker
 from batchlab.train import TrainCallback, evaluate, train
 
 __all__ = [

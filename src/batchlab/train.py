@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
+from batchlab.callbacks import RunState, TrainCallback
 from batchlab.data import Batcher, epoch_chunks
 from batchlab.errors import ConfigError
-from batchlab.history import Evaluation, History
+from batchlab.history import History
 from batchlab.recorder import RunRecorder
 from batchlab.step import (
-    TrainStep,
     autocast_context,
     build_step,
     check_scalar_loss,
@@ -31,40 +29,6 @@ from batchlab.task import Task, check_batch_size, check_lr, check_warmup_steps, 
 from batchlab.theory import scale_lr
 
 EVAL_BATCH_SIZE = 1024
-
-
-@dataclass
-class RunState:
-    """What callbacks see while a run is under way."""
-
-    task: Task
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    step_fn: TrainStep
-    device: torch.device
-    total_steps: int
-    steps_per_epoch: int
-    effective_batch_size: int
-    step: int = 0
-    examples: int = 0
-    last_loss: float | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-
-
-class TrainCallback:
-    """Hooks into `train`. Override what you need; each default does nothing.
-
-    Library callbacks must not print; put what they measure into `state.extras`, which
-    ends up in `History.extras`.
-    """
-
-    def on_start(self, state: RunState) -> None: ...
-
-    def on_step(self, state: RunState) -> None: ...
-
-    def on_eval(self, state: RunState, evaluation: Evaluation) -> None: ...
-
-    def on_end(self, state: RunState) -> None: ...
 
 
 def evaluate(
@@ -166,7 +130,7 @@ def train(
                 "track_noise: expected accumulation_steps >= 2 (the tracker contrasts "
                 f"micro-batch gradients with the step's), got {accumulation_steps!r}"
             )
-        from batchlab.measure.noise_tracker import GradientNoiseScaleTracker
+        from batchlab.tracking import GradientNoiseScaleTracker
 
         tracker = GradientNoiseScaleTracker(num_examples=task.num_train, on_nonfinite="skip")
         callbacks = [*callbacks, tracker]

@@ -2,7 +2,7 @@
 
 What `batchlab noise` runs, and the planner's noise phase: train the task and record the
 trajectory of B_simple against step and training loss (McCandlish et al. 2018 predict it
-grows as the loss falls), with the tracker (`noise_tracker.py`) or periodic exact
+grows as the loss falls), with the tracker (`batchlab.tracking`) or periodic exact
 per-example measurements.
 """
 
@@ -15,18 +15,14 @@ from dataclasses import dataclass
 
 import torch
 
+from batchlab.callbacks import RunState, TrainCallback
+from batchlab.core.noise_scale import DEFAULT_CONFIDENCE, NoiseScale, ci_from_json
 from batchlab.errors import ConfigError, NoiseEstimateError
-from batchlab.measure.noise import (
-    DEFAULT_CONFIDENCE,
-    MIN_BATCHES,
-    NoiseScale,
-    ci_from_json,
-    gradient_noise_scale,
-)
-from batchlab.measure.noise_tracker import DEFAULT_BETA, GradientNoiseScaleTracker
+from batchlab.measure.noise import MIN_BATCHES, gradient_noise_scale
 from batchlab.results import JsonResult
 from batchlab.task import Task, check_batch_size, load_task
-from batchlab.train import RunState, TrainCallback
+from batchlab.tracking import GradientNoiseScaleTracker
+from batchlab.tracking.moments import DEFAULT_BETA
 
 DEFAULT_STEPS = 300
 DEFAULT_EVERY = 10

@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from batchlab.core.noise_scale import ci_from_json
 from batchlab.errors import ConfigError
-from batchlab.measure.noise import ci_from_json
 from batchlab.measure.noise_run import NoiseRun
 from batchlab.measure.probe import ProbeResult
 from batchlab.results import JsonResult
