@@ -250,29 +250,7 @@ def gradient_noise_scale(
 
     Memory: min(num_batches, 32) gradient-sized buffers for the jackknife.
     """
-    if method not in ESTIMATORS:
-        raise ConfigError(f"method: expected one of {', '.join(ESTIMATORS)}, got {method!r}")
-    estimator: NoiseEstimator = ESTIMATORS[method]()
-    check_batch_size(batch_size)
-    estimator.check(model, batch_size)
-    if (
-        isinstance(num_batches, bool)
-        or not isinstance(num_batches, int)
-        or num_batches < MIN_BATCHES
-    ):
-        raise ConfigError(
-            f"num_batches: expected at least {MIN_BATCHES} for a confidence interval "
-            f"(jackknife over batches), got {num_batches!r}; pass e.g. 16"
-        )
-    if not 0 < confidence < 1:
-        raise ConfigError(f"confidence: expected a number in (0, 1), got {confidence!r}")
-    size = len(dataset)
-    if batch_size * num_batches > size:
-        raise ConfigError(
-            f"batch_size * num_batches: expected at most the {size} examples of the dataset "
-            f"(batches are disjoint), got {batch_size} * {num_batches} = "
-            f"{batch_size * num_batches}; use num_batches <= {size // batch_size}"
-        )
+    estimator = _check_settings(model, dataset, method, batch_size, num_batches, confidence)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise NoiseEstimateError(
@@ -307,6 +285,41 @@ def gradient_noise_scale(
         )
         del target
     return result
+
+
+def _check_settings(
+    model: nn.Module,
+    dataset: Dataset,
+    method: str,
+    batch_size: int,
+    num_batches: int,
+    confidence: float,
+) -> NoiseEstimator:
+    """Validate `gradient_noise_scale`'s settings; returns the estimator for `method`."""
+    if method not in ESTIMATORS:
+        raise ConfigError(f"method: expected one of {', '.join(ESTIMATORS)}, got {method!r}")
+    estimator: NoiseEstimator = ESTIMATORS[method]()
+    check_batch_size(batch_size)
+    estimator.check(model, batch_size)
+    if (
+        isinstance(num_batches, bool)
+        or not isinstance(num_batches, int)
+        or num_batches < MIN_BATCHES
+    ):
+        raise ConfigError(
+            f"num_batches: expected at least {MIN_BATCHES} for a confidence interval "
+            f"(jackknife over batches), got {num_batches!r}; pass e.g. 16"
+        )
+    if not 0 < confidence < 1:
+        raise ConfigError(f"confidence: expected a number in (0, 1), got {confidence!r}")
+    size = len(dataset)
+    if batch_size * num_batches > size:
+        raise ConfigError(
+            f"batch_size * num_batches: expected at most the {size} examples of the dataset "
+            f"(batches are disjoint), got {batch_size} * {num_batches} = "
+            f"{batch_size * num_batches}; use num_batches <= {size // batch_size}"
+        )
+    return estimator
 
 
 def _measure(

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -55,20 +54,7 @@ from batchlab.task import check_batch_size
 from batchlab.tracking.ddp import LocalNormHook
 from batchlab.tracking.grad_norms import MicroBatchNorms, adam_preconditioner
 from batchlab.tracking.moments import DEFAULT_BETA, WeightedMoments
-
-
-@dataclass
-class _Pending:
-    step: int
-    small_sq: list[list[torch.Tensor]]  # per-parameter norms of each weighted contribution
-    weights: list[float]  # each micro-batch's weight in the step's gradient
-    sizes: list[int]
-    big_sq: list[torch.Tensor]  # per-parameter norms of the step's gradient
-    big_size: float  # examples behind the big batch (its variance: Σ w(big_size))
-    scale: float  # AMP loss scale the gradients carry
-    pre_small_sq: list[list[torch.Tensor]] | None = None
-    pre_big_sq: list[torch.Tensor] | None = None
-    big_weight: float = 1.0  # the big batch's share of the step's gradient in `.grad`
+from batchlab.tracking.pending import PendingStep, squared_sums
 
 
 class GradientNoiseScaleTracker(TrainCallback):
@@ -134,7 +120,7 @@ class GradientNoiseScaleTracker(TrainCallback):
         self._pre_moments = WeightedMoments(self.beta)
         self._examples = 0
         self._small_total = 0.0
-        self._pending: list[_Pending] = []
+        self._pending: list[PendingStep] = []
         self._params: list[nn.Parameter] = []
         self._bound: nn.Module | None = None
         self._norms = MicroBatchNorms([], all_micro)
@@ -255,7 +241,7 @@ class GradientNoiseScaleTracker(TrainCallback):
         # The replicas' mean of |g_r|^2 stands for all of them: a = mean_r |g_r|^2
         # (stored as a norm, like the per-parameter norms elsewhere).
         self._pending.append(
-            _Pending(
+            PendingStep(
                 self._steps,
                 [[mean_local_sq.sqrt().reshape(())]],
                 [1.0],
@@ -415,7 +401,7 @@ class GradientNoiseScaleTracker(TrainCallback):
             measured = sizes if self.all_micro else sizes[:1]
             weights, big_weight, big_size = self._weights(sizes, len(measured), num_micro)
             self._pending.append(
-                _Pending(
+                PendingStep(
                     step,
                     norms.sq,
                     weights,
@@ -452,15 +438,7 @@ class GradientNoiseScaleTracker(TrainCallback):
         pending, self._pending = self._pending, []
         if not pending:
             return
-        # One device-to-host copy for everything pending (a single sync on CUDA).
-        groups = [parts for item in pending for parts in _parts_of(item)]
-        flat = [t for parts in groups for t in parts]  # 0-d tensors
-        values = torch.stack(flat).double().tolist() if flat else []
-        sums, start = [], 0
-        for parts in groups:  # each group: the per-parameter norms of one gradient
-            sums.append(math.fsum(v * v for v in values[start : start + len(parts)]))
-            start += len(parts)
-        sums = iter(sums)
+        sums = squared_sums(pending)
         for item in pending:
             scale2 = item.scale * item.scale
             small = [next(sums) / (scale2 * w * w) for w in item.weights]
@@ -510,10 +488,3 @@ class GradientNoiseScaleTracker(TrainCallback):
         self._samples.append((step, trace, grad_sq))
         self._examples += big_size
         self._small_total += sum(sizes) / len(sizes)
-
-
-def _parts_of(item: _Pending) -> list[list[torch.Tensor]]:
-    out = [*item.small_sq, item.big_sq]
-    if item.pre_small_sq is not None:
-        out += [*item.pre_small_sq, item.pre_big_sq]
-    return out
