@@ -9,9 +9,11 @@ and of their sum (the big batch) and adds the smoothed B_simple to the Trainer's
 `b_simple` (McCandlish et al. 2018, App. A.1). It needs `gradient_accumulation_steps >= 2`.
 
 What the Trainer allows, and what it does not (transformers 4.4x-5.x):
-- The Trainer clips gradients before any callback sees the last micro-step. With
-  `max_grad_norm=0` every micro-step is used; with clipping on, the last one is left out
-  (so `gradient_accumulation_steps >= 3` is needed then).
+- The Trainer clips gradients before any callback sees the last micro-step, and an epoch's
+  last step may have fewer micro-steps. With `max_grad_norm=0` every micro-step is a small
+  batch (the tracker's collector, `last=True` at `on_pre_optimizer_step`); with clipping on
+  the tracker only reads `.grad`: the first micro-step is the small batch and the first two
+  the big one (so `gradient_accumulation_steps >= 3` is needed then).
 - Micro-steps are weighted equally (loss / k, or tokens / all tokens for models that take
   `num_items_in_batch`), so micro-batches should be of equal size, as the Trainer makes them
   except at the end of an epoch (that step is skipped).
