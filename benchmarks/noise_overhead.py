@@ -27,12 +27,12 @@ import warnings
 import torch
 
 import batchlab
+from batchlab.callbacks import RunState
 from batchlab.data import Batcher, epoch_chunks
 from batchlab.measure.per_example import PerExampleGradNorms
 from batchlab.step import TrainStep, resolve_device
 from batchlab.tasks import BUILTIN_TASKS
 from batchlab.tracking import GradientNoiseScaleTracker
-from batchlab.train import RunState
 
 MICRO_BATCHES = 4
 
