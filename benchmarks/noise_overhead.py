@@ -29,10 +29,10 @@ import torch
 import batchlab
 from batchlab.callbacks import RunState
 from batchlab.data import Batcher, epoch_chunks
-from batchlab.measure.noise_tracker import GradientNoiseScaleTracker
 from batchlab.measure.per_example import PerExampleGradNorms
 from batchlab.step import TrainStep, resolve_device
 from batchlab.tasks import BUILTIN_TASKS
+from batchlab.tracking import GradientNoiseScaleTracker
 
 MICRO_BATCHES = 4
 

@@ -16,7 +16,6 @@ import torch
 
 import batchlab
 from batchlab.adaptive import AdaptiveBatchSize, ResizableBatchSampler
-from batchlab.adaptive.grad_norms import MicroBatchGradNorms
 from batchlab.adaptive.noise_source import smoothed_noise_estimate
 
 
@@ -41,21 +40,23 @@ def main() -> None:
         fixed_accumulation_steps=2,
         max_batch_size=len(task.train_data) // 4,
     )
-    noise = smoothed_noise_estimate()
-    norms = MicroBatchGradNorms(model.parameters(), noise.update, weighting="equal")
+    # Each micro loss is scaled by 1/k: equal weighting. The tracker reads each micro-batch's
+    # gradient norm after its backward; the step's gradient stays exactly the same.
+    noise = smoothed_noise_estimate(weighting="equal")
+    tracker = noise.tracker
     sampler = ResizableBatchSampler(task.train_data, controller.micro_batch_size, seed=0)
 
     for step in range(1, steps + 1):
         k = controller.accumulation_steps
         optimizer.zero_grad(set_to_none=True)
-        for _ in range(k):
+        for i in range(k):
             m = controller.micro_batch_size
             indices = sampler.take(m) or sampler.take(m)  # None: an epoch ended
             start = time.perf_counter()
             (task.loss(model, task.train_data[indices]) / k).backward()
             controller.throughput.observe_micro(len(indices), time.perf_counter() - start)
-            norms.after_backward(len(indices))
-        norms.end_step()
+            tracker.after_backward(model, len(indices), last=i == k - 1)
+        tracker.end_step(model)
         start = time.perf_counter()
         optimizer.step()
         controller.throughput.observe_optimizer(time.perf_counter() - start)

@@ -172,7 +172,6 @@ def exact_b_simple(x, y, w):
     [((8, 8, 8, 8), "size"), ((10, 10, 5), "size"), ((6, 6), "equal"), ((8, 4, 4), "equal")],
 )
 def test_micro_batch_norms_estimate_the_exact_noise_scale(sizes, weighting):
-    from batchlab.adaptive.grad_norms import MicroBatchGradNorms
     from batchlab.adaptive.noise_source import smoothed_noise_estimate
 
     g = torch.Generator().manual_seed(0)
@@ -182,24 +181,24 @@ def test_micro_batch_norms_estimate_the_exact_noise_scale(sizes, weighting):
     )
     w = torch.nn.Parameter(torch.tensor([0.8, -1.5, 0.0, 0.3, 2.0], dtype=torch.float64))
     exact = exact_b_simple(x, y, w.detach())
-    estimate = smoothed_noise_estimate(decay=0.999)
-    norms = MicroBatchGradNorms([w], estimate.update, weighting=weighting)
+    estimate = smoothed_noise_estimate(decay=0.999, weighting=weighting)
+    holder = torch.nn.Module()
+    holder.w = w
     total = sum(sizes)
     for _ in range(1500):
         w.grad = None
-        for b in sizes:  # sampled with replacement: E|g_b|^2 = |G|^2 + tr(Sigma)/b exactly
+        for i, b in enumerate(sizes):  # with replacement: E|g_b|^2 = |G|^2 + tr(Sigma)/b
             idx = torch.randint(0, 64, (b,), generator=g)
             loss = 0.5 * ((x[idx] @ w - y[idx]) ** 2).mean()
             weight = b / total if weighting == "size" else 1 / len(sizes)
             (loss * weight).backward()
-            norms.after_backward(b)
-        norms.end_step()
+            estimate.tracker.after_backward(holder, b, last=i == len(sizes) - 1)
+        estimate.tracker.end_step(holder)
     assert estimate.b_simple() == pytest.approx(exact, rel=0.15)
 
 
 def test_micro_batch_norms_without_the_last_micro_batch():
     """The HF Trainer path: the last of k micro-batches is clipped before a hook sees it."""
-    from batchlab.adaptive.grad_norms import MicroBatchGradNorms
     from batchlab.adaptive.noise_source import smoothed_noise_estimate
 
     g = torch.Generator().manual_seed(1)
@@ -207,17 +206,22 @@ def test_micro_batch_norms_without_the_last_micro_batch():
     y = torch.randn(64, generator=g, dtype=torch.float64)
     w = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
     exact = exact_b_simple(x, y, w.detach())
-    estimate = smoothed_noise_estimate(decay=0.999)
-    norms = MicroBatchGradNorms([w], estimate.update, weighting="equal")
-    for _ in range(1500):
+    # What NoiseScaleCallback does with clipping on: read-only (all_micro=False), the first
+    # micro-batch is the small batch and the first two the big one, read before the third.
+    # One small sample a step instead of two: a plain mean (fixed weights) over more steps.
+    estimate = smoothed_noise_estimate(decay=1.0, weighting="equal", all_micro=False)
+    holder = torch.nn.Module()
+    holder.w = w
+    for _ in range(4000):
         w.grad = None
         for i in range(3):
             idx = torch.randint(0, 64, (8,), generator=g)
             (0.5 * ((x[idx] @ w - y[idx]) ** 2).mean() / 3).backward()
             if i < 2:
-                norms.after_backward(8)
+                estimate.tracker.after_backward(holder, 8)
+            if i == 1:
+                estimate.tracker.end_step(holder, num_micro=3)
         w.grad.mul_(0.01)  # clipping the whole step must not matter
-        norms.end_step(num_micro=3)
     assert estimate.b_simple() == pytest.approx(exact, rel=0.15)
 
 

@@ -11,18 +11,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from batchlab.errors import BatchlabError, ConfigError, NoiseEstimateError, TaskError
-from batchlab.measure.noise import (
-    ESTIMATORS,
+from batchlab.core.noise_scale import (
     NoiseScale,
     batch_variance_factor,
     build_noise_scale,
     expected_batch_grad_sq,
-    gradient_noise_scale,
     ratio_interval,
     t_quantile,
     two_batch_estimate,
 )
+from batchlab.errors import BatchlabError, ConfigError, NoiseEstimateError, TaskError
+from batchlab.measure.noise import ESTIMATORS, gradient_noise_scale
 from batchlab.measure.state import live_tensor_bytes
 
 N = 96  # examples; small enough that batches cover a large share of the data

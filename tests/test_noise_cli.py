@@ -132,7 +132,7 @@ def test_unsplittable_reference_batch(capsys, task_file):
 def test_plot_draws_into_given_axes_and_handles_unbounded_intervals(task_file):
     from matplotlib.figure import Figure
 
-    from batchlab.measure.noise import build_noise_scale
+    from batchlab.core.noise_scale import build_noise_scale
     from batchlab.measure.noise_run import NoisePoint
     from batchlab.report.noise_plots import plot_noise_run
 

@@ -14,19 +14,19 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import batchlab
-from batchlab.data import epoch_chunks
-from batchlab.errors import ConfigError, NoiseEstimateError
-from batchlab.history import History
-from batchlab.measure.distributed import shutdown
-from batchlab.measure.noise import (
+from batchlab.core.noise_scale import (
     build_noise_scale,
-    gradient_noise_scale,
     ratio_interval,
     t_quantile,
     two_batch_estimate,
 )
+from batchlab.data import epoch_chunks
+from batchlab.errors import ConfigError, NoiseEstimateError
+from batchlab.history import History
+from batchlab.measure.distributed import shutdown
+from batchlab.measure.noise import gradient_noise_scale
 from batchlab.measure.noise_run import NoiseRun, measure_noise
-from batchlab.measure.noise_tracker import GradientNoiseScaleTracker
+from batchlab.tracking import GradientNoiseScaleTracker
 
 N = 256
 
@@ -361,6 +361,87 @@ def test_measure_noise_records_points_and_round_trips(method):
     assert set(data) >= {"points", "final"}
     assert set(data["points"][0]) >= {"step", "examples", "train_loss", "b_simple", "b_simple_ci"}
     assert NoiseRun.from_json(run.to_json()) == run
+
+
+def _tracked_adam_steps(tracker, steps, *, state=None):
+    """Plain-loop Adam steps from the same start; yields the tracker's estimate after each."""
+    task = make_task(lambda params, lr: torch.optim.Adam(params, lr=lr))
+    model, opt = state or (initial_model(task), None)
+    opt = opt or task.optimizer(model.parameters(), task.lr)
+    tracker.bind(model, opt)
+    x, y = task.train_data.tensors
+    for indices in steps:
+        opt.zero_grad(set_to_none=True)
+        for i, idx in enumerate(indices.split(8)):
+            (task.loss(model, (x[idx], y[idx])) * len(idx) / len(indices)).backward()
+            tracker.after_backward(model, len(idx), last=i == 3)
+        tracker.end_step(model)
+        opt.step()
+        yield tracker.noise_scale(), (model, opt)
+
+
+def test_state_dict_resumes_with_exactly_the_same_estimates(tmp_path):
+    chunks = epoch_chunks(N, 32, torch.Generator().manual_seed(0))[:8]
+
+    def make():
+        return GradientNoiseScaleTracker(num_examples=N, preconditioned=True, beta=0.8)
+
+    through = [est for est, _ in _tracked_adam_steps(make(), chunks)]
+    first = make()
+    state = list(_tracked_adam_steps(first, chunks[:5]))[-1][1]  # the model and Adam
+    torch.save(first.state_dict(), tmp_path / "tracker.pt")
+    resumed = make()
+    resumed.load_state_dict(torch.load(tmp_path / "tracker.pt", weights_only=True))
+    after = [est for est, _ in _tracked_adam_steps(resumed, chunks[5:], state=state)]
+    assert after == through[5:]  # bit for bit, the preconditioned estimate included
+    assert after[-1].preconditioned is not None and after[-1].num_examples == 8 * 32
+    assert resumed.samples == _samples_of(chunks)  # steps 1-5 saved, 6-8 measured after
+
+
+def _samples_of(chunks):
+    tracker = GradientNoiseScaleTracker(num_examples=N, preconditioned=True, beta=0.8)
+    for _ in _tracked_adam_steps(tracker, chunks):
+        pass
+    return tracker.samples
+
+
+@pytest.mark.parametrize("all_micro", [True, False])
+def test_equal_weighting_ended_before_the_last_micro_batch(all_micro):
+    """The Hugging Face path with clipping: losses / k, the big batch read before the last."""
+    task = make_task()
+    model = initial_model(task)
+    x, y = task.train_data.tensors
+    indices = epoch_chunks(N, 24, torch.Generator().manual_seed(0))[0]
+    small, big = micro_sq_norms(model, task, indices[:16], 8)
+    tracker = GradientNoiseScaleTracker(num_examples=N, weighting="equal", all_micro=all_micro)
+    for i, idx in enumerate(indices.split(8)):
+        (task.loss(model, (x[idx], y[idx])) / 3).backward()
+        if i < 2:
+            tracker.after_backward(model, 8, last=i == 1)
+        if i == 1:
+            tracker.end_step(model, num_micro=3)
+    small = small if all_micro else small[:1]
+    expected = two_batch_estimate(statistics.mean(small), 8, big, 16, N)
+    assert tracker.samples[0][1:] == pytest.approx(expected, rel=1e-5)
+    full = torch.autograd.grad(task.loss(model, (x[indices], y[indices])), [*model.parameters()])
+    assert all(
+        torch.allclose(p.grad, f, atol=1e-7) for p, f in zip(model.parameters(), full, strict=True)
+    )
+
+
+def test_state_dict_refuses_another_beta_and_a_step_in_progress():
+    tracker = GradientNoiseScaleTracker(beta=0.9)
+    tracker.update([1.0], [4], 0.5, 16)
+    state = tracker.state_dict()
+    with pytest.raises(ConfigError) as err:
+        GradientNoiseScaleTracker(beta=0.95).load_state_dict(state)
+    assert "beta=0.9" in str(err.value)
+    model = nn.Linear(3, 2)
+    model(torch.randn(4, 3)).sum().backward()
+    tracker.after_backward(model, 4)
+    with pytest.raises(ConfigError) as err:
+        tracker.state_dict()
+    assert "between optimizer steps" in str(err.value)
 
 
 # --- DDP -------------------------------------------------------------------------------------

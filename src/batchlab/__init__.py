@@ -6,12 +6,12 @@ from batchlab.adaptive import AdaptiveBatchSize, ResizableBatchSampler, train_ad
 from batchlab.callbacks import TrainCallback, evaluate
 from batchlab.core.batching import BatchArithmetic, calc
 from batchlab.core.lr import adascale_gain, scale_lr
+from batchlab.core.noise_scale import NoiseScale
 from batchlab.errors import BatchlabError
 from batchlab.history import Evaluation, History
 from batchlab.measure.memory import MemoryProbe, probe_memory
-from batchlab.measure.noise import NoiseScale, gradient_noise_scale
+from batchlab.measure.noise import gradient_noise_scale
 from batchlab.measure.noise_run import NoiseRun, measure_noise
-from batchlab.measure.noise_tracker import GradientNoiseScaleTracker
 from batchlab.measure.probe import ProbeResult, probe
 from batchlab.measure.run_stats import DistanceFromInit, GradNormTracker
 from batchlab.measure.sharpness import Sharpness, epsilon_sharpness, hessian_top_eigenvalue
@@ -30,6 +30,7 @@ from batchlab.sweep import (
 )
 from batchlab.task import Task
 from batchlab.tasks import load_task
+from batchlab.tracking import GradientNoiseScaleTracker
 from batchlab.train import train
 
 __all__ = [

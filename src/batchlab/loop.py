@@ -40,13 +40,13 @@ from typing import Any
 import torch
 
 from batchlab.callbacks import RunState, TrainCallback
+from batchlab.core.checks import check_batch_size
 from batchlab.data import epoch_chunks
 from batchlab.errors import ConfigError
 from batchlab.history import History
 from batchlab.recorder import RunRecorder
 from batchlab.step import build_step
 from batchlab.target import Target
-from batchlab.core.checks import check_batch_size
 from batchlab.task import Task
 
 Clock = Callable[[], float]

@@ -77,5 +77,3 @@ class Task:
     @property
     def num_val(self) -> int:
         return 0 if self.val_data is None else len(self.val_data)
-
-

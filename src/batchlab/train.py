@@ -14,15 +14,16 @@ from collections.abc import Sequence
 import torch
 
 from batchlab.callbacks import TrainCallback
+from batchlab.core.checks import check_batch_size, check_lr, check_warmup_steps
+from batchlab.core.lr import scale_lr
 from batchlab.errors import ConfigError
 from batchlab.history import History
 from batchlab.loop import FixedBatch, check_run_length, run_training
 from batchlab.step import resolve_device
 from batchlab.target import Target, target_for_task
-from batchlab.core.checks import check_batch_size, check_lr, check_warmup_steps
 from batchlab.task import Task
 from batchlab.tasks import load_task
-from batchlab.core.lr import scale_lr
+from batchlab.tracking import GradientNoiseScaleTracker
 
 
 def _plan_length(
@@ -126,7 +127,4 @@ def _noise_tracker(task: Task, accumulation_steps: int) -> TrainCallback:
             "track_noise: expected accumulation_steps >= 2 (the tracker contrasts "
             f"micro-batch gradients with the step's), got {accumulation_steps!r}"
         )
-    # moves to batchlab.tracking with the noise branch
-    from batchlab.measure.noise_tracker import GradientNoiseScaleTracker
-
     return GradientNoiseScaleTracker(num_examples=task.num_train, on_nonfinite="skip")

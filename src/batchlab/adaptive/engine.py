@@ -24,14 +24,14 @@ from batchlab.adaptive.noise_source import FixedNoise, NoiseSource
 from batchlab.adaptive.sampler import ResizableBatchSampler
 from batchlab.adaptive.throughput_model import FixedThroughput, ThroughputModel
 from batchlab.callbacks import RunState, TrainCallback
+from batchlab.core.checks import check_batch_size, check_lr, check_warmup_steps
+from batchlab.core.step_time import StepTimeModel
 from batchlab.errors import ConfigError
 from batchlab.history import History
 from batchlab.loop import BatchPolicy, BatchSummary, Clock, StepPlan, check_run_length, run_training
 from batchlab.recorder import RunRecorder
 from batchlab.step import TrainStep, resolve_device
 from batchlab.target import Target, target_for_task
-from batchlab.core.checks import check_batch_size, check_lr, check_warmup_steps
-from batchlab.core.step_time import StepTimeModel
 from batchlab.task import Task
 from batchlab.tasks import load_task
 

@@ -2,7 +2,7 @@
 
 While a step has two or more micro-batches, their gradients are the small batches and the
 step's gradient the big one of the two-batch estimator (McCandlish et al. 2018, App. A.1):
-`MicroBatchGradNorms` reads them from `.grad` as accumulation goes. While a step would be a
+the tracker (`batchlab.tracking`) reads them from `.grad` as accumulation goes. While a step would be a
 single micro-batch on one replica, there are no small-batch gradients to reuse; instead of
 spending extra forward/backward passes on a standalone estimate, the engine runs every
 `split_every`-th step as two half micro-batches. That step's update is the same (up to
@@ -14,7 +14,7 @@ measured training time includes.
 from __future__ import annotations
 
 from batchlab.callbacks import RunState, TrainCallback
-from batchlab.measure.noise_tracker import GradientNoiseScaleTracker
+from batchlab.tracking import GradientNoiseScaleTracker
 
 
 class MeasuredNoise(TrainCallback):

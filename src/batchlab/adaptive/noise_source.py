@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from batchlab.errors import NoiseEstimateError
+from batchlab.tracking import GradientNoiseScaleTracker
 
 
 @runtime_checkable
@@ -47,24 +48,22 @@ class FixedNoise:
 
 
 class TrackerEstimate:
-    """A `NoiseSource` over `batchlab.GradientNoiseScaleTracker.update`, for integrations
-    that collect the micro-batch norms themselves (`MicroBatchGradNorms`)."""
+    """A `NoiseSource` over a `batchlab.GradientNoiseScaleTracker`, for loops and
+    integrations that feed the tracker themselves (`estimate.tracker.after_backward`,
+    `end_step`, or `attach_ddp`/`ddp_end_step`)."""
 
-    def __init__(self, tracker) -> None:
+    def __init__(self, tracker: GradientNoiseScaleTracker) -> None:
         self.tracker = tracker
-
-    def update(
-        self, small_sq_norm: float, small_batch: float, big_sq_norm: float, big_batch: float
-    ) -> None:
-        self.tracker.update([small_sq_norm], [small_batch], big_sq_norm, big_batch)
 
     def b_simple(self, step: int = 0) -> float | None:
         value = self.tracker.b_simple
         return value if value is not None and value > 0 and math.isfinite(value) else None
 
 
-def smoothed_noise_estimate(decay: float = 0.95) -> TrackerEstimate:
-    """The smoothed two-batch estimator (bias-corrected EMAs of tr(Sigma) and |G|^2)."""
-    from batchlab.measure.noise_tracker import GradientNoiseScaleTracker
+def smoothed_noise_estimate(decay: float = 0.95, **settings: Any) -> TrackerEstimate:
+    """The smoothed two-batch estimator (bias-corrected EMAs of tr(Sigma) and |G|^2).
 
-    return TrackerEstimate(GradientNoiseScaleTracker(beta=decay))
+    `settings` go to `GradientNoiseScaleTracker` (e.g. `weighting="equal"` for loops that
+    scale each micro-batch loss by 1/k).
+    """
+    return TrackerEstimate(GradientNoiseScaleTracker(beta=decay, **settings))

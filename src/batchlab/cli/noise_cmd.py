@@ -21,7 +21,7 @@ from batchlab.cli.common import (
     fmt,
     write_json,
 )
-from batchlab.measure.noise import NoiseScale
+from batchlab.core.noise_scale import NoiseScale
 from batchlab.measure.noise_run import DEFAULT_EVERY, DEFAULT_STEPS, measure_noise
 from batchlab.tasks import load_task
 

@@ -28,7 +28,6 @@ from typing import Any
 
 from batchlab.adaptive.controller import AdaptiveBatchSize as Controller
 from batchlab.adaptive.controller import Decision, LrRule
-from batchlab.adaptive.grad_norms import MicroBatchGradNorms
 from batchlab.adaptive.noise_source import smoothed_noise_estimate
 from batchlab.adaptive.sampler import ResizableBatchSampler
 from batchlab.errors import ConfigError, NoiseEstimateError
@@ -63,12 +62,15 @@ class NoiseScaleMonitor(Callback):
     """
 
     def __init__(self, decay: float = 0.95, name: str = "b_simple") -> None:
-        self.estimate = smoothed_noise_estimate(decay)
+        # Lightning scales each micro-batch loss by 1/accumulate_grad_batches: equal weights.
+        self.estimate = smoothed_noise_estimate(decay, weighting="equal")
+        self.tracker = self.estimate.tracker
         self.name = name
         self.b_simple: float | None = None
         self.history: list[tuple[int, float]] = []  # (global step, B_simple)
-        self._norms: MicroBatchGradNorms | None = None
+        self._active = False
         self._size = 0
+        self._last = False
         self._fresh = False
 
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -83,21 +85,25 @@ class NoiseScaleMonitor(Callback):
                 f">=2), got {trainer.accumulate_grad_batches}; halve the batch size and set "
                 "accumulate_grad_batches=2 (same update), or measure with `batchlab noise`"
             )
-        self._norms = MicroBatchGradNorms(
-            pl_module.parameters(), self.estimate.update, weighting="equal"
-        )
+        self.tracker.bind(pl_module)
+        self._active = True
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._size = _batch_len(batch)
+        # Lightning's own rule for the end of an accumulation window: every k-th batch, or
+        # the epoch's last. The tracker puts the step's gradient back into `.grad` after
+        # it, before AMP unscaling and clipping read it.
+        k = trainer.accumulate_grad_batches
+        self._last = (batch_idx + 1) % k == 0 or batch_idx + 1 == trainer.num_training_batches
 
     def on_after_backward(self, trainer, pl_module) -> None:
-        if self._norms is not None:
-            self._norms.after_backward(self._size)
+        if self._active:
+            self.tracker.after_backward(pl_module, self._size, last=self._last)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if self._norms is None:
+        if not self._active:
             return
-        self._norms.end_step()
+        self.tracker.end_step(pl_module)
         value = self.estimate.b_simple()
         if value is not None:
             self.b_simple = value

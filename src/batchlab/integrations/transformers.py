@@ -9,9 +9,11 @@ and of their sum (the big batch) and adds the smoothed B_simple to the Trainer's
 `b_simple` (McCandlish et al. 2018, App. A.1). It needs `gradient_accumulation_steps >= 2`.
 
 What the Trainer allows, and what it does not (transformers 4.4x-5.x):
-- The Trainer clips gradients before any callback sees the last micro-step. With
-  `max_grad_norm=0` every micro-step is used; with clipping on, the last one is left out
-  (so `gradient_accumulation_steps >= 3` is needed then).
+- The Trainer clips gradients before any callback sees the last micro-step, and an epoch's
+  last step may have fewer micro-steps. With `max_grad_norm=0` every micro-step is a small
+  batch (the tracker's collector, `last=True` at `on_pre_optimizer_step`); with clipping on
+  the tracker only reads `.grad`: the first micro-step is the small batch and the first two
+  the big one (so `gradient_accumulation_steps >= 3` is needed then).
 - Micro-steps are weighted equally (loss / k, or tokens / all tokens for models that take
   `num_items_in_batch`), so micro-batches should be of equal size, as the Trainer makes them
   except at the end of an epoch (that step is skipped).
@@ -32,7 +34,6 @@ from __future__ import annotations
 import time
 
 from batchlab.adaptive.controller import AdaptiveBatchSize, Decision, LrRule
-from batchlab.adaptive.grad_norms import MicroBatchGradNorms
 from batchlab.adaptive.noise_source import smoothed_noise_estimate
 from batchlab.errors import NoiseEstimateError
 
@@ -54,12 +55,15 @@ class NoiseScaleCallback(TrainerCallback):
     """
 
     def __init__(self, decay: float = 0.95, name: str = "b_simple") -> None:
-        self.estimate = smoothed_noise_estimate(decay)
+        self.decay = decay
+        self.estimate = smoothed_noise_estimate(decay, weighting="equal")
+        self.tracker = self.estimate.tracker
         self.name = name
         self.b_simple: float | None = None
         self.history: list[tuple[int, float]] = []  # (global step, B_simple)
-        self._norms: MicroBatchGradNorms | None = None
+        self._active = False
         self._clipping = False
+        self._substep = 0  # micro-steps seen in the current optimizer step
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         k = args.gradient_accumulation_steps
@@ -77,20 +81,36 @@ class NoiseScaleCallback(TrainerCallback):
                 f"{needed}{why}, got {k}; raise it (and lower per_device_train_batch_size), "
                 "or set max_grad_norm=0"
             )
-        self._norms = MicroBatchGradNorms(model.parameters(), self.estimate.update, "equal")
-
-    def on_substep_end(self, args, state, control, **kwargs):
-        if self._norms is not None:
-            self._norms.after_backward(args.per_device_train_batch_size)
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self._norms is None:
-            return
         if self._clipping:
-            self._norms.end_step(num_micro=args.gradient_accumulation_steps)
-        else:
-            self._norms.after_backward(args.per_device_train_batch_size)
-            self._norms.end_step()
+            # The Trainer clips `.grad` after the last backward, before any callback, and an
+            # epoch's last step may be short: the tracker must never hold `.grad` then. It
+            # reads only (all_micro=False): the first micro-step is the small batch, the
+            # first two the big one.
+            self.estimate = smoothed_noise_estimate(self.decay, weighting="equal", all_micro=False)
+            self.tracker = self.estimate.tracker
+        self.tracker.bind(model)
+        self._active = True
+
+    def on_substep_end(self, args, state, control, model=None, **kwargs):
+        if not self._active:
+            return
+        self._substep += 1
+        if not self._clipping:
+            self.tracker.after_backward(model, args.per_device_train_batch_size)
+        elif self._substep <= 2:
+            self.tracker.after_backward(model, args.per_device_train_batch_size)
+            if self._substep == 2:
+                self.tracker.end_step(model, num_micro=args.gradient_accumulation_steps)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if not self._active:
+            return
+        substeps, self._substep = self._substep, 0
+        if not self._clipping:
+            self.tracker.after_backward(model, args.per_device_train_batch_size, last=True)
+            self.tracker.end_step(model)
+        elif substeps < 2:  # a short step: too few micro-steps before the clipped one
+            self.tracker.end_step(model)  # drops the lone small batch; `.grad` untouched
         value = self.estimate.b_simple()
         if value is not None:
             self.b_simple = value

@@ -2,7 +2,7 @@
 
 What `batchlab noise` runs, and the planner's noise phase: train the task and record the
 trajectory of B_simple against step and training loss (McCandlish et al. 2018 predict it
-grows as the loss falls), with the tracker (`noise_tracker.py`) or periodic exact
+grows as the loss falls), with the tracker (`batchlab.tracking`) or periodic exact
 per-example measurements.
 """
 
@@ -17,18 +17,14 @@ import torch
 
 from batchlab.callbacks import RunState, TrainCallback
 from batchlab.core.checks import check_batch_size
+from batchlab.core.noise_scale import DEFAULT_CONFIDENCE, NoiseScale, ci_from_json
 from batchlab.errors import ConfigError, NoiseEstimateError
-from batchlab.measure.noise import (
-    DEFAULT_CONFIDENCE,
-    MIN_BATCHES,
-    NoiseScale,
-    ci_from_json,
-    gradient_noise_scale,
-)
-from batchlab.measure.noise_tracker import DEFAULT_BETA, GradientNoiseScaleTracker
+from batchlab.measure.noise import MIN_BATCHES, gradient_noise_scale
 from batchlab.results import JsonResult
 from batchlab.task import Task
 from batchlab.tasks import load_task
+from batchlab.tracking import GradientNoiseScaleTracker
+from batchlab.tracking.moments import DEFAULT_BETA
 
 DEFAULT_STEPS = 300
 DEFAULT_EVERY = 10
@@ -167,45 +163,22 @@ def measure_noise(
         raise ConfigError(f"method: expected two-batch or per-example, got {method!r}")
     ref = task.batch_size
     if method == "two-batch":
-        k = _accumulation_split(ref) if micro_batches is None else micro_batches
-        check_batch_size(k, what="micro_batches")
-        if k < 2 or ref % k:
-            raise ConfigError(
-                f"micro_batches: expected a divisor >= 2 of the reference batch {ref}, got {k}"
-            )
-        micro = ref // k
-        tracker = GradientNoiseScaleTracker(
-            beta=beta,
-            every=every,
-            num_examples=task.num_train,
-            confidence=confidence,
-            preconditioned=True,
-            on_nonfinite="skip",
-        )
-        extra: list[TrainCallback] = [tracker]
+        k, tracker = _two_batch_setup(task, micro_batches, beta, every, confidence)
+        measurement: TrainCallback = tracker
     else:
-        k, micro = 1, 1
-        check_batch_size(num_batches, what="num_batches")
-        # Each measurement draws disjoint batches: cap them at what the dataset holds.
-        num_batches = min(num_batches, task.num_train // ref)
-        if num_batches < MIN_BATCHES:
-            raise ConfigError(
-                f"per-example: {task.name!r} has {task.num_train} examples, fewer than "
-                f"{MIN_BATCHES} disjoint batches of its reference batch {ref}; use "
-                "method='two-batch'"
-            )
-        periodic = _PeriodicMeasurement(every, num_batches, seed, confidence)
-        extra = [periodic]
+        k = 1
+        measurement = _per_example_setup(task, num_batches, every, seed, confidence)
+    micro = ref // k if method == "two-batch" else 1
     t0 = time.perf_counter()
     history = train(
         task,
-        ref // k if method == "two-batch" else ref,
+        ref // k,
         accumulation_steps=k,
         max_steps=steps,
         eval_every=steps,
         device=device,
         seed=seed,
-        callbacks=[*extra, *callbacks],
+        callbacks=[measurement, *callbacks],
     )
     seconds = time.perf_counter() - t0
     if history.diverged:
@@ -213,7 +186,71 @@ def measure_noise(
             f"non-finite loss at training step {history.diverged_step} of {task.name!r} at its "
             f"reference lr {task.lr:g}; B_simple is undefined there"
         )
-    if method == "two-batch":
+    raw, final = _raw_points(measurement, task)
+    points = _with_train_loss(raw, dict(zip(history.steps, history.train_loss, strict=True)))
+    return NoiseRun(
+        task=task.name,
+        method=method,
+        steps=history.total_steps,
+        every=every,
+        seed=seed,
+        device=history.device,
+        batch_size=ref,
+        micro_batch_size=micro,
+        lr=history.lr,
+        num_train=task.num_train,
+        beta=beta,
+        points=points,
+        final=final,
+        train_seconds=seconds,
+    )
+
+
+def _two_batch_setup(
+    task: Task, micro_batches: int | None, beta: float, every: int, confidence: float
+) -> tuple[int, GradientNoiseScaleTracker]:
+    """(accumulation steps, tracker) for the two-batch method."""
+    ref = task.batch_size
+    k = _accumulation_split(ref) if micro_batches is None else micro_batches
+    check_batch_size(k, what="micro_batches")
+    if k < 2 or ref % k:
+        raise ConfigError(
+            f"micro_batches: expected a divisor >= 2 of the reference batch {ref}, got {k}"
+        )
+    tracker = GradientNoiseScaleTracker(
+        beta=beta,
+        every=every,
+        num_examples=task.num_train,
+        confidence=confidence,
+        preconditioned=True,
+        on_nonfinite="skip",
+    )
+    return k, tracker
+
+
+def _per_example_setup(
+    task: Task, num_batches: int, every: int, seed: int, confidence: float
+) -> _PeriodicMeasurement:
+    check_batch_size(num_batches, what="num_batches")
+    ref = task.batch_size
+    # Each measurement draws disjoint batches: cap them at what the dataset holds.
+    num_batches = min(num_batches, task.num_train // ref)
+    if num_batches < MIN_BATCHES:
+        raise ConfigError(
+            f"per-example: {task.name!r} has {task.num_train} examples, fewer than "
+            f"{MIN_BATCHES} disjoint batches of its reference batch {ref}; use "
+            "method='two-batch'"
+        )
+    return _PeriodicMeasurement(every, num_batches, seed, confidence)
+
+
+_RawPoint = tuple[int, int, float | None, Sequence[float], bool]
+
+
+def _raw_points(measurement: TrainCallback, task: Task) -> tuple[list[_RawPoint], NoiseScale]:
+    """(step, examples, b_simple, interval, reliable) of each point, and the final estimate."""
+    if isinstance(measurement, GradientNoiseScaleTracker):
+        tracker = measurement
         if tracker.nonfinite_step is not None:
             raise NoiseEstimateError(
                 f"non-finite gradient at training step {tracker.nonfinite_step} of "
@@ -223,14 +260,17 @@ def measure_noise(
             (p["step"], p["examples"], p["b_simple"], p["b_simple_ci"], p["reliable"])
             for p in tracker.points
         ]
-        final = tracker.noise_scale()
-    else:
-        raw = [
-            (s, examples, r.b_simple, r.b_simple_ci, r.reliable)
-            for s, (examples, r) in sorted(periodic.results.items())
-        ]
-        final = periodic.results[max(periodic.results)][1]
-    losses = dict(zip(history.steps, history.train_loss, strict=True))
+        return raw, tracker.noise_scale()
+    results = measurement.results
+    raw = [
+        (s, examples, r.b_simple, r.b_simple_ci, r.reliable)
+        for s, (examples, r) in sorted(results.items())
+    ]
+    return raw, results[max(results)][1]
+
+
+def _with_train_loss(raw: list[_RawPoint], losses: dict[int, float]) -> tuple[NoisePoint, ...]:
+    """NoisePoints with the mean finite training loss over the steps since the last point."""
     points, previous = [], 0
     for step, examples, b_simple, ci, reliable in raw:
         window = [losses[s] for s in range(previous + 1, step + 1) if s in losses]
@@ -246,19 +286,4 @@ def measure_noise(
             )
         )
         previous = step
-    return NoiseRun(
-        task=task.name,
-        method=method,
-        steps=history.total_steps,
-        every=every,
-        seed=seed,
-        device=history.device,
-        batch_size=ref,
-        micro_batch_size=micro,
-        lr=history.lr,
-        num_train=task.num_train,
-        beta=beta,
-        points=tuple(points),
-        final=final,
-        train_seconds=seconds,
-    )
+    return tuple(points)

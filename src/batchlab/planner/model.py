@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 
 from batchlab.core.batching import split
 from batchlab.core.lr import TRAIN_LR_RULES, scale_lr, warmup_steps_for
+from batchlab.core.noise_scale import ci_from_json
 from batchlab.core.optim import default_lr_rule
 from batchlab.core.step_time import StepTimeModel, fit_step_time
 from batchlab.core.tradeoff import efficient_batch_size, predicted_speedup, relative_steps
 from batchlab.errors import ConfigError
-from batchlab.measure.noise import ci_from_json
 from batchlab.measure.noise_run import NoiseRun
 from batchlab.measure.probe import ProbeResult
 from batchlab.results import JsonResult

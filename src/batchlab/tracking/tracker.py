@@ -7,7 +7,7 @@ small batches, their weighted mean (the step's gradient) the big batch. A micro-
 gradient is normally lost in `.grad`, which accumulates; the tracker instead moves each
 micro-batch's fresh gradient into its own running sum (the addition autograd would have
 done) and takes its norm, so the only extra work is one norm pass per micro-batch
-(`_MicroNorms`). The step's gradient, and so training, is bitwise unchanged.
+(`tracking.grad_norms.MicroBatchNorms`, the one collector). The step's gradient, and so training, is bitwise unchanged.
 
 The samples are averaged with an exponential moving average, numerator and denominator
 separately and bias-corrected (appendix A.1: the ratio of unbiased averages, never the
@@ -23,8 +23,11 @@ Three ways to feed it:
   `tracker.end_step(model)` before `optimizer.step()`;
 - DDP: `tracker.attach_ddp(ddp_model)` once, `tracker.ddp_end_step(ddp_model, local_batch)`
   after each backward: each replica's local gradient norm is taken in a comm hook, before
-  the all-reduce.
+  the all-reduce (`tracking.ddp`, the one DDP path).
 
+The Lightning and Hugging Face integrations feed it through the plain-loop API, and
+`batchlab.integrations.ddp.DDPNoiseScale` through the DDP one. `state_dict()` /
+`load_state_dict()` carry the estimate across a resumed run.
 `batchlab.measure.noise_run.measure_noise` uses it to record B_simple along a training run.
 """
 
@@ -32,7 +35,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,75 +42,19 @@ from torch import nn
 
 from batchlab.callbacks import RunState, TrainCallback
 from batchlab.core.checks import check_batch_size
-from batchlab.errors import ConfigError, NoiseEstimateError
-from batchlab.measure.noise import (
+from batchlab.core.noise_scale import (
     DEFAULT_CONFIDENCE,
     MAX_CI_RATIO,
     NoiseScale,
-    adam_preconditioner,
     batch_variance_factor,
     build_noise_scale,
     solve_two_batch,
 )
-
-DEFAULT_BETA = 0.95  # EMA decay per step: an averaging window of about 20 steps
-
-
-class _WeightedMoments:
-    """Bias-corrected EMA of per-step (tr, |G|^2) samples and of their second moments.
-
-    With weights u_s = (1 - beta) beta^(t-s), the bias-corrected EMA is the weighted mean
-    with normalized weights u_s / sum(u). Tracking sum(u^2) too gives the variance of that
-    mean (sum(w^2) times the reliability-weighted sample covariance) and the effective
-    sample size 1 / sum(w^2). beta = 1 is the plain running mean.
-    """
-
-    def __init__(self, beta: float) -> None:
-        self.beta = beta
-        self.count = 0
-        self.weight = 0.0  # sum u
-        self.weight_sq = 0.0  # sum u^2
-        self.sums = [0.0] * 5  # x, y, xx, yy, xy
-
-    def add(self, x: float, y: float) -> None:
-        values = (x, y, x * x, y * y, x * y)
-        b = self.beta
-        if b >= 1.0:
-            self.sums = [s + v for s, v in zip(self.sums, values, strict=True)]
-            self.weight += 1.0
-            self.weight_sq += 1.0
-        else:
-            self.sums = [b * s + (1 - b) * v for s, v in zip(self.sums, values, strict=True)]
-            self.weight = b * self.weight + (1 - b)
-            self.weight_sq = b * b * self.weight_sq + (1 - b) ** 2
-        self.count += 1
-
-    def estimate(self) -> tuple[float, float, list[list[float]] | None, float]:
-        """(mean x, mean y, covariance of the means, degrees of freedom)."""
-        if self.count == 0:
-            return math.nan, math.nan, None, 0.0
-        mx, my, mxx, myy, mxy = (s / self.weight for s in self.sums)
-        w2 = self.weight_sq / self.weight**2  # sum of squared normalized weights
-        if self.count < 2 or w2 >= 1.0:
-            return mx, my, None, 0.0
-        scale = w2 / (1.0 - w2)
-        vxx = max(mxx - mx * mx, 0.0) * scale
-        vyy = max(myy - my * my, 0.0) * scale
-        vxy = (mxy - mx * my) * scale
-        return mx, my, [[vxx, vxy], [vxy, vyy]], 1.0 / w2 - 1.0
-
-
-@dataclass
-class _Pending:
-    step: int
-    small_sq: list[list[torch.Tensor]]  # per-parameter norms of each weighted contribution
-    weights: list[float]  # each micro-batch's weight in the step's gradient
-    sizes: list[int]
-    big_sq: list[torch.Tensor]  # per-parameter norms of the step's gradient
-    big_size: int
-    scale: float  # AMP loss scale the gradients carry
-    pre_small_sq: list[list[torch.Tensor]] | None = None
-    pre_big_sq: list[torch.Tensor] | None = None
+from batchlab.errors import ConfigError, NoiseEstimateError
+from batchlab.tracking.ddp import LocalNormHook
+from batchlab.tracking.grad_norms import MicroBatchNorms, adam_preconditioner
+from batchlab.tracking.moments import DEFAULT_BETA, WeightedMoments
+from batchlab.tracking.pending import PendingStep, squared_sums
 
 
 class GradientNoiseScaleTracker(TrainCallback):
@@ -129,6 +75,10 @@ class GradientNoiseScaleTracker(TrainCallback):
             sample and remember the step in `nonfinite_step`). Steps an AMP GradScaler
             skips for overflow are always dropped.
         key: name in `RunState.extras` / `History.extras` for the points.
+        weighting: how each micro-batch's loss was scaled: `size` (by its share n_i/n of
+            the step's examples, as `batchlab.train` does) or `equal` (by 1/k, as Lightning
+            and the Hugging Face Trainer do). Equal weighting with unequal sizes makes the
+            big batch's variance tr(Σ)/(k b_h), b_h the harmonic mean of the sizes.
     """
 
     def __init__(
@@ -143,12 +93,15 @@ class GradientNoiseScaleTracker(TrainCallback):
         all_micro: bool = True,
         on_nonfinite: str = "raise",
         key: str = "noise",
+        weighting: str = "size",
     ) -> None:
         if not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
             raise ConfigError(f"beta: expected a number in [0, 1], got {beta!r}; pass e.g. 0.95")
         check_batch_size(every, what="every")
         if on_nonfinite not in ("raise", "skip"):
             raise ConfigError(f"on_nonfinite: expected raise or skip, got {on_nonfinite!r}")
+        if weighting not in ("size", "equal"):
+            raise ConfigError(f"weighting: expected size or equal, got {weighting!r}")
         self.beta = float(beta)
         self.every = every
         self.num_examples = num_examples
@@ -158,25 +111,26 @@ class GradientNoiseScaleTracker(TrainCallback):
         self.all_micro = all_micro
         self.on_nonfinite = on_nonfinite
         self.key = key
+        self.weighting = weighting
         self.points: list[dict[str, Any]] = []
         self._samples: list[tuple[int, float, float]] = []
         self.nonfinite_step: int | None = None
         self.skipped_steps = 0
-        self._moments = _WeightedMoments(self.beta)
-        self._pre_moments = _WeightedMoments(self.beta)
+        self._moments = WeightedMoments(self.beta)
+        self._pre_moments = WeightedMoments(self.beta)
         self._examples = 0
         self._small_total = 0.0
-        self._pending: list[_Pending] = []
+        self._pending: list[PendingStep] = []
         self._params: list[nn.Parameter] = []
         self._bound: nn.Module | None = None
-        self._norms = _MicroNorms([], all_micro)
+        self._norms = MicroBatchNorms([], all_micro)
         self._micro_sizes: list[int] = []
         self._precond: list[torch.Tensor] | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._steps = 0
         self._state: RunState | None = None
         self._prev_hook = None
-        self._ddp_local_sq: torch.Tensor | None = None
+        self._ddp_hook = LocalNormHook()
 
     # -- plain-loop API ---------------------------------------------------------------------
 
@@ -189,26 +143,44 @@ class GradientNoiseScaleTracker(TrainCallback):
                 "expected a model with trainable parameters (requires_grad=True), got none; "
                 "unfreeze at least one parameter"
             )
-        self._norms = _MicroNorms(self._params, self.all_micro)
+        self._norms = MicroBatchNorms(self._params, self.all_micro)
         self._optimizer = optimizer
 
     def after_backward(self, model: nn.Module, micro_size: int, *, last: bool = False) -> None:
-        """Call after each micro-batch's backward (loss scaled by its share of the step).
+        """Call after each micro-batch's backward (loss scaled as `weighting` says).
 
         Between calls `.grad` holds only the latest micro-batch's gradient (the tracker
-        keeps the running sum); `end_step` puts the step's sum back, so call it before
-        clipping or `optimizer.step()`.
+        keeps the running sum); `last=True` or `end_step` puts the step's sum back, so
+        flag the last micro-batch or call `end_step` before clipping, AMP unscaling or
+        `optimizer.step()`. With `all_micro=False`, `.grad` is never touched.
         """
         if model is not self._bound:
             self.bind(model, self._optimizer)
         self._micro(micro_size, last)
 
-    def end_step(self, model: nn.Module | None = None, *, loss_scale: float = 1.0) -> None:
-        """Call after the last micro-batch's backward, before `optimizer.step()`."""
+    def end_step(
+        self,
+        model: nn.Module | None = None,
+        *,
+        loss_scale: float = 1.0,
+        num_micro: int | None = None,
+    ) -> None:
+        """Call after the last micro-batch's backward, before `optimizer.step()`.
+
+        `num_micro`: micro-batches the whole step will have, when this ends the measurement
+        early (`weighting="equal"` only): the big batch is then the micro-batches recorded
+        so far, read from `.grad` now, before the others are added (the Hugging Face
+        Trainer clips before any callback sees its last micro-batch).
+        """
         if model is not None and model is not self._bound:
             raise ConfigError("end_step: expected the model given to after_backward")
+        if num_micro is not None and self.weighting != "equal":
+            raise ConfigError(
+                "end_step: num_micro needs weighting='equal' (micro losses scaled by 1/k), "
+                f"got weighting={self.weighting!r}"
+            )
         self._steps += 1
-        self._finish_step(self._steps, loss_scale)
+        self._finish_step(self._steps, loss_scale, num_micro)
 
     def update(
         self,
@@ -244,19 +216,16 @@ class GradientNoiseScaleTracker(TrainCallback):
         """Register a comm hook that takes each replica's local gradient norm, then averages.
 
         Replaces DDP's default all-reduce hook with the same all-reduce plus one norm per
-        bucket. Call `ddp_end_step` after each synchronizing backward.
+        bucket (`tracking.ddp.LocalNormHook`). Call `ddp_end_step` after each
+        synchronizing backward.
         """
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
         self.bind(ddp_model)
+        self._ddp_hook.attach(ddp_model, process_group)
 
-        # DDP checks the hook's annotations: leave them off rather than name private types.
-        def hook(group, bucket):
-            sq = bucket.buffer().detach().float().square().sum()
-            self._ddp_local_sq = sq if self._ddp_local_sq is None else self._ddp_local_sq + sq
-            return default_hooks.allreduce_hook(group, bucket)
-
-        ddp_model.register_comm_hook(state=process_group, hook=hook)
+    @property
+    def ddp_synced(self) -> bool:
+        """Whether a synchronizing backward went through the hook since `ddp_end_step`."""
+        return self._ddp_hook.fired
 
     def ddp_end_step(
         self, ddp_model: nn.Module, local_batch_size: int, *, loss_scale: float = 1.0
@@ -264,14 +233,7 @@ class GradientNoiseScaleTracker(TrainCallback):
         """After a synchronizing backward: local norms (averaged over replicas) vs `.grad`."""
         import torch.distributed as dist
 
-        if self._ddp_local_sq is None:
-            raise ConfigError(
-                "ddp_end_step: no gradient went through the comm hook; call attach_ddp(model) "
-                "before training and ddp_end_step after a backward that synchronizes"
-            )
-        local = self._ddp_local_sq.reshape(1).clone()
-        self._ddp_local_sq = None
-        dist.all_reduce(local)  # sum over replicas
+        mean_local_sq = self._ddp_hook.mean_local_sq()
         world = dist.get_world_size()
         grads = [p.grad for p in self._params if p.grad is not None]
         big = torch._foreach_norm(grads)
@@ -279,9 +241,9 @@ class GradientNoiseScaleTracker(TrainCallback):
         # The replicas' mean of |g_r|^2 stands for all of them: a = mean_r |g_r|^2
         # (stored as a norm, like the per-parameter norms elsewhere).
         self._pending.append(
-            _Pending(
+            PendingStep(
                 self._steps,
-                [[(local.double() / world).sqrt().reshape(())]],
+                [[mean_local_sq.sqrt().reshape(())]],
                 [1.0],
                 [local_batch_size],
                 big,
@@ -311,7 +273,7 @@ class GradientNoiseScaleTracker(TrainCallback):
             pre = self._result(self._pre_moments)
         return self._result(self._moments, preconditioned=pre)
 
-    def _result(self, moments: _WeightedMoments, **extra: Any) -> NoiseScale:
+    def _result(self, moments: WeightedMoments, **extra: Any) -> NoiseScale:
         trace, grad_sq, cov, dof = moments.estimate()
         count = max(moments.count, 1)
         return build_noise_scale(
@@ -328,6 +290,50 @@ class GradientNoiseScaleTracker(TrainCallback):
             dataset_size=self.num_examples,
             **extra,
         )
+
+    # -- saving and resuming ----------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The estimate so far, as plain floats, ints and lists (torch's convention).
+
+        Round-trips through `torch.save` / `torch.load(..., weights_only=True)`; a tracker
+        that loads it continues with exactly the estimates this one would have given.
+        Call it between optimizer steps (not between the micro-batches of one).
+        """
+        if self._micro_sizes:
+            raise ConfigError(
+                "state_dict: expected to be called between optimizer steps, got one in "
+                f"progress ({len(self._micro_sizes)} micro-batches recorded); call it after "
+                "end_step"
+            )
+        self._flush()
+        return {
+            "moments": self._moments.state_dict(),
+            "pre_moments": self._pre_moments.state_dict(),
+            "steps": self._steps,
+            "examples": self._examples,
+            "small_total": self._small_total,
+            "num_examples": self.num_examples,
+            "samples": [list(s) for s in self._samples],
+            "points": [dict(p) for p in self.points],
+            "nonfinite_step": self.nonfinite_step,
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` saved (the settings come from the constructor)."""
+        self._moments.load_state_dict(state["moments"])
+        self._pre_moments.load_state_dict(state["pre_moments"])
+        self._steps = int(state["steps"])
+        self._examples = state["examples"]
+        self._small_total = float(state["small_total"])
+        if state["num_examples"] is not None:
+            self.num_examples = int(state["num_examples"])
+        self._samples = [(int(s[0]), float(s[1]), float(s[2])) for s in state["samples"]]
+        self.points[:] = [dict(p) for p in state["points"]]  # the engine shares this list
+        self.nonfinite_step = state["nonfinite_step"]
+        self.skipped_steps = int(state["skipped_steps"])
+        self._pending = []
 
     # -- engine callback --------------------------------------------------------------------
 
@@ -386,51 +392,62 @@ class GradientNoiseScaleTracker(TrainCallback):
         self._norms.micro(index, last, self._precond)
         self._micro_sizes.append(micro_size)
 
-    def _finish_step(self, step: int, scale: float) -> None:
+    def _finish_step(self, step: int, scale: float, num_micro: int | None = None) -> None:
         sizes, self._micro_sizes = self._micro_sizes, []
         norms = self._norms
         norms.restore()  # `.grad` holds the step's gradient again, whatever happens next
         if len(sizes) >= 2:
             big, pre_big = norms.total()
             measured = sizes if self.all_micro else sizes[:1]
-            total = sum(sizes)
+            weights, big_weight, big_size = self._weights(sizes, len(measured), num_micro)
             self._pending.append(
-                _Pending(
+                PendingStep(
                     step,
                     norms.sq,
-                    [n / total for n in measured],
+                    weights,
                     measured,
                     big,
-                    total,
+                    big_size,
                     scale,
                     norms.pre_sq if pre_big is not None else None,
                     pre_big,
+                    big_weight,
                 )
             )
         norms.sq, norms.pre_sq = [], []
         self._precond = None
 
+    def _weights(
+        self, sizes: list[int], measured: int, num_micro: int | None
+    ) -> tuple[list[float], float, float]:
+        """(weight of each measured micro-batch, of the recorded ones together, big size)."""
+        if self.weighting == "size":  # acc = sum_i (n_i / n) g_i over all n examples
+            total = sum(sizes)
+            return [n / total for n in sizes[:measured]], 1.0, total
+        # acc = (1/k) sum_i g_i: the mean of the m recorded is acc * k / m, and its
+        # variance tr(Σ) / (m b_h) with b_h the harmonic mean of their sizes.
+        k = len(sizes) if num_micro is None else num_micro
+        if k < len(sizes):
+            raise ConfigError(
+                f"end_step: expected num_micro >= the {len(sizes)} micro-batches recorded, got {k}"
+            )
+        harmonic = len(sizes) / sum(1.0 / n for n in sizes)
+        return [1.0 / k] * measured, len(sizes) / k, len(sizes) * harmonic
+
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
         if not pending:
             return
-        # One device-to-host copy for everything pending (a single sync on CUDA).
-        groups = [parts for item in pending for parts in _parts_of(item)]
-        flat = [t for parts in groups for t in parts]  # 0-d tensors
-        values = torch.stack(flat).double().tolist() if flat else []
-        sums, start = [], 0
-        for parts in groups:  # each group: the per-parameter norms of one gradient
-            sums.append(math.fsum(v * v for v in values[start : start + len(parts)]))
-            start += len(parts)
-        sums = iter(sums)
+        sums = squared_sums(pending)
         for item in pending:
             scale2 = item.scale * item.scale
             small = [next(sums) / (scale2 * w * w) for w in item.weights]
-            big = next(sums) / scale2
+            big_scale2 = scale2 * item.big_weight**2
+            big = next(sums) / big_scale2
             pre_small = pre_big = None
             if item.pre_small_sq is not None:
                 pre_small = [next(sums) / (scale2 * w * w) for w in item.weights]
-                pre_big = next(sums) / scale2
+                pre_big = next(sums) / big_scale2
             big_size = item.big_size
             if not all(math.isfinite(v) for v in (*small, big)):
                 if item.scale != 1.0:  # an AMP overflow step: the scaler skips it too
@@ -459,7 +476,9 @@ class GradientNoiseScaleTracker(TrainCallback):
     def _add_sample(
         self, step: int, small: list[float], sizes: list[int], big: float, big_size: int
     ) -> None:
-        if any(n >= big_size for n in sizes):
+        # Compare variances, not sizes: with equal weighting and unequal micro-batches the
+        # big batch's effective size (k times the harmonic mean) can be below the largest.
+        if len(sizes) / sum(1.0 / n for n in sizes) >= big_size:
             raise ConfigError(
                 f"tracker: expected small batches smaller than the big batch ({big_size}), "
                 f"got sizes {sizes}; accumulate at least 2 micro-batches"
@@ -469,105 +488,3 @@ class GradientNoiseScaleTracker(TrainCallback):
         self._samples.append((step, trace, grad_sq))
         self._examples += big_size
         self._small_total += sum(sizes) / len(sizes)
-
-
-class _MicroNorms:
-    """Norms of each micro-batch's contribution to `.grad`, and of the step's total.
-
-    The trick that makes it nearly free: after each micro-batch's backward, the tracker
-    takes the fresh gradients out of `.grad` and adds them into its own running sum, then
-    leaves `.grad` empty. The next backward then writes its gradient into a fresh tensor
-    (autograd hands it over without a copy) instead of adding it in place, so `.grad` holds
-    exactly that micro-batch's contribution. Folding it into the running sum is the same
-    addition autograd would have done, in the same order (the step's gradient is bitwise
-    unchanged); the only extra work is one norm per micro-batch. After the last one the
-    sum goes back into `.grad`.
-
-    Norms stay on the device as per-parameter 0-d tensors until the tracker flushes them.
-    """
-
-    def __init__(self, params: list[nn.Parameter], all_micro: bool) -> None:
-        self.params = params
-        self.all_micro = all_micro
-        self.sq: list[list[torch.Tensor]] = []  # per micro-batch: per-parameter norms
-        self.pre_sq: list[list[torch.Tensor]] = []
-        self.running: list[torch.Tensor | None] = [None] * len(params)
-        self.pre: list[torch.Tensor] | None = None
-
-    def micro(self, index: int, last: bool, precond: list[torch.Tensor] | None) -> None:
-        params = self.params
-        if index == 0:
-            self.pre = precond
-        elif not self.all_micro:
-            return  # only the first micro-batch is measured; autograd accumulates as usual
-        grads = [p.grad for p in params]
-        live = [g for g in grads if g is not None]
-        if any(g.is_sparse for g in live):
-            live = [g.coalesce().values() if g.is_sparse else g for g in live]
-        self.sq.append(_foreach_norm(live))
-        if self.pre is not None:
-            weights = [d for d, g in zip(self.pre, grads, strict=True) if g is not None]
-            self.pre_sq.append(_foreach_norm(_foreach_mul(live, weights)))
-        if not self.all_micro:
-            return
-        running = self.running
-        if index == 0:
-            running[:] = grads
-        else:
-            dense = len(live) == len(grads) and not live[0].is_sparse
-            if (
-                dense
-                and all(r is not None for r in running)
-                and not any(g.is_sparse for g in grads)
-            ):
-                torch._foreach_add_(running, grads)
-            else:
-                for j, (r, g) in enumerate(zip(running, grads, strict=True)):
-                    if g is None:
-                        continue
-                    if r is None:
-                        running[j] = g
-                    else:
-                        running[j] = r.add_(g) if not r.is_sparse else r + g
-        if last:
-            for p, r in zip(params, running, strict=True):
-                p.grad = r
-            self.running = [None] * len(params)
-        else:
-            for p in params:
-                p.grad = None
-
-    def restore(self) -> None:
-        """Put the running sum back into `.grad` (when the last micro-batch was not flagged)."""
-        if any(r is not None for r in self.running):
-            for p, r in zip(self.params, self.running, strict=True):
-                if r is not None:
-                    p.grad = r
-            self.running = [None] * len(self.params)
-
-    def total(self) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-        self.restore()
-        grads = [p.grad for p in self.params]
-        live = [g for g in grads if g is not None]
-        if any(g.is_sparse for g in live):
-            live = [g.coalesce().values() if g.is_sparse else g for g in live]
-        pre = None
-        if self.pre is not None:
-            weights = [d for d, g in zip(self.pre, grads, strict=True) if g is not None]
-            pre = _foreach_norm(_foreach_mul(live, weights))
-        return _foreach_norm(live), pre
-
-
-def _foreach_norm(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    return list(torch._foreach_norm(tensors)) if tensors else []
-
-
-def _foreach_mul(tensors: list[torch.Tensor], weights: list[torch.Tensor]) -> list[torch.Tensor]:
-    return list(torch._foreach_mul(tensors, weights)) if tensors else []
-
-
-def _parts_of(item: _Pending) -> list[list[torch.Tensor]]:
-    out = [*item.small_sq, item.big_sq]
-    if item.pre_small_sq is not None:
-        out += [*item.pre_small_sq, item.pre_big_sq]
-    return out

@@ -1,0 +1,142 @@
+"""The one gradient-norm collector: each accumulation micro-batch's gradient norm, nearly free.
+
+Used by `GradientNoiseScaleTracker` (the engine, plain loops) and, through it, by the
+Lightning and Hugging Face integrations. `adam_preconditioner` reads an Adam-like
+optimizer's second moments for the preconditioned noise scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class MicroBatchNorms:
+    """Norms of each micro-batch's contribution to `.grad`, and of the step's total.
+
+    The trick that makes it nearly free: after each micro-batch's backward, the collector
+    takes the fresh gradients out of `.grad` and adds them into its own running sum, then
+    leaves `.grad` empty. The next backward then writes its gradient into a fresh tensor
+    (autograd hands it over without a copy) instead of adding it in place, so `.grad` holds
+    exactly that micro-batch's contribution. Folding it into the running sum is the same
+    addition autograd would have done, in the same order (the step's gradient is bitwise
+    unchanged); the only extra work is one norm per micro-batch. After the last one (or at
+    `restore`) the sum goes back into `.grad`.
+
+    With `all_micro=False` only the first micro-batch is measured and `.grad` is never
+    touched (read-only: safe where a framework reads `.grad` at moments no hook sees).
+
+    Norms stay on the device as per-parameter 0-d tensors until the tracker flushes them.
+    (An earlier second collector diffed snapshots of `.grad`: one gradient-sized copy and
+    float32 rounding in every difference; this one needs neither.)
+    """
+
+    def __init__(self, params: list[nn.Parameter], all_micro: bool) -> None:
+        self.params = params
+        self.all_micro = all_micro
+        self.sq: list[list[torch.Tensor]] = []  # per micro-batch: per-parameter norms
+        self.pre_sq: list[list[torch.Tensor]] = []
+        self.running: list[torch.Tensor | None] = [None] * len(params)
+        self.pre: list[torch.Tensor] | None = None
+
+    def micro(self, index: int, last: bool, precond: list[torch.Tensor] | None) -> None:
+        """Measure micro-batch `index` (0-based) now in `.grad`; `last` puts the sum back."""
+        if index == 0:
+            self.pre = precond
+        elif not self.all_micro:
+            return  # only the first micro-batch is measured; autograd accumulates as usual
+        grads = [p.grad for p in self.params]
+        self.sq.append(self._norms(grads, None))
+        if self.pre is not None:
+            self.pre_sq.append(self._norms(grads, self.pre))
+        if not self.all_micro:
+            return
+        self._fold(index, grads)
+        if last:
+            for p, r in zip(self.params, self.running, strict=True):
+                p.grad = r
+            self.running = [None] * len(self.params)
+        else:
+            for p in self.params:
+                p.grad = None
+
+    def _fold(self, index: int, grads: list[torch.Tensor | None]) -> None:
+        """Add this micro-batch's gradients into the running sum, as autograd would."""
+        running = self.running
+        if index == 0:
+            running[:] = grads
+            return
+        if all(r is not None and not r.is_sparse for r in running) and all(
+            g is not None and not g.is_sparse for g in grads
+        ):
+            torch._foreach_add_(running, grads)
+            return
+        for j, (r, g) in enumerate(zip(running, grads, strict=True)):
+            if g is None:
+                continue
+            if r is None:
+                running[j] = g
+            else:
+                running[j] = r.add_(g) if not r.is_sparse else r + g
+
+    def restore(self) -> None:
+        """Put the running sum back into `.grad` (when the last micro-batch was not flagged)."""
+        if any(r is not None for r in self.running):
+            for p, r in zip(self.params, self.running, strict=True):
+                if r is not None:
+                    p.grad = r
+            self.running = [None] * len(self.params)
+
+    def total(self) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """Per-parameter norms of the step's gradient (and of its preconditioned form)."""
+        self.restore()
+        grads = [p.grad for p in self.params]
+        pre = self._norms(grads, self.pre) if self.pre is not None else None
+        return self._norms(grads, None), pre
+
+    @staticmethod
+    def _norms(
+        grads: list[torch.Tensor | None], precond: list[torch.Tensor] | None
+    ) -> list[torch.Tensor]:
+        live = [g for g in grads if g is not None]
+        if any(g.is_sparse for g in live):
+            live = [g.coalesce().values() if g.is_sparse else g for g in live]
+        if precond is not None:
+            weights = [d for d, g in zip(precond, grads, strict=True) if g is not None]
+            live = _foreach_mul(live, weights)
+        return _foreach_norm(live)
+
+
+def _foreach_norm(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return list(torch._foreach_norm(tensors)) if tensors else []
+
+
+def _foreach_mul(tensors: list[torch.Tensor], weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    return list(torch._foreach_mul(tensors, weights)) if tensors else []
+
+
+def adam_preconditioner(
+    optimizer: torch.optim.Optimizer | None, params: Sequence[nn.Parameter]
+) -> list[torch.Tensor] | None:
+    """1/(sqrt(v_hat)+eps) per parameter from an Adam-like optimizer's state, else None.
+
+    Detected from the state itself (`exp_avg_sq`, `step`), whatever the optimizer's class or
+    how it was chosen: AdaptDL only applies its preconditioned noise scale on one code path.
+    None before the first step (no second moment yet) or for other optimizers.
+    """
+    if optimizer is None:
+        return None
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    out = []
+    for p in params:
+        state, group = optimizer.state.get(p, {}), group_of.get(id(p))
+        if group is None or "exp_avg_sq" not in state or "step" not in state:
+            return None
+        v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
+        step = float(state["step"])
+        beta2 = group.get("betas", (0.9, 0.999))[1]
+        v_hat = v / (1 - beta2**step) if step > 0 else v
+        out.append(1.0 / (v_hat.sqrt() + group.get("eps", 1e-8)))
+    return out
