@@ -25,7 +25,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise DeviceError(
             f"device {device!r} was asked for but CUDA is not available here; "
-            "pass device='cpu' (or 'auto')"
+            "use --device cpu (or auto)"
         )
     try:
         return torch.device(device)
