@@ -332,6 +332,18 @@ def test_bad_settings():
     with pytest.raises(NoiseEstimateError):
         GradientNoiseScaleTracker().bind(nn.Linear(2, 2).requires_grad_(False))
     with pytest.raises(ConfigError) as err:
+        GradientNoiseScaleTracker(weighting="tokens")
+    assert "weighting: expected size or equal" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        batchlab.train(
+            make_task(),
+            8,
+            accumulation_steps=4,
+            max_steps=1,
+            callbacks=[GradientNoiseScaleTracker(weighting="equal")],
+        )
+    assert "expected weighting='size'" in str(err.value)
+    with pytest.raises(ConfigError) as err:
         measure_noise(make_task(), steps=4, micro_batches=5)
     assert "divisor" in str(err.value)
     with pytest.raises(ConfigError) as err:

@@ -338,6 +338,12 @@ class GradientNoiseScaleTracker(TrainCallback):
     # -- engine callback --------------------------------------------------------------------
 
     def on_start(self, state: RunState) -> None:
+        if self.weighting != "size":
+            raise ConfigError(
+                "GradientNoiseScaleTracker in batchlab.train: expected weighting='size' (the "
+                f"engine scales each micro loss by its share of the step), got "
+                f"{self.weighting!r}; leave weighting at its default"
+            )
         self._state = state
         if self.num_examples is None:
             self.num_examples = state.task.num_train
