@@ -79,24 +79,25 @@ def scale_lr(
 ) -> float:
     """The learning rate for `batch_size`, from a known-good `(reference_batch_size, lr)`.
 
+    The fixed-batch rules (`TRAIN_LR_RULES`):
     - `none`: unchanged.
     - `linear`: lr * B/B0 (Goyal et al. 2017), for SGD-like optimizers.
     - `sqrt`: lr * sqrt(B/B0) (Hoffer et al. 2017), for Adam-like optimizers.
-    - `adascale` / `sqrt-adascale`: lr * r / lr * sqrt(r), which need `b_simple`.
+    - `adascale`: lr * r, the AdaScale gain, which needs `b_simple`.
     """
+    check_lr_rule(rule, TRAIN_LR_RULES)
     ratio = batch_size / reference_batch_size
     if rule == "linear":
         return lr * ratio
     if rule == "sqrt":
         return lr * math.sqrt(ratio)
-    if rule in ("adascale", "sqrt-adascale"):
+    if rule == "adascale":
         if b_simple is None:
             raise ConfigError(
-                f"lr_rule {rule!r} needs a measured B_simple; measure it (batchlab noise) "
+                "lr_rule 'adascale' needs a measured B_simple; measure it (batchlab noise) "
                 "and pass b_simple, or use lr_rule='linear' or 'sqrt'"
             )
         return lr_from_gain(lr, adascale_gain(batch_size, reference_batch_size, b_simple), rule)
-    check_lr_rule(rule, ("none", "linear", "sqrt", "adascale", "sqrt-adascale"))
     return lr  # "none"
 
 

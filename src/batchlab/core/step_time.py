@@ -54,6 +54,18 @@ class StepTimeModel(JsonResult):
     beta: float = 0.0  # ... and seconds per example
     extrapolation: str = "conservative"
 
+    def __post_init__(self) -> None:
+        if self.extrapolation not in EXTRAPOLATIONS:
+            raise ConfigError(
+                f"extrapolation: expected one of {', '.join(EXTRAPOLATIONS)}, "
+                f"got {self.extrapolation!r}"
+            )
+        if len(self.micro_batch_sizes) != len(self.micro_seconds_fitted):
+            raise ConfigError(
+                f"step-time model: expected one time per size, got {len(self.micro_batch_sizes)}"
+                f" sizes and {len(self.micro_seconds_fitted)} times"
+            )
+
     def micro_seconds(self, micro_batch_size: float) -> float:
         """Seconds of one micro-batch of `micro_batch_size` examples on one replica."""
         xs, ts = self.micro_batch_sizes, self.micro_seconds_fitted
@@ -92,10 +104,6 @@ def fit_step_time(
     timings it is the median of). `gamma`: the per-step cost when measured directly;
     None identifies it from the points (see the module doc) or sets it to 0.
     """
-    if extrapolation not in EXTRAPOLATIONS:
-        raise ConfigError(
-            f"extrapolation: expected one of {', '.join(EXTRAPOLATIONS)}, got {extrapolation!r}"
-        )
     ws = [1.0] * len(points) if weights is None else [float(w) for w in weights]
     if not points or len(ws) != len(points):
         raise ConfigError(
