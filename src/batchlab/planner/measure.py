@@ -23,14 +23,7 @@ from batchlab.history import History
 from batchlab.measure.memory import parse_size
 from batchlab.measure.noise_run import NoiseRun, measure_noise
 from batchlab.measure.probe import ProbeResult, has_batchnorm, probe
-from batchlab.planner.model import (
-    Measurements,
-    MemoryPoint,
-    NoisePoint,
-    Plan,
-    ThroughputPoint,
-    build_plan,
-)
+from batchlab.planner.model import Measurements, Plan, build_plan
 from batchlab.target import target_for_task
 from batchlab.task import Task, check_batch_size, load_task
 from batchlab.train import TrainCallback
@@ -83,21 +76,11 @@ def measurements_from(task: Task, result: ProbeResult, noise: NoiseRun) -> Measu
         bytes_per_sample=memory.bytes_per_sample,
         budget_bytes=memory.budget_bytes,
         margin=memory.margin,
-        memory_points=tuple(
-            MemoryPoint(p.batch_size, p.peak_bytes)
-            for p in memory.points
-            if p.peak_bytes is not None
-        ),
-        throughput=tuple(
-            ThroughputPoint(p.batch_size, p.samples_per_s, p.step_s, p.spread)
-            for p in result.throughput
-        ),
+        memory_points=tuple(p for p in memory.points if p.peak_bytes is not None),
+        throughput=tuple(result.throughput),
         knee_batch_size=result.knee_batch_size,
         aligned_multiple=_aligned_multiple(result),
-        noise=tuple(
-            NoisePoint(p.step, p.examples, p.train_loss, p.b_simple, p.b_simple_ci)
-            for p in noise.points
-        ),
+        noise=tuple(noise.points),
         noise_reliable=noise.final.reliable,
         noise_reason=noise.final.reason,
         probe_steps=result.probe_steps + result.throughput_steps,

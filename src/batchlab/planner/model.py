@@ -6,13 +6,18 @@ and applies the formulas of `batchlab.theory`; tests feed it known answers.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from batchlab.errors import ConfigError
-from batchlab.measure.noise import ci_from_json
-from batchlab.measure.noise_run import NoiseRun
+from batchlab.measure.memory import MemoryPoint
+from batchlab.measure.noise_run import NoisePoint, NoiseRun
 from batchlab.measure.probe import ProbeResult
+from batchlab.measure.throughput import ThroughputPoint
 from batchlab.results import JsonResult
 from batchlab.theory import (
     efficient_batch_size,
@@ -43,33 +48,6 @@ def default_lr_rule(optimizer_name: str) -> str:
 
 
 @dataclass(frozen=True)
-class MemoryPoint(JsonResult):
-    batch_size: int
-    peak_bytes: float
-
-
-@dataclass(frozen=True)
-class ThroughputPoint(JsonResult):
-    batch_size: int
-    samples_per_s: float
-    step_s: float
-    spread: float
-
-
-@dataclass(frozen=True)
-class NoisePoint(JsonResult):
-    step: int
-    examples: int
-    train_loss: float | None
-    b_simple: float | None
-    b_simple_ci: tuple[float, float] | None = None
-
-    def __post_init__(self) -> None:
-        if self.b_simple_ci is not None:  # JSON has no inf: an unbounded high comes back null
-            object.__setattr__(self, "b_simple_ci", ci_from_json(self.b_simple_ci))
-
-
-@dataclass(frozen=True)
 class Measurements(JsonResult):
     """Everything the plan is built from; saved inside the plan so reports need no re-run."""
 
@@ -87,7 +65,7 @@ class Measurements(JsonResult):
     bytes_per_sample: float
     budget_bytes: float | None
     margin: float
-    memory_points: tuple[MemoryPoint, ...]
+    memory_points: tuple[MemoryPoint, ...]  # the probe's points that ran (peak_bytes known)
     throughput: tuple[ThroughputPoint, ...]
     knee_batch_size: int
     aligned_multiple: int | None  # round to this multiple only where the probe showed it pays
@@ -159,6 +137,67 @@ class Plan(JsonResult):
     # every figure without measuring again. None for plans built from synthetic inputs.
     probe: ProbeResult | None = None
     noise: NoiseRun | None = None
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        """Read a plan saved by `Plan.save` (what `batchlab plan` writes as JSON).
+
+        Every reader of a plan file goes through here, so a missing, empty, cut-off or
+        foreign file gets one clear `ConfigError` that names the file and what is wrong.
+        """
+        data = _read_json_object(Path(path))
+        _check_plan_fields(data, path)
+        try:
+            return cls.from_dict(data)
+        except (TypeError, KeyError, ValueError) as exc:  # a field of the wrong shape
+            raise ConfigError(
+                f"plan file {str(path)!r} does not match this version's plan schema ({exc}); "
+                "make the plan again with `batchlab plan`"
+            ) from None
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(
+            f"plan file {str(path)!r} does not exist; make one with `batchlab plan` "
+            "(save its JSON) or `Plan.save`"
+        )
+    text = path.read_text()
+    if not text.strip():
+        raise ConfigError(f"plan file {str(path)!r} is empty; make the plan again")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"plan file {str(path)!r} is not valid JSON ({exc.msg} at line {exc.lineno}); "
+            "was it cut off while being written? Make the plan again"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"plan file {str(path)!r} holds a JSON {type(data).__name__}, expected the object "
+            "a plan saves"
+        )
+    return data
+
+
+def _check_plan_fields(data: dict[str, Any], path: str | Path) -> None:
+    """A whole plan has every field without a default; say which are missing and why."""
+    if data.get("partial") and "interrupted_during" in data:
+        raise ConfigError(
+            f"plan file {str(path)!r} is a partial plan (interrupted during "
+            f"{data['interrupted_during']}): it has no recommendation; run the plan to the end"
+        )
+    required = [
+        f.name
+        for f in dataclasses.fields(Plan)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise ConfigError(
+            f"plan file {str(path)!r} is not a plan: expected the JSON of a whole plan, but it "
+            f"lacks {', '.join(missing)}; pass the JSON `batchlab plan` wrote"
+        )
 
 
 def b_simple_used(points: tuple[NoisePoint, ...]) -> tuple[float, str]:
