@@ -11,7 +11,7 @@ from batchlab.measure.memory import MemoryPoint
 from batchlab.measure.noise_run import NoisePoint
 from batchlab.measure.throughput import ThroughputPoint
 from batchlab.planner import Measurements, Plan, build_plan, default_lr_rule
-from batchlab.planner.model import accumulation_for
+from batchlab.planner.model import Candidate, Recommendation, accumulation_for
 
 
 def measurements(
@@ -52,6 +52,38 @@ def measurements(
         ),
     )
     return dataclasses.replace(m, **over)
+
+
+def known_plan(
+    *,
+    recommended: tuple,
+    efficient: tuple,
+    candidates: tuple,
+    b_simple: float,
+    reference: tuple = (32, 0.05),
+    max_batch_size: int = 1024,
+) -> Plan:
+    """A whole plan with picks given outright, for the sweep's tests of plans.
+
+    `recommended` / `efficient`: (batch, micro, accumulation, lr, warm-up, speedup, steps
+    factor); `candidates`: (batch, steps factor, step seconds, speedup).
+    """
+    base = build_plan(measurements(), b_simple=b_simple)
+
+    def rec(b, micro, accum, lr, warmup, speedup, factor):
+        return Recommendation(b, micro, accum, lr, "linear", warmup, speedup, factor, 0.001)
+
+    return dataclasses.replace(
+        base,
+        reference={"batch_size": reference[0], "lr": reference[1]},
+        recommended=rec(*recommended),
+        efficient=rec(*efficient),
+        candidates=tuple(
+            Candidate(b, b, 1, factor, step_s, speedup, 1 / speedup, True)
+            for b, factor, step_s, speedup in candidates
+        ),
+        max_batch_size=max_batch_size,
+    )
 
 
 def test_speedup_is_one_at_the_reference_batch():

@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+from test_plan_model import known_plan
 
 from batchlab.errors import ConfigError
 from batchlab.history import Evaluation, History
@@ -17,7 +18,7 @@ from batchlab.sweep.analysis import (
     regime,
     regime_borders,
 )
-from batchlab.sweep.spec import PlanCandidate, PlanInfo, PlanPoint, make_sweep_spec
+from batchlab.sweep.build import make_sweep_spec
 from batchlab.sweep.store import RunRecord
 from batchlab.target import parse_target
 
@@ -245,18 +246,10 @@ def test_per_run_numbers():
 
 
 def test_plan_comparison_puts_measured_next_to_predicted():
-    plan = PlanInfo(
-        path="plan.json",
-        points=(
-            PlanPoint("reference", 32, 32, 1, 0.05, "none", 0, 1.0),
-            PlanPoint("recommended", 128, 64, 2, 0.2, "linear", 5, 2.5),
-            PlanPoint("efficient", 64, 64, 1, 0.1, "linear", 0, 1.6),
-        ),
-        candidates=(
-            PlanCandidate(32, 3.0, 0.01, 1.0),
-            PlanCandidate(64, 2.0, 0.012, 1.6),
-            PlanCandidate(128, 1.5, 0.015, 2.5),
-        ),
+    plan = known_plan(
+        recommended=(128, 64, 2, 0.2, 5, 2.5, 1.5),
+        efficient=(64, 64, 1, 0.1, 0, 1.6, 2.0),
+        candidates=((32, 3.0, 0.01, 1.0), (64, 2.0, 0.012, 1.6), (128, 1.5, 0.015, 2.5)),
         b_simple=60.0,
     )
     spec = make_sweep_spec("digits-mlp", batch_sizes="32,64", max_steps=300, plan=plan)

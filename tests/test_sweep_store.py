@@ -6,8 +6,8 @@ import os
 import pytest
 
 from batchlab.errors import SweepError
+from batchlab.sweep.build import make_sweep_spec
 from batchlab.sweep.runner import RunContext, execute_run, run_sweep
-from batchlab.sweep.spec import make_sweep_spec
 from batchlab.sweep.store import RESULTS_FILE, RunRecord, SweepStore, load_sweep
 
 

@@ -12,9 +12,10 @@ from typing import Annotated
 import typer
 
 from batchlab.cli.common import OutOpt, console_for
+from batchlab.cli.sweep_cmd import reproduce_commands
 from batchlab.errors import ConfigError
 from batchlab.report.sweep_report import REPORT_FILE, build_sweep_report
-from batchlab.sweep.store import SPEC_FILE
+from batchlab.sweep.store import SPEC_FILE, SweepStore
 
 
 def report(
@@ -43,7 +44,8 @@ def report(
 
 
 def _sweep_report(directory: Path, out: Path | None, target: str | None) -> Path:
-    written = build_sweep_report(directory, target=target)
+    reproduce = reproduce_commands(SweepStore(directory).read_spec(), directory)
+    written = build_sweep_report(directory, target=target, reproduce=reproduce)
     if out is not None and out.resolve() != directory.resolve():
         out.mkdir(parents=True, exist_ok=True)
         moved = out / REPORT_FILE

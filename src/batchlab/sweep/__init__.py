@@ -7,12 +7,14 @@ from batchlab.sweep.analysis import (
     fit_steps_to_target,
     regime,
 )
+from batchlab.sweep.build import make_sweep_spec
 from batchlab.sweep.runner import LocalBackend, RayBackend, SweepRun, execute_run, run_sweep
-from batchlab.sweep.spec import RunSpec, SweepSpec, load_plan, make_sweep_spec
+from batchlab.sweep.spec import PlanInfo, RunSpec, SweepSpec
 from batchlab.sweep.store import RunRecord, SweepStore, load_sweep
 
 __all__ = [
     "LocalBackend",
+    "PlanInfo",
     "RayBackend",
     "RunRecord",
     "RunSpec",
@@ -24,7 +26,6 @@ __all__ = [
     "analyze_sweep",
     "execute_run",
     "fit_steps_to_target",
-    "load_plan",
     "load_sweep",
     "make_sweep_spec",
     "regime",

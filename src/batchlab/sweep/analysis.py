@@ -669,7 +669,7 @@ def _plan_comparison(
     ref_seconds = _median(r.seconds_to_target for r in ref_runs)
     ref_steps = _median(r.steps_to_target for r in ref_runs)
     factors = {c.batch_size: c.steps_factor for c in spec.plan.candidates if c.steps_factor}
-    ref_b = next(p.batch_size for p in spec.plan.points if p.role == "reference")
+    ref_b = spec.plan.reference_batch_size
 
     def ratio(a: float | None, b: float | None) -> float | None:
         return a / b if a is not None and b else None
@@ -679,7 +679,7 @@ def _plan_comparison(
         return ratio(factors.get(ref_b, 1.0), factors.get(b, own))
 
     rows = []
-    by_role = {p.role: p for p in spec.plan.points}
+    by_role = spec.plan.batches()
     for role, runs in sorted(plan_runs.items(), key=lambda kv: runs_order(kv[0])):
         first_role = role.split("+")[0]
         point = by_role[first_role]
