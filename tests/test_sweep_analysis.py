@@ -8,17 +8,17 @@ from test_plan_model import known_plan
 
 from batchlab.errors import ConfigError
 from batchlab.history import Evaluation, History
-from batchlab.sweep.analysis import (
+from batchlab.sweep.analysis import analyze_sweep
+from batchlab.sweep.build import make_sweep_spec
+from batchlab.sweep.fit import (
     DIMINISHING,
     MAXIMAL,
     PERFECT,
-    analyze_sweep,
-    auto_target,
     fit_steps_to_target,
     regime,
     regime_borders,
 )
-from batchlab.sweep.build import make_sweep_spec
+from batchlab.sweep.metrics import auto_target, first_reaching
 from batchlab.sweep.store import RunRecord
 from batchlab.target import parse_target
 
@@ -270,8 +270,6 @@ def test_plan_comparison_puts_measured_next_to_predicted():
 def test_first_reaching_uses_the_first_evaluation_that_meets_the_target():
     spec = make_sweep_spec("digits-mlp", batch_sizes="16", max_steps=100)
     record = fake_record(spec.runs[0], reach_step=35)
-    from batchlab.sweep.analysis import first_reaching
-
     assert first_reaching(record.history, parse_target("val_acc>=0.8"))[0] == 40
     assert first_reaching(record.history, parse_target("val_loss<=0.3"))[0] == 40
     assert first_reaching(record.history, parse_target("val_acc>=0.95")) is None

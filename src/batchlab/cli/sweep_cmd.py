@@ -29,8 +29,9 @@ from batchlab.cli.common import (
 )
 from batchlab.report.numbers import format_interval, format_number
 from batchlab.report.sweep_report import REPORT_FILE, write_sweep_report
-from batchlab.sweep.analysis import GroupAnalysis, SweepAnalysis, analyze_sweep
+from batchlab.sweep.analysis import SweepAnalysis, analyze_sweep
 from batchlab.sweep.build import DEFAULT_MIN_STEPS, make_sweep_spec
+from batchlab.sweep.groups import GroupAnalysis
 from batchlab.sweep.runner import default_jobs, run_sweep
 from batchlab.sweep.spec import LR_RULES, SweepSpec
 from batchlab.sweep.store import RunRecord, StoreContents, SweepStore

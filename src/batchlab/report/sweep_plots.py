@@ -12,11 +12,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from batchlab.report.axes import new_axes, style_axes
-from batchlab.sweep.analysis import (
-    GroupAnalysis,
-    SweepAnalysis,
-    regime_borders,
-)
+from batchlab.sweep.analysis import SweepAnalysis
+from batchlab.sweep.fit import regime_borders
+from batchlab.sweep.groups import GroupAnalysis
 from batchlab.sweep.store import RunRecord
 
 FIGSIZE = (6.4, 4.0)

@@ -24,7 +24,9 @@ from batchlab.report.sweep_tables import (
     quality_rows,
     speed_rows,
 )
-from batchlab.sweep.analysis import GroupAnalysis, SweepAnalysis, analyze_sweep, regime_borders
+from batchlab.sweep.analysis import SweepAnalysis, analyze_sweep
+from batchlab.sweep.fit import regime_borders
+from batchlab.sweep.groups import GroupAnalysis
 from batchlab.sweep.spec import SweepSpec
 from batchlab.sweep.store import RunRecord, load_sweep
 

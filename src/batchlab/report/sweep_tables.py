@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from batchlab.report.numbers import format_number
-from batchlab.sweep.analysis import BatchPoint, GroupAnalysis, SweepAnalysis
+from batchlab.sweep.analysis import SweepAnalysis
+from batchlab.sweep.groups import BatchPoint, GroupAnalysis
 
 
 def comparison_pair(group: GroupAnalysis) -> tuple[BatchPoint, BatchPoint] | None:
