@@ -137,30 +137,60 @@ def plan(
     if target_memory is not None:
         parse_size(target_memory, what="target memory")
     target = check_target_for_task(target, task)
-    reference_seconds = None
-    if reference_run is not None:
-        history = (
-            reference_run if isinstance(reference_run, History) else History.load(reference_run)
+    reference_seconds = _reference_seconds(reference_run)
+    measured = _measure(
+        task,
+        device=device,
+        memory_budget=memory_budget,
+        target_memory=target_memory,
+        margin=margin,
+        amp=amp,
+        seed=seed,
+        throughput_seconds=throughput_seconds,
+        noise_steps=noise_steps,
+        progress=progress,
+    )
+    m = measurements_from(task, measured["probe"], measured["noise"])
+    return build_plan(
+        m,
+        lr_rule=lr_rule,
+        reference_seconds_to_target=reference_seconds,
+        target=target,
+        plan_seconds=time.perf_counter() - t0,
+        command=command,
+        probe=measured["probe"],
+        noise=measured["noise"],
+    )
+
+
+def _reference_seconds(reference_run: History | str | Path | None) -> float | None:
+    """Seconds to target of the reference run, which must have reached its target."""
+    if reference_run is None:
+        return None
+    history = reference_run if isinstance(reference_run, History) else History.load(reference_run)
+    if history.seconds_to_target is None:
+        raise ConfigError(
+            f"the reference run never reached its target ({history.target}); pass as "
+            "`reference_run` a run that did (train with a `target`, save its History)"
         )
-        reference_seconds = history.seconds_to_target
-        if reference_seconds is None:
-            raise ConfigError(
-                f"the reference run never reached its target ({history.target}); pass a run "
-                "that did, e.g. `batchlab train TASK --target ... --json ref.json`"
-            )
+    return history.seconds_to_target
+
+
+def _measure(
+    task: Task,
+    *,
+    noise_steps: int,
+    seed: int,
+    device: str,
+    progress: ProgressFn | None,
+    **probe_options: Any,
+) -> dict[str, Any]:
+    """The probe, then the noise measurement; on Ctrl-C, `PlanInterrupted` with the results so far."""
     measured: dict[str, Any] = {}
     phase = "the hardware probe"
     try:
         measured["probe"] = probe(
-            task,
-            device=device,
-            memory_budget=memory_budget,
-            target_memory=target_memory,
-            margin=margin,
-            amp=amp,
-            seed=seed,
-            throughput_seconds=throughput_seconds,
-            progress=progress,
+            task, device=device, seed=seed, progress=progress, **probe_options
         )
         phase = "the noise measurement"
         callbacks = [_NoiseProgress(progress)] if progress is not None else []
@@ -174,17 +204,7 @@ def plan(
         )
     except KeyboardInterrupt:
         raise PlanInterrupted(phase, measured) from None
-    m = measurements_from(task, measured["probe"], measured["noise"])
-    return build_plan(
-        m,
-        lr_rule=lr_rule,
-        reference_seconds_to_target=reference_seconds,
-        target=target,
-        plan_seconds=time.perf_counter() - t0,
-        command=command,
-        probe=measured["probe"],
-        noise=measured["noise"],
-    )
+    return measured
 
 
 @dataclass(frozen=True)

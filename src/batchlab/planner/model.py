@@ -211,7 +211,7 @@ def b_simple_used(points: tuple[NoisePoint, ...]) -> tuple[float, str]:
     if not values:
         raise ConfigError(
             "no usable B_simple was measured (|G|^2 estimate <= 0 at every point); "
-            "measure over more steps with --noise-steps"
+            "measure over more steps (`noise_steps`)"
         )
     late = values[len(values) // 2 :]
     mean = sum(late) / len(late)
@@ -316,55 +316,9 @@ def build_plan(
         b_noise, source = b_simple, "given"
     rule = lr_rule or default_lr_rule(m.optimizer)
     _, _, ref_step_s = _step_seconds(m, m.reference_batch_size)
-
-    candidates = []
-    measured = {p.batch_size for p in m.throughput}
-    for b in candidate_batch_sizes(m, b_noise):
-        micro, accum, step_s = _step_seconds(m, b)
-        speedup = predicted_speedup(b, m.reference_batch_size, b_noise, step_s, ref_step_s)
-        candidates.append(
-            Candidate(
-                batch_size=b,
-                micro_batch_size=micro,
-                accumulation_steps=accum,
-                steps_factor=relative_steps(b, m.reference_batch_size, b_noise),
-                step_s=step_s,
-                predicted_speedup=speedup,
-                relative_time=1.0 / speedup,
-                measured=b in measured,
-            )
-        )
-    fastest = max(candidates, key=lambda c: (c.predicted_speedup, -c.batch_size))
-    recommended = _recommend(
-        m,
-        fastest.batch_size,
-        b_noise,
-        rule,
-        ref_step_s,
-        {
-            "batch_size": (
-                f"minimum predicted time to target among {len(candidates)} candidates: "
-                f"{fastest.predicted_speedup:.2f}x the reference B0={m.reference_batch_size} "
-                f"(steps x{fastest.steps_factor:.2f}, step time x{fastest.step_s / ref_step_s:.2f})"
-            )
-        },
-    )
-    eff_b = min(efficient_batch_size(b_noise), m.num_train)
-    if m.aligned_multiple and eff_b >= m.aligned_multiple:
-        eff_b = m.aligned_multiple * round(eff_b / m.aligned_multiple)
-    efficient = _recommend(
-        m,
-        eff_b,
-        b_noise,
-        rule,
-        ref_step_s,
-        {
-            "batch_size": (
-                f"B ~ B_noise = {b_noise:.0f}: 2x the minimum steps and 2x the minimum "
-                "examples (McCandlish et al. 2018), the balanced choice when compute costs money"
-            )
-        },
-    )
+    candidates = _candidates(m, b_noise, ref_step_s)
+    recommended = _recommend_fastest(m, candidates, b_noise, rule, ref_step_s)
+    efficient = _recommend_efficient(m, b_noise, rule, ref_step_s)
     alternatives = {
         r: scale_lr(
             m.reference_lr, m.reference_batch_size, recommended.batch_size, r, b_simple=b_noise
@@ -403,6 +357,55 @@ def build_plan(
     )
 
 
+def _candidates(m: Measurements, b_noise: float, ref_step_s: float) -> list[Candidate]:
+    """Every candidate batch with its predicted steps, step time and speedup over B0."""
+    candidates = []
+    measured = {p.batch_size for p in m.throughput}
+    for b in candidate_batch_sizes(m, b_noise):
+        micro, accum, step_s = _step_seconds(m, b)
+        speedup = predicted_speedup(b, m.reference_batch_size, b_noise, step_s, ref_step_s)
+        candidates.append(
+            Candidate(
+                batch_size=b,
+                micro_batch_size=micro,
+                accumulation_steps=accum,
+                steps_factor=relative_steps(b, m.reference_batch_size, b_noise),
+                step_s=step_s,
+                predicted_speedup=speedup,
+                relative_time=1.0 / speedup,
+                measured=b in measured,
+            )
+        )
+    return candidates
+
+
+def _recommend_fastest(
+    m: Measurements, candidates: list[Candidate], b_noise: float, rule: str, ref_step_s: float
+) -> Recommendation:
+    """The candidate with the least predicted time to target (the smaller batch on a tie)."""
+    fastest = max(candidates, key=lambda c: (c.predicted_speedup, -c.batch_size))
+    reason = (
+        f"minimum predicted time to target among {len(candidates)} candidates: "
+        f"{fastest.predicted_speedup:.2f}x the reference B0={m.reference_batch_size} "
+        f"(steps x{fastest.steps_factor:.2f}, step time x{fastest.step_s / ref_step_s:.2f})"
+    )
+    return _recommend(m, fastest.batch_size, b_noise, rule, ref_step_s, {"batch_size": reason})
+
+
+def _recommend_efficient(
+    m: Measurements, b_noise: float, rule: str, ref_step_s: float
+) -> Recommendation:
+    """B ~ B_noise, within the training set and on the aligned multiple where it pays."""
+    eff_b = min(efficient_batch_size(b_noise), m.num_train)
+    if m.aligned_multiple and eff_b >= m.aligned_multiple:
+        eff_b = m.aligned_multiple * round(eff_b / m.aligned_multiple)
+    reason = (
+        f"B ~ B_noise = {b_noise:.0f}: 2x the minimum steps and 2x the minimum "
+        "examples (McCandlish et al. 2018), the balanced choice when compute costs money"
+    )
+    return _recommend(m, eff_b, b_noise, rule, ref_step_s, {"batch_size": reason})
+
+
 def plan_warnings(
     m: Measurements,
     recommended: Recommendation,
@@ -434,7 +437,7 @@ def plan_warnings(
             PlanWarning(
                 "unreliable-noise",
                 f"the B_simple estimate is unreliable ({m.noise_reason or 'wide interval'}); "
-                "measure over more steps with --noise-steps",
+                "measure over more steps (`noise_steps`)",
             )
         )
     tp = sorted(m.throughput, key=lambda p: p.batch_size)
