@@ -101,7 +101,9 @@ def test_a_different_spec_is_refused_and_the_same_one_resumes(tmp_path, spec):
         store.prepare(other)
     message = str(info.value)
     assert (
-        "holds a different sweep" in message and "batch_sizes" in message and "new --out" in message
+        "holds a different sweep" in message
+        and "batch_sizes" in message
+        and "new `out_dir`" in message
     )
     assert "\n" not in message
 

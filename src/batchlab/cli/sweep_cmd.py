@@ -139,7 +139,7 @@ ReportOpt = Annotated[
 
 
 def sweep(
-    out: OutDirOpt,
+    out_dir: OutDirOpt,
     task: TaskArg = DEFAULT,
     batch_sizes: BatchSizesOpt = None,
     lr_rule: LrRuleOpt = "auto",
@@ -185,11 +185,11 @@ def sweep(
         adaptive=adaptive,
     )
     n_jobs = jobs if jobs is not None else default_jobs(device, len(spec.runs))
-    progress = SweepProgress(spec.task, out)
+    progress = SweepProgress(spec.task, out_dir)
     try:
         result = run_sweep(
             spec,
-            out,
+            out_dir,
             jobs=n_jobs,
             backend=backend,
             on_start=progress.on_start,
@@ -197,11 +197,11 @@ def sweep(
         )
     finally:
         progress.stop()
-    contents = SweepStore(out).read()
+    contents = SweepStore(out_dir).read()
     analysis = analyze_sweep(spec, contents.records, store_warnings=contents.warnings)
     if report:
         write_sweep_report(
-            spec, contents.records, analysis, out, reproduce=reproduce_commands(spec, out)
+            spec, contents.records, analysis, out_dir, reproduce=reproduce_commands(spec, out_dir)
         )
     console.print(
         f"[bold]batchlab sweep {spec.task}[/bold]: {result.runs_done} runs in {result.wall_seconds:.0f}s "
@@ -209,7 +209,7 @@ def sweep(
     )
     print_summary(console, analysis)
     if report:
-        console.print(f"report: {Path(out) / REPORT_FILE}", soft_wrap=True)
+        console.print(f"report: {Path(out_dir) / REPORT_FILE}", soft_wrap=True)
     write_json({"sweep": result.to_dict(), "analysis": analysis.to_dict()}, json_path, console)
 
 

@@ -103,7 +103,7 @@ def plot_val_curves(
     group = analysis.groups[0].label if analysis.groups else ""
     _style(ax, f"{label} vs epoch ({group}, repeat 0)", "epoch (log)", label, logx=False)
     if runs:
-        # Big batches may run many more epochs (at least --min-steps steps): a log axis
+        # Big batches may run many more epochs (at least `min_steps` steps): a log axis
         # keeps the first epochs of every batch size readable.
         ax.set_xscale("log")
     if metric == "loss":
