@@ -194,24 +194,12 @@ def make_sweep_spec(
             to compare with the fixed batch sizes. Its runs are not part of the S(B) fit.
     """
     t = load_task(task)
-    if lr_rule not in LR_RULES:
-        raise ConfigError(f"lr rule: expected one of {', '.join(LR_RULES)}, got {lr_rule!r}")
-    check_batch_size(repeats, what="repeats")
-    epochs = _check_budget(t, epochs, max_steps, min_steps)
+    epochs = _check_run_options(t, lr_rule, repeats, epochs, max_steps, min_steps)
     tgt = target_for_task(target, t, check_metrics=True)
     check_batch_size(sharpness_examples, what="sharpness examples")
     measures = parse_sharpness(sharpness)
-    plan_info, b_simple = _resolve_plan(plan, b_simple, lr_rule)
-    settings = _Settings(
-        task=t,
-        sizes=_batch_sizes(t, batch_sizes, plan_info),
-        optimizers=parse_optimizers(optimizers),
-        lr_rule=lr_rule,
-        reference_lr=check_lr(t.lr if lr is None else lr, what="lr"),
-        task_family=task_optimizer_family(t),
-        b_simple=b_simple,
-        plan=plan_info,
-        adaptive=adaptive,
+    settings = _settings(
+        t, batch_sizes, optimizers, lr_rule, lr, plan=plan, b_simple=b_simple, adaptive=adaptive
     )
     builder = _Builder(t.num_train, epochs, max_steps, min_steps)
     for repeat in range(repeats):
@@ -235,8 +223,8 @@ def make_sweep_spec(
         seed=seed,
         device=device,
         sharpness_examples=sharpness_examples,
-        b_simple=b_simple,
-        plan=plan_info,
+        b_simple=settings.b_simple,
+        plan=settings.plan,
         runs=tuple(builder.runs),
         sharpness=measures,
         adaptive=adaptive,
@@ -253,10 +241,19 @@ def _task_ref(task: str | Task, t: Task) -> str:
     return task
 
 
-def _check_budget(
-    t: Task, epochs: float | None, max_steps: int | None, min_steps: int
+def _check_run_options(
+    t: Task,
+    lr_rule: str,
+    repeats: int,
+    epochs: float | None,
+    max_steps: int | None,
+    min_steps: int,
 ) -> float | None:
-    """Check the per-run budget; returns the epochs (the task's default when neither is given)."""
+    """Check the LR rule, repeats and the per-run budget; returns the epochs (the task's
+    default when neither epochs nor max_steps is given)."""
+    if lr_rule not in LR_RULES:
+        raise ConfigError(f"lr rule: expected one of {', '.join(LR_RULES)}, got {lr_rule!r}")
+    check_batch_size(repeats, what="repeats")
     if epochs is not None and max_steps is not None:
         raise ConfigError("give `epochs` or `max_steps`, not both")
     if max_steps is not None:
@@ -268,6 +265,32 @@ def _check_budget(
     if not isinstance(min_steps, int) or min_steps < 0:
         raise ConfigError(f"min steps: expected an integer >= 0, got {min_steps!r}")
     return epochs
+
+
+def _settings(
+    t: Task,
+    batch_sizes: str | tuple[int, ...] | list[int] | None,
+    optimizers: str | tuple[str, ...] | list[str],
+    lr_rule: str,
+    lr: float | None,
+    *,
+    plan: str | Path | Plan | None,
+    b_simple: float | None,
+    adaptive: bool,
+) -> _Settings:
+    """Resolve the options every run shares: the plan and B_simple, sizes, optimizers, LR."""
+    plan_info, b_simple = _resolve_plan(plan, b_simple, lr_rule)
+    return _Settings(
+        task=t,
+        sizes=_batch_sizes(t, batch_sizes, plan_info),
+        optimizers=parse_optimizers(optimizers),
+        lr_rule=lr_rule,
+        reference_lr=check_lr(t.lr if lr is None else lr, what="lr"),
+        task_family=task_optimizer_family(t),
+        b_simple=b_simple,
+        plan=plan_info,
+        adaptive=adaptive,
+    )
 
 
 def _resolve_plan(
