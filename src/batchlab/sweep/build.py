@@ -77,7 +77,7 @@ def parse_optimizers(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]
     if bad or not names:
         raise ConfigError(
             f"optimizer: expected a comma-separated list of {', '.join(OPTIMIZERS)}, "
-            f"got {text!r}; e.g. `optimizers` 'sgd,adam'"
+            f"got {text!r}; e.g. 'sgd,adam'"
         )
     return tuple(dict.fromkeys(names))
 
