@@ -19,6 +19,7 @@ from batchlab.sweep.fit import (
     regime_borders,
 )
 from batchlab.sweep.metrics import auto_target, first_reaching
+from batchlab.sweep.spec import SweepSpec
 from batchlab.sweep.store import RunRecord
 from batchlab.target import parse_target
 
@@ -298,3 +299,37 @@ def test_a_target_met_at_initialization_is_left_out_of_the_fit():
     (group,) = analysis.groups
     assert group.fit is not None and group.fit.batch_sizes == (32, 64, 128)
     assert "already held at initialization for B=16" in group.fit_note
+
+
+def test_a_plan_is_read_once_and_its_shared_batch_trained_once(tmp_path):
+    """Recommended = efficient: one run per repeat under both names; a path and the Plan
+    itself give the same runs."""
+    plan = known_plan(
+        recommended=(64, 64, 1, 0.1, 0, 1.6, 2.0),
+        efficient=(64, 64, 1, 0.1, 0, 1.6, 2.0),
+        candidates=((32, 3.0, 0.01, 1.0), (64, 2.0, 0.012, 1.6)),
+        b_simple=60.0,
+    )
+    from_file = make_sweep_spec(
+        "digits-mlp", batch_sizes="32", max_steps=50, repeats=2, plan=plan.save(tmp_path / "p.json")
+    )
+    from_object = make_sweep_spec(
+        "digits-mlp", batch_sizes="32", max_steps=50, repeats=2, plan=plan
+    )
+    sources = sorted(r.source for r in from_file.runs if r.repeat == 0)
+    assert sources == ["ladder", "plan:recommended+efficient", "plan:reference"]
+    assert from_file.runs == from_object.runs and from_file.b_simple == 60.0
+    assert from_file.plan.path == str(tmp_path / "p.json") and from_object.plan.path is None
+    assert SweepSpec.from_json(from_file.to_json()) == from_file  # sweep.json round trip
+
+
+def test_a_plan_for_a_bigger_training_set_is_refused(tmp_path):
+    plan = known_plan(
+        recommended=(4096, 1024, 4, 0.1, 0, 1.6, 2.0),
+        efficient=(64, 64, 1, 0.1, 0, 1.6, 2.0),
+        candidates=((32, 3.0, 0.01, 1.0),),
+        b_simple=60.0,
+    )
+    with pytest.raises(ConfigError) as info:
+        make_sweep_spec("digits-mlp", batch_sizes="32", max_steps=5, plan=plan)
+    assert "the plan's recommended batch 4096 is larger than the training set" in str(info.value)
