@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
+from batchlab.sweep.build import make_sweep_spec
 from batchlab.sweep.runner import cpu_count, run_sweep
-from batchlab.sweep.spec import make_sweep_spec
 from batchlab.sweep.store import SweepStore
 
 

@@ -11,4 +11,6 @@ def test_every_exported_name_imports():
 
 
 def test_all_has_no_duplicates_and_is_sorted():
-    assert len(set(batchlab.__all__)) == len(batchlab.__all__)
+    names = list(batchlab.__all__)
+    assert len(set(names)) == len(names)
+    assert names == sorted(names), "keep __all__ sorted (classes first: they sort before lowercase)"

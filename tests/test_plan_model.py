@@ -1,14 +1,19 @@
 """The plan's decision logic on synthetic measurements with known answers."""
 
 import dataclasses
+import json
+import math
 
 import pytest
 
 from batchlab.core.batching import split
 from batchlab.core.optim import default_lr_rule
 from batchlab.errors import ConfigError
+from batchlab.measure.memory_fit import MemoryPoint
+from batchlab.measure.noise_run import NoisePoint
+from batchlab.measure.throughput import ThroughputPoint
 from batchlab.planner import Measurements, Plan, build_plan
-from batchlab.planner.model import MemoryPoint, NoisePoint, ThroughputPoint
+from batchlab.planner.model import Candidate, Recommendation
 
 
 def measurements(
@@ -36,16 +41,51 @@ def measurements(
         bytes_per_sample=1e3,
         budget_bytes=1e6 + 1e3 * max_batch / 0.9,
         margin=0.1,
-        memory_points=(MemoryPoint(8, 1e6 + 8e3), MemoryPoint(64, 1e6 + 64e3)),
-        throughput=tuple(ThroughputPoint(b, b / step_s(b), step_s(b), 0.01) for b in ladder),
+        memory_points=(MemoryPoint(8, 1_008_000, True), MemoryPoint(64, 1_064_000, True)),
+        throughput=tuple(
+            ThroughputPoint(b, b / step_s(b), step_s(b), 0.01, b / step_s(b), b / step_s(b), 5, 3)
+            for b in ladder
+        ),
         knee_batch_size=ladder[-1],
         aligned_multiple=None,
         noise=tuple(
-            NoisePoint(step=10 * i, examples=320 * i, train_loss=1.0, b_simple=v)
+            NoisePoint(10 * i, 320 * i, 1.0, v, (0.5 * v, math.inf), reliable=True)
             for i, v in enumerate(noise)
         ),
     )
     return dataclasses.replace(m, **over)
+
+
+def known_plan(
+    *,
+    recommended: tuple,
+    efficient: tuple,
+    candidates: tuple,
+    b_simple: float,
+    reference: tuple = (32, 0.05),
+    max_batch_size: int = 1024,
+) -> Plan:
+    """A whole plan with picks given outright, for the sweep's tests of plans.
+
+    `recommended` / `efficient`: (batch, micro, accumulation, lr, warm-up, speedup, steps
+    factor); `candidates`: (batch, steps factor, step seconds, speedup).
+    """
+    base = build_plan(measurements(), b_simple=b_simple)
+
+    def rec(b, micro, accum, lr, warmup, speedup, factor):
+        return Recommendation(b, micro, accum, lr, "linear", warmup, speedup, factor, 0.001)
+
+    return dataclasses.replace(
+        base,
+        reference={"batch_size": reference[0], "lr": reference[1]},
+        recommended=rec(*recommended),
+        efficient=rec(*efficient),
+        candidates=tuple(
+            Candidate(b, b, 1, factor, step_s, speedup, 1 / speedup, True)
+            for b, factor, step_s, speedup in candidates
+        ),
+        max_batch_size=max_batch_size,
+    )
 
 
 def test_speedup_is_one_at_the_reference_batch():
@@ -201,3 +241,49 @@ def test_candidate_step_times_are_monotone_even_when_measurements_dip():
     assert all(a <= b * (1 + 1e-9) for a, b in zip(steps, steps[1:], strict=False))
     by_b = {c.batch_size: c for c in plan.candidates}
     assert by_b[64].step_s > times[64] and by_b[32].step_s < times[32]
+
+
+def test_plan_save_load_round_trip_keeps_the_measured_points(tmp_path):
+    """The plan holds the measure/ point types themselves: every measured field survives."""
+    plan = build_plan(measurements(), b_simple=300.0)
+    again = Plan.load(plan.save(tmp_path / "plan.json"))
+    assert again == plan
+    m = again.measurements
+    assert isinstance(m.throughput[0], ThroughputPoint) and m.throughput[0].windows == 5
+    assert isinstance(m.memory_points[0], MemoryPoint) and m.memory_points[0].fits
+    assert isinstance(m.noise[0], NoisePoint) and m.noise[0].reliable
+    assert m.noise[1].b_simple_ci == (100.0, math.inf)  # JSON null comes back as inf
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (None, "plan file '{}' does not exist"),
+        ("", "plan file '{}' is empty"),
+        ('{"task": "x", "recommended": {"batch_', "is not valid JSON"),
+        ("[1, 2]", "holds a JSON list, expected the object a plan saves"),
+        ('{"a": 1}', "is not a plan: expected the JSON of a whole plan, but it lacks task,"),
+        (
+            '{"partial": true, "interrupted_during": "the noise measurement"}',
+            "is a partial plan (interrupted during the noise measurement)",
+        ),
+    ],
+)
+def test_plan_load_says_what_is_wrong_with_the_file(tmp_path, text, message):
+    path = tmp_path / "plan.json"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        Plan.load(path)
+    assert message.format(path) in str(info.value)
+
+
+def test_plan_load_refuses_a_plan_of_another_shape(tmp_path):
+    data = build_plan(measurements(), b_simple=300.0).to_dict()
+    del data["measurements"]["throughput"][0]["windows"]  # e.g. an older batchlab's plan
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError) as info:
+        Plan.load(path)
+    assert "does not match this version's plan schema" in str(info.value)
+    assert "windows" in str(info.value)

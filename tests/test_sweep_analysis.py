@@ -4,20 +4,22 @@ import math
 
 import numpy as np
 import pytest
+from test_plan_model import known_plan
 
 from batchlab.errors import ConfigError
 from batchlab.history import Evaluation, History
-from batchlab.sweep.analysis import (
+from batchlab.sweep.analysis import analyze_sweep
+from batchlab.sweep.build import make_sweep_spec
+from batchlab.sweep.fit import (
     DIMINISHING,
     MAXIMAL,
     PERFECT,
-    analyze_sweep,
-    auto_target,
     fit_steps_to_target,
     regime,
     regime_borders,
 )
-from batchlab.sweep.spec import PlanCandidate, PlanInfo, PlanPoint, make_sweep_spec
+from batchlab.sweep.metrics import auto_target, first_reaching
+from batchlab.sweep.spec import SweepSpec
 from batchlab.sweep.store import RunRecord
 from batchlab.target import parse_target
 
@@ -245,18 +247,10 @@ def test_per_run_numbers():
 
 
 def test_plan_comparison_puts_measured_next_to_predicted():
-    plan = PlanInfo(
-        path="plan.json",
-        points=(
-            PlanPoint("reference", 32, 32, 1, 0.05, "none", 0, 1.0),
-            PlanPoint("recommended", 128, 64, 2, 0.2, "linear", 5, 2.5),
-            PlanPoint("efficient", 64, 64, 1, 0.1, "linear", 0, 1.6),
-        ),
-        candidates=(
-            PlanCandidate(32, 3.0, 0.01, 1.0),
-            PlanCandidate(64, 2.0, 0.012, 1.6),
-            PlanCandidate(128, 1.5, 0.015, 2.5),
-        ),
+    plan = known_plan(
+        recommended=(128, 64, 2, 0.2, 5, 2.5, 1.5),
+        efficient=(64, 64, 1, 0.1, 0, 1.6, 2.0),
+        candidates=((32, 3.0, 0.01, 1.0), (64, 2.0, 0.012, 1.6), (128, 1.5, 0.015, 2.5)),
         b_simple=60.0,
     )
     spec = make_sweep_spec("digits-mlp", batch_sizes="32,64", max_steps=300, plan=plan)
@@ -277,8 +271,6 @@ def test_plan_comparison_puts_measured_next_to_predicted():
 def test_first_reaching_uses_the_first_evaluation_that_meets_the_target():
     spec = make_sweep_spec("digits-mlp", batch_sizes="16", max_steps=100)
     record = fake_record(spec.runs[0], reach_step=35)
-    from batchlab.sweep.analysis import first_reaching
-
     assert first_reaching(record.history, parse_target("val_acc>=0.8"))[0] == 40
     assert first_reaching(record.history, parse_target("val_loss<=0.3"))[0] == 40
     assert first_reaching(record.history, parse_target("val_acc>=0.95")) is None
@@ -307,3 +299,37 @@ def test_a_target_met_at_initialization_is_left_out_of_the_fit():
     (group,) = analysis.groups
     assert group.fit is not None and group.fit.batch_sizes == (32, 64, 128)
     assert "already held at initialization for B=16" in group.fit_note
+
+
+def test_a_plan_is_read_once_and_its_shared_batch_trained_once(tmp_path):
+    """Recommended = efficient: one run per repeat under both names; a path and the Plan
+    itself give the same runs."""
+    plan = known_plan(
+        recommended=(64, 64, 1, 0.1, 0, 1.6, 2.0),
+        efficient=(64, 64, 1, 0.1, 0, 1.6, 2.0),
+        candidates=((32, 3.0, 0.01, 1.0), (64, 2.0, 0.012, 1.6)),
+        b_simple=60.0,
+    )
+    from_file = make_sweep_spec(
+        "digits-mlp", batch_sizes="32", max_steps=50, repeats=2, plan=plan.save(tmp_path / "p.json")
+    )
+    from_object = make_sweep_spec(
+        "digits-mlp", batch_sizes="32", max_steps=50, repeats=2, plan=plan
+    )
+    sources = sorted(r.source for r in from_file.runs if r.repeat == 0)
+    assert sources == ["ladder", "plan:recommended+efficient", "plan:reference"]
+    assert from_file.runs == from_object.runs and from_file.b_simple == 60.0
+    assert from_file.plan.path == str(tmp_path / "p.json") and from_object.plan.path is None
+    assert SweepSpec.from_json(from_file.to_json()) == from_file  # sweep.json round trip
+
+
+def test_a_plan_for_a_bigger_training_set_is_refused(tmp_path):
+    plan = known_plan(
+        recommended=(4096, 1024, 4, 0.1, 0, 1.6, 2.0),
+        efficient=(64, 64, 1, 0.1, 0, 1.6, 2.0),
+        candidates=((32, 3.0, 0.01, 1.0),),
+        b_simple=60.0,
+    )
+    with pytest.raises(ConfigError) as info:
+        make_sweep_spec("digits-mlp", batch_sizes="32", max_steps=5, plan=plan)
+    assert "the plan's recommended batch 4096 is larger than the training set" in str(info.value)

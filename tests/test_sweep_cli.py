@@ -1,46 +1,29 @@
 """`batchlab sweep` and `batchlab report` end to end, the backend contract, and bad input."""
 
+import html
 import json
+import re
+import shlex
 
 import pytest
 import torch
+from test_plan_model import known_plan
 
 from batchlab.cli import main
 from batchlab.step import TrainStep
+from batchlab.sweep.build import SGD_OVER_ADAM_LR, make_sweep_spec
 from batchlab.sweep.runner import LocalBackend, RayBackend, RunContext, execute_run, run_sweep
-from batchlab.sweep.spec import SGD_OVER_ADAM_LR, make_sweep_spec
 from batchlab.sweep.store import SweepStore
 
 FAST = ["--max-steps", "12", "--repeats", "1", "--jobs", "1"]
 
-PLAN = {
-    "recommended": {
-        "batch_size": 128,
-        "micro_batch_size": 64,
-        "accumulation_steps": 2,
-        "lr": 0.2,
-        "lr_rule": "linear",
-        "warmup_steps": 2,
-        "predicted_speedup": 2.4,
-    },
-    "efficient": {
-        "batch_size": 64,
-        "micro_batch_size": 64,
-        "accumulation_steps": 1,
-        "lr": 0.1,
-        "lr_rule": "linear",
-        "warmup_steps": 0,
-        "predicted_speedup": 1.7,
-    },
-    "reference": {"batch_size": 32, "lr": 0.05},
-    "b_simple": 70.0,
-    "max_batch_size": 1024,
-    "candidates": [
-        {"batch_size": 32, "steps_factor": 3.2, "step_s": 0.001, "predicted_speedup": 1.0},
-        {"batch_size": 64, "steps_factor": 2.1, "step_s": 0.0012, "predicted_speedup": 1.7},
-        {"batch_size": 128, "steps_factor": 1.55, "step_s": 0.0018, "predicted_speedup": 2.4},
-    ],
-}
+# digits-mlp's reference is B0=32, lr0=0.05: the plan trains 128 as 2 x 64, and 64.
+PLAN = known_plan(
+    recommended=(128, 64, 2, 0.2, 2, 2.4, 1.55),
+    efficient=(64, 64, 1, 0.1, 0, 1.7, 2.1),
+    candidates=((32, 3.2, 0.001, 1.0), (64, 2.1, 0.0012, 1.7), (128, 1.55, 0.0018, 2.4)),
+    b_simple=70.0,
+)
 
 
 def run_cli(capsys, *args):
@@ -130,14 +113,13 @@ def test_report_says_what_it_expected(capsys, tmp_path):
     code, _, err = run_cli(capsys, "report", tmp_path)
     assert code == 2 and "expected a sweep directory (with sweep.json) or a plan .json file" in err
     plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps(PLAN))
+    plan.write_text(json.dumps({"recommended": PLAN.recommended.to_dict()}))
     code, _, err = run_cli(capsys, "report", plan)  # the plan branch: not a whole plan
-    assert code == 2 and "plan" in err and err.count("\n") == 1
+    assert code == 2 and "is not a plan" in err and err.count("\n") == 1
 
 
 def test_from_plan_adds_the_plans_batches_and_compares_speedups(capsys, tmp_path):
-    plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps(PLAN))
+    plan = PLAN.save(tmp_path / "plan.json")
     out = tmp_path / "sw"
     code, stdout, _ = run_cli(
         capsys,
@@ -177,8 +159,15 @@ def test_from_plan_adds_the_plans_batches_and_compares_speedups(capsys, tmp_path
     assert rows[("recommended", 128)]["predicted_speedup"] == 2.4
     assert rows[("reference", 32)]["measured_steps_ratio"] == pytest.approx(1.0)
     assert rows[("recommended", 128)]["predicted_steps_ratio"] == pytest.approx(3.2 / 1.55)
-    html = (out / "report.html").read_text()
-    assert "Plan check" in html and "B_simple (measured)" in html
+    page = (out / "report.html").read_text()
+    assert "Plan check" in page and "B_simple (measured)" in page
+
+    # The report's Reproduce command makes exactly this sweep: run again, it resumes.
+    commands = re.search(r'<pre class="cmd">(.*?)</pre>', page, re.S).group(1)
+    sweep_command, report_command = html.unescape(commands).splitlines()
+    assert f"--from-plan {plan}" in sweep_command and report_command == f"batchlab report {out}"
+    code, stdout, _ = run_cli(capsys, *shlex.split(sweep_command)[1:], "--jobs", "1")
+    assert code == 0 and "0 runs in" in stdout and f"({len(spec.runs)} already done" in stdout
 
 
 def test_a_diverging_lr_is_recorded_and_the_sweep_goes_on(capsys, tmp_path):
@@ -312,11 +301,11 @@ def test_optimizer_swap_and_lr_rules_in_the_spec():
         (["--optimizer", "lion"], "optimizer: expected a comma-separated list of task, sgd, adam"),
         (["--batch-sizes", "a,b"], "expected comma-separated integers like 32,64,128"),
         (["--batch-sizes", "16,4096"], "batch sizes [4096] are larger than the training set"),
-        (["--lr-rule", "adascale"], "lr rule 'adascale' needs B_simple: pass --from-plan"),
-        (["--epochs", "2"], "give --epochs or --max-steps, not both"),
+        (["--lr-rule", "adascale"], "`lr_rule` 'adascale' needs B_simple: pass a `plan`"),
+        (["--epochs", "2"], "give `epochs` or `max_steps`, not both"),
         (["--target", "val_f1>=0.5"], "val_f1, which this task does not report"),
         (["--backend", "slurm"], "backend: expected one of local, ray, got 'slurm'"),
-        (["--from-plan", "missing.json"], "--from-plan: 'missing.json' does not exist"),
+        (["--from-plan", "missing.json"], "plan file 'missing.json' does not exist"),
         (
             ["--sharpness", "trace"],
             "sharpness: expected a comma-separated list of hessian, epsilon",

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from batchlab.sweep.spec import make_sweep_spec
+from batchlab.sweep.build import make_sweep_spec
 
 ARGS = ["digits-mlp", "--batch-sizes", "16,32,64,128", "--max-steps", "40", "--repeats", "4"]
 

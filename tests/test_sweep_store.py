@@ -6,8 +6,8 @@ import os
 import pytest
 
 from batchlab.errors import SweepError
+from batchlab.sweep.build import make_sweep_spec
 from batchlab.sweep.runner import RunContext, execute_run, run_sweep
-from batchlab.sweep.spec import make_sweep_spec
 from batchlab.sweep.store import RESULTS_FILE, RunRecord, SweepStore, load_sweep
 
 
@@ -101,7 +101,9 @@ def test_a_different_spec_is_refused_and_the_same_one_resumes(tmp_path, spec):
         store.prepare(other)
     message = str(info.value)
     assert (
-        "holds a different sweep" in message and "batch_sizes" in message and "new --out" in message
+        "holds a different sweep" in message
+        and "batch_sizes" in message
+        and "new `out_dir`" in message
     )
     assert "\n" not in message
 

@@ -12,9 +12,10 @@ from typing import Annotated
 import typer
 
 from batchlab.cli.common import OutOpt, console_for
+from batchlab.cli.sweep_cmd import reproduce_commands
 from batchlab.errors import ConfigError
 from batchlab.report.sweep_report import REPORT_FILE, build_sweep_report
-from batchlab.sweep.store import SPEC_FILE
+from batchlab.sweep.store import SPEC_FILE, SweepStore
 
 
 def report(
@@ -43,7 +44,8 @@ def report(
 
 
 def _sweep_report(directory: Path, out: Path | None, target: str | None) -> Path:
-    written = build_sweep_report(directory, target=target)
+    reproduce = reproduce_commands(SweepStore(directory).read_spec(), directory)
+    written = build_sweep_report(directory, target=target, reproduce=reproduce)
     if out is not None and out.resolve() != directory.resolve():
         out.mkdir(parents=True, exist_ok=True)
         moved = out / REPORT_FILE
@@ -55,19 +57,7 @@ def _sweep_report(directory: Path, out: Path | None, target: str | None) -> Path
 
 def _plan_report(path: Path, out: Path | None) -> Path:
     """The plan branch: `batchlab report plan.json --out DIR`, no re-measuring."""
-    import json
-
     from batchlab.planner.model import Plan
     from batchlab.report.plan_report import write_plan_report
 
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(
-            f"{str(path)!r} is not valid JSON ({exc}); pass a `batchlab plan --json` file"
-        ) from None
-    if not isinstance(data, dict) or "recommended" not in data or "measurements" not in data:
-        raise ConfigError(
-            f"{str(path)!r} is not a plan: expected the JSON of `batchlab plan --json PATH`"
-        )
-    return write_plan_report(Plan.from_dict(data), out if out is not None else path.parent)
+    return write_plan_report(Plan.load(path), out if out is not None else path.parent)

@@ -18,47 +18,57 @@ from batchlab.cli.common import (
     fmt,
     write_json,
 )
+from batchlab.history import History
 from batchlab.tasks import load_task
 from batchlab.train import train as run_training
+
+BatchSizeOpt = Annotated[
+    int | None,
+    typer.Option("--batch-size", help="Micro-batch size (default: the task's reference)."),
+]
+LrOpt = Annotated[
+    float | None, typer.Option("--lr", help="LR at the reference batch (default: the task's).")
+]
+EpochsOpt = Annotated[float | None, typer.Option("--epochs", help="Epochs to train.")]
+MaxStepsOpt = Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps.")]
+LrRuleOpt = Annotated[
+    str, typer.Option("--lr-rule", help="none, linear or sqrt: scale LR from the reference.")
+]
+WarmupOpt = Annotated[int, typer.Option("--warmup-steps", help="Linear warm-up.")]
+AccumulationOpt = Annotated[
+    int, typer.Option("--accumulation-steps", help="Micro-batches per optimizer step.")
+]
+AmpOpt = Annotated[bool, typer.Option("--amp", help="Mixed precision (bf16/fp16).")]
+TargetOpt = Annotated[
+    str | None, typer.Option("--target", help="Stop when reached, e.g. 'val_acc>=0.9'.")
+]
+AdaptiveOpt = Annotated[
+    bool, typer.Option("--adaptive", help="Adapt batch size and LR to the measured goodput.")
+]
+MemoryCapOpt = Annotated[
+    int | None,
+    typer.Option("--memory-cap", help="With --adaptive: largest micro-batch that fits."),
+]
+BSimpleOpt = Annotated[
+    float | None,
+    typer.Option("--b-simple", help="With --adaptive: use this noise scale, not a measured one."),
+]
 
 
 def train(
     task: TaskArg = DEFAULT,
-    batch_size: Annotated[
-        int | None,
-        typer.Option("--batch-size", help="Micro-batch size (default: the task's reference)."),
-    ] = None,
-    lr: Annotated[
-        float | None,
-        typer.Option("--lr", help="LR at the reference batch (default: the task's)."),
-    ] = None,
-    epochs: Annotated[float | None, typer.Option("--epochs", help="Epochs to train.")] = None,
-    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps.")] = None,
-    lr_rule: Annotated[
-        str, typer.Option("--lr-rule", help="none, linear or sqrt: scale LR from the reference.")
-    ] = "none",
-    warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="Linear warm-up.")] = 0,
-    accumulation_steps: Annotated[
-        int, typer.Option("--accumulation-steps", help="Micro-batches per optimizer step.")
-    ] = 1,
-    amp: Annotated[bool, typer.Option("--amp", help="Mixed precision (bf16/fp16).")] = False,
-    target: Annotated[
-        str | None, typer.Option("--target", help="Stop when reached, e.g. 'val_acc>=0.9'.")
-    ] = None,
-    adaptive: Annotated[
-        bool,
-        typer.Option("--adaptive", help="Adapt batch size and LR to the measured goodput."),
-    ] = False,
-    memory_cap: Annotated[
-        int | None,
-        typer.Option("--memory-cap", help="With --adaptive: largest micro-batch that fits."),
-    ] = None,
-    b_simple: Annotated[
-        float | None,
-        typer.Option(
-            "--b-simple", help="With --adaptive: use this noise scale, not a measured one."
-        ),
-    ] = None,
+    batch_size: BatchSizeOpt = None,
+    lr: LrOpt = None,
+    epochs: EpochsOpt = None,
+    max_steps: MaxStepsOpt = None,
+    lr_rule: LrRuleOpt = "none",
+    warmup_steps: WarmupOpt = 0,
+    accumulation_steps: AccumulationOpt = 1,
+    amp: AmpOpt = False,
+    target: TargetOpt = None,
+    adaptive: AdaptiveOpt = False,
+    memory_cap: MemoryCapOpt = None,
+    b_simple: BSimpleOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     json_path: JsonOpt = None,
@@ -102,10 +112,26 @@ def train(
             target=target,
             callbacks=[ProgressBar(f"{t.name} B={bs * accumulation_steps}")],
         )
-    table = Table(title=f"batchlab train {t.name}", title_justify="left", show_header=False)
+    console.print(summary_table(t.name, history, bs, accumulation_steps, warmup_steps, adaptive))
+    write_json(history, json_path, console)
+
+
+def summary_table(
+    name: str,
+    history: History,
+    micro_batch_size: int,
+    accumulation_steps: int,
+    warmup_steps: int,
+    adaptive: bool,
+) -> Table:
+    """The run at a glance: batch, LR, time, the final and best evaluation, the target."""
+    table = Table(title=f"batchlab train {name}", title_justify="left", show_header=False)
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("batch", f"{history.effective_batch_size} ({bs} x {accumulation_steps} accum)")
+    table.add_row(
+        "batch",
+        f"{history.effective_batch_size} ({micro_batch_size} x {accumulation_steps} accum)",
+    )
     if adaptive:
         path = [d["batch_size"] for d in history.extras["adaptive"]["decisions"]]
         path = [b for i, b in enumerate(path) if i == 0 or b != path[i - 1]]
@@ -134,5 +160,4 @@ def train(
             table.add_row(f"target {history.target}", "[yellow]not reached[/yellow]")
     if history.diverged:
         table.add_row("diverged", f"[red]non-finite loss at step {history.diverged_step}[/red]")
-    console.print(table)
-    write_json(history, json_path, console)
+    return table

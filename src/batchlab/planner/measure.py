@@ -26,14 +26,7 @@ from batchlab.errors import BatchlabError, ConfigError
 from batchlab.history import History
 from batchlab.measure.noise_run import NoiseRun, measure_noise
 from batchlab.measure.probe import ProbeResult, ProbeSettings, has_batchnorm, run_probe
-from batchlab.planner.model import (
-    Measurements,
-    MemoryPoint,
-    NoisePoint,
-    Plan,
-    ThroughputPoint,
-    build_plan,
-)
+from batchlab.planner.model import Measurements, Plan, build_plan
 from batchlab.target import target_for_task
 from batchlab.task import Task
 from batchlab.tasks import load_task
@@ -92,21 +85,11 @@ def measurements_from(task: Task, result: ProbeResult, noise: NoiseRun) -> Measu
         bytes_per_sample=memory.bytes_per_sample,
         budget_bytes=memory.budget_bytes,
         margin=memory.margin,
-        memory_points=tuple(
-            MemoryPoint(p.batch_size, p.peak_bytes)
-            for p in memory.points
-            if p.peak_bytes is not None
-        ),
-        throughput=tuple(
-            ThroughputPoint(p.batch_size, p.samples_per_s, p.step_s, p.spread)
-            for p in result.throughput
-        ),
+        memory_points=tuple(p for p in memory.points if p.peak_bytes is not None),
+        throughput=tuple(result.throughput),
         knee_batch_size=result.knee_batch_size,
         aligned_multiple=_aligned_multiple(result),
-        noise=tuple(
-            NoisePoint(p.step, p.examples, p.train_loss, p.b_simple, p.b_simple_ci)
-            for p in noise.points
-        ),
+        noise=tuple(noise.points),
         noise_reliable=noise.final.reliable,
         noise_reason=noise.final.reason,
         probe_steps=result.probe_steps + result.throughput_steps,
@@ -164,33 +147,8 @@ def plan(
         device, memory_budget, target_memory, margin, amp, seed, throughput_seconds
     )
     target = check_target_for_task(target, task)
-    reference_seconds = None
-    if reference_run is not None:
-        history = (
-            reference_run if isinstance(reference_run, History) else History.load(reference_run)
-        )
-        reference_seconds = history.seconds_to_target
-        if reference_seconds is None:
-            raise ConfigError(
-                f"the reference run never reached its target ({history.target}); pass a run "
-                "that did, e.g. `batchlab train TASK --target ... --json ref.json`"
-            )
-    measured: dict[str, Any] = {}
-    phase = "the hardware probe"
-    try:
-        measured["probe"] = run_probe(task, settings, progress=progress)
-        phase = "the noise measurement"
-        callbacks = [_NoiseProgress(progress)] if progress is not None else []
-        measured["noise"] = measure_noise(
-            task,
-            steps=noise_steps,
-            every=max(1, noise_steps // 20),
-            seed=seed,
-            device=device,
-            callbacks=callbacks,
-        )
-    except KeyboardInterrupt:
-        raise PlanInterrupted(phase, measured) from None
+    reference_seconds = _reference_seconds(reference_run)
+    measured = _measure(task, settings, noise_steps=noise_steps, progress=progress)
     m = measurements_from(task, measured["probe"], measured["noise"])
     return build_plan(
         m,
@@ -202,6 +160,42 @@ def plan(
         probe=measured["probe"],
         noise=measured["noise"],
     )
+
+
+def _reference_seconds(reference_run: History | str | Path | None) -> float | None:
+    """Seconds to target of the reference run, which must have reached its target."""
+    if reference_run is None:
+        return None
+    history = reference_run if isinstance(reference_run, History) else History.load(reference_run)
+    if history.seconds_to_target is None:
+        raise ConfigError(
+            f"the reference run never reached its target ({history.target}); pass as "
+            "`reference_run` a run that did (train with a `target`, save its History)"
+        )
+    return history.seconds_to_target
+
+
+def _measure(
+    task: Task, settings: ProbeSettings, *, noise_steps: int, progress: ProgressFn | None
+) -> dict[str, Any]:
+    """The probe, then the noise measurement; on Ctrl-C, `PlanInterrupted` with the results so far."""
+    measured: dict[str, Any] = {}
+    phase = "the hardware probe"
+    try:
+        measured["probe"] = run_probe(task, settings, progress=progress)
+        phase = "the noise measurement"
+        callbacks = [_NoiseProgress(progress)] if progress is not None else []
+        measured["noise"] = measure_noise(
+            task,
+            steps=noise_steps,
+            every=max(1, noise_steps // 20),
+            seed=settings.seed,
+            device=settings.device,
+            callbacks=callbacks,
+        )
+    except KeyboardInterrupt:
+        raise PlanInterrupted(phase, measured) from None
+    return measured
 
 
 @dataclass(frozen=True)

@@ -6,46 +6,24 @@ and applies the pure models of `batchlab.core`; tests feed it known answers.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from batchlab.core.batching import split
 from batchlab.core.lr import TRAIN_LR_RULES, scale_lr, warmup_steps_for
-from batchlab.core.noise_scale import ci_from_json
 from batchlab.core.optim import default_lr_rule
 from batchlab.core.step_time import StepTimeModel, fit_step_time
 from batchlab.core.tradeoff import efficient_batch_size, predicted_speedup, relative_steps
 from batchlab.errors import ConfigError
-from batchlab.measure.noise_run import NoiseRun
+from batchlab.measure.memory_fit import MemoryPoint
+from batchlab.measure.noise_run import NoisePoint, NoiseRun
 from batchlab.measure.probe import ProbeResult
+from batchlab.measure.throughput import ThroughputPoint
 from batchlab.results import JsonResult
-
-
-@dataclass(frozen=True)
-class MemoryPoint(JsonResult):
-    batch_size: int
-    peak_bytes: float
-
-
-@dataclass(frozen=True)
-class ThroughputPoint(JsonResult):
-    batch_size: int
-    samples_per_s: float
-    step_s: float
-    spread: float
-
-
-@dataclass(frozen=True)
-class NoisePoint(JsonResult):
-    step: int
-    examples: int
-    train_loss: float | None
-    b_simple: float | None
-    b_simple_ci: tuple[float, float] | None = None
-
-    def __post_init__(self) -> None:
-        if self.b_simple_ci is not None:  # JSON has no inf: an unbounded high comes back null
-            object.__setattr__(self, "b_simple_ci", ci_from_json(self.b_simple_ci))
 
 
 @dataclass(frozen=True)
@@ -66,7 +44,7 @@ class Measurements(JsonResult):
     bytes_per_sample: float
     budget_bytes: float | None
     margin: float
-    memory_points: tuple[MemoryPoint, ...]
+    memory_points: tuple[MemoryPoint, ...]  # the probe's points that ran (peak_bytes known)
     throughput: tuple[ThroughputPoint, ...]
     knee_batch_size: int
     aligned_multiple: int | None  # round to this multiple only where the probe showed it pays
@@ -139,6 +117,67 @@ class Plan(JsonResult):
     probe: ProbeResult | None = None
     noise: NoiseRun | None = None
 
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        """Read a plan saved by `Plan.save` (what `batchlab plan` writes as JSON).
+
+        Every reader of a plan file goes through here, so a missing, empty, cut-off or
+        foreign file gets one clear `ConfigError` that names the file and what is wrong.
+        """
+        data = _read_json_object(Path(path))
+        _check_plan_fields(data, path)
+        try:
+            return cls.from_dict(data)
+        except (TypeError, KeyError, ValueError) as exc:  # a field of the wrong shape
+            raise ConfigError(
+                f"plan file {str(path)!r} does not match this version's plan schema ({exc}); "
+                "make the plan again with `batchlab plan`"
+            ) from None
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(
+            f"plan file {str(path)!r} does not exist; make one with `batchlab plan` "
+            "(save its JSON) or `Plan.save`"
+        )
+    text = path.read_text()
+    if not text.strip():
+        raise ConfigError(f"plan file {str(path)!r} is empty; make the plan again")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"plan file {str(path)!r} is not valid JSON ({exc.msg} at line {exc.lineno}); "
+            "was it cut off while being written? Make the plan again"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"plan file {str(path)!r} holds a JSON {type(data).__name__}, expected the object "
+            "a plan saves"
+        )
+    return data
+
+
+def _check_plan_fields(data: dict[str, Any], path: str | Path) -> None:
+    """A whole plan has every field without a default; say which are missing and why."""
+    if data.get("partial") and "interrupted_during" in data:
+        raise ConfigError(
+            f"plan file {str(path)!r} is a partial plan (interrupted during "
+            f"{data['interrupted_during']}): it has no recommendation; run the plan to the end"
+        )
+    required = [
+        f.name
+        for f in dataclasses.fields(Plan)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise ConfigError(
+            f"plan file {str(path)!r} is not a plan: expected the JSON of a whole plan, but it "
+            f"lacks {', '.join(missing)}; pass the JSON `batchlab plan` wrote"
+        )
+
 
 def b_simple_used(points: tuple[NoisePoint, ...]) -> tuple[float, str]:
     """The noise scale the plan uses: the mean over the last half of the measured phase.
@@ -151,7 +190,7 @@ def b_simple_used(points: tuple[NoisePoint, ...]) -> tuple[float, str]:
     if not values:
         raise ConfigError(
             "no usable B_simple was measured (|G|^2 estimate <= 0 at every point); "
-            "measure over more steps with --noise-steps"
+            "measure over more steps (`noise_steps`)"
         )
     late = values[len(values) // 2 :]
     mean = sum(late) / len(late)
@@ -254,55 +293,9 @@ def build_plan(
         b_noise, source = b_simple, "given"
     rule = lr_rule or default_lr_rule(m.optimizer)
     _, _, ref_step_s = _step_seconds(m, m.reference_batch_size)
-
-    candidates = []
-    measured = {p.batch_size for p in m.throughput}
-    for b in candidate_batch_sizes(m, b_noise):
-        micro, accum, step_s = _step_seconds(m, b)
-        speedup = predicted_speedup(b, m.reference_batch_size, b_noise, step_s, ref_step_s)
-        candidates.append(
-            Candidate(
-                batch_size=b,
-                micro_batch_size=micro,
-                accumulation_steps=accum,
-                steps_factor=relative_steps(b, m.reference_batch_size, b_noise),
-                step_s=step_s,
-                predicted_speedup=speedup,
-                relative_time=1.0 / speedup,
-                measured=b in measured,
-            )
-        )
-    fastest = max(candidates, key=lambda c: (c.predicted_speedup, -c.batch_size))
-    recommended = _recommend(
-        m,
-        fastest.batch_size,
-        b_noise,
-        rule,
-        ref_step_s,
-        {
-            "batch_size": (
-                f"minimum predicted time to target among {len(candidates)} candidates: "
-                f"{fastest.predicted_speedup:.2f}x the reference B0={m.reference_batch_size} "
-                f"(steps x{fastest.steps_factor:.2f}, step time x{fastest.step_s / ref_step_s:.2f})"
-            )
-        },
-    )
-    eff_b = min(efficient_batch_size(b_noise), m.num_train)
-    if m.aligned_multiple and eff_b >= m.aligned_multiple:
-        eff_b = m.aligned_multiple * round(eff_b / m.aligned_multiple)
-    efficient = _recommend(
-        m,
-        eff_b,
-        b_noise,
-        rule,
-        ref_step_s,
-        {
-            "batch_size": (
-                f"B ~ B_noise = {b_noise:.0f}: 2x the minimum steps and 2x the minimum "
-                "examples (McCandlish et al. 2018), the balanced choice when compute costs money"
-            )
-        },
-    )
+    candidates = _candidates(m, b_noise, ref_step_s)
+    recommended = _recommend_fastest(m, candidates, b_noise, rule, ref_step_s)
+    efficient = _recommend_efficient(m, b_noise, rule, ref_step_s)
     alternatives = {
         r: scale_lr(
             m.reference_lr, m.reference_batch_size, recommended.batch_size, r, b_simple=b_noise
@@ -341,6 +334,55 @@ def build_plan(
     )
 
 
+def _candidates(m: Measurements, b_noise: float, ref_step_s: float) -> list[Candidate]:
+    """Every candidate batch with its predicted steps, step time and speedup over B0."""
+    candidates = []
+    measured = {p.batch_size for p in m.throughput}
+    for b in candidate_batch_sizes(m, b_noise):
+        micro, accum, step_s = _step_seconds(m, b)
+        speedup = predicted_speedup(b, m.reference_batch_size, b_noise, step_s, ref_step_s)
+        candidates.append(
+            Candidate(
+                batch_size=b,
+                micro_batch_size=micro,
+                accumulation_steps=accum,
+                steps_factor=relative_steps(b, m.reference_batch_size, b_noise),
+                step_s=step_s,
+                predicted_speedup=speedup,
+                relative_time=1.0 / speedup,
+                measured=b in measured,
+            )
+        )
+    return candidates
+
+
+def _recommend_fastest(
+    m: Measurements, candidates: list[Candidate], b_noise: float, rule: str, ref_step_s: float
+) -> Recommendation:
+    """The candidate with the least predicted time to target (the smaller batch on a tie)."""
+    fastest = max(candidates, key=lambda c: (c.predicted_speedup, -c.batch_size))
+    reason = (
+        f"minimum predicted time to target among {len(candidates)} candidates: "
+        f"{fastest.predicted_speedup:.2f}x the reference B0={m.reference_batch_size} "
+        f"(steps x{fastest.steps_factor:.2f}, step time x{fastest.step_s / ref_step_s:.2f})"
+    )
+    return _recommend(m, fastest.batch_size, b_noise, rule, ref_step_s, {"batch_size": reason})
+
+
+def _recommend_efficient(
+    m: Measurements, b_noise: float, rule: str, ref_step_s: float
+) -> Recommendation:
+    """B ~ B_noise, within the training set and on the aligned multiple where it pays."""
+    eff_b = min(efficient_batch_size(b_noise), m.num_train)
+    if m.aligned_multiple and eff_b >= m.aligned_multiple:
+        eff_b = m.aligned_multiple * round(eff_b / m.aligned_multiple)
+    reason = (
+        f"B ~ B_noise = {b_noise:.0f}: 2x the minimum steps and 2x the minimum "
+        "examples (McCandlish et al. 2018), the balanced choice when compute costs money"
+    )
+    return _recommend(m, eff_b, b_noise, rule, ref_step_s, {"batch_size": reason})
+
+
 def plan_warnings(
     m: Measurements,
     recommended: Recommendation,
@@ -372,7 +414,7 @@ def plan_warnings(
             PlanWarning(
                 "unreliable-noise",
                 f"the B_simple estimate is unreliable ({m.noise_reason or 'wide interval'}); "
-                "measure over more steps with --noise-steps",
+                "measure over more steps (`noise_steps`)",
             )
         )
     tp = sorted(m.throughput, key=lambda p: p.batch_size)

@@ -24,6 +24,7 @@ def _rec_cards(title: str, rec: Recommendation, b0: float, accent: bool) -> list
 
 
 def plan_page(plan: Plan) -> HtmlPage:
+    """Lay out the plan's page: the picks, why, the figures, the candidate table."""
     b0 = plan.reference["batch_size"]
     m = plan.measurements
     subtitle = (
@@ -55,7 +56,19 @@ def plan_page(plan: Plan) -> HtmlPage:
         page.html(f"<p><b>{name}</b> (B={rec.batch_size})</p><ul>{items}</ul>")
     page.section("Warnings")
     page.warnings([f"{w.message} ({w.code})" for w in plan.warnings])
+    _figure_sections(page, plan)
+    page.section("Candidates")
+    header, rows, highlight = _candidate_table(plan)
+    page.table(header, rows, highlight=highlight)
+    alts = ", ".join(f"{k}: {v:.4g}" for k, v in plan.lr_alternatives.items())
+    page.paragraph(f"Learning rate at B={plan.recommended.batch_size} under each rule: {alts}.")
+    if plan.command:
+        page.reproduce(plan.command)
+    return page
 
+
+def _figure_sections(page: HtmlPage, plan: Plan) -> None:
+    """Predicted time to target and B_simple; then memory and throughput when measured."""
     page.section(
         "What learns fastest, and what that costs",
         "S(B) = S_min (1 + B_noise/B) (McCandlish et al. 2018) times the measured step time.",
@@ -84,7 +97,11 @@ def plan_page(plan: Plan) -> HtmlPage:
                 ),
             ]
         )
-    page.section("Candidates")
+
+
+def _candidate_table(plan: Plan) -> tuple[list[str], list[list], list[int]]:
+    """Header, rows and highlighted rows (the fastest) of the candidate table."""
+    b0 = plan.reference["batch_size"]
     header = ["batch", "micro x accum", "steps vs B0", "ms / step", "predicted speedup", ""]
     rows, highlight = [], []
     for i, c in enumerate(plan.candidates):
@@ -108,12 +125,7 @@ def plan_page(plan: Plan) -> HtmlPage:
                 ", ".join(marks),
             ]
         )
-    page.table(header, rows, highlight=highlight)
-    alts = ", ".join(f"{k}: {v:.4g}" for k, v in plan.lr_alternatives.items())
-    page.paragraph(f"Learning rate at B={plan.recommended.batch_size} under each rule: {alts}.")
-    if plan.command:
-        page.reproduce(plan.command)
-    return page
+    return header, rows, highlight
 
 
 def write_plan_report(plan: Plan, out_dir: str | Path) -> Path:

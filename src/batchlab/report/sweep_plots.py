@@ -12,11 +12,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from batchlab.report.axes import new_axes, style_axes
-from batchlab.sweep.analysis import (
-    GroupAnalysis,
-    SweepAnalysis,
-    regime_borders,
-)
+from batchlab.sweep.analysis import SweepAnalysis
+from batchlab.sweep.fit import regime_borders
+from batchlab.sweep.groups import GroupAnalysis
 from batchlab.sweep.store import RunRecord
 
 FIGSIZE = (6.4, 4.0)
@@ -105,7 +103,7 @@ def plot_val_curves(
     group = analysis.groups[0].label if analysis.groups else ""
     _style(ax, f"{label} vs epoch ({group}, repeat 0)", "epoch (log)", label, logx=False)
     if runs:
-        # Big batches may run many more epochs (at least --min-steps steps): a log axis
+        # Big batches may run many more epochs (at least `min_steps` steps): a log axis
         # keeps the first epochs of every batch size readable.
         ax.set_xscale("log")
     if metric == "loss":

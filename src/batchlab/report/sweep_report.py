@@ -1,4 +1,8 @@
-"""The sweep's HTML report, built from its directory alone (`sweep.json` + `results.jsonl`)."""
+"""The sweep's HTML report: one page laid out from a sweep's spec, runs and analysis.
+
+`write_sweep_report` is the one place that builds it (the `sweep` and `report` commands
+both call it); `build_sweep_report` first reads the sweep directory and analyzes it.
+"""
 
 from __future__ import annotations
 
@@ -7,168 +11,41 @@ from pathlib import Path
 
 from batchlab.report import sweep_plots as plots
 from batchlab.report.html import Card, HtmlPage
-from batchlab.sweep.analysis import (
-    BatchPoint,
-    GroupAnalysis,
-    SweepAnalysis,
-    analyze_sweep,
-    regime_borders,
+from batchlab.report.numbers import format_interval, format_number
+from batchlab.report.sweep_tables import (
+    ADAPTIVE_HEADERS,
+    PLAN_HEADERS,
+    QUALITY_HEADERS,
+    SPEED_HEADERS,
+    adaptive_rows,
+    comparison_pair,
+    comparison_rows,
+    plan_rows,
+    quality_rows,
+    speed_rows,
 )
+from batchlab.sweep.analysis import SweepAnalysis, analyze_sweep
+from batchlab.sweep.fit import regime_borders
+from batchlab.sweep.groups import GroupAnalysis
 from batchlab.sweep.spec import SweepSpec
 from batchlab.sweep.store import RunRecord, load_sweep
 
 REPORT_FILE = "report.html"
 
 
-def fmt(value: float | None, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if abs(value) >= 1000:
-        return f"{value:,.0f}"
-    return f"{value:.{digits}g}"
-
-
-def fmt_interval(ci: tuple[float, float] | None) -> str:
-    return "" if ci is None else f"95% CI {fmt(ci[0])} to {fmt(ci[1])}"
-
-
-def comparison_pair(group: GroupAnalysis) -> tuple[BatchPoint, BatchPoint] | None:
-    """The smallest batch and the largest that did not diverge: the blog-post comparison."""
-    usable = [p for p in group.points if p.diverged < p.repeats and p.failed < p.repeats]
-    if len(usable) < 2:
-        return None
-    return usable[0], usable[-1]
-
-
-def comparison_rows(small: BatchPoint, large: BatchPoint) -> list[list[str]]:
-    def ratio(a: float | None, b: float | None) -> str:
-        return f"{b / a:.2f}x" if a and a > 0 and b is not None and b >= 0 else "-"
-
-    rows = []
-    for label, field in (
-        ("min val loss", "min_val_loss"),
-        ("final val acc", "final_val_acc"),
-        ("seconds / epoch", "seconds_per_epoch"),
-        ("epochs to target", "median_epochs_to_target"),
-        ("steps to target", "median_steps_to_target"),
-        ("seconds to target", "median_seconds_to_target"),
-        ("total training seconds", "train_seconds"),
-        ("generalization gap (acc)", "gap_acc"),
-        ("generalization gap (loss)", "gap_loss"),
-        ("sharpness (top Hessian eigenvalue)", "sharpness"),
-    ):
-        a, b = getattr(small, field), getattr(large, field)
-        if a is None and b is None:
-            continue
-        rows.append([label, fmt(a), fmt(b), ratio(a, b)])
-    return rows
-
-
-SPEED_HEADERS = [
-    "B",
-    "lr",
-    "reached",
-    "steps to target",
-    "epochs to target",
-    "s to target",
-    "s / epoch",
-    "total s",
-    "regime",
-]
-QUALITY_HEADERS = [
-    "B",
-    "min val loss",
-    "final val acc",
-    "train loss",
-    "gap (acc)",
-    "gap (loss)",
-    "lambda_max",
-    "eps-sharpness",
-    "mean |g_B|",
-    "|theta - theta0|",
-]
-
-
-def speed_rows(group: GroupAnalysis) -> list[list[str]]:
-    rows = []
-    for p in group.points:
-        lr = fmt(p.lr) + (f" (x{p.lr_multiplier:g})" if p.lr_multiplier != 1.0 else "")
-        reached = f"{p.reached}/{p.repeats}" + (f", {p.diverged} diverged" if p.diverged else "")
-        rows.append(
-            [
-                str(p.batch_size),
-                lr,
-                reached,
-                fmt(p.median_steps_to_target),
-                fmt(p.median_epochs_to_target),
-                fmt(p.median_seconds_to_target),
-                fmt(p.seconds_per_epoch),
-                fmt(p.train_seconds),
-                p.regime or "-",
-            ]
-        )
-    return rows
-
-
-def quality_rows(group: GroupAnalysis) -> list[list[str]]:
-    return [
-        [
-            str(p.batch_size),
-            fmt(p.min_val_loss),
-            fmt(p.final_val_acc),
-            fmt(p.final_train_loss),
-            fmt(p.gap_acc),
-            fmt(p.gap_loss),
-            fmt(p.sharpness),
-            fmt(p.epsilon_sharpness),
-            fmt(p.grad_norm),
-            fmt(p.distance_from_init),
-        ]
-        for p in group.points
-    ]
-
-
-def _cards(spec: SweepSpec, analysis: SweepAnalysis) -> list[Card]:
+def _cards(analysis: SweepAnalysis) -> list[Card]:
+    """The headline numbers: the fit, the target, the runs, and the best batches."""
     ok = sum(r.status == "ok" for r in analysis.runs)
     diverged = sum(r.status == "diverged" for r in analysis.runs)
     failed = sum(r.status == "failed" for r in analysis.runs)
     runs_detail = f"{ok} ok, {diverged} diverged" + (f", {failed} failed" if failed else "")
-    cards = []
-    group = analysis.groups[0] if analysis.groups else None
-    fit = group.fit if group else None
-    if fit is not None:
-        which = f"{group.label}; " if len(analysis.groups) > 1 else ""
-        cards.append(
-            Card(
-                "B_crit (fitted)",
-                fmt(fit.b_crit),
-                which + (fmt_interval(fit.b_crit_ci) or fit.ci_method),
-                accent=True,
-            )
-        )
-        cards.append(
-            Card("S_min", fmt(fit.s_min), f"steps at B -> inf; {fmt_interval(fit.s_min_ci)}")
-        )
-        cards.append(
-            Card(
-                "R^2 (log S)",
-                f"{fit.r2:.3f}",
-                f"{fit.num_points} points, {len(fit.batch_sizes)} batch sizes",
-            )
-        )
-    else:
-        cards.append(
-            Card(
-                "B_crit (fitted)",
-                "-",
-                (group.fit_note or "") if group else "no runs yet",
-                accent=True,
-            )
-        )
+    cards = _fit_cards(analysis)
     if analysis.b_simple:
         cards.append(
             Card(
-                "B_simple (measured)", fmt(analysis.b_simple), "gradient noise scale, from the plan"
+                "B_simple (measured)",
+                format_number(analysis.b_simple),
+                "gradient noise scale, from the plan",
             )
         )
     auto = " (chosen automatically)" if analysis.target_auto else ""
@@ -176,27 +53,62 @@ def _cards(spec: SweepSpec, analysis: SweepAnalysis) -> list[Card]:
         Card("target", analysis.target or "-", f"steps counted to the first eval reaching it{auto}")
     )
     cards.append(Card("runs", f"{analysis.runs_recorded}/{analysis.runs_total}", runs_detail))
-    if group:
-        timed = [p for p in group.points if p.median_seconds_to_target is not None]
-        if timed:
-            best = min(timed, key=lambda p: p.median_seconds_to_target)
-            cards.append(
-                Card(
-                    "fastest to target",
-                    f"B={best.batch_size}",
-                    f"{fmt(best.median_seconds_to_target)} s of training",
-                )
+    if analysis.groups:
+        cards += _best_cards(analysis.groups[0])
+    return cards
+
+
+def _fit_cards(analysis: SweepAnalysis) -> list[Card]:
+    """B_crit, S_min and R^2 of the first group's fit (or why there is none)."""
+    group = analysis.groups[0] if analysis.groups else None
+    fit = group.fit if group else None
+    if fit is None:
+        note = (group.fit_note or "") if group else "no runs yet"
+        return [Card("B_crit (fitted)", "-", note, accent=True)]
+    which = f"{group.label}; " if len(analysis.groups) > 1 else ""
+    return [
+        Card(
+            "B_crit (fitted)",
+            format_number(fit.b_crit),
+            which + (format_interval(fit.b_crit_ci) or fit.ci_method),
+            accent=True,
+        ),
+        Card(
+            "S_min",
+            format_number(fit.s_min),
+            f"steps at B -> inf; {format_interval(fit.s_min_ci)}",
+        ),
+        Card(
+            "R^2 (log S)",
+            f"{fit.r2:.3f}",
+            f"{fit.num_points} points, {len(fit.batch_sizes)} batch sizes",
+        ),
+    ]
+
+
+def _best_cards(group: GroupAnalysis) -> list[Card]:
+    """The batch fastest to the target and the one with the lowest val loss."""
+    cards = []
+    timed = [p for p in group.points if p.median_seconds_to_target is not None]
+    if timed:
+        best = min(timed, key=lambda p: p.median_seconds_to_target)
+        cards.append(
+            Card(
+                "fastest to target",
+                f"B={best.batch_size}",
+                f"{format_number(best.median_seconds_to_target)} s of training",
             )
-        losses = [p for p in group.points if p.min_val_loss is not None]
-        if losses:
-            best = min(losses, key=lambda p: p.min_val_loss)
-            cards.append(
-                Card(
-                    "lowest val loss",
-                    f"B={best.batch_size}",
-                    f"min val loss {fmt(best.min_val_loss)}",
-                )
+        )
+    losses = [p for p in group.points if p.min_val_loss is not None]
+    if losses:
+        best = min(losses, key=lambda p: p.min_val_loss)
+        cards.append(
+            Card(
+                "lowest val loss",
+                f"B={best.batch_size}",
+                f"min val loss {format_number(best.min_val_loss)}",
             )
+        )
     return cards
 
 
@@ -214,19 +126,43 @@ def _subtitle(spec: SweepSpec) -> str:
 
 
 def sweep_page(
-    spec: SweepSpec, records: Sequence[RunRecord], analysis: SweepAnalysis, out_dir: str | Path
+    spec: SweepSpec,
+    records: Sequence[RunRecord],
+    analysis: SweepAnalysis,
+    reproduce: Sequence[str] = (),
 ) -> HtmlPage:
-    """Lay out the report page for one analyzed sweep."""
+    """Lay out the report page for one analyzed sweep.
+
+    `reproduce`: the commands that make this sweep and this report again, shown last (the
+    CLI knows them; a page built from Python may have none).
+    """
     page = HtmlPage(f"batchlab sweep: {spec.task}", subtitle=_subtitle(spec))
-    page.cards(_cards(spec, analysis))
+    page.cards(_cards(analysis))
     page.section("Warnings")
     page.warnings(list(analysis.warnings))
     if not analysis.groups:
         page.paragraph("No finished runs yet.")
+    else:
+        _summary_section(page, analysis)
+        _curve_sections(page, analysis)
+        _quality_section(page, records, analysis)
+        _dynamics_sections(page, records, analysis)
+        if analysis.plan:
+            _plan_section(page, analysis)
+        if analysis.adaptive is not None:
+            page.section(
+                "Adaptive vs fixed batch sizes",
+                "train_adaptive starts at the reference batch and follows goodput = throughput x "
+                "efficiency (Pollux); medians over repeats, training seconds to the target.",
+            )
+            page.table(ADAPTIVE_HEADERS, adaptive_rows(analysis, spec.reference_batch_size))
+    if reproduce:
         page.section("Reproduce")
-        page.reproduce([spec.reproduce_command(out_dir), f"batchlab report {out_dir}"])
-        return page
+        page.reproduce(list(reproduce))
+    return page
 
+
+def _summary_section(page: HtmlPage, analysis: SweepAnalysis) -> None:
     main = analysis.groups[0]
     page.section("Summary", "Medians over repeats. Target: " + (analysis.target or "-"))
     pair = comparison_pair(main)
@@ -250,17 +186,24 @@ def sweep_page(
             caption="Quality and dynamics at the end of each run.",
         )
 
+
+def _regimes_note(main: GroupAnalysis) -> str:
+    if main.fit is None:
+        return "(need a fit)."
+    low, high = regime_borders(main.fit.b_crit)
+    return (
+        f"(perfect scaling below B_crit/4 = {low:.0f}, maximal data parallelism above "
+        f"4 B_crit = {high:.0f})."
+    )
+
+
+def _curve_sections(page: HtmlPage, analysis: SweepAnalysis) -> None:
+    """Steps, examples and time to target against batch size."""
     page.section(
         "Steps and examples to target",
         "McCandlish et al. 2018: S(B) = S_min (1 + B_crit/B) and E(B) = E_min (1 + B/B_crit), "
         "fitted by least squares on log S. Shaded: Shallue et al. 2018's regimes "
-        + (
-            "(perfect scaling below B_crit/4 = {:.0f}, maximal data parallelism above 4 B_crit = {:.0f}).".format(
-                *regime_borders(main.fit.b_crit)
-            )
-            if main.fit is not None
-            else "(need a fit)."
-        ),
+        + _regimes_note(analysis.groups[0]),
     )
     page.figures(
         [
@@ -279,6 +222,9 @@ def sweep_page(
             (plots.plot_total_time(analysis).figure, "Time to target and for the whole run."),
         ]
     )
+
+
+def _quality_section(page: HtmlPage, records: Sequence[RunRecord], analysis: SweepAnalysis) -> None:
     page.section("Quality")
     figs = [(plots.plot_val_curves(records, analysis, "loss").figure, "Validation loss per epoch.")]
     if any("acc" in ev.metrics for r in records if r.history for ev in r.history.evals[:1]):
@@ -312,6 +258,12 @@ def sweep_page(
         )
     )
     page.figures(figs)
+
+
+def _dynamics_sections(
+    page: HtmlPage, records: Sequence[RunRecord], analysis: SweepAnalysis
+) -> None:
+    """How far and how noisily each run moved, and the optimizers side by side."""
     page.section("Training dynamics")
     page.figures(
         [
@@ -325,120 +277,70 @@ def sweep_page(
             ),
         ]
     )
-    optimizers = {g.optimizer for g in analysis.groups}
-    if len(optimizers) > 1:
-        page.section(
-            "Optimizers", "The steps-to-target curves above show each optimizer; here, quality."
-        )
-        page.figures(
-            [
-                (plots.plot_optimizers(analysis).figure, "Min validation loss per optimizer."),
-                (
-                    plots.plot_batch_metric(
-                        analysis,
-                        "final_val_acc",
-                        title="final val acc by optimizer",
-                        ylabel="val acc",
-                    ).figure,
-                    "Validation accuracy at the end of each run.",
-                ),
-            ]
-        )
-    if analysis.plan:
-        page.section(
-            "Plan check",
-            "The plan's predictions next to the measurement, relative to the plan's reference "
-            "batch. The steps ratio tests the plan's S(B) model alone; the speedup also tests "
-            "its step-time model (measured here with the sweep's parallel jobs).",
-        )
-        page.figures(
-            [
-                (plots.plot_plan_check(analysis, "speedup").figure, "Time-to-target speedup."),
-                (plots.plot_plan_check(analysis, "steps").figure, "Steps-to-target ratio."),
-            ]
-        )
-        page.table(
-            [
-                "role",
-                "B",
-                "lr",
-                "predicted speedup",
-                "measured speedup",
-                "predicted steps ratio",
-                "measured steps ratio",
-                "reached",
-            ],
-            [
-                [
-                    r.role,
-                    str(r.batch_size),
-                    fmt(r.lr),
-                    fmt(r.predicted_speedup),
-                    fmt(r.measured_speedup),
-                    fmt(r.predicted_steps_ratio),
-                    fmt(r.measured_steps_ratio),
-                    f"{r.reached}/{r.repeats}",
-                ]
-                for r in analysis.plan
-            ],
-            caption="Relative to the plan's reference run (B0, lr0); 'ladder' rows use the sweep's LR rule.",
-        )
-    if analysis.adaptive is not None:
-        a = analysis.adaptive
-        page.section(
-            "Adaptive vs fixed batch sizes",
-            "train_adaptive starts at the reference batch and follows goodput = throughput x "
-            "efficiency (Pollux); medians over repeats, training seconds to the target.",
-        )
-        page.table(
-            [
-                "run",
-                "batch",
-                "reached",
-                "steps to target",
-                "examples to target",
-                "seconds to target",
-            ],
-            [
-                [
-                    "adaptive",
-                    " -> ".join(str(b) for b in a.batch_path) or "-",
-                    f"{a.reached}/{a.runs}",
-                    fmt(a.median_steps_to_target),
-                    fmt(a.median_examples_to_target),
-                    fmt(a.median_seconds_to_target),
-                ],
-                [
-                    "best fixed",
-                    str(a.best_fixed_batch_size),
-                    "",
-                    "",
-                    "",
-                    fmt(a.best_fixed_seconds_to_target),
-                ],
-                [
-                    "reference",
-                    str(spec.reference_batch_size),
-                    "",
-                    "",
-                    "",
-                    fmt(a.reference_seconds_to_target),
-                ],
-            ],
-        )
-    page.section("Reproduce")
-    page.reproduce([spec.reproduce_command(out_dir), f"batchlab report {out_dir}"])
-    return page
+    if len({g.optimizer for g in analysis.groups}) <= 1:
+        return
+    page.section(
+        "Optimizers", "The steps-to-target curves above show each optimizer; here, quality."
+    )
+    page.figures(
+        [
+            (plots.plot_optimizers(analysis).figure, "Min validation loss per optimizer."),
+            (
+                plots.plot_batch_metric(
+                    analysis,
+                    "final_val_acc",
+                    title="final val acc by optimizer",
+                    ylabel="val acc",
+                ).figure,
+                "Validation accuracy at the end of each run.",
+            ),
+        ]
+    )
+
+
+def _plan_section(page: HtmlPage, analysis: SweepAnalysis) -> None:
+    page.section(
+        "Plan check",
+        "The plan's predictions next to the measurement, relative to the plan's reference "
+        "batch. The steps ratio tests the plan's S(B) model alone; the speedup also tests "
+        "its step-time model (measured here with the sweep's parallel jobs).",
+    )
+    page.figures(
+        [
+            (plots.plot_plan_check(analysis, "speedup").figure, "Time-to-target speedup."),
+            (plots.plot_plan_check(analysis, "steps").figure, "Steps-to-target ratio."),
+        ]
+    )
+    page.table(
+        PLAN_HEADERS,
+        plan_rows(analysis),
+        caption="Relative to the plan's reference run (B0, lr0); 'ladder' rows use the sweep's LR rule.",
+    )
+
+
+def write_sweep_report(
+    spec: SweepSpec,
+    records: Sequence[RunRecord],
+    analysis: SweepAnalysis,
+    directory: str | Path,
+    *,
+    reproduce: Sequence[str] = (),
+) -> Path:
+    """Write `directory/report.html` for an analyzed sweep; return its path."""
+    page = sweep_page(spec, records, analysis, reproduce)
+    return page.write(Path(directory) / REPORT_FILE)
 
 
 def build_sweep_report(
-    directory: str | Path, *, target: str | None = None, n_boot: int = 500
+    directory: str | Path,
+    *,
+    target: str | None = None,
+    n_boot: int = 500,
+    reproduce: Sequence[str] = (),
 ) -> Path:
     """Write `DIR/report.html` from the store alone, without training anything."""
-    directory = Path(directory)
     spec, contents = load_sweep(directory)
     analysis = analyze_sweep(
         spec, contents.records, target=target, n_boot=n_boot, store_warnings=contents.warnings
     )
-    page = sweep_page(spec, contents.records, analysis, directory)
-    return page.write(directory / REPORT_FILE)
+    return write_sweep_report(spec, contents.records, analysis, directory, reproduce=reproduce)

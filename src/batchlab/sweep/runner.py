@@ -1,8 +1,8 @@
 """Running a sweep: one run in `execute_run`, many through a backend, results into the store.
 
 `execute_run` is a plain top-level function of picklable arguments, so the same code runs
-in-process, in a local worker process (`LocalBackend`, `--jobs N`) or as a Ray task
-(`RayBackend`, `--backend ray`). Workers only compute; the parent appends each returned
+in-process, in a local worker process (`LocalBackend`, `jobs=N`) or as a Ray task
+(`RayBackend`, `backend="ray"`). Workers only compute; the parent appends each returned
 record to the store, so a run is recorded once or not at all.
 
 Backends implement one small protocol, `SweepBackend.run(runs, context) -> iterator of
@@ -224,9 +224,7 @@ class LocalBackend:
 
     def __init__(self, jobs: int = 1, cores: int | None = None) -> None:
         if not isinstance(jobs, int) or jobs < 1:
-            raise ConfigError(
-                f"jobs: expected a positive integer, got {jobs!r}; pass e.g. --jobs 2"
-            )
+            raise ConfigError(f"`jobs`: expected a positive integer, got {jobs!r}; pass e.g. 2")
         self.jobs = jobs
         self.threads = threads_per_worker(jobs, cores)
 
@@ -334,8 +332,8 @@ def import_ray():
         import ray
     except ImportError:
         raise ConfigError(
-            "--backend ray needs Ray, which is not installed; run `pip install 'batchlab[ray]'` "
-            "or use --backend local"
+            "`backend` 'ray' needs Ray, which is not installed; run `pip install 'batchlab[ray]'` "
+            "or use `backend` 'local'"
         ) from None
     return ray
 

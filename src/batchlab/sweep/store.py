@@ -86,14 +86,14 @@ class SweepStore:
         if not self.spec_path.is_file():
             raise SweepError(
                 f"expected a sweep directory with {SPEC_FILE}, got {str(self.directory)!r}; "
-                "create one with `batchlab sweep TASK --out DIR`"
+                "create one with `run_sweep` (the `batchlab sweep` command)"
             )
         try:
             return SweepSpec.from_json(self.spec_path.read_text())
         except (json.JSONDecodeError, TypeError, KeyError) as exc:
             raise SweepError(
                 f"{self.spec_path} is not a sweep spec this version can read ({exc}); "
-                "use a new --out directory"
+                "use a new `out_dir`"
             ) from None
 
     def prepare(self, spec: SweepSpec) -> bool:
@@ -108,14 +108,14 @@ class SweepStore:
                 diff = ", ".join(existing.differences(spec))
                 raise SweepError(
                     f"{self.directory} holds a different sweep (differs in: {diff}); re-run the "
-                    f"command that made it (see {SPEC_FILE}) to resume, or pass a new --out"
+                    f"command that made it (see {SPEC_FILE}) to resume, or pass a new `out_dir`"
                 )
             return True
         self.directory.mkdir(parents=True, exist_ok=True)
         if self.results_path.exists() and self.results_path.stat().st_size > 0:
             raise SweepError(
                 f"{self.results_path} exists but {SPEC_FILE} does not; this is not a sweep "
-                "directory batchlab made. Pass a new --out"
+                "directory batchlab made. Pass a new `out_dir`"
             )
         tmp = self.spec_path.with_suffix(".json.tmp")
         with open(tmp, "w") as f:
