@@ -39,7 +39,8 @@ from batchlab.measure.throughput import plan_accumulation
 from batchlab.planner import build_plan
 from batchlab.planner.measure import _task_optimizer
 from batchlab.planner.model import _step_seconds
-from batchlab.sweep.spec import make_sweep_spec, task_optimizer_family
+from batchlab.sweep.build import make_sweep_spec
+from batchlab.sweep.spec import task_optimizer_family
 
 
 def _subclasses(cls: type) -> set[type]:

@@ -484,6 +484,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         tracker.ddp_end_step(model, 16)
     if rank == 0:
         torch.save([s[1:] for s in tracker.samples], out)
+    del tracker, model  # release DDP (and the hook's state) before the group goes
     shutdown()  # gloo aborts a process torn down while its peer is still talking
 
 
