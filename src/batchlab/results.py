@@ -75,8 +75,21 @@ def _build(cls: type, data: dict) -> Any:
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in data:
-            kwargs[f.name] = _from_jsonable(hints[f.name], data[f.name])
+            try:
+                kwargs[f.name] = _from_jsonable(hints[f.name], data[f.name])
+            except FieldError as exc:
+                raise FieldError(f"{f.name}.{exc.path}", exc.problem) from None
+            except (TypeError, ValueError, KeyError, AttributeError) as exc:
+                raise FieldError(f.name, str(exc)) from None
     return cls(**kwargs)
+
+
+class FieldError(TypeError):
+    """A field of a result file that cannot be rebuilt; `path` is its dotted name."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path, self.problem = path, problem
 
 
 class JsonResult:
@@ -110,36 +123,47 @@ class JsonResult:
 # -- reading result files that a user hands us ------------------------------------------
 
 
-def read_json_object(path: str | Path, what: str, remake: str) -> dict[str, Any]:
+def read_json_object(
+    path: str | Path, what: str, remake: str, param: str | None = None
+) -> dict[str, Any]:
     """The JSON object in `path`, or one `ConfigError` saying what is wrong with the file.
 
-    `what` names the file in messages ("plan file"); `remake` says how to get a good one.
+    `what` names the file in messages ("plan file"); `remake` says how to get a good one; `param` is
+    passed on to the error (the parameter that named the file).
     Covers the ways a hand-passed file goes wrong: missing, a directory, empty, binary,
     cut off mid-write, or a JSON value that is not an object.
     """
     path = Path(path)
     if path.is_dir():
-        raise ConfigError(f"{what} {str(path)!r} is a directory, expected a JSON file; {remake}")
+        raise ConfigError(
+            f"{what} {str(path)!r} is a directory, expected a JSON file; {remake}", param=param
+        )
     if not path.is_file():
-        raise ConfigError(f"{what} {str(path)!r} does not exist; {remake}")
+        raise ConfigError(f"{what} {str(path)!r} does not exist; {remake}", param=param)
     try:
         text = path.read_text()
     except UnicodeDecodeError:
-        raise ConfigError(f"{what} {str(path)!r} is not text (binary data); {remake}") from None
+        raise ConfigError(
+            f"{what} {str(path)!r} is not text (binary data); {remake}", param=param
+        ) from None
     except OSError as exc:
-        raise ConfigError(f"{what} {str(path)!r} cannot be read ({exc.strerror})") from None
+        raise ConfigError(
+            f"{what} {str(path)!r} cannot be read ({exc.strerror})", param=param
+        ) from None
     if not text.strip():
-        raise ConfigError(f"{what} {str(path)!r} is empty; {remake}")
+        raise ConfigError(f"{what} {str(path)!r} is empty; {remake}", param=param)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(
             f"{what} {str(path)!r} is not valid JSON ({exc.msg} at line {exc.lineno}); "
-            f"was it cut off while being written? {remake}"
+            f"was it cut off while being written? {remake}",
+            param=param,
         ) from None
     if not isinstance(data, dict):
         raise ConfigError(
-            f"{what} {str(path)!r} holds a JSON {type(data).__name__}, expected an object; {remake}"
+            f"{what} {str(path)!r} holds a JSON {type(data).__name__}, expected an object; {remake}",
+            param=param,
         )
     return data
 

@@ -22,7 +22,7 @@ _REMAKE = "pass the History JSON that `batchlab train --target ... --json` wrote
 
 def load_reference_run(path: str | Path) -> History:
     """Read a saved `History`; one `ConfigError` for a file that is not one."""
-    data = read_json_object(path, "reference run", _REMAKE)
+    data = read_json_object(path, "reference run", _REMAKE, param="reference_run")
     missing = missing_fields(History, data)
     if missing:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
