@@ -304,3 +304,16 @@ def test_failed_runs_are_retried_on_resume_and_the_retry_supersedes(tmp_path, sp
     assert [r.status for r in contents.records] == ["ok", "ok", "ok"]
     assert contents.warnings == ()
     assert run_sweep(spec, tmp_path, backend=CountingBackend()).runs_done == 0
+
+
+def test_no_retry_failed_on_the_cli_keeps_failed_runs(capsys, tmp_path, spec, records):
+    store = SweepStore(tmp_path)
+    store.prepare(spec)
+    for record in (records[0], _failed(records[1]), records[2]):
+        store.append(record)
+    args = ["sweep", "digits-mlp", "--batch-sizes", "16,64,256", "--max-steps", "4"]
+    args += ["--repeats", "1", "--sharpness", "none", "--jobs", "1", "--no-report"]
+    args += ["--out", str(tmp_path), "--no-retry-failed"]
+    assert main(args) == 0
+    assert "0 runs in" in capsys.readouterr().out
+    assert [r.status for r in store.read().records] == ["ok", "failed", "ok"]
