@@ -261,7 +261,7 @@ def test_plan_save_load_round_trip_keeps_the_measured_points(tmp_path):
         (None, "plan file '{}' does not exist"),
         ("", "plan file '{}' is empty"),
         ('{"task": "x", "recommended": {"batch_', "is not valid JSON"),
-        ("[1, 2]", "holds a JSON list, expected the object a plan saves"),
+        ("[1, 2]", "holds a JSON list, expected an object"),
         ('{"a": 1}', "is not a plan: expected the JSON of a whole plan, but it lacks task,"),
         (
             '{"partial": true, "interrupted_during": "the noise measurement"}',

@@ -134,6 +134,13 @@ AdaptiveOpt = Annotated[
         "--adaptive", help="Also train with an adaptive batch size, next to the fixed ones."
     ),
 ]
+RetryFailedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--retry-failed/--no-retry-failed",
+        help="On resume, run again the runs recorded as failed (a dead worker, an error).",
+    ),
+]
 ReportOpt = Annotated[
     bool, typer.Option("--report/--no-report", help="Write DIR/report.html at the end.")
 ]
@@ -161,6 +168,7 @@ def sweep(
     adaptive: AdaptiveOpt = False,
     report: ReportOpt = True,
     json_path: JsonOpt = None,
+    retry_failed: RetryFailedOpt = True,
 ) -> None:
     """Train TASK at many batch sizes and measure what batch size really does.
 
@@ -195,6 +203,7 @@ def sweep(
             backend=backend,
             on_start=progress.on_start,
             on_record=progress.on_record,
+            retry_failed=retry_failed,
         )
     finally:
         progress.stop()

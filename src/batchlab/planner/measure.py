@@ -22,11 +22,12 @@ from batchlab.callbacks import TrainCallback
 from batchlab.core.checks import check_batch_size
 from batchlab.core.lr import PLAN_LR_RULES, check_lr_rule
 from batchlab.core.optim import default_lr_rule
-from batchlab.errors import BatchlabError, ConfigError
+from batchlab.errors import BatchlabError
 from batchlab.history import History
 from batchlab.measure.noise_run import NoiseRun, measure_noise
 from batchlab.measure.probe import ProbeResult, ProbeSettings, has_batchnorm, run_probe
 from batchlab.planner.model import Measurements, Plan, build_plan
+from batchlab.planner.reference import reference_seconds_to_target
 from batchlab.target import target_for_task
 from batchlab.task import Task
 from batchlab.tasks import load_task
@@ -147,7 +148,7 @@ def plan(
         device, memory_budget, target_memory, margin, amp, seed, throughput_seconds
     )
     target = check_target_for_task(target, task)
-    reference_seconds = _reference_seconds(reference_run)
+    reference_seconds = _reference_seconds(reference_run, task, target)
     measured = _measure(task, settings, noise_steps=noise_steps, progress=progress)
     m = measurements_from(task, measured["probe"], measured["noise"])
     return build_plan(
@@ -162,17 +163,13 @@ def plan(
     )
 
 
-def _reference_seconds(reference_run: History | str | Path | None) -> float | None:
-    """Seconds to target of the reference run, which must have reached its target."""
+def _reference_seconds(
+    reference_run: History | str | Path | None, task: Task, target: str | None
+) -> float | None:
+    """Seconds to target of the reference run, checked against this task and target."""
     if reference_run is None:
         return None
-    history = reference_run if isinstance(reference_run, History) else History.load(reference_run)
-    if history.seconds_to_target is None:
-        raise ConfigError(
-            f"the reference run never reached its target ({history.target}); pass as "
-            "`reference_run` a run that did (train with a `target`, save its History)"
-        )
-    return history.seconds_to_target
+    return reference_seconds_to_target(reference_run, task, target)
 
 
 def _measure(

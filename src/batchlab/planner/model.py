@@ -6,8 +6,6 @@ and applies the pure models of `batchlab.core`; tests feed it known answers.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +21,7 @@ from batchlab.measure.memory_fit import MemoryPoint
 from batchlab.measure.noise_run import NoisePoint, NoiseRun
 from batchlab.measure.probe import ProbeResult
 from batchlab.measure.throughput import ThroughputPoint
-from batchlab.results import JsonResult
+from batchlab.results import JsonResult, missing_fields, read_json_object, type_problems
 
 
 @dataclass(frozen=True)
@@ -122,41 +120,26 @@ class Plan(JsonResult):
         """Read a plan saved by `Plan.save` (what `batchlab plan` writes as JSON).
 
         Every reader of a plan file goes through here, so a missing, empty, cut-off or
-        foreign file gets one clear `ConfigError` that names the file and what is wrong.
+        foreign file, or one with a field of the wrong type, gets one clear `ConfigError`
+        that names the file and what is wrong.
         """
-        data = _read_json_object(Path(path))
+        remake = "make the plan again with `batchlab plan` (save its JSON) or `Plan.save`"
+        data = read_json_object(path, "plan file", remake)
         _check_plan_fields(data, path)
         try:
-            return cls.from_dict(data)
-        except (TypeError, KeyError, ValueError) as exc:  # a field of the wrong shape
+            plan = cls.from_dict(data)
+        except (TypeError, KeyError, ValueError, AttributeError) as exc:  # a field's shape
             raise ConfigError(
                 f"plan file {str(path)!r} does not match this version's plan schema ({exc}); "
                 "make the plan again with `batchlab plan`"
             ) from None
-
-
-def _read_json_object(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(
-            f"plan file {str(path)!r} does not exist; make one with `batchlab plan` "
-            "(save its JSON) or `Plan.save`"
-        )
-    text = path.read_text()
-    if not text.strip():
-        raise ConfigError(f"plan file {str(path)!r} is empty; make the plan again")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(
-            f"plan file {str(path)!r} is not valid JSON ({exc.msg} at line {exc.lineno}); "
-            "was it cut off while being written? Make the plan again"
-        ) from None
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"plan file {str(path)!r} holds a JSON {type(data).__name__}, expected the object "
-            "a plan saves"
-        )
-    return data
+        problems = type_problems(plan)
+        if problems:
+            raise ConfigError(
+                f"plan file {str(path)!r} does not match this version's plan schema "
+                f"({'; '.join(problems)}); make the plan again with `batchlab plan`"
+            )
+        return plan
 
 
 def _check_plan_fields(data: dict[str, Any], path: str | Path) -> None:
@@ -166,12 +149,7 @@ def _check_plan_fields(data: dict[str, Any], path: str | Path) -> None:
             f"plan file {str(path)!r} is a partial plan (interrupted during "
             f"{data['interrupted_during']}): it has no recommendation; run the plan to the end"
         )
-    required = [
-        f.name
-        for f in dataclasses.fields(Plan)
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    missing = [name for name in required if name not in data]
+    missing = missing_fields(Plan, data)
     if missing:
         raise ConfigError(
             f"plan file {str(path)!r} is not a plan: expected the JSON of a whole plan, but it "

@@ -18,7 +18,6 @@ import socket
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -27,11 +26,12 @@ import torch
 
 from batchlab.callbacks import RunState, TrainCallback, evaluate
 from batchlab.data import Batcher
-from batchlab.errors import ConfigError
+from batchlab.errors import ConfigError, SweepError
 from batchlab.history import History
 from batchlab.measure.run_stats import DistanceFromInit, GradNormTracker
 from batchlab.measure.sharpness import epsilon_sharpness, hessian_top_eigenvalue
 from batchlab.results import JsonResult
+from batchlab.sweep.pool import dead_worker_record, run_in_pools
 from batchlab.sweep.spec import RunSpec, SweepSpec, make_optimizer
 from batchlab.sweep.store import RunRecord, StoreContents, SweepStore
 from batchlab.task import Task
@@ -244,23 +244,8 @@ class LocalBackend:
         context = dataclasses.replace(context, threads=self.threads)
         if not isinstance(task, str):
             _check_picklable(task)
-        import multiprocessing
-
-        mp = multiprocessing.get_context("spawn")
         workers = min(self.jobs, len(runs))
-        with ProcessPoolExecutor(
-            workers, mp_context=mp, initializer=_init_worker, initargs=(self.threads,)
-        ) as pool:
-            queue = list(runs)
-            # Keep at most `workers` runs in flight: a killed sweep then loses little work,
-            # and the order of runs stays close to the spec's order.
-            running = set()
-            while queue or running:
-                while queue and len(running) < workers:
-                    running.add(pool.submit(execute_run, task, queue.pop(0), context))
-                done, running = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    yield future.result()
+        yield from run_in_pools(execute_run, task, list(runs), context, workers, _init_worker)
 
 
 def _check_picklable(task: Task) -> None:
@@ -317,14 +302,25 @@ class RayBackend:
         try:
             context = dataclasses.replace(context, threads=self.threads)
             remote = ray.remote(num_cpus=self.threads, max_retries=0)(execute_run)
-            pending = [remote.remote(task, run, context) for run in runs]
+            by_ref = {remote.remote(task, run, context): run for run in runs}
+            pending = list(by_ref)
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
                 for ref in done:
-                    yield ray.get(ref)
+                    yield _ray_record(ray, ref, by_ref[ref])
         finally:
             if started:
                 ray.shutdown()
+
+
+def _ray_record(ray, ref, run: RunSpec) -> RunRecord:
+    """The record of a finished Ray task; a worker that died gives a failed record."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as exc:  # e.g. WorkerCrashedError, OutOfMemoryError
+        record = dead_worker_record(run, None)
+        reason = f"{type(exc).__name__}: {str(exc)[:300]}"
+        return dataclasses.replace(record, error=f"{record.error} ({reason})")
 
 
 def import_ray():
@@ -363,6 +359,7 @@ class SweepRun(JsonResult):
     failed: int
     wall_seconds: float
     store_warnings: tuple[str, ...]
+    runs_retried: int = 0  # failed runs of an earlier call, run again
 
 
 ProgressFn = Callable[[RunRecord, int, int], None]
@@ -377,11 +374,15 @@ def run_sweep(
     task: Task | None = None,
     on_start: Callable[[int, int, StoreContents], None] | None = None,
     on_record: ProgressFn | None = None,
+    retry_failed: bool = True,
 ) -> SweepRun:
     """Run every run of `spec` not yet in `out_dir`'s store, appending each as it finishes.
 
     Re-running with the same spec resumes: finished runs are skipped, a run that was
-    killed mid-way is redone. A different spec in the same directory is refused.
+    killed mid-way is redone, and a `failed` run is retried (unless `retry_failed=False`).
+    A different spec in the same directory is refused, and so is a second sweep while
+    one runs there (`SweepStore.lock`). A full disk stops the sweep with a `SweepError`;
+    the runs already stored are kept.
 
     Args:
         jobs: local worker processes (`backend="local"`), each with cores // jobs threads.
@@ -390,29 +391,30 @@ def run_sweep(
             in Python); it must then be picklable for `jobs > 1`.
         on_start: called with (runs to do, runs total, store contents) before training.
         on_record: called with (record, runs finished, runs to do) after each is stored.
+        retry_failed: run again the runs an earlier call recorded as `failed`.
     """
     t0 = time.perf_counter()
     runner = make_backend(backend, jobs) if isinstance(backend, str) else backend
     store = SweepStore(out_dir)
-    resumed = store.prepare(spec)
-    contents = store.read()
-    store.cut_truncated_tail()
-    done_ids = contents.run_ids
-    todo = [r for r in spec.runs if r.run_id not in done_ids]
-    if on_start is not None:
-        on_start(len(todo), len(spec.runs), contents)
-    counts = {"diverged": 0, "failed": 0}
-    finished = 0
-    if todo:
-        for record in runner.run(
-            task if task is not None else spec.task_ref, todo, RunContext.from_spec(spec)
-        ):
-            store.append(record)
-            finished += 1
-            if record.status in counts:
-                counts[record.status] += 1
-            if on_record is not None:
-                on_record(record, finished, len(todo))
+    with store.lock():
+        resumed = store.prepare(spec)
+        contents = store.read()
+        store.cut_truncated_tail()
+        todo, retried = runs_to_do(spec, contents, retry_failed)
+        if on_start is not None:
+            on_start(len(todo), len(spec.runs), contents)
+        counts = {"diverged": 0, "failed": 0}
+        finished = 0
+        if todo:
+            records = runner.run(
+                task if task is not None else spec.task_ref, todo, RunContext.from_spec(spec)
+            )
+            for record in _stored(store, records, len(spec.runs) - len(todo)):
+                finished += 1
+                if record.status in counts:
+                    counts[record.status] += 1
+                if on_record is not None:
+                    on_record(record, finished, len(todo))
     return SweepRun(
         out_dir=str(out_dir),
         resumed=resumed,
@@ -423,4 +425,41 @@ def run_sweep(
         failed=counts["failed"],
         wall_seconds=time.perf_counter() - t0,
         store_warnings=contents.warnings,
+        runs_retried=retried,
     )
+
+
+def runs_to_do(
+    spec: SweepSpec, contents: StoreContents, retry_failed: bool = True
+) -> tuple[list[RunSpec], int]:
+    """The runs of `spec` not yet stored (failed ones too, with `retry_failed`), and how
+    many of them are retries of failed runs."""
+    status = {r.run_id: r.status for r in contents.records}
+    retry = {i for i, s in status.items() if s == "failed"} if retry_failed else set()
+    todo = [r for r in spec.runs if r.run_id not in status or r.run_id in retry]
+    return todo, sum(r.run_id in retry for r in todo)
+
+
+def _stored(store: SweepStore, records: Iterator[RunRecord], kept: int) -> Iterator[RunRecord]:
+    """Append each record to the store as it arrives, then pass it on.
+
+    A failed write (a full disk) closes the backend, so its workers stop, and becomes one
+    `SweepError` that says what is kept; the store holds no half line (`SweepStore.append`).
+    """
+    try:
+        for record in records:
+            try:
+                store.append(record)
+            except OSError as exc:
+                raise SweepError(
+                    f"cannot write to {store.results_path} ({exc.strerror}); the runs stored "
+                    f"so far ({kept}) are kept: free space, then run the same command again "
+                    "to resume",
+                    param="out_dir",
+                ) from None
+            kept += 1
+            yield record
+    finally:
+        close = getattr(records, "close", None)
+        if close is not None:
+            close()

@@ -5,25 +5,36 @@
 truncated line is detected, reported and ignored when reading; the writer cuts it off before
 appending, so the file never holds a half line followed by a whole one.
 
-Only the sweep's parent process writes (workers return records to it), so no two writers
-ever race on the file, and a run is recorded at most once.
+Only the sweep's parent process writes (workers return records to it), and a sweep holds
+an OS lock on `DIR/sweep.lock` for its whole life (`SweepStore.lock`), so no two writers ever
+race on the files: a second sweep on the same directory is refused, and a run is never run
+or recorded twice. The one exception is deliberate: a `failed` run is retried on resume, and
+its new record supersedes the failed one.
+
+A line that is not a whole, well-typed run record (cut off, foreign, a field of the wrong
+type) is skipped with a warning, so one bad line never blocks a resume or a report.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from batchlab.errors import SweepError
 from batchlab.history import History
-from batchlab.results import JsonResult
+from batchlab.results import JsonResult, type_problems
 from batchlab.sweep.spec import RunSpec, SweepSpec
 
 SPEC_FILE = "sweep.json"
 RESULTS_FILE = "results.jsonl"
+LOCK_FILE = "sweep.lock"
+RUN_STATUSES = ("ok", "diverged", "failed")
 
 
 @dataclass(frozen=True)
@@ -79,6 +90,7 @@ class SweepStore:
         self.directory = Path(directory)
         self.spec_path = self.directory / SPEC_FILE
         self.results_path = self.directory / RESULTS_FILE
+        self.lock_path = self.directory / LOCK_FILE
 
     # -- the spec ---------------------------------------------------------------------
 
@@ -118,10 +130,18 @@ class SweepStore:
                 "directory batchlab made. Pass a new `out_dir`"
             )
         tmp = self.spec_path.with_suffix(".json.tmp")
-        with open(tmp, "w") as f:
-            f.write(spec.to_json() + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "w") as f:
+                f.write(spec.to_json() + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:  # e.g. a full disk: leave nothing half-written behind
+            tmp.unlink(missing_ok=True)
+            raise SweepError(
+                f"cannot write {self.spec_path} ({exc.strerror}); free space or pass another "
+                "`out_dir`",
+                param="out_dir",
+            ) from None
         os.replace(tmp, self.spec_path)  # atomic: sweep.json is either absent or whole
         self.results_path.touch()
         _fsync_dir(self.directory)
@@ -138,24 +158,26 @@ class SweepStore:
         tail = lines.pop()  # b"" when the file ends with a newline
         warnings: list[str] = []
         records: list[RunRecord] = []
-        seen: set[str] = set()
+        position: dict[str, int] = {}  # run_id -> index in records
         for number, raw in enumerate(lines, start=1):
             if not raw.strip():
                 continue
-            try:
-                record = RunRecord.from_dict(json.loads(raw))
-            except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError) as exc:
+            record, problem = _parse_record(raw)
+            if record is None:
                 warnings.append(
-                    f"{RESULTS_FILE} line {number} is not a run record ({type(exc).__name__}); ignored"
+                    f"{RESULTS_FILE} line {number} is not a run record ({problem}); ignored"
                 )
                 continue
-            if record.run_id in seen:
+            index = position.get(record.run_id)
+            if index is None:
+                position[record.run_id] = len(records)
+                records.append(record)
+            elif records[index].status == "failed":
+                records[index] = record  # a retry of a failed run supersedes it
+            else:
                 warnings.append(
                     f"{RESULTS_FILE} line {number} repeats run {record.run_id}; kept the first"
                 )
-                continue
-            seen.add(record.run_id)
-            records.append(record)
         if tail:
             warnings.append(
                 f"{RESULTS_FILE} ends in a truncated line ({len(tail)} bytes, a run killed while "
@@ -192,17 +214,91 @@ class SweepStore:
             return size - keep
 
     def append(self, record: RunRecord) -> None:
-        """Append one record as one line: a single write, then flush and fsync."""
+        """Append one record as one line: a single write, then flush and fsync.
+
+        A write that fails part-way (a full disk) is cut back off before the `OSError`
+        propagates, so the file holds only whole lines; were even that to fail, the reader
+        ignores the partial line and the next sweep cuts it (`cut_truncated_tail`).
+        """
         line = (json.dumps(record.to_dict(), separators=(",", ":")) + "\n").encode()
         fd = os.open(self.results_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            view = memoryview(line)
-            while view:  # os.write may write less than asked for very large lines
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
+            start = os.fstat(fd).st_size
+            try:
+                view = memoryview(line)
+                while view:  # os.write may write less than asked for very large lines
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+                raise
         finally:
             os.close(fd)
+
+    # -- ownership ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Own this directory while the block runs: an OS lock on `sweep.lock`.
+
+        `fcntl.flock` is released by the kernel when the process dies, even by `kill -9`,
+        so a killed sweep never leaves a stale lock behind; the file itself stays (deleting
+        it would let a second sweep lock a fresh file while a waiter holds the old one).
+        A second sweep gets a `SweepError` naming the owner's pid.
+        """
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise SweepError(
+                f"cannot use {str(self.directory)!r} as a sweep directory ({exc.strerror}); "
+                "pass another `out_dir`",
+                param="out_dir",
+            ) from None
+        try:
+            _flock_or_refuse(fd, self.directory)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            yield
+        finally:
+            os.close(fd)  # closing the last descriptor releases the lock
+
+
+def _parse_record(raw: bytes) -> tuple[RunRecord | None, str]:
+    """One results line as a record, or None and what is wrong with it."""
+    try:
+        record = RunRecord.from_dict(json.loads(raw))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return None, type(exc).__name__
+    except (TypeError, KeyError, ValueError, AttributeError) as exc:  # a field's wrong shape
+        return None, f"{type(exc).__name__}: {str(exc)[:120]}"
+    problems = type_problems(record, limit=1)
+    if not problems and record.status not in RUN_STATUSES:
+        problems = [f"status: expected one of {', '.join(RUN_STATUSES)}, got {record.status!r}"]
+    return (None, problems[0]) if problems else (record, "")
+
+
+def _flock_or_refuse(fd: int, directory: Path) -> None:
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        pass
+    owner = "unknown"
+    for _ in range(20):  # the owner writes its pid just after it locks
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if text:
+            owner = text
+            break
+        time.sleep(0.05)
+    raise SweepError(
+        f"another sweep (pid {owner}) owns {directory}; wait for it or use another `out_dir`",
+        param="out_dir",
+    )
 
 
 def load_sweep(directory: str | Path) -> tuple[SweepSpec, StoreContents]:
