@@ -32,6 +32,7 @@ from batchlab.history import History
 from batchlab.measure.run_stats import DistanceFromInit, GradNormTracker
 from batchlab.measure.sharpness import epsilon_sharpness, hessian_top_eigenvalue
 from batchlab.results import JsonResult
+from batchlab.sweep.extend import all_runs
 from batchlab.sweep.spec import RunSpec, SweepSpec, make_optimizer
 from batchlab.sweep.store import RunRecord, StoreContents, SweepStore
 from batchlab.task import Task
@@ -350,6 +351,11 @@ def make_backend(backend: str = "local", jobs: int = 1) -> SweepBackend:
 # -- the sweep ----------------------------------------------------------------------------
 
 
+def _not_recorded(runs: Sequence[RunSpec], records: Sequence[RunRecord]) -> list[RunSpec]:
+    done = {r.run_id for r in records}
+    return [r for r in runs if r.run_id not in done]
+
+
 @dataclass(frozen=True)
 class SweepRun(JsonResult):
     """What one `run_sweep` call did."""
@@ -381,7 +387,9 @@ def run_sweep(
     """Run every run of `spec` not yet in `out_dir`'s store, appending each as it finishes.
 
     Re-running with the same spec resumes: finished runs are skipped, a run that was
-    killed mid-way is redone. A different spec in the same directory is refused.
+    killed mid-way is redone. A different spec in the same directory is refused. With
+    `lr_rule="tuned"` the runs come in waves: the spec's, then the LR-grid extensions their
+    results call for (`batchlab.sweep.extend`), derived again from the store on a resume.
 
     Args:
         jobs: local worker processes (`backend="local"`), each with cores // jobs threads.
@@ -397,27 +405,31 @@ def run_sweep(
     resumed = store.prepare(spec)
     contents = store.read()
     store.cut_truncated_tail()
-    done_ids = contents.run_ids
-    todo = [r for r in spec.runs if r.run_id not in done_ids]
+    records = list(contents.records)
+    todo = _not_recorded(all_runs(spec, records), records)
+    skipped = len(all_runs(spec, records)) - len(todo)
     if on_start is not None:
-        on_start(len(todo), len(spec.runs), contents)
+        on_start(len(todo), skipped + len(todo), contents)
     counts = {"diverged": 0, "failed": 0}
-    finished = 0
-    if todo:
+    finished, to_run = 0, len(todo)
+    while todo:  # a wave: the runs known now; a tuned grid's extensions come after it
         for record in runner.run(
             task if task is not None else spec.task_ref, todo, RunContext.from_spec(spec)
         ):
             store.append(record)
+            records.append(record)
             finished += 1
             if record.status in counts:
                 counts[record.status] += 1
             if on_record is not None:
-                on_record(record, finished, len(todo))
+                on_record(record, finished, to_run)
+        todo = _not_recorded(all_runs(spec, records), records)
+        to_run += len(todo)
     return SweepRun(
         out_dir=str(out_dir),
         resumed=resumed,
-        runs_total=len(spec.runs),
-        runs_skipped=len(spec.runs) - len(todo),
+        runs_total=skipped + to_run,
+        runs_skipped=skipped,
         runs_done=finished,
         diverged=counts["diverged"],
         failed=counts["failed"],
