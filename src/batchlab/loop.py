@@ -41,6 +41,7 @@ import torch
 
 from batchlab.callbacks import RunState, TrainCallback
 from batchlab.core.checks import check_batch_size
+from batchlab.core.evals import eval_due
 from batchlab.data import epoch_chunks
 from batchlab.errors import ConfigError
 from batchlab.history import History
@@ -141,7 +142,8 @@ class FixedBatch(BatchPolicy):
         peak_lr: the lr after warm-up (the lr rule already applied).
         warmup_steps: the lr rises linearly from peak_lr / warmup_steps over these steps.
         total_steps / steps_per_epoch: the run length, and how many steps make an epoch.
-        eval_every: optimizer steps between evaluations (and one at the last step).
+        eval_every: optimizer steps between evaluations, or `"geometric"` (every step below
+            32, then at most 6.25% apart: `batchlab.core.evals`); and one at the last step.
     """
 
     def __init__(
@@ -154,7 +156,7 @@ class FixedBatch(BatchPolicy):
         warmup_steps: int,
         total_steps: int,
         steps_per_epoch: int,
-        eval_every: int,
+        eval_every: int | str,
         seed: int,
     ) -> None:
         self.batch_size = batch_size
@@ -195,7 +197,7 @@ class FixedBatch(BatchPolicy):
         return StepPlan(self._chunks.pop(), self.lr_at(state.step + 1))
 
     def eval_due(self, state: RunState) -> bool:
-        return state.step % self.eval_every == 0 or state.step == self.total_steps
+        return eval_due(state.step, self.eval_every, self.total_steps)
 
     def summary(self, recorder: RunRecorder) -> BatchSummary:
         return BatchSummary(

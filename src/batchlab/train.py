@@ -15,6 +15,7 @@ import torch
 
 from batchlab.callbacks import TrainCallback
 from batchlab.core.checks import check_batch_size, check_lr, check_warmup_steps
+from batchlab.core.evals import check_eval_every
 from batchlab.core.lr import scale_lr
 from batchlab.errors import ConfigError
 from batchlab.history import History
@@ -55,7 +56,7 @@ def train(
     amp: bool = False,
     device: str | torch.device = "auto",
     seed: int = 0,
-    eval_every: int | None = None,
+    eval_every: int | str | None = None,
     target: str | Target | None = None,
     b_simple: float | None = None,
     callbacks: Sequence[TrainCallback] = (),
@@ -79,7 +80,9 @@ def train(
         seed: seeds the model init, the shuffling and dropout; the same seed gives the
             same History on CPU. The caller's global RNG state is restored afterwards.
         eval_every: optimizer steps between evaluations (default: once an epoch, and at
-            least ~20 times a run).
+            least ~20 times a run), or `"geometric"`: every step below 32, then whenever the
+            step is a multiple of 2^floor(log2(step/16)), so steps to `target` are read to
+            within 6.25% (`batchlab.core.evals`; what `batchlab sweep` uses).
         target: e.g. `val_acc>=0.9`; the run stops at the first evaluation reaching it.
         callbacks: `TrainCallback`s, e.g. a progress bar or a noise tracker.
         track_noise: record B_simple (McCandlish et al. 2018) from the accumulation
@@ -111,7 +114,7 @@ def train(
         warmup_steps=warmup_steps,
         total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
-        eval_every=check_batch_size(eval_every, what="eval_every"),
+        eval_every=check_eval_every(eval_every),
         seed=seed,
     )
     dev = resolve_device(device)

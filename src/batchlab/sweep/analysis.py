@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from batchlab.results import JsonResult
+from batchlab.sweep.extend import all_runs
 from batchlab.sweep.groups import GroupAnalysis, analyze_group
 from batchlab.sweep.metrics import RunMetrics, auto_target, median_of, run_metrics
 from batchlab.sweep.spec import SweepSpec
@@ -83,10 +84,11 @@ def analyze_sweep(
     if tgt is None:
         tgt = auto_target(records)
     metrics = [run_metrics(r, tgt) for r in records]
-    missing = len(spec.runs) - len({r.run_id for r in records} & {r.run_id for r in spec.runs})
+    expected = all_runs(spec, records)
+    missing = len({r.run_id for r in expected} - {r.run_id for r in records})
     if missing:
         warnings.append(
-            f"{missing} of {len(spec.runs)} runs are not finished; re-run the sweep command to resume"
+            f"{missing} of {len(expected)} runs are not finished; re-run the sweep command to resume"
         )
     failed = [m for m in metrics if m.status == "failed"]
     if failed:
@@ -115,7 +117,7 @@ def analyze_sweep(
         target=None if tgt is None else str(tgt),
         target_auto=is_auto,
         num_train=spec.num_train,
-        runs_total=len(spec.runs),
+        runs_total=len(expected),
         runs_recorded=len(records),
         groups=tuple(groups),
         plan=tuple(plan_rows),

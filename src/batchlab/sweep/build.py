@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from batchlab.core.checks import check_batch_size, check_lr
+from batchlab.core.evals import GEOMETRIC
 from batchlab.core.lr import SWEEP_LR_RULES, scale_lr, warmup_steps_for
 from batchlab.core.optim import family_lr_rule
 from batchlab.errors import ConfigError
@@ -38,7 +39,10 @@ SGD_OVER_ADAM_LR = 10.0
 DEFAULT_EPOCHS = 30  # capped by the task's own reference epochs
 DEFAULT_MIN_STEPS = 200  # so big batches get enough updates to reach a target at all
 LADDER_START = 8
-EVALS_PER_RUN = 50
+# Every run evaluates on the geometric schedule (batchlab.core.evals): every step below 32,
+# then at most 6.25% apart, so steps to target are resolved to 6.25% at every batch size.
+# (A fixed 50 evaluations per run resolved small batches to ~4 epochs: issue 11.)
+SWEEP_EVAL_EVERY = GEOMETRIC
 SHARPNESS_EXAMPLES = 1024
 
 
@@ -110,6 +114,14 @@ def _rule_for(lr_rule: str, family: str) -> str:
     return lr_rule
 
 
+def run_id_for(
+    source: str, optimizer: str, batch_size: int, lr_multiplier: float, repeat: int
+) -> str:
+    """The store key of a run, e.g. `ladder-adam-b00064-x0.5-r1` (no `-x` tag at x1)."""
+    tag = "" if lr_multiplier == 1.0 else f"-x{lr_multiplier:g}"
+    return f"{source.replace(':', '-')}-{optimizer}-b{batch_size:05d}{tag}-r{repeat}"
+
+
 @dataclass
 class _Builder:
     """Accumulates run specs with unique ids, each with its step budget."""
@@ -128,13 +140,10 @@ class _Builder:
 
     def add(self, **kw: Any) -> None:
         total = self.budget(kw["batch_size"])
-        mult = kw["lr_multiplier"]
-        tag = "" if mult == 1.0 else f"-x{mult:g}"
-        kw["run_id"] = (
-            f"{kw['source'].replace(':', '-')}-{kw['optimizer']}-b{kw['batch_size']:05d}"
-            f"{tag}-r{kw['repeat']}"
+        kw["run_id"] = run_id_for(
+            kw["source"], kw["optimizer"], kw["batch_size"], kw["lr_multiplier"], kw["repeat"]
         )
-        self.runs.append(RunSpec(**kw, max_steps=total, eval_every=max(1, total // EVALS_PER_RUN)))
+        self.runs.append(RunSpec(**kw, max_steps=total, eval_every=SWEEP_EVAL_EVERY))
 
 
 @dataclass(frozen=True)

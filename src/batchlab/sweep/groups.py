@@ -14,7 +14,7 @@ from batchlab.errors import ConfigError
 from batchlab.results import JsonResult
 from batchlab.sweep.fit import StepsFit, fit_steps_to_target, regime
 from batchlab.sweep.metrics import RunMetrics, median_of
-from batchlab.sweep.spec import SweepSpec
+from batchlab.sweep.spec import SweepSpec, lr_grid_limits
 from batchlab.target import Target
 
 # A fit explaining less of log S than this is reported as poor.
@@ -157,17 +157,18 @@ def analyze_group(
 
 
 def _point_warnings(spec: SweepSpec, point: BatchPoint) -> list[str]:
-    """An LR at the tuned grid's edge, repeats that did not learn, and divergence."""
+    """An LR at the edge of the tuned grid once widened as far as it goes, repeats that
+    did not learn, and divergence."""
     out = []
     grid = spec.lr_grid
     if (
         spec.lr_rule == "tuned"
         and len(grid) > 1
-        and point.lr_multiplier in (min(grid), max(grid))
+        and point.lr_multiplier in lr_grid_limits(grid)
         and point.reached
     ):
         out.append(
-            f"at B={point.batch_size} the best LR is at the grid's edge "
+            f"at B={point.batch_size} the best LR is at the edge of the widened grid "
             f"(x{point.lr_multiplier:g}); a wider grid might do better"
         )
     if point.stalled:

@@ -31,6 +31,7 @@ from batchlab.history import History
 from batchlab.measure.run_stats import DistanceFromInit, GradNormTracker
 from batchlab.measure.sharpness import epsilon_sharpness, hessian_top_eigenvalue
 from batchlab.results import JsonResult
+from batchlab.sweep.extend import all_runs
 from batchlab.sweep.pool import dead_worker_record, run_in_pools
 from batchlab.sweep.spec import RunSpec, SweepSpec, make_optimizer
 from batchlab.sweep.store import RunRecord, StoreContents, SweepStore
@@ -382,7 +383,9 @@ def run_sweep(
     killed mid-way is redone, and a `failed` run is retried (unless `retry_failed=False`).
     A different spec in the same directory is refused, and so is a second sweep while
     one runs there (`SweepStore.lock`). A full disk stops the sweep with a `SweepError`;
-    the runs already stored are kept.
+    the runs already stored are kept. With `lr_rule="tuned"` the runs come in waves: the
+    spec's, then the LR-grid extensions their results call for (`batchlab.sweep.extend`),
+    derived again from the store on a resume.
 
     Args:
         jobs: local worker processes (`backend="local"`), each with cores // jobs threads.
@@ -400,26 +403,34 @@ def run_sweep(
         resumed = store.prepare(spec)
         contents = store.read()
         store.cut_truncated_tail()
-        todo, retried = runs_to_do(spec, contents, retry_failed)
+        records = list(contents.records)
+        known = all_runs(spec, records)
+        todo, retried = runs_to_do(known, records, retry_failed)
+        skipped = len(known) - len(todo)
         if on_start is not None:
-            on_start(len(todo), len(spec.runs), contents)
+            on_start(len(todo), len(known), contents)
         counts = {"diverged": 0, "failed": 0}
-        finished = 0
-        if todo:
-            records = runner.run(
+        finished, to_run = 0, len(todo)
+        while todo:  # a wave: the runs known now; a tuned grid's extensions come after it
+            results = runner.run(
                 task if task is not None else spec.task_ref, todo, RunContext.from_spec(spec)
             )
-            for record in _stored(store, records, len(spec.runs) - len(todo)):
+            for record in _stored(store, results, skipped + finished):
+                records.append(record)
                 finished += 1
                 if record.status in counts:
                     counts[record.status] += 1
                 if on_record is not None:
-                    on_record(record, finished, len(todo))
+                    on_record(record, finished, to_run)
+            # Later waves run only what no record covers: a run that failed again now is
+            # not retried in a loop.
+            todo, _ = runs_to_do(all_runs(spec, records), records, retry_failed=False)
+            to_run += len(todo)
     return SweepRun(
         out_dir=str(out_dir),
         resumed=resumed,
-        runs_total=len(spec.runs),
-        runs_skipped=len(spec.runs) - len(todo),
+        runs_total=skipped + to_run,
+        runs_skipped=skipped,
         runs_done=finished,
         diverged=counts["diverged"],
         failed=counts["failed"],
@@ -430,13 +441,13 @@ def run_sweep(
 
 
 def runs_to_do(
-    spec: SweepSpec, contents: StoreContents, retry_failed: bool = True
+    runs: Sequence[RunSpec], records: Sequence[RunRecord], retry_failed: bool = True
 ) -> tuple[list[RunSpec], int]:
-    """The runs of `spec` not yet stored (failed ones too, with `retry_failed`), and how
+    """The `runs` no record covers yet (failed ones too, with `retry_failed`), and how
     many of them are retries of failed runs."""
-    status = {r.run_id: r.status for r in contents.records}
+    status = {r.run_id: r.status for r in records}
     retry = {i for i, s in status.items() if s == "failed"} if retry_failed else set()
-    todo = [r for r in spec.runs if r.run_id not in status or r.run_id in retry]
+    todo = [r for r in runs if r.run_id not in status or r.run_id in retry]
     return todo, sum(r.run_id in retry for r in todo)
 
 

@@ -26,6 +26,16 @@ OPTIMIZERS = ("task", "sgd", "adam")
 # "hessian": top Hessian eigenvalue (cheap, any device). "epsilon": Keskar et al.'s
 # epsilon-sharpness, an L-BFGS-B search over all weights on the CPU: fine for small models.
 SHARPNESS_MEASURES = ("hessian", "epsilon")
+# lr_rule="tuned" widens its grid (x0.5, 1, 2) by a factor 2 past an edge where the best LR
+# sits, at most this many times per side (so x1/8 to x8): `batchlab.sweep.extend`.
+TUNED_LR_EXTENSIONS = 2
+TUNED_LR_EXTENSION_FACTOR = 2.0
+
+
+def lr_grid_limits(grid: tuple[float, ...]) -> tuple[float, float]:
+    """The lowest and highest LR multipliers a tuned sweep may reach from `grid`."""
+    reach = TUNED_LR_EXTENSION_FACTOR**TUNED_LR_EXTENSIONS
+    return min(grid) / reach, max(grid) * reach
 
 
 @dataclass(frozen=True)
@@ -45,7 +55,7 @@ class RunSpec(JsonResult):
     reference_lr: float  # LR at the task's reference batch for this optimizer
     warmup_steps: int
     max_steps: int  # optimizer-step budget
-    eval_every: int
+    eval_every: int | str  # steps between evaluations, or "geometric" (batchlab.core.evals)
     repeat: int
     seed: int
 
