@@ -180,7 +180,8 @@ def missing_fields(cls: type, data: dict[str, Any]) -> list[str]:
 
 
 def type_problems(result: Any, limit: int = 3) -> list[str]:
-    """Fields of a rebuilt result whose values do not have their annotated types.
+    """Fields of a rebuilt result whose values do not have their annotated types (at most
+    `limit`, and at most 3).
 
     `from_dict` trusts the file: a string where a number belongs comes back as a string and
     fails much later, far from the file. This walks the whole result against its type hints
