@@ -124,3 +124,10 @@ def test_other_rules_are_never_extended():
     spec = make_sweep_spec("digits-mlp", batch_sizes="16,32", max_steps=400, sharpness="none")
     records = [fake_record(r, reach_step=100) for r in spec.runs]
     assert lr_extensions(spec, records) == ()
+
+
+def test_a_batch_whose_runs_all_failed_is_not_extended(spec):
+    records = [
+        fake_record(r, status="failed") if r.batch_size == 16 else fake_result(r) for r in spec.runs
+    ]
+    assert {r.batch_size for r in lr_extensions(spec, records)} == {32}

@@ -53,6 +53,8 @@ def lr_extensions(spec: SweepSpec, records: Sequence[RunRecord]) -> tuple[RunSpe
     for runs in planned.values():
         while all(r.run_id in by_id for r in runs):
             metrics = [run_metrics(by_id[r.run_id], target) for r in runs]
+            if all(m.status == "failed" for m in metrics):
+                break  # the runs raised: another LR will not mend that
             best = pick_multiplier(metrics)[0].lr_multiplier
             multiplier = next_multiplier(spec.lr_grid, {r.lr_multiplier for r in runs}, best)
             if multiplier is None:
