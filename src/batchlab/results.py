@@ -99,3 +99,37 @@ class JsonResult:
     @classmethod
     def load(cls: type[T], path: str | Path) -> T:
         return cls.from_json(Path(path).read_text())
+
+
+def read_json_object(path: str | Path, what: str, fix: str) -> dict[str, Any]:
+    """The JSON object in the file at `path`, or a ConfigError naming the file and the fault.
+
+    `what` names the file's kind ("history file"); `fix` says how to make a good one. A
+    missing, unreadable, empty, cut-off, binary or non-object file each get their own line.
+    """
+    from batchlab.errors import ConfigError
+
+    path = Path(path)
+    if not path.is_file():
+        kind = "is a directory" if path.is_dir() else "does not exist"
+        raise ConfigError(f"{what} {str(path)!r} {kind}; {fix}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {str(path)!r} is not a text file; {fix}") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {str(path)!r} cannot be read ({exc.strerror}); {fix}") from None
+    if not text.strip():
+        raise ConfigError(f"{what} {str(path)!r} is empty; {fix}")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{what} {str(path)!r} is not valid JSON ({exc.msg} at line {exc.lineno}); "
+            f"was it cut off while being written? {fix}"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{what} {str(path)!r} holds a JSON {type(data).__name__}, expected an object; {fix}"
+        )
+    return data
