@@ -17,7 +17,9 @@ from batchlab.cli.common import (
     ProgressBar,
     SeedOpt,
     TaskArg,
+    check_output_paths,
     console_for,
+    save_plot,
     fmt,
     write_json,
 )
@@ -60,7 +62,11 @@ def noise(
     json_path: JsonOpt = None,
     out: OutOpt = None,
 ) -> None:
-    """Train TASK with its reference batch and lr; record B_simple = tr(Σ)/|G|² vs. step."""
+    """Train TASK with its reference batch and lr; record B_simple = tr(Σ)/|G|² vs. step.
+
+    The JSON is written before the plot; Ctrl-C keeps nothing.
+    """
+    check_output_paths(json_path, out)
     console = console_for(json_path)
     t = load_task(task)
     run = measure_noise(
@@ -102,9 +108,9 @@ def noise(
         )
         + "[/dim]"
     )
+    write_json(run, json_path, console)
     if out is not None:
         from batchlab.report.noise_plots import save_noise_plot
 
-        path = save_noise_plot(run, out / f"noise_{t.name}.png")
+        path = save_plot(lambda p: save_noise_plot(run, p), out / f"noise_{t.name}.png")
         console.print(f"[dim]plot written to {path}[/dim]")
-    write_json(run, json_path, console)

@@ -18,7 +18,9 @@ from batchlab.cli.common import (
     OutOpt,
     SeedOpt,
     TaskArg,
+    check_output_paths,
     console_for,
+    save_plot,
     with_flags,
     write_json,
 )
@@ -100,7 +102,11 @@ def probe(
     out: OutOpt = None,
     seed: SeedOpt = 0,
 ) -> None:
-    """Largest batch that fits, samples/s against batch size, the knee, and a plot."""
+    """Largest batch that fits, samples/s against batch size, the knee, and a plot.
+
+    The JSON is written before the plot; Ctrl-C keeps nothing.
+    """
+    check_output_paths(json_path, out)
     created_group = distributed.init_from_env(device)
     try:
         lead = distributed.rank() == 0
@@ -118,12 +124,14 @@ def probe(
         console.print(throughput_table(result))
         for warning in result.warnings:
             console.print(f"[yellow]warning:[/yellow] {with_flags(warning, ctx.command)}")
+        write_json(result, json_path, console)
         if out is not None:
             from batchlab.report.probe_plots import save_probe_figure
 
-            path = save_probe_figure(result, Path(out) / f"probe_{result.task}.png")
+            path = save_plot(
+                lambda p: save_probe_figure(result, p), Path(out) / f"probe_{result.task}.png"
+            )
             console.print(f"[dim]plot written to {path}[/dim]")
-        write_json(result, json_path, console)
     finally:
         if created_group:
             distributed.shutdown()

@@ -6,12 +6,13 @@ import torch
 from rich import box
 from rich.table import Table
 
-from batchlab.cli.common import JsonOpt, console_for, write_json
+from batchlab.cli.common import JsonOpt, check_output_paths, console_for, write_json
 from batchlab.tasks import BUILTIN_TASKS, DEFAULT_TASK
 
 
 def tasks(json_path: JsonOpt = None) -> None:
     """List the built-in tasks: data sizes and the reference batch size and learning rate."""
+    check_output_paths(json_path)
     console = console_for(json_path)
     rows = []
     for name, builtin in BUILTIN_TASKS.items():
