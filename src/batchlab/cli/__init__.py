@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import signal
 import sys
 import sysconfig
+import threading
 import traceback
 from pathlib import Path
 from types import TracebackType
@@ -88,8 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         args = ["--help"]
     command = typer.main.get_command(app)
     KEPT.clear()
+    interrupted = _InterruptFlag()
     try:
-        result = command.main(args=args, prog_name="batchlab", standalone_mode=False)
+        with interrupted:
+            result = command.main(args=args, prog_name="batchlab", standalone_mode=False)
     except typer.Exit as exc:  # --help, --version
         return exc.exit_code
     except typer.TyperException as exc:  # usage errors: bad option values, unknown options
@@ -106,7 +110,35 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:  # the user's task code, a file system refusal, or a bug
         return _unexpected(exc, args, debug)
+    if interrupted.seen:  # typer turns Ctrl-C into a silent exit code 130
+        _error(_interrupted_line())
+        return 130
     return result if isinstance(result, int) else 0
+
+
+class _InterruptFlag:
+    """Notes a Ctrl-C (SIGINT) while a command runs, then raises KeyboardInterrupt as usual.
+
+    typer catches the KeyboardInterrupt and returns 130 without a word; the flag lets
+    `main` say what was kept and where. Only in the main thread, where signals arrive.
+    """
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._previous: object = None
+
+    def _handler(self, signum: int, frame: object) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> _InterruptFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)  # type: ignore[arg-type]
 
 
 def _interrupted_line() -> str:

@@ -158,6 +158,7 @@ def write_json(result: JsonResult | dict[str, Any], path: Path | None, console: 
     if str(path) == "-":
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
+        keep("the JSON on stdout")
         return
     tmp = path.with_name(path.name + ".tmp")
     try:

@@ -133,11 +133,7 @@ def plan(
         partial = PartialPlan(exc.phase, exc.measured.get("probe"), exc.measured.get("noise"))
         print_partial(console, partial)
         saved = partial_path(json_path, out)
-        write_json(partial.to_dict(), saved, console)
-        where = "stdout" if str(saved) == "-" else str(saved)
-        Console(stderr=True).print(
-            f"batchlab: interrupted; kept the partial plan in {where}", soft_wrap=True
-        )
+        write_json(partial.to_dict(), saved, console)  # `main` says where it went
         return 130
     print_plan(console, result)
     write_json(result, json_path, console)

@@ -104,8 +104,8 @@ def calc(
         last = batch_size if iterations else 0
         processed = iterations * batch_size * world_size
     else:
-        per_rank = math.ceil(samples / world_size)
-        iterations = math.ceil(per_rank / batch_size)
+        per_rank = -(-samples // world_size)  # ceil in integers: exact for any size
+        iterations = -(-per_rank // batch_size)
         last = per_rank - (iterations - 1) * batch_size
         processed = per_rank * world_size
     if iterations == 0:
@@ -116,7 +116,7 @@ def calc(
     steps = (
         iterations // accumulation_steps
         if drop_last
-        else math.ceil(iterations / accumulation_steps)
+        else -(-iterations // accumulation_steps)
     )
     return BatchArithmetic(
         samples=samples,
