@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from batchlab.cli.common import (
@@ -37,7 +38,7 @@ def _summary(label: str, est: NoiseScale) -> str:
     value = "undefined" if est.b_simple is None else fmt(est.b_simple, 3)
     text = f"{label}: B_simple {value} {_ci(est.b_simple_ci)} ({est.confidence:.0%})"
     if not est.reliable:
-        text += f"\n  [yellow]unreliable: {est.reason}[/yellow]"
+        text += f"\n  [yellow]unreliable: {escape(str(est.reason))}[/yellow]"
     return text
 
 

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -123,7 +124,7 @@ def probe(
         console.print(summary_table(result, ctx.command))
         console.print(throughput_table(result))
         for warning in result.warnings:
-            console.print(f"[yellow]warning:[/yellow] {with_flags(warning, ctx.command)}")
+            console.print(f"[yellow]warning:[/yellow] {escape(with_flags(warning, ctx.command))}")
         write_json(result, json_path, console)
         if out is not None:
             from batchlab.report.probe_plots import save_probe_figure

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -260,7 +261,7 @@ class SweepProgress:
 
     def on_start(self, todo: int, total: int, contents: StoreContents) -> None:
         for warning in contents.warnings:
-            self.stderr.print(f"[yellow]warning:[/yellow] {warning}")
+            self.stderr.print(f"[yellow]warning:[/yellow] {escape(warning)}")
         if todo < total:
             self.stderr.print(f"resuming: {total - todo} of {total} runs already in {self.out}")
         self.progress.start()
@@ -365,4 +366,4 @@ def print_summary(console: Console, analysis: SweepAnalysis) -> None:
             f"reference: {format_number(a.reference_seconds_to_target, 2)} s"
         )
     for warning in analysis.warnings:
-        console.print(f"[yellow]warning:[/yellow] {warning}")
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
