@@ -227,3 +227,22 @@ def test_calc_is_exact_for_huge_counts(capsys):
     per_rank = -(-samples // 7)
     assert code == 0 and data["iterations_per_epoch"] == -(-per_rank // 3)
     assert data["samples_per_epoch"] == per_rank * 7
+
+
+def test_tables_fit_80_columns_without_cutting_words(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, _ = run_cli(capsys, "tasks")
+    assert code == 0 and "…" not in out
+    assert max(len(line) for line in out.splitlines()) <= 80
+    assert "char transformer," in out and "epochs" in out  # wrapped, not cut
+
+
+def test_help_shows_the_extras_names(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # one line per option
+    code, out, _ = run_cli(capsys, "sweep", "--help")
+    assert code == 0 and "pip install 'batchlab[ray]'" in out
+
+
+def test_debug_and_version_are_in_the_top_level_help(capsys):
+    code, out, _ = run_cli(capsys, "--help")
+    assert code == 0 and "--version" in out and "--debug" in out
