@@ -309,3 +309,92 @@ def test_task_file_paths_are_real(paths):
     for key, value in paths.items():
         assert Path(value).exists(), key
     assert "def make()" in textwrap.dedent(Path(paths["{T:raises}"]).read_text())
+
+
+def _api_cases(tmp: Path) -> list[tuple[str, object]]:
+    """(label, a call that must raise a BatchlabError) for the library's own entry points."""
+    import math
+
+    import torch
+    from torch.utils.data import TensorDataset
+
+    import batchlab
+    from conftest import tiny_task
+
+    t = tiny_task()
+    foreign = tmp / "plan.json"
+    foreign.write_text('{"task": "dots", "recommended": {}}')
+    (tmp / "list.json").write_text("[]")
+    ok = {
+        "name": "t", "model": lambda: torch.nn.Linear(4, 3), "loss": t.loss,
+        "optimizer": t.optimizer, "lr": 0.1, "batch_size": 8,
+    }  # fmt: skip
+    return [
+        ("train(epochs=nan)", lambda: batchlab.train(t, 8, epochs=math.nan)),
+        ("train(epochs=inf)", lambda: batchlab.train(t, 8, epochs=math.inf)),
+        ("train(seed=10**23)", lambda: batchlab.train(t, 8, max_steps=1, seed=10**23)),
+        ("train(seed=-1)", lambda: batchlab.train(t, 8, max_steps=1, seed=-1)),
+        ("load_task(None)", lambda: batchlab.load_task(None)),
+        ("load_task(3)", lambda: batchlab.load_task(3)),
+        ("Task(train_data=None)", lambda: batchlab.Task(**ok, train_data=None)),
+        ("Task(train_data=iter)", lambda: batchlab.Task(**ok, train_data=iter([1]))),
+        ("Task(val_data=5)", lambda: batchlab.Task(**ok, train_data=t.train_data, val_data=5)),
+        ("Task(metrics=3)", lambda: batchlab.Task(**ok, train_data=t.train_data, metrics=3)),
+        ("Task(name=None)", lambda: batchlab.Task(**{**ok, "name": None}, train_data=t.train_data)),
+        ("History.load(plan)", lambda: batchlab.History.load(foreign)),
+        ("History.load(list)", lambda: batchlab.History.load(tmp / "list.json")),
+        ("History.load(dir)", lambda: batchlab.History.load(tmp)),
+        ("scale_lr(B0=0)", lambda: batchlab.scale_lr(0.1, 0, 64, "linear")),
+        ("scale_lr(lr=nan)", lambda: batchlab.scale_lr(math.nan, 32, 64, "linear")),
+        ("calc(samples=1.5)", lambda: batchlab.calc(1.5, 8)),
+        (
+            "model returns str",
+            lambda: batchlab.train(
+                batchlab.Task(**{**ok, "model": lambda: "resnet"}, train_data=t.train_data),
+                8,
+                max_steps=1,
+            ),
+        ),
+        (
+            "metrics return list",
+            lambda: batchlab.train(
+                batchlab.Task(
+                    **ok,
+                    train_data=t.train_data,
+                    val_data=TensorDataset(*t.train_data.tensors),
+                    metrics=lambda m, b: [1.0],
+                ),
+                8,
+                max_steps=1,
+            ),
+        ),
+    ]
+
+
+def test_api_bad_input_raises_batchlab_errors(tmp_path):
+    import batchlab
+
+    for label, call in _api_cases(tmp_path):
+        with pytest.raises(batchlab.BatchlabError):
+            call()
+        print("ok", label)
+
+
+def test_task_code_exceptions_keep_their_type_for_python_callers(tmp_path):
+    # A loss that raises reaches a Python caller as itself (the probes tell OOM from other
+    # errors by type); only the CLI turns it into one line.
+    import torch
+
+    import batchlab
+    from conftest import tiny_task
+
+    def bad_loss(model, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    t = tiny_task()
+    task = batchlab.Task(
+        name="t", model=t.model, train_data=t.train_data, loss=bad_loss,
+        optimizer=t.optimizer, lr=0.1, batch_size=8,
+    )  # fmt: skip
+    with pytest.raises(torch.OutOfMemoryError):
+        batchlab.train(task, 8, max_steps=1)

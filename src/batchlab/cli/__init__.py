@@ -19,7 +19,6 @@ from types import TracebackType
 
 import typer
 
-import batchlab
 from batchlab.cli.calc_cmd import calc
 from batchlab.cli.common import KEPT, with_flags
 from batchlab.cli.noise_cmd import noise
@@ -169,7 +168,8 @@ def _unexpected(exc: Exception, args: list[str], debug: bool) -> int:
 def _library_dirs() -> tuple[str, ...]:
     """Where code that is not the user's lives: batchlab itself and the Python install."""
     paths = sysconfig.get_paths()
-    dirs = {str(Path(batchlab.__file__).resolve().parent), sys.prefix, sys.base_prefix}
+    package = Path(__file__).resolve().parents[1]  # src/batchlab
+    dirs = {str(package), sys.prefix, sys.base_prefix}
     dirs |= {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
     return tuple(os.path.realpath(d) + os.sep for d in dirs)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich import box
@@ -29,6 +29,7 @@ from batchlab.cli.common import (
     console_for,
     keep,
     refuse_unused,
+    with_flags,
     write_json,
 )
 from batchlab.core.checks import check_epochs
@@ -226,7 +227,7 @@ def sweep(
         f"[bold]batchlab sweep {spec.task}[/bold]: {result.runs_done} runs in {result.wall_seconds:.0f}s "
         f"({result.runs_skipped} already done; jobs {n_jobs}, backend {backend})"
     )
-    print_summary(console, analysis)
+    print_summary(console, analysis, ctx.command)
     if report:
         console.print(f"report: {Path(out_dir) / REPORT_FILE}", soft_wrap=True)
     write_json({"sweep": result.to_dict(), "analysis": analysis.to_dict()}, json_path, console)
@@ -336,7 +337,7 @@ def _group_table(group: GroupAnalysis, analysis: SweepAnalysis) -> Table:
     return table
 
 
-def print_summary(console: Console, analysis: SweepAnalysis) -> None:
+def print_summary(console: Console, analysis: SweepAnalysis, command: Any | None = None) -> None:
     """One table per group, then the fit, the plan check, the adaptive runs and the warnings."""
     for group in analysis.groups:
         console.print(_group_table(group, analysis))
@@ -366,4 +367,4 @@ def print_summary(console: Console, analysis: SweepAnalysis) -> None:
             f"reference: {format_number(a.reference_seconds_to_target, 2)} s"
         )
     for warning in analysis.warnings:
-        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+        console.print(f"[yellow]warning:[/yellow] {escape(with_flags(warning, command))}")
