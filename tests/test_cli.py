@@ -135,3 +135,114 @@ def test_with_flags_maps_parameters_of_the_running_command_only():
     plan = typer.main.get_command(app).commands["plan"]
     assert with_flags("`throughput_seconds`", plan) == "--throughput-seconds"
     assert with_flags("`memory_budget`", None) == "`memory_budget`"  # no command running
+
+
+def _ctrl_c(*args, **kwargs):
+    """What a user's Ctrl-C does: SIGINT to this process (Python raises KeyboardInterrupt)."""
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGINT)
+    raise AssertionError("SIGINT did not interrupt")
+
+
+def test_ctrl_c_in_train_says_nothing_was_kept_and_exits_130(capsys, monkeypatch):
+    import batchlab.cli.train_cmd as train_cmd
+
+    monkeypatch.setattr(train_cmd, "run_training", _ctrl_c)
+    code, _, err = run_cli(capsys, "train", "dots", "--max-steps", "2")
+    assert code == 130
+    assert err.strip().splitlines()[-1] == "batchlab: error: interrupted; nothing was saved"
+
+
+def test_ctrl_c_in_sweep_says_where_the_finished_runs_are(capsys, monkeypatch, tmp_path):
+    import batchlab.cli.sweep_cmd as sweep_cmd
+
+    monkeypatch.setattr(sweep_cmd, "run_sweep", _ctrl_c)
+    out = tmp_path / "sw"
+    code, _, err = run_cli(
+        capsys, "sweep", "dots", "--out", str(out), "--max-steps", "2", "--batch-sizes", "8"
+    )
+    assert code == 130
+    assert f"interrupted; kept 0 finished runs in {out}; run the same command again" in err
+
+
+def test_ctrl_c_in_plan_keeps_the_partial_plan(capsys, monkeypatch, tmp_path):
+    import batchlab.cli.plan_cmd as plan_cmd
+    from batchlab.planner import PlanInterrupted
+
+    def interrupted(*args, **kwargs):
+        try:
+            _ctrl_c()
+        except KeyboardInterrupt:
+            raise PlanInterrupted("the noise measurement", {"probe": None}) from None
+
+    monkeypatch.setattr(plan_cmd, "make_plan", interrupted)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, "plan", "dots")
+    assert code == 130 and "PARTIAL" in out
+    saved = tmp_path / "batchlab-plan-partial.json"
+    assert json.loads(saved.read_text())["interrupted_during"] == "the noise measurement"
+    assert "interrupted; kept the JSON in batchlab-plan-partial.json" in err
+
+
+def test_a_bad_out_fails_before_any_measuring(capsys, monkeypatch, tmp_path):
+    import batchlab.cli.noise_cmd as noise_cmd
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    monkeypatch.setattr(noise_cmd, "measure_noise", _ctrl_c)  # must never be reached
+    code, _, err = run_cli(capsys, "noise", "dots", "--out", str(afile / "plots"))
+    assert code == 2 and "which is a file" in err
+
+
+def test_json_is_written_before_the_plot_and_kept_when_the_plot_fails(
+    capsys, monkeypatch, tmp_path
+):
+    import batchlab.report.noise_plots as noise_plots
+
+    def full_disk(run, path):
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(noise_plots, "save_noise_plot", full_disk)
+    path = tmp_path / "noise.json"
+    code, _, err = run_cli(
+        capsys, "noise", "dots", "--steps", "4", "--every", "2", "--device", "cpu",
+        "--json", str(path), "--out", str(tmp_path / "plots"),
+    )  # fmt: skip
+    assert code == 2 and err.count("\n") == 1
+    assert "No space left on device" in err and "the JSON was written first" in err
+    assert json.loads(path.read_text())["steps"] == 4
+
+
+def test_calc_is_exact_for_huge_counts(capsys):
+    samples = 10**26 + 1
+    code, out, _ = run_cli(
+        capsys, "calc", "--samples", str(samples), "--batch-size", "3", "--world-size", "7",
+        "--json", "-",
+    )  # fmt: skip
+    data = json.loads(out)
+    per_rank = -(-samples // 7)
+    assert code == 0 and data["iterations_per_epoch"] == -(-per_rank // 3)
+    assert data["samples_per_epoch"] == per_rank * 7
+
+
+def test_tables_fit_80_columns_without_cutting_words(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, _ = run_cli(capsys, "tasks")
+    assert code == 0 and "…" not in out
+    assert max(len(line) for line in out.splitlines()) <= 80
+    assert "char transformer," in out and "epochs" in out  # wrapped, not cut
+
+
+def test_help_shows_the_extras_names(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # one line per option
+    code, out, _ = run_cli(capsys, "sweep", "--help")
+    assert code == 0 and "pip install 'batchlab[ray]'" in out
+
+
+def test_debug_and_version_are_in_the_top_level_help(capsys):
+    code, out, _ = run_cli(capsys, "--help")
+    assert code == 0 and "--version" in out and "--debug" in out

@@ -49,3 +49,16 @@ class NoiseEstimateError(BatchlabError):
 
 class SweepError(BatchlabError):
     """A sweep directory cannot be used as asked (a different spec, an unreadable store...)."""
+
+
+class OutputError(BatchlabError):
+    """An output path cannot be written (a directory where a file goes, a path under a file...)."""
+
+
+class TaskCodeError(TaskError):
+    """The user's own task code broke the Task contract while batchlab ran it.
+
+    Raised for what the code *returned* (a model factory that returns a string, metrics that
+    return a list); an exception the code *raised* keeps its own type, so callers (and the
+    OOM handling of the probes) still see it, and the CLI names the function it came from.
+    """

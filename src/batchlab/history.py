@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from batchlab.results import JsonResult
+from batchlab.errors import ConfigError
+from batchlab.results import JsonResult, read_json_object
 
 
 @dataclass(frozen=True)
@@ -70,3 +73,39 @@ class History(JsonResult):
     @property
     def seconds_per_epoch(self) -> float:
         return self.train_seconds / self.epochs if self.epochs else float("nan")
+
+    @classmethod
+    def load(cls, path: str | Path) -> History:
+        """Read a History saved by `History.save` (`batchlab train --json` writes one).
+
+        A missing, empty, cut-off or foreign file (a plan, a probe result) gets one
+        ConfigError naming the file and what is wrong, not a KeyError from deep inside.
+        """
+        fix = "pass the JSON `batchlab train --json PATH` wrote (or `History.save`)"
+        data = read_json_object(path, "history file", fix)
+        required = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        missing = [name for name in required if name not in data]
+        if missing:
+            shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+            raise ConfigError(
+                f"history file {str(path)!r} is not a training history: it lacks {shown}; {fix}"
+            )
+        try:
+            history = cls.from_dict(data)
+            bad = [
+                name
+                for name in ("batch_size", "total_steps", "effective_batch_size")
+                if isinstance(getattr(history, name), bool)
+                or not isinstance(getattr(history, name), int)
+            ]
+            if bad or not all(isinstance(e, Evaluation) for e in history.evals):
+                raise TypeError(f"wrong type of {', '.join(bad) or 'evals'}")
+        except (TypeError, KeyError, ValueError, AttributeError) as exc:
+            raise ConfigError(
+                f"history file {str(path)!r} does not match the History schema ({exc}); {fix}"
+            ) from None
+        return history

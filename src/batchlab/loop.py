@@ -40,10 +40,9 @@ from typing import Any
 import torch
 
 from batchlab.callbacks import RunState, TrainCallback
-from batchlab.core.checks import check_batch_size
+from batchlab.core.checks import check_batch_size, check_epochs, check_seed
 from batchlab.core.evals import eval_due
 from batchlab.data import epoch_chunks
-from batchlab.errors import ConfigError
 from batchlab.history import History
 from batchlab.recorder import RunRecorder
 from batchlab.step import build_step
@@ -227,6 +226,7 @@ def run_training(
     is restored afterwards. `clock` (seconds) times training, evaluation and whatever the
     policy times; tests pass a fake one. Callbacks fire in the order of the module docstring.
     """
+    check_seed(seed)
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(seed)
@@ -300,5 +300,5 @@ def check_run_length(epochs: float | None, max_steps: int | None) -> None:
     """The input checks of `epochs` and `max_steps` (None: not given) both entry points share."""
     if max_steps is not None:
         check_batch_size(max_steps, what="max_steps")
-    if epochs is not None and (not isinstance(epochs, (int, float)) or epochs <= 0):
-        raise ConfigError(f"epochs: expected a positive number, got {epochs!r}")
+    if epochs is not None:
+        check_epochs(epochs)

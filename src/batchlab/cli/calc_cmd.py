@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from batchlab.cli.common import JsonOpt, console_for, write_json
+from batchlab.cli.common import JsonOpt, check_output_paths, console_for, write_json
 from batchlab.core.batching import calc as compute
 
 
@@ -25,6 +25,7 @@ def calc(
     json_path: JsonOpt = None,
 ) -> None:
     """Iterations per epoch, optimizer steps and effective batch size."""
+    check_output_paths(json_path)
     console = console_for(json_path)
     result = compute(
         samples,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,6 +22,8 @@ from rich.progress import (
 )
 
 from batchlab.callbacks import RunState, TrainCallback
+from batchlab.core.checks import MAX_SEED
+from batchlab.errors import ConfigError, OutputError
 from batchlab.history import Evaluation
 from batchlab.results import JsonResult
 from batchlab.tasks import DEFAULT_TASK
@@ -32,7 +36,12 @@ DEFAULT = DEFAULT_TASK
 DeviceOpt = Annotated[
     str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (auto picks CUDA if present).")
 ]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (model init, shuffling).")]
+SeedOpt = Annotated[
+    int,
+    typer.Option(
+        "--seed", min=0, max=MAX_SEED, help="Random seed (model init, shuffling), 0 to 2**63-1."
+    ),
+]
 JsonOpt = Annotated[
     Path | None,
     typer.Option("--json", help="Write the full result as JSON to this path ('-' for stdout)."),
@@ -72,6 +81,70 @@ def with_flags(text: str, command: Any | None) -> str:
     return _BACKTICKED.sub(flag, text)
 
 
+def given(ctx: typer.Context, name: str) -> bool:
+    """True if the user typed option `name` (a parameter name), even at its default value."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
+
+
+def refuse_unused(ctx: typer.Context, unused: dict[str, str]) -> None:
+    """One line for the first option the user typed that this run would silently ignore.
+
+    `unused` maps a parameter name to why it is ignored ("needs `adaptive`"); the message
+    names parameters in backticks, which `main` shows as the command's flags.
+    """
+    for name, why in unused.items():
+        if given(ctx, name):
+            raise ConfigError(f"`{name}` would be ignored: {why}", param=name)
+
+
+def check_output_paths(json_path: Path | None = None, out: Path | None = None) -> None:
+    """Fail now, not after minutes of measuring, if `--json` or `--out` cannot be written.
+
+    `json_path` must be a file that can be created ('-' is stdout); `out` a directory that
+    exists or can be made. Nothing is created here.
+    """
+    if json_path is not None and str(json_path) != "-":
+        if json_path.is_dir():
+            raise OutputError(f"`json_path` {str(json_path)!r} is a directory; give a file name")
+        _check_creatable(json_path.parent, "json_path", json_path)
+        if json_path.exists() and not os.access(json_path, os.W_OK):
+            raise OutputError(f"`json_path` {str(json_path)!r} is not writable")
+    if out is not None:
+        if out.exists() and not out.is_dir():
+            raise OutputError(f"`out` {str(out)!r} is a file, not a directory; give a directory")
+        _check_creatable(out, "out", out)
+
+
+def _check_creatable(directory: Path, param: str, given_path: Path) -> None:
+    """`directory` exists and is writable, or can be made below a writable directory."""
+    probe = directory if str(directory) else Path(".")
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise OutputError(
+            f"`{param}` {str(given_path)!r} is under {str(probe)!r}, which is a file; "
+            "give a path in a directory",
+            param=param,
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(
+            f"`{param}` {str(given_path)!r}: {str(probe)!r} is not writable; give another path",
+            param=param,
+        )
+
+
+# What a command has kept so far, for the line an interrupt prints (see `cli.main`).
+KEPT: list[str | Callable[[], str]] = []
+
+
+def keep(note: str | Callable[[], str]) -> None:
+    """Record where finished work is, so Ctrl-C can say what was kept and where."""
+    KEPT.append(note)
+
+
 def console_for(json_path: Path | None) -> Console:
     """Human output goes to stdout, or to stderr when the JSON goes to stdout."""
     return Console(stderr=json_path is not None and str(json_path) == "-", highlight=False)
@@ -85,10 +158,34 @@ def write_json(result: JsonResult | dict[str, Any], path: Path | None, console: 
     if str(path) == "-":
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
+        keep("the JSON on stdout")
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text + "\n")
+        tmp.replace(path)  # a full disk leaves the old file, never half a new one
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(
+            f"cannot write the JSON to {str(path)!r}: {exc.strerror or exc}", param="json_path"
+        ) from None
+    keep(f"the JSON in {path}")
     console.print(f"[dim]JSON written to {path}[/dim]")
+
+
+def save_plot(save: Callable[[Path], Path], path: Path) -> Path:
+    """Draw a plot (or a report) to `path` with `save`.
+
+    A refusal of the file system is one line, and the JSON, written before, is kept.
+    """
+    try:
+        return save(path)
+    except OSError as exc:
+        kept = "; the JSON was written first" if KEPT else ""
+        raise OutputError(
+            f"cannot write {str(exc.filename or path)!r}: {exc.strerror or exc}{kept}", param="out"
+        ) from None
 
 
 def fmt(value: float | None, digits: int = 4) -> str:

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from batchlab.cli.common import (
@@ -17,8 +18,10 @@ from batchlab.cli.common import (
     ProgressBar,
     SeedOpt,
     TaskArg,
+    check_output_paths,
     console_for,
     fmt,
+    save_plot,
     write_json,
 )
 from batchlab.core.noise_scale import NoiseScale
@@ -35,7 +38,7 @@ def _summary(label: str, est: NoiseScale) -> str:
     value = "undefined" if est.b_simple is None else fmt(est.b_simple, 3)
     text = f"{label}: B_simple {value} {_ci(est.b_simple_ci)} ({est.confidence:.0%})"
     if not est.reliable:
-        text += f"\n  [yellow]unreliable: {est.reason}[/yellow]"
+        text += f"\n  [yellow]unreliable: {escape(str(est.reason))}[/yellow]"
     return text
 
 
@@ -60,7 +63,11 @@ def noise(
     json_path: JsonOpt = None,
     out: OutOpt = None,
 ) -> None:
-    """Train TASK with its reference batch and lr; record B_simple = tr(Σ)/|G|² vs. step."""
+    """Train TASK with its reference batch and lr; record B_simple = tr(Σ)/|G|² vs. step.
+
+    The JSON is written before the plot; Ctrl-C keeps nothing.
+    """
+    check_output_paths(json_path, out)
     console = console_for(json_path)
     t = load_task(task)
     run = measure_noise(
@@ -102,9 +109,9 @@ def noise(
         )
         + "[/dim]"
     )
+    write_json(run, json_path, console)
     if out is not None:
         from batchlab.report.noise_plots import save_noise_plot
 
-        path = save_noise_plot(run, out / f"noise_{t.name}.png")
+        path = save_plot(lambda p: save_noise_plot(run, p), out / f"noise_{t.name}.png")
         console.print(f"[dim]plot written to {path}[/dim]")
-    write_json(run, json_path, console)

@@ -20,7 +20,9 @@ from batchlab.cli.common import (
     OutOpt,
     SeedOpt,
     TaskArg,
+    check_output_paths,
     console_for,
+    save_plot,
     write_json,
 )
 from batchlab.measure.sizes import format_bytes
@@ -101,7 +103,12 @@ def plan(
     json_path: JsonOpt = None,
     out: OutOpt = None,
 ) -> int:
-    """Measure memory, throughput and the gradient noise scale; recommend what to train with."""
+    """Measure memory, throughput and the gradient noise scale; recommend what to train with.
+
+    The JSON is written before the report. Ctrl-C saves what was measured (a partial plan)
+    to --json, else to OUT/plan_partial.json, else to ./batchlab-plan-partial.json.
+    """
+    check_output_paths(json_path, out)
     console = console_for(json_path)
     command = "batchlab plan " + shlex.join(sys.argv[2:]) if len(sys.argv) > 1 else ""
     try:
@@ -125,16 +132,26 @@ def plan(
     except PlanInterrupted as exc:
         partial = PartialPlan(exc.phase, exc.measured.get("probe"), exc.measured.get("noise"))
         print_partial(console, partial)
-        write_json(partial.to_dict(), json_path, console)
+        saved = partial_path(json_path, out)
+        write_json(partial.to_dict(), saved, console)  # `main` says where it went
         return 130
     print_plan(console, result)
     write_json(result, json_path, console)
     if out is not None:
         from batchlab.report.plan_report import write_plan_report
 
-        path = write_plan_report(result, out)
+        path = save_plot(lambda directory: write_plan_report(result, directory), out)
         console.print(f"report: [bold]{path}[/bold]")
     return 0
+
+
+def partial_path(json_path: Path | None, out: Path | None) -> Path:
+    """Where an interrupted plan keeps what it measured: never nowhere."""
+    if json_path is not None:
+        return json_path
+    if out is not None:
+        return out / "plan_partial.json"
+    return Path("batchlab-plan-partial.json")
 
 
 def print_partial(console: Console, partial: PartialPlan) -> None:

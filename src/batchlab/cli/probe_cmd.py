@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -18,7 +19,9 @@ from batchlab.cli.common import (
     OutOpt,
     SeedOpt,
     TaskArg,
+    check_output_paths,
     console_for,
+    save_plot,
     with_flags,
     write_json,
 )
@@ -100,7 +103,11 @@ def probe(
     out: OutOpt = None,
     seed: SeedOpt = 0,
 ) -> None:
-    """Largest batch that fits, samples/s against batch size, the knee, and a plot."""
+    """Largest batch that fits, samples/s against batch size, the knee, and a plot.
+
+    The JSON is written before the plot; Ctrl-C keeps nothing.
+    """
+    check_output_paths(json_path, out)
     created_group = distributed.init_from_env(device)
     try:
         lead = distributed.rank() == 0
@@ -117,13 +124,15 @@ def probe(
         console.print(summary_table(result, ctx.command))
         console.print(throughput_table(result))
         for warning in result.warnings:
-            console.print(f"[yellow]warning:[/yellow] {with_flags(warning, ctx.command)}")
+            console.print(f"[yellow]warning:[/yellow] {escape(with_flags(warning, ctx.command))}")
+        write_json(result, json_path, console)
         if out is not None:
             from batchlab.report.probe_plots import save_probe_figure
 
-            path = save_probe_figure(result, Path(out) / f"probe_{result.task}.png")
+            path = save_plot(
+                lambda p: save_probe_figure(result, p), Path(out) / f"probe_{result.task}.png"
+            )
             console.print(f"[dim]plot written to {path}[/dim]")
-        write_json(result, json_path, console)
     finally:
         if created_group:
             distributed.shutdown()

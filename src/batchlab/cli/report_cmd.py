@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from batchlab.cli.common import OutOpt, console_for
+from batchlab.cli.common import OutOpt, check_output_paths, console_for
 from batchlab.cli.sweep_cmd import reproduce_commands
 from batchlab.errors import ConfigError
 from batchlab.report.sweep_report import REPORT_FILE, build_sweep_report
@@ -30,10 +30,16 @@ def report(
     ] = None,
 ) -> None:
     """Rebuild DIR/report.html from a sweep directory (or a plan JSON) with no training."""
+    check_output_paths(out=out)
     console = console_for(None)
     if path.is_dir() and (path / SPEC_FILE).is_file():
         written = _sweep_report(path, out, target)
     elif path.suffix == ".json" and path.is_file():
+        if target is not None:
+            raise ConfigError(
+                "`target` would be ignored: it applies to sweep directories, not plan files",
+                param="target",
+            )
         written = _plan_report(path, out)
     else:
         raise ConfigError(

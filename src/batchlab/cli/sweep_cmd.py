@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -24,9 +25,14 @@ from batchlab.cli.common import (
     JsonOpt,
     SeedOpt,
     TaskArg,
+    check_output_paths,
     console_for,
+    keep,
+    refuse_unused,
+    with_flags,
     write_json,
 )
+from batchlab.core.checks import check_epochs
 from batchlab.core.lr import SWEEP_LR_RULES
 from batchlab.report.numbers import format_interval, format_number
 from batchlab.report.sweep_report import REPORT_FILE, write_sweep_report
@@ -85,10 +91,15 @@ TargetOpt = Annotated[
         help="e.g. 'val_acc>=0.6'; runs stop there. Default: train the whole budget, then compare at 95% of the median best val acc.",
     ),
 ]
+MAX_REPEATS = 100  # 100k repeats wrote a 44 MB spec and started 100k runs without a word
 RepeatsOpt = Annotated[
     int,
     typer.Option(
-        "--repeats", help="Seeds per setting (>= 2 gives a bootstrap interval over repeats)."
+        "--repeats",
+        min=1,
+        max=MAX_REPEATS,
+        help=f"Seeds per setting, 1 to {MAX_REPEATS} (>= 2 gives a bootstrap interval over "
+        "repeats).",
     ),
 ]
 JobsOpt = Annotated[
@@ -99,7 +110,7 @@ BackendOpt = Annotated[
     str,
     typer.Option(
         "--backend",
-        help="local (worker processes) or ray (a Ray cluster; pip install 'batchlab[ray]').",
+        help="local (worker processes) or ray (a Ray cluster; pip install 'batchlab\\[ray]').",
     ),
 ]
 PlanOpt = Annotated[
@@ -147,6 +158,7 @@ ReportOpt = Annotated[
 
 
 def sweep(
+    ctx: typer.Context,
     out_dir: OutDirOpt,
     task: TaskArg = DEFAULT,
     batch_sizes: BatchSizesOpt = None,
@@ -173,7 +185,13 @@ def sweep(
     """Train TASK at many batch sizes and measure what batch size really does.
 
     Re-running the same command resumes; `batchlab report DIR` rebuilds the report.
+    Ctrl-C keeps every finished run.
     """
+    if max_steps is not None:
+        refuse_unused(ctx, {"min_steps": "it applies to `epochs` runs, not `max_steps`"})
+    if epochs is not None:
+        check_epochs(epochs)
+    check_output_paths(json_path, out_dir)
     console = console_for(json_path)
     spec = make_sweep_spec(
         task,
@@ -195,6 +213,7 @@ def sweep(
     )
     n_jobs = jobs if jobs is not None else default_jobs(device, len(spec.runs))
     progress = SweepProgress(spec.task, out_dir)
+    keep(lambda: _kept_runs(out_dir))
     try:
         result = run_sweep(
             spec,
@@ -217,10 +236,19 @@ def sweep(
         f"[bold]batchlab sweep {spec.task}[/bold]: {result.runs_done} runs in {result.wall_seconds:.0f}s "
         f"({result.runs_skipped} already done; jobs {n_jobs}, backend {backend})"
     )
-    print_summary(console, analysis)
+    print_summary(console, analysis, ctx.command)
     if report:
         console.print(f"report: {Path(out_dir) / REPORT_FILE}", soft_wrap=True)
     write_json({"sweep": result.to_dict(), "analysis": analysis.to_dict()}, json_path, console)
+
+
+def _kept_runs(out_dir: Path) -> str:
+    """What Ctrl-C leaves: the finished runs, and how to go on."""
+    try:
+        done = len(SweepStore(out_dir).read().records)
+    except Exception:  # the store is for the next run to judge; say where it is
+        return f"the finished runs in {out_dir}; run the same command again to resume"
+    return f"{done} finished runs in {out_dir}; run the same command again to resume"
 
 
 class SweepProgress:
@@ -243,7 +271,7 @@ class SweepProgress:
 
     def on_start(self, todo: int, total: int, contents: StoreContents) -> None:
         for warning in contents.warnings:
-            self.stderr.print(f"[yellow]warning:[/yellow] {warning}")
+            self.stderr.print(f"[yellow]warning:[/yellow] {escape(warning)}")
         if todo < total:
             self.stderr.print(f"resuming: {total - todo} of {total} runs already in {self.out}")
         self.progress.start()
@@ -318,7 +346,7 @@ def _group_table(group: GroupAnalysis, analysis: SweepAnalysis) -> Table:
     return table
 
 
-def print_summary(console: Console, analysis: SweepAnalysis) -> None:
+def print_summary(console: Console, analysis: SweepAnalysis, command: Any | None = None) -> None:
     """One table per group, then the fit, the plan check, the adaptive runs and the warnings."""
     for group in analysis.groups:
         console.print(_group_table(group, analysis))
@@ -348,4 +376,4 @@ def print_summary(console: Console, analysis: SweepAnalysis) -> None:
             f"reference: {format_number(a.reference_seconds_to_target, 2)} s"
         )
     for warning in analysis.warnings:
-        console.print(f"[yellow]warning:[/yellow] {warning}")
+        console.print(f"[yellow]warning:[/yellow] {escape(with_flags(warning, command))}")

@@ -6,12 +6,13 @@ import torch
 from rich import box
 from rich.table import Table
 
-from batchlab.cli.common import JsonOpt, console_for, write_json
+from batchlab.cli.common import JsonOpt, check_output_paths, console_for, write_json
 from batchlab.tasks import BUILTIN_TASKS, DEFAULT_TASK
 
 
 def tasks(json_path: JsonOpt = None) -> None:
     """List the built-in tasks: data sizes and the reference batch size and learning rate."""
+    check_output_paths(json_path)
     console = console_for(json_path)
     rows = []
     for name, builtin in BUILTIN_TASKS.items():
@@ -30,9 +31,24 @@ def tasks(json_path: JsonOpt = None) -> None:
                 "default": name == DEFAULT_TASK,
             }
         )
-    table = Table(title="Built-in tasks", title_justify="left", box=box.SIMPLE)
+    # Fits 80 columns: only the description wraps; names and numbers never break.
+    table = Table(
+        title="Built-in tasks",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
     for col in ("task", "description", "train", "val", "batch", "lr", "optimizer", "epochs"):
-        table.add_column(col, justify="right" if col in ("train", "val", "batch", "lr") else "left")
+        right = col in ("train", "val", "batch", "lr", "epochs")
+        wraps = col == "description"
+        table.add_column(
+            col,
+            justify="right" if right else "left",
+            no_wrap=not wraps,
+            overflow="fold",
+            min_width=12 if wraps else None,
+        )
     for r in rows:
         name = r["name"] + (" *" if r["default"] else "")
         table.add_row(

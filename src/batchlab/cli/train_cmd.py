@@ -14,10 +14,13 @@ from batchlab.cli.common import (
     ProgressBar,
     SeedOpt,
     TaskArg,
+    check_output_paths,
     console_for,
     fmt,
+    refuse_unused,
     write_json,
 )
+from batchlab.core.checks import check_epochs
 from batchlab.history import History
 from batchlab.tasks import load_task
 from batchlab.train import train as run_training
@@ -56,6 +59,7 @@ BSimpleOpt = Annotated[
 
 
 def train(
+    ctx: typer.Context,
     task: TaskArg = DEFAULT,
     batch_size: BatchSizeOpt = None,
     lr: LrOpt = None,
@@ -73,7 +77,25 @@ def train(
     seed: SeedOpt = 0,
     json_path: JsonOpt = None,
 ) -> None:
-    """Train TASK once and print a summary (time, steps and examples to target)."""
+    """Train TASK once and print a summary (time, steps and examples to target).
+
+    Nothing is saved until the run ends: Ctrl-C keeps nothing. Use --json to save the
+    History.
+    """
+    if adaptive:
+        refuse_unused(
+            ctx,
+            {
+                "batch_size": "`adaptive` picks the batch itself (cap it with `memory_cap`)",
+                "accumulation_steps": "`adaptive` picks the accumulation itself",
+            },
+        )
+    else:
+        why = "it needs `adaptive`"
+        refuse_unused(ctx, {"memory_cap": why, "b_simple": why})
+    if epochs is not None:
+        check_epochs(epochs)
+    check_output_paths(json_path)
     console = console_for(json_path)
     t = load_task(task)
     bs = t.batch_size if batch_size is None else batch_size

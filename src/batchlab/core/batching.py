@@ -104,8 +104,8 @@ def calc(
         last = batch_size if iterations else 0
         processed = iterations * batch_size * world_size
     else:
-        per_rank = math.ceil(samples / world_size)
-        iterations = math.ceil(per_rank / batch_size)
+        per_rank = -(-samples // world_size)  # ceil in integers: exact for any size
+        iterations = -(-per_rank // batch_size)
         last = per_rank - (iterations - 1) * batch_size
         processed = per_rank * world_size
     if iterations == 0:
@@ -113,11 +113,7 @@ def calc(
             f"with drop_last, batch size {batch_size} x world size {world_size} is larger "
             f"than the {samples} samples, so an epoch has no iterations; use a smaller batch"
         )
-    steps = (
-        iterations // accumulation_steps
-        if drop_last
-        else math.ceil(iterations / accumulation_steps)
-    )
+    steps = iterations // accumulation_steps if drop_last else -(-iterations // accumulation_steps)
     return BatchArithmetic(
         samples=samples,
         batch_size=batch_size,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from batchlab.core.checks import check_lr, check_positive
 from batchlab.errors import ConfigError
 
 # name -> what it does (also the help text).
@@ -86,6 +87,9 @@ def scale_lr(
     - `adascale`: lr * r, the AdaScale gain, which needs `b_simple`.
     """
     check_lr_rule(rule, TRAIN_LR_RULES)
+    check_lr(lr, what="`lr`")
+    check_positive(reference_batch_size, what="`reference_batch_size`")
+    check_positive(batch_size, what="`batch_size`")
     ratio = batch_size / reference_batch_size
     if rule == "linear":
         return lr * ratio

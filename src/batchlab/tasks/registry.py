@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from batchlab.errors import TaskError
+from batchlab.errors import BatchlabError, TaskError
 from batchlab.task import Task
 from batchlab.tasks.charlm import charlm
 from batchlab.tasks.digits import digits_mlp
@@ -45,6 +45,12 @@ def load_task(spec: str | Task) -> Task:
     """Resolve a built-in task name or `path/to/file.py:function` to a `Task`."""
     if isinstance(spec, Task):
         return spec
+    if not isinstance(spec, str):
+        raise TaskError(
+            f"expected `task` to be a batchlab.Task, a built-in name or path/to/file.py:function, "
+            f"got {type(spec).__name__}",
+            param="task",
+        )
     if spec in BUILTIN_TASKS:
         return BUILTIN_TASKS[spec].factory()
     path_part, sep, func_name = spec.rpartition(":")
@@ -84,7 +90,15 @@ def _load_task_file(path: Path, func_name: str) -> Task:
             f"{str(path)!r} has no function {func_name!r}; "
             f"functions defined there: {', '.join(available) or 'none'}"
         )
-    task = func()
+    try:
+        task = func()
+    except BatchlabError:
+        raise
+    except Exception as exc:
+        raise TaskError(
+            f"the task function {path}:{func_name}() raised {type(exc).__name__}: {exc}; "
+            "fix it in the task file"
+        ) from exc
     if not isinstance(task, Task):
         raise TaskError(
             f"{path}:{func_name}() returned {type(task).__name__}, expected a batchlab.Task; "
