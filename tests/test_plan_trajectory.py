@@ -10,6 +10,7 @@ import math
 import random
 
 import pytest
+from test_plan_model import measurements
 
 from batchlab.core.tradeoff import relative_steps, speedup_interval
 from batchlab.core.trajectory import (
@@ -23,11 +24,9 @@ from batchlab.core.trajectory import (
 )
 from batchlab.errors import ConfigError
 from batchlab.measure.noise_run import NoisePoint
-from batchlab.measure.throughput import ThroughputPoint
 from batchlab.planner import build_plan
 from batchlab.planner.measure import noise_phase_steps
 from batchlab.tasks import load_task
-from test_plan_model import measurements
 
 SCALE, EXPONENT = 60.0, -1.5  # B_noise = 60 L^-1.5: 60 at L = 1, ~480 at L = 0.25
 

@@ -97,8 +97,9 @@ class NoiseTrajectory(JsonResult):
         lb = math.sqrt(max(vb - lc * lc, 0.0))
         out = []
         for k in range(ELLIPSE_DIRECTIONS):
-            u, v = math.cos(2 * math.pi * k / ELLIPSE_DIRECTIONS), math.sin(
-                2 * math.pi * k / ELLIPSE_DIRECTIONS
+            u, v = (
+                math.cos(2 * math.pi * k / ELLIPSE_DIRECTIONS),
+                math.sin(2 * math.pi * k / ELLIPSE_DIRECTIONS),
             )
             out.append((self.log_scale + z * la * u, self.exponent + z * (lc * u + lb * v)))
         return out

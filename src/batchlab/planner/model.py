@@ -7,11 +7,9 @@ and applies the pure models of `batchlab.core`; tests feed it known answers.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from batchlab.core.batching import split
 from batchlab.core.lr import TRAIN_LR_RULES, scale_lr, warmup_steps_for
@@ -29,6 +27,7 @@ from batchlab.measure.noise_run import NoisePoint, NoiseRun
 from batchlab.measure.probe import ProbeResult
 from batchlab.measure.throughput import ThroughputPoint
 from batchlab.planner.noise_path import NoiseOutlook, correlation_factor, noise_outlook
+from batchlab.planner.plan_file import check_plan_fields, read_json_object
 from batchlab.results import JsonResult
 
 
@@ -159,8 +158,8 @@ class Plan(JsonResult):
         Every reader of a plan file goes through here, so a missing, empty, cut-off or
         foreign file gets one clear `ConfigError` that names the file and what is wrong.
         """
-        data = _read_json_object(Path(path))
-        _check_plan_fields(data, path)
+        data = read_json_object(Path(path))
+        check_plan_fields(data, path, _required_fields())
         try:
             return cls.from_dict(data)
         except (TypeError, KeyError, ValueError) as exc:  # a field of the wrong shape
@@ -170,48 +169,13 @@ class Plan(JsonResult):
             ) from None
 
 
-def _read_json_object(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(
-            f"plan file {str(path)!r} does not exist; make one with `batchlab plan` "
-            "(save its JSON) or `Plan.save`"
-        )
-    text = path.read_text()
-    if not text.strip():
-        raise ConfigError(f"plan file {str(path)!r} is empty; make the plan again")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(
-            f"plan file {str(path)!r} is not valid JSON ({exc.msg} at line {exc.lineno}); "
-            "was it cut off while being written? Make the plan again"
-        ) from None
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"plan file {str(path)!r} holds a JSON {type(data).__name__}, expected the object "
-            "a plan saves"
-        )
-    return data
-
-
-def _check_plan_fields(data: dict[str, Any], path: str | Path) -> None:
-    """A whole plan has every field without a default; say which are missing and why."""
-    if data.get("partial") and "interrupted_during" in data:
-        raise ConfigError(
-            f"plan file {str(path)!r} is a partial plan (interrupted during "
-            f"{data['interrupted_during']}): it has no recommendation; run the plan to the end"
-        )
-    required = [
+def _required_fields() -> list[str]:
+    """The Plan fields without a default: a plan file must have every one."""
+    return [
         f.name
         for f in dataclasses.fields(Plan)
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
-    missing = [name for name in required if name not in data]
-    if missing:
-        raise ConfigError(
-            f"plan file {str(path)!r} is not a plan: expected the JSON of a whole plan, but it "
-            f"lacks {', '.join(missing)}; pass the JSON `batchlab plan` wrote"
-        )
 
 
 def predicted_critical_batch(

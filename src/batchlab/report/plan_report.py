@@ -123,8 +123,7 @@ def _noise_section(page: HtmlPage, plan: Plan) -> None:
     lo, hi = o.b_noise_at_target_interval
     page.section("B_noise along the run")
     items = [
-        f"fit ({t.kind}, {t.num_points} points): log B = {t.log_scale:.2f} "
-        f"{t.exponent:+.2f} log L",
+        f"fit ({t.kind}, {t.num_points} points): log B = {t.log_scale:.2f} {t.exponent:+.2f} log L",
         f"at the target: training loss {o.target_loss:.3g} at step {o.end_step:.0f}, "
         f"B_noise {o.b_noise_at_target:.0f} (interval {lo:.0f}-{hi:.0f})"
         + (", extrapolated" if o.extrapolated else ""),
