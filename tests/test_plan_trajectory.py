@@ -201,3 +201,29 @@ def test_noise_phase_respects_its_budget():
         with pytest.raises(ConfigError, match="noise_budget") as info:
             noise_phase_steps(task, bad)
         assert info.value.param == "noise_budget"
+
+
+def test_folklore_b0_finds_a_batch_ten_times_larger():
+    """B0 = 32, B_noise rising along the path to ~320 on average, and a step time
+    t(B) = t0 (1 + B/320): time ~ (1 + B_bar/B)(1 + B/320) is least at B = sqrt(320 B_bar)
+    ~ 10 B0. The plan must find it, and say so."""
+    losses = [2.0 * 0.75**i for i in range(12)]
+    scale = 320 / 1.6  # B_noise = 200 L^-1, so ~320 over this path
+    noise = tuple(
+        NoisePoint(50 * (i + 1), 1600 * (i + 1), loss, scale / loss,
+                   (scale / loss / 1.2, scale / loss * 1.2), True)
+        for i, loss in enumerate(losses)
+    )  # fmt: skip
+    m = measurements(
+        step_s=lambda b: 0.01 * (1 + b / 320),
+        ladder=(8, 16, 32, 64, 128, 256, 512, 1024),
+        max_batch=1024,
+        noise=(1.0,),
+        noise_steps=600,
+        reference_epochs=1,
+        num_train=600 * 32,  # the path ends where the noise phase did
+    )
+    plan = build_plan(dataclasses.replace(m, noise=noise), lr_rule="linear")
+    assert 200 <= plan.b_simple <= 500
+    assert 256 <= plan.recommended.batch_size <= 512
+    assert plan.verdict.startswith("use B=") and not plan.keep_reference

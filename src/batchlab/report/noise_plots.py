@@ -132,6 +132,13 @@ def plot_b_simple_vs_loss(
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.invert_xaxis()  # training moves right: the loss falls
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(plain)
+        axis.set_minor_formatter(plain)
+    ax.tick_params(which="minor", labelsize=7)
     ax.set_xlabel("training loss (falls as training goes on)")
     ax.set_ylabel("B_noise")
     ax.set_title("B_simple against the training loss", fontsize=11, loc="left")
