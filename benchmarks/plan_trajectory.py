@@ -77,7 +77,7 @@ def summarise(name: str, plan: Plan, sweep: float | None) -> list[str]:
 
 def main(argv: list[str]) -> None:
     for arg in argv:
-        name, rest = arg.split("=", 1)
+        name, rest = arg.rsplit("=", 1)
         path, _, sweep = rest.partition(":")
         print("\n".join(summarise(name, Plan.load(path), float(sweep) if sweep else None)))
 
