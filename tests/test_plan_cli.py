@@ -76,15 +76,15 @@ def test_keep_b0_in_plain_words_in_terminal_json_and_report(capsys, monkeypatch,
 
     plan = Plan.load(planned / "plan.json")
     keep = dataclasses.replace(
-        plan, verdict="keep B0=32: the best predicted gain lies within its interval",
+        plan, verdict="keep B0=32: the best predicted gain lies within its interval (test)",
         keep_reference=True,
     )  # fmt: skip
     monkeypatch.setattr("batchlab.cli.plan_cmd.make_plan", lambda *a, **k: keep)
     code = main(["plan", "digits-mlp", "--json", str(tmp_path / "p.json"), "--out", str(tmp_path)])
     assert code == 0
-    assert "keep B0=32" in capsys.readouterr().out
+    assert "within its interval (test)" in capsys.readouterr().out
     assert json.loads((tmp_path / "p.json").read_text())["verdict"].startswith("keep B0")
-    assert "keep B0=32" in (tmp_path / "report.html").read_text()
+    assert "within its interval (test)" in (tmp_path / "report.html").read_text()
 
 
 def test_interrupted_plan_prints_what_it_measured(capsys, monkeypatch, tmp_path):
