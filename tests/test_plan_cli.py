@@ -67,6 +67,24 @@ def test_plan_terminal_output(capsys, monkeypatch, planned):
     assert code == 0
     assert "Recommended (fastest)" in out and "Efficient (B ~ B_noise)" in out
     assert f"{plan.recommended.batch_size}" in out and "Candidates" in out and "reference" in out
+    assert "Verdict:" in out and "predicted critical batch" in out and "cost: noise phase" in out
+
+
+def test_keep_b0_in_plain_words_in_terminal_json_and_report(capsys, monkeypatch, planned, tmp_path):
+    """A plan whose best gain lies inside its interval says "keep B0" everywhere it is shown."""
+    import dataclasses
+
+    plan = Plan.load(planned / "plan.json")
+    keep = dataclasses.replace(
+        plan, verdict="keep B0=32: the best predicted gain lies within its interval (test)",
+        keep_reference=True,
+    )  # fmt: skip
+    monkeypatch.setattr("batchlab.cli.plan_cmd.make_plan", lambda *a, **k: keep)
+    code = main(["plan", "digits-mlp", "--json", str(tmp_path / "p.json"), "--out", str(tmp_path)])
+    assert code == 0
+    assert "within its interval (test)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "p.json").read_text())["verdict"].startswith("keep B0")
+    assert "within its interval (test)" in (tmp_path / "report.html").read_text()
 
 
 def test_interrupted_plan_prints_what_it_measured(capsys, monkeypatch, tmp_path):

@@ -95,10 +95,12 @@ def test_speedup_is_one_at_the_reference_batch():
     assert ref.steps_factor == pytest.approx(1.0)
 
 
-def test_b_simple_used_is_the_late_half_mean():
+def test_without_a_loss_spread_the_plan_uses_a_constant_fit():
+    """Every point at loss 1.0 cannot pin an exponent: the equal-weight geometric mean
+    (the points' intervals are all unbounded above, so they weigh the same)."""
     plan = build_plan(measurements(noise=(10.0, 20.0, 300.0, 500.0)))
-    assert plan.b_simple == pytest.approx(400.0)
-    assert "from step 20 to 30" in plan.b_simple_source
+    assert plan.noise_outlook.trajectory.kind == "constant"
+    assert plan.b_simple == pytest.approx((10 * 20 * 300 * 500) ** 0.25)
 
 
 def test_efficient_batch_equals_b_noise_in_the_pure_model():

@@ -28,7 +28,7 @@ from batchlab.cli.common import (
 from batchlab.measure.sizes import format_bytes
 from batchlab.planner import PartialPlan, Plan, PlanInterrupted
 from batchlab.planner import plan as make_plan
-from batchlab.planner.measure import DEFAULT_NOISE_STEPS, DEFAULT_THROUGHPUT_SECONDS
+from batchlab.planner.measure import DEFAULT_NOISE_BUDGET, DEFAULT_THROUGHPUT_SECONDS
 
 PHASES = {"memory": "memory probe", "throughput": "throughput ladder", "noise": "noise scale"}
 
@@ -75,10 +75,18 @@ def plan(
     ] = None,
     margin: Annotated[float, typer.Option("--margin", help="Fraction of memory kept free.")] = 0.1,
     amp: Annotated[bool, typer.Option("--amp", help="Measure with mixed precision.")] = False,
+    noise_budget: Annotated[
+        float,
+        typer.Option(
+            "--noise-budget",
+            help="Most the noise phase may train, as a fraction of the reference training "
+            "(epochs x N examples).",
+        ),
+    ] = DEFAULT_NOISE_BUDGET,
     noise_steps: Annotated[
-        int,
-        typer.Option("--noise-steps", help="Training steps over which B_simple is measured."),
-    ] = DEFAULT_NOISE_STEPS,
+        int | None,
+        typer.Option("--noise-steps", help="Cap on the noise phase's steps (default: budget)."),
+    ] = None,
     throughput_seconds: Annotated[
         float,
         typer.Option("--throughput-seconds", help="Rough time budget of the throughput ladder."),
@@ -120,6 +128,7 @@ def plan(
                 target_memory=target_memory,
                 margin=margin,
                 amp=amp,
+                noise_budget=noise_budget,
                 noise_steps=noise_steps,
                 throughput_seconds=throughput_seconds,
                 lr_rule=lr_rule,
@@ -194,20 +203,22 @@ def print_plan(console: Console, plan: Plan) -> None:
             f"steps x{rec.steps_factor:.2f}, {rec.step_s * 1e3:.2f} ms/step",
         )
         console.print(summary)
+    print_verdict(console, plan)
     m = plan.measurements
     budget = format_bytes(m.budget_bytes) if m.budget_bytes else "-"
     console.print(
         f"measured: max batch [bold]{plan.max_batch_size}[/bold] (budget {budget}, "
         f"margin {m.margin:.0%}), throughput knee [bold]{plan.knee_batch_size}[/bold], "
-        f"B_simple [bold]{plan.b_simple:.0f}[/bold] ({plan.b_simple_source})"
+        f"predicted critical batch [bold]{plan.b_simple:.0f}[/bold]{_interval(plan)}"
     )
+    print_noise_outlook(console, plan)
     if plan.predicted_seconds_to_target is not None:
         console.print(
             f"time to {plan.target}: reference {plan.reference_seconds_to_target:.1f} s -> "
             f"predicted [bold]{plan.predicted_seconds_to_target:.1f} s[/bold]"
         )
     table = Table(box=box.SIMPLE_HEAD, title="Candidates", title_justify="left")
-    for col in ("batch", "micro x accum", "steps vs B0", "ms/step", "speedup", ""):
+    for col in ("batch", "micro x accum", "steps vs B0", "ms/step", "speedup", "interval", ""):
         table.add_column(col, justify="right" if col else "left")
     for c in plan.candidates:
         marks = []
@@ -226,6 +237,7 @@ def print_plan(console: Console, plan: Plan) -> None:
             f"{c.steps_factor:.2f}",
             f"{c.step_s * 1e3:.2f}",
             f"{c.predicted_speedup:.2f}x",
+            _span(c.speedup_low, c.speedup_high),
             " ".join(marks),
             style=style,
         )
@@ -236,3 +248,50 @@ def print_plan(console: Console, plan: Plan) -> None:
         console.print(f"[yellow]warning[/yellow] ({w.code}): {w.message}")
     if plan.partial:
         console.print("[yellow]This plan is PARTIAL.[/yellow]")
+
+
+def _span(low: float | None, high: float | None) -> str:
+    return "-" if low is None or high is None else f"{low:.2f}-{high:.2f}x"
+
+
+def _interval(plan: Plan) -> str:
+    if plan.b_simple_interval is None:
+        return ""
+    lo, hi = plan.b_simple_interval
+    return f" (interval {lo:.0f}-{hi:.0f})"
+
+
+def print_verdict(console: Console, plan: Plan) -> None:
+    """The plain-words verdict: keep B0, or what to use and the gain's interval."""
+    if plan.verdict:
+        color = "yellow" if plan.keep_reference else "green"
+        console.print(f"[bold {color}]Verdict:[/bold {color}] {plan.verdict}")
+
+
+def print_noise_outlook(console: Console, plan: Plan) -> None:
+    """The measured points, the fitted trajectory, the value at the target and the cost."""
+    o = plan.noise_outlook
+    if o is None:
+        console.print(f"B_noise: {plan.b_simple_source}")
+        return
+    console.print(f"B_noise: {plan.b_simple_source}")
+    t = o.trajectory
+    lo, hi = o.b_noise_at_target_interval
+    console.print(
+        f"  trajectory log B = {t.log_scale:.2f} {t.exponent:+.2f} log L (1/alpha_B = "
+        f"{-t.exponent:.2f}); at the target (loss {o.target_loss:.3g}, step {o.end_step:.0f}): "
+        f"B_noise {o.b_noise_at_target:.0f} ({lo:.0f}-{hi:.0f})"
+        + (" [extrapolated]" if o.extrapolated else "")
+    )
+    pts = [p for p in plan.b_simple_trajectory if p.b_simple is not None and p.train_loss]
+    shown = pts[:: max(1, len(pts) // 8)]
+    console.print(
+        "  measured (step: loss -> B_simple): "
+        + ", ".join(f"{p.step}: {p.train_loss:.3g} -> {p.b_simple:.0f}" for p in shown)
+    )
+    c = plan.cost
+    if c:
+        console.print(
+            f"  cost: noise phase {c['noise_examples']:.0f} examples = "
+            f"{c['noise_fraction']:.1%} of the reference training's {c['reference_examples']:.0f}"
+        )

@@ -54,3 +54,25 @@ def efficient_batch_size(b_noise: float, *, max_batch_size: int | None = None) -
         raise ConfigError(f"expected a positive, finite B_noise, got {b_noise!r}")
     b = max(1, round(b_noise))
     return min(b, max_batch_size) if max_batch_size else b
+
+
+def speedup_interval(
+    batch_size: float,
+    reference_batch_size: float,
+    b_noise_interval: tuple[float, float],
+    step_s_interval: tuple[float, float],
+    reference_step_s_interval: tuple[float, float],
+) -> tuple[float, float]:
+    """The range of `predicted_speedup` over the intervals of B_noise and both step times.
+
+    The speedup is monotone in each of the three, so its extremes lie at the corners.
+    A gain whose low end is at or below 1 is not a gain the measurements can tell apart
+    from none.
+    """
+    values = [
+        predicted_speedup(batch_size, reference_batch_size, bn, t, t0)
+        for bn in b_noise_interval
+        for t in step_s_interval
+        for t0 in reference_step_s_interval
+    ]
+    return min(values), max(values)

@@ -19,8 +19,10 @@ from batchlab.callbacks import RunState, TrainCallback
 from batchlab.core.checks import check_batch_size
 from batchlab.core.noise_scale import DEFAULT_CONFIDENCE, NoiseScale, ci_from_json
 from batchlab.errors import ConfigError, NoiseEstimateError
+from batchlab.history import History
 from batchlab.measure.noise import MIN_BATCHES, gradient_noise_scale
 from batchlab.results import JsonResult
+from batchlab.target import parse_target
 from batchlab.task import Task
 from batchlab.tasks import load_task
 from batchlab.tracking import GradientNoiseScaleTracker
@@ -66,6 +68,11 @@ class NoiseRun(JsonResult):
     points: tuple[NoisePoint, ...]
     final: NoiseScale
     train_seconds: float
+    # With a `target`: the run stops where it is reached (`target_step`, None if not within
+    # `steps`), and the target metric at each evaluation, for extrapolating past the end.
+    target: str | None = None
+    target_step: int | None = None
+    target_evals: tuple[tuple[int, float], ...] = ()
 
 
 class _PeriodicMeasurement(TrainCallback):
@@ -130,6 +137,7 @@ def measure_noise(
     beta: float = DEFAULT_BETA,
     num_batches: int = PER_EXAMPLE_BATCHES,
     confidence: float = DEFAULT_CONFIDENCE,
+    target: str | None = None,
     callbacks: Sequence[TrainCallback] = (),
 ) -> NoiseRun:
     """Train `task` at its reference batch and lr for `steps` steps, recording B_simple.
@@ -150,6 +158,8 @@ def measure_noise(
         steps: optimizer steps to train (>= 1).
         every: record a point every this many steps (and at the last step).
         confidence: level of the B_simple intervals.
+        target: e.g. `val_acc>=0.85`: evaluate every `every` steps and stop once it is
+            reached (the planner's noise phase follows the path to the target, no further).
         callbacks: extra TrainCallbacks (e.g. a progress bar).
 
     Raises NoiseEstimateError naming the step when a gradient becomes non-finite.
@@ -175,7 +185,8 @@ def measure_noise(
         ref // k,
         accumulation_steps=k,
         max_steps=steps,
-        eval_every=steps,
+        eval_every=steps if target is None else every,
+        target=target,
         device=device,
         seed=seed,
         callbacks=[measurement, *callbacks],
@@ -203,7 +214,23 @@ def measure_noise(
         points=points,
         final=final,
         train_seconds=seconds,
+        target=history.target,
+        target_step=history.steps_to_target,
+        target_evals=_target_evals(history),
     )
+
+
+def _target_evals(history: History) -> tuple[tuple[int, float], ...]:
+    """(step, value of the target's metric) at each evaluation after step 0."""
+    target = parse_target(history.target)
+    if target is None:
+        return ()
+    out = []
+    for e in history.evals:
+        value = e.val_loss if target.metric == "loss" else e.metrics.get(target.metric)
+        if e.step > 0 and value is not None and math.isfinite(value):
+            out.append((e.step, float(value)))
+    return tuple(out)
 
 
 def _two_batch_setup(

@@ -2,9 +2,10 @@
 
 The three measurements run one after another, each through the training engine:
 1. `probe` — the memory max and the throughput ladder with its knee;
-2. `measure_noise` — B_simple over a short real training phase at the reference settings
-   (B_simple grows as training progresses, so a value at initialisation alone would be
-   biased low);
+2. `measure_noise` — B_simple along a real training phase at the reference settings that
+   spends up to `noise_budget` (5%) of the reference training's examples and stops at the
+   target: B_simple grows as the loss falls, so the plan fits it against the loss
+   (`planner.noise_path`) and needs a range of losses, not the first 200 steps;
 3. `build_plan` — pure decision logic over what was measured.
 """
 
@@ -32,7 +33,8 @@ from batchlab.target import target_for_task
 from batchlab.task import Task
 from batchlab.tasks import load_task
 
-DEFAULT_NOISE_STEPS = 200
+DEFAULT_NOISE_BUDGET = 0.05  # fraction of the reference training's examples (epochs x N)
+POINTS_PER_NOISE_RUN = 40  # tracker points along the noise phase
 DEFAULT_THROUGHPUT_SECONDS = 10.0
 ProgressFn = Callable[[str, float, float | None], None]
 
@@ -65,7 +67,9 @@ def _task_optimizer(task: Task) -> torch.optim.Optimizer:
         return task.optimizer(task.model().parameters(), task.lr)
 
 
-def measurements_from(task: Task, result: ProbeResult, noise: NoiseRun) -> Measurements:
+def measurements_from(
+    task: Task, result: ProbeResult, noise: NoiseRun, noise_budget: float | None = None
+) -> Measurements:
     """Collect what the plan needs from the probe and noise results."""
     with torch.random.fork_rng():
         model = task.model()
@@ -95,6 +99,12 @@ def measurements_from(task: Task, result: ProbeResult, noise: NoiseRun) -> Measu
         noise_reason=noise.final.reason,
         probe_steps=result.probe_steps + result.throughput_steps,
         noise_steps=noise.steps,
+        noise_batch_size=noise.batch_size,
+        noise_every=noise.every,
+        noise_window=1 / (1 - noise.beta) if noise.method == "two-batch" else 1.0,
+        noise_target_step=noise.target_step,
+        target_evals=noise.target_evals,
+        noise_budget=noise_budget,
     )
 
 
@@ -114,7 +124,8 @@ def plan(
     target_memory: str | int | float | None = None,
     margin: float = 0.1,
     amp: bool = False,
-    noise_steps: int = DEFAULT_NOISE_STEPS,
+    noise_budget: float = DEFAULT_NOISE_BUDGET,
+    noise_steps: int | None = None,
     throughput_seconds: float = DEFAULT_THROUGHPUT_SECONDS,
     lr_rule: str | None = None,
     target: str | None = None,
@@ -127,8 +138,10 @@ def plan(
 
     Args:
         memory_budget / target_memory / margin / amp: as in `batchlab.probe`.
-        noise_steps: optimizer steps of the B_simple measurement phase, at the task's
-            reference batch and lr.
+        noise_budget: the most the noise phase may train, as a fraction of the reference
+            training's examples (task epochs x N); default 0.05. It trains at the task's
+            reference batch and lr, and stops early at `target`.
+        noise_steps: a lower cap on the noise phase's steps (default: the budget's).
         throughput_seconds: rough time budget of the throughput ladder.
         lr_rule: force `linear`, `sqrt` or `adascale` (default: the optimizer family's
             rule, `batchlab.core.optim.default_lr_rule`).
@@ -140,7 +153,7 @@ def plan(
     """
     t0 = time.perf_counter()
     task = load_task(task)
-    check_batch_size(noise_steps, what="noise steps")
+    steps = noise_phase_steps(task, noise_budget, noise_steps)
     if lr_rule is None:  # decided before minutes of measuring, from the optimizer itself
         lr_rule = default_lr_rule(_task_optimizer(task))
     check_lr_rule(lr_rule, PLAN_LR_RULES)
@@ -149,8 +162,8 @@ def plan(
     )
     target = check_target_for_task(target, task)
     reference_seconds = _reference_seconds(reference_run, task, target)
-    measured = _measure(task, settings, noise_steps=noise_steps, progress=progress)
-    m = measurements_from(task, measured["probe"], measured["noise"])
+    measured = _measure(task, settings, noise_steps=steps, target=target, progress=progress)
+    m = measurements_from(task, measured["probe"], measured["noise"], noise_budget)
     return build_plan(
         m,
         lr_rule=lr_rule,
@@ -163,6 +176,31 @@ def plan(
     )
 
 
+def noise_phase_steps(task: Task, noise_budget: float, noise_steps: int | None = None) -> int:
+    """Steps of the noise phase at the reference batch: `noise_budget` x epochs x N examples.
+
+    Capped by `noise_steps` when given; the budget is never exceeded.
+    """
+    if not (isinstance(noise_budget, (int, float)) and 0 < noise_budget <= 1):
+        raise ConfigError(
+            f"`noise_budget`: expected a fraction of the reference training in (0, 1], "
+            f"got {noise_budget!r}; e.g. 0.05",
+            param="noise_budget",
+        )
+    reference_examples = (task.epochs or 1) * task.num_train
+    steps = int(noise_budget * reference_examples // task.batch_size)
+    if steps < 1:
+        raise ConfigError(
+            f"`noise_budget` {noise_budget:g} of {reference_examples} reference examples is "
+            f"less than one step at the reference batch {task.batch_size}; raise it",
+            param="noise_budget",
+        )
+    if noise_steps is not None:
+        check_batch_size(noise_steps, what="noise steps")
+        steps = min(steps, noise_steps)
+    return steps
+
+
 def _reference_seconds(
     reference_run: History | str | Path | None, task: Task, target: str | None
 ) -> float | None:
@@ -173,7 +211,12 @@ def _reference_seconds(
 
 
 def _measure(
-    task: Task, settings: ProbeSettings, *, noise_steps: int, progress: ProgressFn | None
+    task: Task,
+    settings: ProbeSettings,
+    *,
+    noise_steps: int,
+    target: str | None,
+    progress: ProgressFn | None,
 ) -> dict[str, Any]:
     """The probe, then the noise measurement; on Ctrl-C, `PlanInterrupted` with the results so far."""
     measured: dict[str, Any] = {}
@@ -185,7 +228,8 @@ def _measure(
         measured["noise"] = measure_noise(
             task,
             steps=noise_steps,
-            every=max(1, noise_steps // 20),
+            every=max(1, noise_steps // POINTS_PER_NOISE_RUN),
+            target=target,
             seed=settings.seed,
             device=settings.device,
             callbacks=callbacks,

@@ -9,19 +9,25 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from batchlab.core.batching import split
 from batchlab.core.lr import TRAIN_LR_RULES, scale_lr, warmup_steps_for
 from batchlab.core.optim import default_lr_rule
 from batchlab.core.step_time import StepTimeModel, fit_step_time
-from batchlab.core.tradeoff import efficient_batch_size, predicted_speedup, relative_steps
+from batchlab.core.tradeoff import (
+    efficient_batch_size,
+    predicted_speedup,
+    relative_steps,
+    speedup_interval,
+)
 from batchlab.errors import ConfigError
 from batchlab.measure.memory_fit import MemoryPoint
 from batchlab.measure.noise_run import NoisePoint, NoiseRun
 from batchlab.measure.probe import ProbeResult
 from batchlab.measure.throughput import ThroughputPoint
-from batchlab.results import JsonResult, missing_fields, read_json_object, type_problems
+from batchlab.planner.noise_path import NoiseOutlook, correlation_factor, noise_outlook
+from batchlab.planner.plan_file import check_plan_fields
+from batchlab.results import JsonResult, read_json_object, type_problems
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,24 @@ class Measurements(JsonResult):
     noise_reason: str | None = None
     probe_steps: int = 0
     noise_steps: int = 0
+    # The noise phase: its batch (0: the reference), how far apart its points are and how
+    # many steps each averages (the tracker's EMA window), where it reached the target, the
+    # target metric at its evaluations, and its budget (fraction of the reference training).
+    noise_batch_size: int = 0
+    noise_every: int = 1
+    noise_window: float = 1.0
+    noise_target_step: int | None = None
+    target_evals: tuple[tuple[int, float], ...] = ()
+    noise_budget: float | None = None
+
+    @property
+    def reference_examples(self) -> int:
+        """Examples of the whole reference training: task epochs x N."""
+        return (self.reference_epochs or 1) * self.num_train
+
+    @property
+    def noise_examples(self) -> int:
+        return self.noise_steps * (self.noise_batch_size or self.reference_batch_size)
 
 
 @dataclass(frozen=True)
@@ -65,6 +89,8 @@ class Recommendation(JsonResult):
     steps_factor: float  # S(B) / S(B0)
     step_s: float
     reasons: dict[str, str] = field(default_factory=dict)
+    # From the interval of the predicted critical batch and the timing spread of the ladder.
+    predicted_speedup_interval: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +103,8 @@ class Candidate(JsonResult):
     predicted_speedup: float
     relative_time: float  # 1 / predicted_speedup
     measured: bool  # B was on the measured throughput ladder
+    speedup_low: float | None = None  # interval of predicted_speedup
+    speedup_high: float | None = None
 
 
 @dataclass(frozen=True)
@@ -96,7 +124,7 @@ class Plan(JsonResult):
     efficient: Recommendation
     max_batch_size: int
     knee_batch_size: int
-    b_simple: float
+    b_simple: float  # the predicted critical batch B_bar (see `noise_outlook`), or as given
     b_simple_source: str
     b_simple_trajectory: tuple[NoisePoint, ...]
     candidates: tuple[Candidate, ...]
@@ -114,6 +142,13 @@ class Plan(JsonResult):
     # every figure without measuring again. None for plans built from synthetic inputs.
     probe: ProbeResult | None = None
     noise: NoiseRun | None = None
+    b_simple_interval: tuple[float, float] | None = None
+    noise_outlook: NoiseOutlook | None = None
+    # "keep B0" in plain words when the best gain is inside its interval, else what to use.
+    verdict: str = ""
+    keep_reference: bool = False
+    # What the plan cost in training examples, next to the reference training's.
+    cost: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
@@ -125,7 +160,7 @@ class Plan(JsonResult):
         """
         remake = "make the plan again with `batchlab plan` (save its JSON) or `Plan.save`"
         data = read_json_object(path, "plan file", remake)
-        _check_plan_fields(data, path)
+        check_plan_fields(data, path, Plan)
         try:
             plan = cls.from_dict(data)
         except (TypeError, KeyError, ValueError, AttributeError) as exc:  # a field's shape
@@ -142,39 +177,40 @@ class Plan(JsonResult):
         return plan
 
 
-def _check_plan_fields(data: dict[str, Any], path: str | Path) -> None:
-    """A whole plan has every field without a default; say which are missing and why."""
-    if data.get("partial") and "interrupted_during" in data:
-        raise ConfigError(
-            f"plan file {str(path)!r} is a partial plan (interrupted during "
-            f"{data['interrupted_during']}): it has no recommendation; run the plan to the end"
-        )
-    missing = missing_fields(Plan, data)
-    if missing:
-        raise ConfigError(
-            f"plan file {str(path)!r} is not a plan: expected the JSON of a whole plan, but it "
-            f"lacks {', '.join(missing)}; pass the JSON `batchlab plan` wrote"
-        )
+def predicted_critical_batch(
+    m: Measurements, target: str | None = None
+) -> tuple[float, tuple[float, float], str, NoiseOutlook]:
+    """The plan's predicted critical batch, its interval, its description and the outlook.
 
-
-def b_simple_used(points: tuple[NoisePoint, ...]) -> tuple[float, str]:
-    """The noise scale the plan uses: the mean over the last half of the measured phase.
-
-    B_simple rises as the loss falls (McCandlish et al. 2018, fig. 8) and single values
-    swing 2-5x, so the late half of a short real training phase is both less biased
-    towards initialisation and averaged.
+    It is B_bar, the S_min-weighted mean of the fitted B_noise(L) = exp(a) L^b over the
+    training-loss path from the start of training to the target (`planner.noise_path`):
+    S(B) = S_min (1 + B_bar/B) then holds for the whole path, so it is the B_crit a sweep
+    fits. One early B_simple would be 3-5x lower: B_simple grows as the loss falls.
     """
-    values = [p.b_simple for p in points if p.b_simple is not None and p.b_simple > 0]
-    if not values:
+    if not any(p.b_simple and p.b_simple > 0 and p.train_loss for p in m.noise):
         raise ConfigError(
             "no usable B_simple was measured (|G|^2 estimate <= 0 at every point); "
-            "measure over more steps (`noise_steps`)"
+            "measure the noise over more steps (a larger `noise_budget`)",
+            param="noise_budget",
         )
-    late = values[len(values) // 2 :]
-    mean = sum(late) / len(late)
-    first_step = [p.step for p in points if p.b_simple is not None and p.b_simple > 0]
-    lo = first_step[len(values) // 2]
-    return mean, f"mean of {len(late)} measurements from step {lo} to {first_step[-1]}"
+    batch = m.noise_batch_size or m.reference_batch_size
+    outlook = noise_outlook(
+        m.noise,
+        batch_size=batch,
+        reference_steps=m.reference_examples / batch,
+        target=target,
+        target_step=m.noise_target_step,
+        target_evals=m.target_evals,
+        correlation=correlation_factor(m.noise_every, m.noise_window),
+    )
+    t = outlook.trajectory
+    lo, hi = t.loss_range
+    source = (
+        f"S_min-weighted mean of B_noise(L) = {math.exp(t.log_scale):.3g} L^{t.exponent:.2f} "
+        f"({t.kind} fit to {t.num_points} points, loss {hi:.3g} -> {lo:.3g}) over the loss "
+        f"path to {outlook.target_loss:.3g}, ending at {outlook.path_end}"
+    )
+    return outlook.critical_batch, outlook.critical_batch_interval, source, outlook
 
 
 def candidate_batch_sizes(m: Measurements, b_noise: float) -> list[int]:
@@ -206,14 +242,48 @@ def _step_seconds(m: Measurements, batch_size: int) -> tuple[int, int, float]:
     return micro, accum, step_time_model(m).step_seconds(micro, accum)
 
 
+def _step_interval(m: Measurements, batch_size: int, step_s: float) -> tuple[float, float]:
+    """The step time's range, from the timing spread of the nearest measured ladder point."""
+    points = [p for p in m.throughput if p.samples_per_s_low > 0 and p.samples_per_s_high > 0]
+    if not points:
+        return step_s, step_s
+    p = min(points, key=lambda p: abs(math.log(p.batch_size / batch_size)))
+    return (
+        step_s * p.samples_per_s / p.samples_per_s_high,
+        step_s * p.samples_per_s / p.samples_per_s_low,
+    )
+
+
+@dataclass(frozen=True)
+class _Noise:
+    """The predicted critical batch and its interval, as the decisions use them."""
+
+    value: float
+    interval: tuple[float, float]
+
+
+def _speedup_range(
+    m: Measurements, batch_size: int, step_s: float, noise: _Noise, ref_step_s: float
+) -> tuple[float, float]:
+    b0 = m.reference_batch_size
+    return speedup_interval(
+        batch_size,
+        b0,
+        noise.interval,
+        _step_interval(m, batch_size, step_s),
+        _step_interval(m, b0, ref_step_s),
+    )
+
+
 def _recommend(
     m: Measurements,
     batch_size: int,
-    b_noise: float,
+    noise: _Noise,
     rule: str,
     reference_step_s: float,
     reasons: dict[str, str],
 ) -> Recommendation:
+    b_noise = noise.value
     micro, accum, step_s = _step_seconds(m, batch_size)
     lr = scale_lr(m.reference_lr, m.reference_batch_size, batch_size, rule, b_simple=b_noise)
     epochs = m.reference_epochs or 1
@@ -248,6 +318,7 @@ def _recommend(
         steps_factor=relative_steps(batch_size, m.reference_batch_size, b_noise),
         step_s=step_s,
         reasons=reasons,
+        predicted_speedup_interval=_speedup_range(m, batch_size, step_s, noise, reference_step_s),
     )
 
 
@@ -264,16 +335,24 @@ def build_plan(
     probe: ProbeResult | None = None,
     noise: NoiseRun | None = None,
 ) -> Plan:
-    """Turn measurements into the fastest and the efficient recommendation, with reasons."""
+    """Turn measurements into the fastest and the efficient recommendation, with reasons.
+
+    The noise scale is the predicted critical batch (`predicted_critical_batch`: B_noise
+    fitted against the loss and averaged over the path to `target`), or `b_simple` as given.
+    The fastest batch is kept only if its predicted gain clears its own interval; otherwise
+    the plan says "keep B0".
+    """
+    outlook = None
     if b_simple is None:
-        b_noise, source = b_simple_used(m.noise)
+        b_noise, interval, source, outlook = predicted_critical_batch(m, target)
     else:
-        b_noise, source = b_simple, "given"
+        b_noise, interval, source = b_simple, (b_simple, b_simple), "given"
+    noise_est = _Noise(b_noise, interval)
     rule = lr_rule or default_lr_rule(m.optimizer)
     _, _, ref_step_s = _step_seconds(m, m.reference_batch_size)
-    candidates = _candidates(m, b_noise, ref_step_s)
-    recommended = _recommend_fastest(m, candidates, b_noise, rule, ref_step_s)
-    efficient = _recommend_efficient(m, b_noise, rule, ref_step_s)
+    candidates = _candidates(m, noise_est, ref_step_s)
+    recommended, verdict, keep = _recommend_fastest(m, candidates, noise_est, rule, ref_step_s)
+    efficient = _recommend_efficient(m, noise_est, rule, ref_step_s)
     alternatives = {
         r: scale_lr(
             m.reference_lr, m.reference_batch_size, recommended.batch_size, r, b_simple=b_noise
@@ -285,6 +364,9 @@ def build_plan(
         if reference_seconds_to_target is not None
         else None
     )
+    warnings = plan_warnings(m, recommended, efficient, candidates)
+    if outlook is not None and outlook.extrapolated:
+        warnings.append(_extrapolation_warning(outlook))
     return Plan(
         task=m.task,
         device=m.device,
@@ -298,7 +380,7 @@ def build_plan(
         b_simple_trajectory=m.noise,
         candidates=tuple(candidates),
         lr_alternatives=alternatives,
-        warnings=tuple(plan_warnings(m, recommended, efficient, candidates)),
+        warnings=tuple(warnings),
         measurements=m,
         plan_seconds=plan_seconds,
         plan_steps=m.probe_steps + m.noise_steps,
@@ -309,56 +391,104 @@ def build_plan(
         partial=partial,
         probe=probe,
         noise=noise,
+        b_simple_interval=interval,
+        noise_outlook=outlook,
+        verdict=verdict,
+        keep_reference=keep,
+        cost=plan_cost(m),
     )
 
 
-def _candidates(m: Measurements, b_noise: float, ref_step_s: float) -> list[Candidate]:
+def plan_cost(m: Measurements) -> dict[str, float]:
+    """The noise phase's training examples next to the whole reference training's."""
+    cost = {
+        "noise_examples": float(m.noise_examples),
+        "reference_examples": float(m.reference_examples),
+        "noise_fraction": m.noise_examples / m.reference_examples,
+        "probe_steps": float(m.probe_steps),
+    }
+    if m.noise_budget is not None:
+        cost["noise_budget"] = float(m.noise_budget)
+    return cost
+
+
+def _extrapolation_warning(outlook: NoiseOutlook) -> PlanWarning:
+    lo, _ = outlook.trajectory.loss_range
+    return PlanWarning(
+        "noise-extrapolated",
+        f"the path to the target goes past the noise phase (to step {outlook.end_step:.0f}, "
+        f"loss {outlook.target_loss:.3g}; lowest measured {lo:.3g}): B_noise there is "
+        "extrapolated from the fit; a larger `noise_budget` measures more of it",
+    )
+
+
+def _candidates(m: Measurements, noise: _Noise, ref_step_s: float) -> list[Candidate]:
     """Every candidate batch with its predicted steps, step time and speedup over B0."""
     candidates = []
     measured = {p.batch_size for p in m.throughput}
-    for b in candidate_batch_sizes(m, b_noise):
+    for b in candidate_batch_sizes(m, noise.value):
         micro, accum, step_s = _step_seconds(m, b)
-        speedup = predicted_speedup(b, m.reference_batch_size, b_noise, step_s, ref_step_s)
+        speedup = predicted_speedup(b, m.reference_batch_size, noise.value, step_s, ref_step_s)
+        low, high = _speedup_range(m, b, step_s, noise, ref_step_s)
         candidates.append(
             Candidate(
                 batch_size=b,
                 micro_batch_size=micro,
                 accumulation_steps=accum,
-                steps_factor=relative_steps(b, m.reference_batch_size, b_noise),
+                steps_factor=relative_steps(b, m.reference_batch_size, noise.value),
                 step_s=step_s,
                 predicted_speedup=speedup,
                 relative_time=1.0 / speedup,
                 measured=b in measured,
+                speedup_low=low,
+                speedup_high=high,
             )
         )
     return candidates
 
 
 def _recommend_fastest(
-    m: Measurements, candidates: list[Candidate], b_noise: float, rule: str, ref_step_s: float
-) -> Recommendation:
-    """The candidate with the least predicted time to target (the smaller batch on a tie)."""
+    m: Measurements, candidates: list[Candidate], noise: _Noise, rule: str, ref_step_s: float
+) -> tuple[Recommendation, str, bool]:
+    """The candidate with the least predicted time to target (the smaller batch on a tie),
+    unless its gain lies within its own interval: then B0, and the verdict says so."""
     fastest = max(candidates, key=lambda c: (c.predicted_speedup, -c.batch_size))
+    b0 = m.reference_batch_size
+    span = f"{fastest.speedup_low:.2f}-{fastest.speedup_high:.2f}x"
     reason = (
         f"minimum predicted time to target among {len(candidates)} candidates: "
-        f"{fastest.predicted_speedup:.2f}x the reference B0={m.reference_batch_size} "
-        f"(steps x{fastest.steps_factor:.2f}, step time x{fastest.step_s / ref_step_s:.2f})"
+        f"{fastest.predicted_speedup:.2f}x the reference B0={b0} (interval {span}; "
+        f"steps x{fastest.steps_factor:.2f}, step time x{fastest.step_s / ref_step_s:.2f})"
     )
-    return _recommend(m, fastest.batch_size, b_noise, rule, ref_step_s, {"batch_size": reason})
+    if fastest.batch_size == b0 or fastest.speedup_low <= 1.0:
+        verdict = (
+            f"keep B0={b0}: the reference batch is predicted fastest"
+            if fastest.batch_size == b0
+            else f"keep B0={b0}: the best predicted gain, {fastest.predicted_speedup:.2f}x at "
+            f"B={fastest.batch_size}, lies within its interval ({span}), which includes no gain"
+        )
+        rec = _recommend(m, b0, noise, rule, ref_step_s, {"batch_size": verdict})
+        return rec, verdict, True
+    verdict = (
+        f"use B={fastest.batch_size}: predicted {fastest.predicted_speedup:.2f}x faster to the "
+        f"target than B0={b0} (interval {span})"
+    )
+    rec = _recommend(m, fastest.batch_size, noise, rule, ref_step_s, {"batch_size": reason})
+    return rec, verdict, False
 
 
 def _recommend_efficient(
-    m: Measurements, b_noise: float, rule: str, ref_step_s: float
+    m: Measurements, noise: _Noise, rule: str, ref_step_s: float
 ) -> Recommendation:
     """B ~ B_noise, within the training set and on the aligned multiple where it pays."""
-    eff_b = min(efficient_batch_size(b_noise), m.num_train)
+    eff_b = min(efficient_batch_size(noise.value), m.num_train)
     if m.aligned_multiple and eff_b >= m.aligned_multiple:
         eff_b = m.aligned_multiple * round(eff_b / m.aligned_multiple)
     reason = (
-        f"B ~ B_noise = {b_noise:.0f}: 2x the minimum steps and 2x the minimum "
+        f"B ~ B_noise = {noise.value:.0f}: 2x the minimum steps and 2x the minimum "
         "examples (McCandlish et al. 2018), the balanced choice when compute costs money"
     )
-    return _recommend(m, eff_b, b_noise, rule, ref_step_s, {"batch_size": reason})
+    return _recommend(m, eff_b, noise, rule, ref_step_s, {"batch_size": reason})
 
 
 def plan_warnings(
@@ -392,7 +522,7 @@ def plan_warnings(
             PlanWarning(
                 "unreliable-noise",
                 f"the B_simple estimate is unreliable ({m.noise_reason or 'wide interval'}); "
-                "measure over more steps (`noise_steps`)",
+                "measure over more steps (a larger `noise_budget`)",
             )
         )
     tp = sorted(m.throughput, key=lambda p: p.batch_size)

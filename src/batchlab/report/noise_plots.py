@@ -8,10 +8,12 @@ was measured and computes nothing new.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from batchlab.measure.noise_run import NoiseRun
+from batchlab.core.trajectory import NoiseTrajectory
+from batchlab.measure.noise_run import NoisePoint, NoiseRun
 from batchlab.report.axes import new_axes
 
 FIGSIZE = (7.0, 4.2)
@@ -95,6 +97,53 @@ def plot_noise_run(run: NoiseRun, ax: Any = None) -> Any:
     more_h, more_l = loss_ax.get_legend_handles_labels()
     ax.legend(handles + more_h, labels + more_l, fontsize=8, loc="best", framealpha=0.8)
     ax.loss_axis = loss_ax
+    return ax
+
+
+def plot_b_simple_vs_loss(
+    points: Sequence[NoisePoint],
+    trajectory: NoiseTrajectory | None = None,
+    ax: Any = None,
+    *,
+    loss_span: tuple[float, float] | None = None,
+) -> Any:
+    """B_simple against the training loss (log-log), with each point's interval, and the
+    fitted trajectory log B = a + b log L with its band (Kaplan et al. 2020, sec. 5.1).
+
+    `loss_span` (low, high) is how far to draw the fit (default: the measured losses).
+    """
+    ax = ax if ax is not None else new_axes(FIGSIZE)
+    pts = [p for p in points if p.b_simple is not None and p.train_loss is not None]
+    for p in pts:
+        lo, hi = p.b_simple_ci
+        top = hi if math.isfinite(hi) else p.b_simple * 4
+        ax.plot([p.train_loss] * 2, [max(lo, p.b_simple / 4), top], "-", color=NOISE_COLOR,
+                alpha=0.25, lw=1)  # fmt: skip
+    ax.plot([p.train_loss for p in pts], [p.b_simple for p in pts], "o", color=NOISE_COLOR,
+            ms=4, label="measured B_simple (95% interval)")  # fmt: skip
+    if trajectory is not None:
+        low, high = loss_span or trajectory.loss_range
+        grid = [low * (high / low) ** (k / 60) for k in range(61)]
+        band = [trajectory.interval(v) for v in grid]
+        ax.fill_between(grid, [b[0] for b in band], [b[1] for b in band], color=LOSS_COLOR,
+                        alpha=0.15, lw=0, label=f"fit {trajectory.confidence:.0%} band")  # fmt: skip
+        ax.plot(grid, [trajectory.b_noise(v) for v in grid], "-", color=LOSS_COLOR, lw=1.8,
+                label=f"fit: B = {math.exp(trajectory.log_scale):.3g} L^{trajectory.exponent:.2f}")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.invert_xaxis()  # training moves right: the loss falls
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(plain)
+        axis.set_minor_formatter(plain)
+    ax.tick_params(which="minor", labelsize=7)
+    ax.set_xlabel("training loss (falls as training goes on)")
+    ax.set_ylabel("B_noise")
+    ax.set_title("B_simple against the training loss", fontsize=11, loc="left")
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="best", framealpha=0.8)
     return ax
 
 

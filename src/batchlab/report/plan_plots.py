@@ -8,6 +8,7 @@ from typing import Any
 from batchlab.core.tradeoff import relative_steps
 from batchlab.planner.model import Plan
 from batchlab.report.axes import new_axes, style_axes
+from batchlab.report.noise_plots import plot_b_simple_vs_loss
 
 REC_COLOR = "#29a35a"
 EFF_COLOR = "#0f9bb5"
@@ -68,4 +69,28 @@ def plot_time_to_target(plan: Plan, ax: Any = None) -> Any:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.legend(fontsize=8, loc="upper center", frameon=False)
+    return ax
+
+
+def plot_noise_trajectory(plan: Plan, ax: Any = None) -> Any:
+    """The measured B_simple against the loss, the fitted trajectory with its band out to
+    the target's loss, the value at the target and the predicted critical batch (the
+    S_min-weighted mean over the path) with its interval."""
+    outlook = plan.noise_outlook
+    if outlook is None:
+        return plot_b_simple_vs_loss(plan.b_simple_trajectory, None, ax)
+    lo, hi = outlook.trajectory.loss_range
+    span = (min(lo, outlook.target_loss), max(hi, max(outlook.path_losses)))
+    ax = plot_b_simple_vs_loss(plan.b_simple_trajectory, outlook.trajectory, ax, loss_span=span)
+    t_lo, t_hi = outlook.b_noise_at_target_interval
+    ax.errorbar([outlook.target_loss], [outlook.b_noise_at_target],
+                yerr=[[outlook.b_noise_at_target - t_lo], [t_hi - outlook.b_noise_at_target]],
+                fmt="*", color=REC_COLOR, ms=14, mec="white", capsize=3, zorder=5,
+                label=f"at the target: {outlook.b_noise_at_target:.0f}")  # fmt: skip
+    c_lo, c_hi = outlook.critical_batch_interval
+    ax.axhspan(c_lo, c_hi, color=EFF_COLOR, alpha=0.12, lw=0)
+    ax.axhline(plan.b_simple, color=EFF_COLOR, ls="--", lw=1.2,
+               label=f"predicted critical batch {plan.b_simple:.0f} ({c_lo:.0f}-{c_hi:.0f})")  # fmt: skip
+    ax.set_title("B_noise along the run: measured, fitted, at the target", fontsize=11, loc="left")
+    ax.legend(fontsize=8, loc="best", framealpha=0.8)
     return ax

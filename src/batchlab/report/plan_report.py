@@ -7,7 +7,7 @@ from pathlib import Path
 from batchlab.measure.sizes import format_bytes
 from batchlab.planner.model import Plan, Recommendation
 from batchlab.report.html import Card, HtmlPage, esc
-from batchlab.report.plan_plots import plot_time_to_target
+from batchlab.report.plan_plots import plot_noise_trajectory, plot_time_to_target
 
 REPORT_FILE = "report.html"
 
@@ -19,8 +19,13 @@ def _rec_cards(title: str, rec: Recommendation, b0: float, accent: bool) -> list
         Card(f"{title}: learning rate", f"{rec.lr:.3g}",
              f"{rec.lr_rule} rule, warm-up {rec.warmup_steps} steps", accent=accent),
         Card(f"{title}: predicted", f"{rec.predicted_speedup:.2f}x",
-             f"time to target vs B0={b0:g}", accent=accent),
+             f"time to target vs B0={b0:g}{_span(rec.predicted_speedup_interval)}",
+             accent=accent),
     ]  # fmt: skip
+
+
+def _span(interval: tuple[float, float] | None) -> str:
+    return "" if interval is None else f" (interval {interval[0]:.2f}-{interval[1]:.2f}x)"
 
 
 def plan_page(plan: Plan) -> HtmlPage:
@@ -44,9 +49,13 @@ def plan_page(plan: Plan) -> HtmlPage:
                 f"budget {format_bytes(m.budget_bytes)}, margin {m.margin:.0%}",
             ),
             Card("throughput knee", str(plan.knee_batch_size), ">= 90% of peak samples/s"),
-            Card("B_simple", f"{plan.b_simple:.0f}", plan.b_simple_source),
+            Card("predicted critical batch", f"{plan.b_simple:.0f}", _noise_note(plan)),
         ]  # fmt: skip
     )
+    if plan.verdict:
+        page.section("Verdict")
+        page.paragraph(plan.verdict)
+    _noise_section(page, plan)
     page.section("Why")
     for name, rec in (("Fastest", plan.recommended), ("Efficient", plan.efficient)):
         items = "".join(
@@ -78,11 +87,10 @@ def _figure_sections(page: HtmlPage, plan: Plan) -> None:
         from batchlab.report.noise_plots import plot_noise_run
 
         ax = plot_noise_run(plan.noise)
-        ax.axhline(plan.b_simple, color="#0f9bb5", ls="--", lw=1.2)
-        ax.annotate(f"used: {plan.b_simple:.0f}", (0.01, plan.b_simple), color="#0f9bb5",
-                    xycoords=("axes fraction", "data"), xytext=(0, 4), textcoords="offset points",
-                    fontsize=9)  # fmt: skip
         figures.append((ax.figure, "B_simple over the measured training phase, and the loss"))
+    figures.append(
+        (plot_noise_trajectory(plan).figure, "B_noise against the loss: the fit and the target")
+    )
     page.figures(figures)
     if plan.probe is not None:
         from batchlab.report.probe_plots import plot_memory, plot_throughput
@@ -99,10 +107,43 @@ def _figure_sections(page: HtmlPage, plan: Plan) -> None:
         )
 
 
+def _noise_note(plan: Plan) -> str:
+    if plan.b_simple_interval is None:
+        return plan.b_simple_source
+    lo, hi = plan.b_simple_interval
+    return f"interval {lo:.0f}-{hi:.0f}; {plan.b_simple_source}"
+
+
+def _noise_section(page: HtmlPage, plan: Plan) -> None:
+    """The trajectory in numbers: fit, value at the target, path end, cost."""
+    o = plan.noise_outlook
+    if o is None:
+        return
+    t = o.trajectory
+    lo, hi = o.b_noise_at_target_interval
+    page.section("B_noise along the run")
+    items = [
+        f"fit ({t.kind}, {t.num_points} points): log B = {t.log_scale:.2f} {t.exponent:+.2f} log L",
+        f"at the target: training loss {o.target_loss:.3g} at step {o.end_step:.0f}, "
+        f"B_noise {o.b_noise_at_target:.0f} (interval {lo:.0f}-{hi:.0f})"
+        + (", extrapolated" if o.extrapolated else ""),
+        f"path ends at {o.path_end}",
+        f"predicted critical batch (S_min-weighted mean over the path): {plan.b_simple:.0f}",
+    ]
+    c = plan.cost
+    if c:
+        items.append(
+            f"cost: the noise phase trained {c['noise_examples']:.0f} examples, "
+            f"{c['noise_fraction']:.1%} of the reference training's {c['reference_examples']:.0f}"
+        )
+    page.html("<ul>" + "".join(f"<li>{esc(i)}</li>" for i in items) + "</ul>")
+
+
 def _candidate_table(plan: Plan) -> tuple[list[str], list[list], list[int]]:
     """Header, rows and highlighted rows (the fastest) of the candidate table."""
     b0 = plan.reference["batch_size"]
-    header = ["batch", "micro x accum", "steps vs B0", "ms / step", "predicted speedup", ""]
+    header = ["batch", "micro x accum", "steps vs B0", "ms / step", "predicted speedup",
+              "interval", ""]  # fmt: skip
     rows, highlight = [], []
     for i, c in enumerate(plan.candidates):
         marks = []
@@ -122,6 +163,7 @@ def _candidate_table(plan: Plan) -> tuple[list[str], list[list], list[int]]:
                 f"{c.steps_factor:.2f}",
                 f"{c.step_s * 1e3:.2f}",
                 f"{c.predicted_speedup:.2f}x",
+                "-" if c.speedup_low is None else f"{c.speedup_low:.2f}-{c.speedup_high:.2f}x",
                 ", ".join(marks),
             ]
         )
