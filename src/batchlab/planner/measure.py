@@ -23,7 +23,7 @@ from batchlab.callbacks import TrainCallback
 from batchlab.core.checks import check_batch_size
 from batchlab.core.lr import PLAN_LR_RULES, check_lr_rule
 from batchlab.core.optim import default_lr_rule
-from batchlab.errors import BatchlabError
+from batchlab.errors import BatchlabError, ConfigError
 from batchlab.history import History
 from batchlab.measure.noise_run import NoiseRun, measure_noise
 from batchlab.measure.probe import ProbeResult, ProbeSettings, has_batchnorm, run_probe
