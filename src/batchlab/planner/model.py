@@ -15,6 +15,7 @@ from typing import Any
 
 from batchlab.core.batching import split
 from batchlab.core.lr import TRAIN_LR_RULES, scale_lr, warmup_steps_for
+from batchlab.core.lr_choice import LrCheck
 from batchlab.core.optim import default_lr_rule
 from batchlab.core.step_time import StepTimeModel, fit_step_time
 from batchlab.core.tradeoff import efficient_batch_size, predicted_speedup, relative_steps
@@ -116,6 +117,9 @@ class Plan(JsonResult):
     # every figure without measuring again. None for plans built from synthetic inputs.
     probe: ProbeResult | None = None
     noise: NoiseRun | None = None
+    # The recommended LR probed at the recommended batch (`batchlab.planner.lr_check`);
+    # None when the check was skipped (`check_lr=False`) or for plans saved before it.
+    lr_check: LrCheck | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
