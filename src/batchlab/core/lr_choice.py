@@ -26,7 +26,7 @@ MIN_PROBE_STEPS = 20  # ~2 momentum horizons (1/(1-0.9) = 10 steps) plus a short
 PROBE_STEP_FRACTION = 0.0025  # of the planned run's steps, per LR, when that is more
 MAX_STEPS_DOWN = 3  # extra halvings below x0.5 when the best is at the small edge
 REL_MARGIN = 0.02  # "clearly" lower: by more than 2% of the loss, and more than the noise
-MIN_PROGRESS = 0.01  # a run that ends within 1% of its first loss did not train
+MIN_PROGRESS = 0.01  # "trained": the loss ended >1% below every loss of the first steps
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,8 @@ class LrTrial(JsonResult):
 
     lr: float
     factor: float  # lr / the rule's lr
-    first_loss: float | None  # the loss of the first step (the same weights for every LR)
+    head_loss: float | None  # mean loss of the first `tail_steps` steps (same weights for all)
+    head_range: tuple[float, float] | None  # the lowest and highest loss of those steps
     tail_loss: float | None  # mean loss of the last `tail_steps` steps; None: non-finite
     tail_se: float | None  # its standard error (std / sqrt(n) over those steps)
     steps: int
@@ -43,11 +44,25 @@ class LrTrial(JsonResult):
     diverged_step: int | None = None
 
     @property
+    def outcome(self) -> str:
+        """`diverged`: non-finite, or the last steps' mean loss is above every loss of the
+        first steps; `trained`: below every one of them (by `MIN_PROGRESS`); else `stalled`.
+
+        Against the first window's range, not its mean and noise: a loss that falls or
+        explodes fast has a trend that would swamp a standard error, and noise alone
+        rarely puts a mean outside the range of as many single values."""
+        if self.tail_loss is None or self.head_range is None:
+            return "diverged"
+        low, high = self.head_range
+        if self.tail_loss > high:
+            return "diverged"
+        if self.tail_loss < low - MIN_PROGRESS * abs(low):
+            return "trained"
+        return "stalled"
+
+    @property
     def trained(self) -> bool:
-        """The loss stayed finite and ended lower than it started (by `MIN_PROGRESS`)."""
-        if self.tail_loss is None or self.first_loss is None:
-            return False
-        return self.tail_loss < self.first_loss * (1.0 - MIN_PROGRESS)
+        return self.outcome == "trained"
 
 
 @dataclass(frozen=True)
@@ -117,23 +132,30 @@ def summarize_trial(
     The tail mean over the last `tail_steps` steps (not the last loss) because one step's
     batch loss swings; a non-finite loss means the LR did not train."""
     finite = all(math.isfinite(x) for x in losses) and diverged_step is None
-    tail = list(losses[-tail_steps:])
-    tail_loss = tail_se = None
-    if finite and tail:
-        tail_loss = sum(tail) / len(tail)
-        var = sum((x - tail_loss) ** 2 for x in tail) / max(1, len(tail) - 1)
-        tail_se = math.sqrt(var / len(tail))
-    first = losses[0] if losses and math.isfinite(losses[0]) else None
+    head = list(losses[:tail_steps])
+    head_loss, _ = _mean_se(head)
+    head_range = None if head_loss is None else (min(head), max(head))
+    tail_loss, tail_se = _mean_se(losses[-tail_steps:]) if finite else (None, None)
     return LrTrial(
         lr=rule_lr * factor,
         factor=factor,
-        first_loss=first,
+        head_loss=head_loss,
+        head_range=head_range,
         tail_loss=tail_loss,
         tail_se=tail_se,
         steps=steps,
         examples=examples,
         diverged_step=diverged_step,
     )
+
+
+def _mean_se(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and standard error (std / sqrt(n)); None for no values or a non-finite one."""
+    if not values or not all(math.isfinite(x) for x in values):
+        return None, None
+    mean = sum(values) / len(values)
+    var = sum((x - mean) ** 2 for x in values) / max(1, len(values) - 1)
+    return mean, math.sqrt(var / len(values))
 
 
 def _within_margin(trial: LrTrial, best: LrTrial, rel_margin: float) -> bool:
@@ -162,8 +184,9 @@ def next_factor(
     """The next factor of the rule's LR to probe, or None when the choice is settled.
 
     x1 first, then x0.5, then x2 only while x1 is the choice (when x1 did not train or
-    x0.5 beat it clearly, a larger LR is not worth its cost). Then one more halving while the choice sits at the
-    smallest LR tried (or nothing trained), at most `max_steps_down` times below x0.5.
+    x0.5 beat it clearly, a larger LR is not worth its cost). Then one more halving while
+    the choice sits at the smallest LR tried (or every LR tried diverged), at most
+    `max_steps_down` times below x0.5.
     """
     tried = {round(t.factor, 12) for t in trials}
     chosen = choose(trials, rel_margin=rel_margin) if trials else None
@@ -176,7 +199,9 @@ def next_factor(
     smallest = min(t.factor for t in trials)
     if smallest <= 0.5 * 0.5**max_steps_down:
         return None
-    if chosen is None or (chosen.factor == smallest and chosen.factor < 1.0):
+    if chosen is None:  # keep halving only while every LR tried diverged
+        return smallest / 2 if all(t.outcome == "diverged" for t in trials) else None
+    if chosen.factor == smallest and chosen.factor < 1.0:
         return smallest / 2
     return None
 
@@ -189,13 +214,7 @@ def decide(
     chosen = choose(trials, rel_margin=rel_margin)
     why = _why_not(x1)
     if chosen is None:
-        smallest = min(trials, key=lambda t: t.lr)
-        return (
-            smallest.lr,
-            "none-trained",
-            f"no probed LR trained (tried {_lrs(trials)}); lowered from {rule_lr:.3g} to the "
-            f"smallest tried, {smallest.lr:.3g}: check the reference lr",
-        )
+        return _no_lr_trained(trials, rule_lr, x1)
     if math.isclose(chosen.lr, rule_lr):
         return chosen.lr, "kept", f"kept the rule's {rule_lr:.3g} (tried {_lrs(trials)})"
     smallest = min(t.lr for t in trials)
@@ -213,13 +232,46 @@ def decide(
     )
 
 
+def _no_lr_trained(
+    trials: Sequence[LrTrial], rule_lr: float, x1: LrTrial | None
+) -> tuple[float, str, str]:
+    """No LR lowered the loss measurably: keep the rule's unless it diverged."""
+    steps = max(t.steps for t in trials)
+    if x1 is not None and x1.outcome == "stalled":
+        return (
+            rule_lr,
+            "kept",
+            f"kept the rule's {rule_lr:.3g} unverified: no probed LR lowered the loss "
+            f"measurably in {steps} steps (tried {_lrs(trials)})",
+        )
+    calm = [t for t in trials if t.outcome != "diverged"]
+    if calm:
+        pick = max(calm, key=lambda t: t.lr)
+        return (
+            pick.lr,
+            "lowered",
+            f"lowered from {rule_lr:.3g} ({_why_not(x1)}) to {pick.lr:.3g}, the largest that "
+            f"did not diverge; none lowered the loss measurably in {steps} steps "
+            f"(tried {_lrs(trials)})",
+        )
+    smallest = min(trials, key=lambda t: t.lr)
+    return (
+        smallest.lr,
+        "none-trained",
+        f"every probed LR diverged (tried {_lrs(trials)}); lowered from {rule_lr:.3g} to the "
+        f"smallest tried, {smallest.lr:.3g}: check the reference lr",
+    )
+
+
 def _why_not(x1: LrTrial | None) -> str:
     if x1 is None:
         return "not probed"
     if x1.tail_loss is None:
         return f"diverged at step {x1.diverged_step}" if x1.diverged_step else "diverged"
-    if not x1.trained:
-        return f"did not train: loss {x1.first_loss:.3g} -> {x1.tail_loss:.3g}"
+    if x1.outcome == "diverged":
+        return f"diverged: loss rose from {x1.head_loss:.3g} to {x1.tail_loss:.3g}"
+    if x1.outcome == "stalled":
+        return f"no measurable progress, loss {x1.tail_loss:.3g}"
     return f"clearly higher loss, {x1.tail_loss:.3g}"
 
 

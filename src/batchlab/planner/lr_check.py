@@ -22,7 +22,7 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -90,7 +90,7 @@ def probe_lr(
     batch = micro_batch_size * accumulation_steps
     t0 = time.perf_counter()
     trials: list[LrTrial] = []
-    with _leave_no_trace(task):
+    with _leave_no_trace(task) as reset:
         factor: float | None = 1.0
         while factor is not None:
             callbacks = [_Progress(progress, sum(t.steps for t in trials))] if progress else []
@@ -118,6 +118,7 @@ def probe_lr(
                     diverged_step=history.diverged_step,
                 )
             )
+            reset()  # the next LR starts from the same weights
             factor = next_factor(trials, max_steps_down=max_steps_down)
     chosen, action, verdict = decide(trials, rule_lr)
     return LrCheck(
@@ -140,22 +141,23 @@ def probe_lr(
 
 
 @contextlib.contextmanager
-def _leave_no_trace(task: Task):
-    """Fork the RNGs; restore a live model that the task's factory hands out every time.
+def _leave_no_trace(task: Task) -> Iterator[Callable[[], None]]:
+    """Fork the RNGs; yield a `reset()` that puts a shared live model back between probes.
 
     `train()` builds a fresh model per run, so a factory that returns new modules is left
     untouched; one that closes over a single module (`model=lambda: net`) would have `net`
-    trained by the probe, so its weights, grads, modes and RNG are snapshotted and restored.
+    trained by each probe in turn, so its weights, grads, modes and RNG are snapshotted,
+    put back after every probe (each LR starts from the same weights) and at the end.
     """
     devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices):
         first, second = task.model(), task.model()
         if first is second:
-            with preserve_training_state(first):
-                yield
+            with preserve_training_state(first) as snapshot:
+                yield snapshot.restore
         else:
             del first, second
-            yield
+            yield lambda: None
 
 
 def check_recommended_lr(

@@ -110,22 +110,21 @@ def _lr_check_section(page: HtmlPage, plan: Plan) -> None:
         "Learning-rate check",
         f"{check.verdict}. Each LR trained {check.steps_per_lr} steps at B={check.batch_size} "
         f"({check.accumulation_steps} x {check.micro_batch_size}) from the same weights; the "
-        f"loss is the mean of the last {check.tail_steps} steps.",
+        f"losses are means over the first and the last {check.tail_steps} steps.",
     )
     if not check.trials:
         return
-    header = ["lr", "x rule", "training loss (tail mean)", "trained", ""]
+    header = ["lr", "x rule", "training loss: first -> last steps (mean)", "outcome", ""]
     rows, highlight = [], []
     for i, t in enumerate(sorted(check.trials, key=lambda t: t.lr)):
-        loss = "diverged" if t.tail_loss is None else f"{t.tail_loss:.4g} ± {t.tail_se:.2g}"
+        tail = "non-finite" if t.tail_loss is None else f"{t.tail_loss:.4g} ± {t.tail_se:.2g}"
+        loss = tail if t.head_loss is None else f"{t.head_loss:.4g} -> {tail}"
         marks = [
             m for m, on in (("rule", t.factor == 1.0), ("chosen", t.lr == check.chosen_lr)) if on
         ]
         if t.lr == check.chosen_lr:
             highlight.append(i)
-        rows.append(
-            [f"{t.lr:.4g}", f"{t.factor:g}", loss, "yes" if t.trained else "no", ", ".join(marks)]
-        )
+        rows.append([f"{t.lr:.4g}", f"{t.factor:g}", loss, t.outcome, ", ".join(marks)])
     page.table(header, rows, highlight=highlight)
     page.paragraph(
         f"Cost: {check.examples} examples, {check.fraction_of_reference:.1%} of the reference "
