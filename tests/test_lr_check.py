@@ -217,3 +217,24 @@ def test_plan_runs_the_check_unless_told_not_to(monkeypatch):
     assert plan_measure.plan(task, check_lr=False).lr_check is None and not calls
     plan_measure.plan(task)
     assert len(calls) == 1
+
+
+def test_cli_flag_line_and_report_table(monkeypatch, capsys, tmp_path):
+    from batchlab.cli import main
+    from batchlab.report.plan_report import plan_page
+
+    plan = _plan()
+    checked = apply_lr_check(plan, _lowered(plan))
+    seen = {}
+    monkeypatch.setattr(
+        "batchlab.cli.plan_cmd.make_plan", lambda *a, **k: seen.update(k) or checked
+    )
+    assert main(["plan", "digits-mlp", "--no-lr-check"]) == 0
+    assert seen["check_lr"] is False
+    assert main(["plan", "digits-mlp"]) == 0 and seen["check_lr"] is True
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert f"LR check at B={checked.lr_check.batch_size}: lowered from" in out
+    html = plan_page(checked).render()
+    assert "Learning-rate check" in html and html.count("<tr") >= 3 + len(plan.candidates)
+    assert "diverged" in html and "chosen" in html
+    assert "Learning-rate check" not in plan_page(plan).render()
