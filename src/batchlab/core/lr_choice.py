@@ -9,7 +9,9 @@ a few steps from the same weights and hands the loss logs here. Nothing here mea
 The decision, in words: keep the rule's LR unless another LR reached a clearly lower
 training loss (lower by more than the noise of the tail averages, and by more than
 `rel_margin`); otherwise take, among the LRs within that margin of the best, the one
-closest to the rule's. A run whose loss went non-finite, or ended no lower than it started,
+closest to the rule's. The margin is wide (5%) on purpose: a short probe favours small
+LRs (the short-horizon bias of Wu et al. 2018; on MNIST-1D at B=1024 a 4.5% lead of x0.5
+after 20 steps did not survive the whole run, benchmarks/results/lr_check.md). A run whose loss went non-finite, or ended no lower than it started,
 did not train and is never chosen.
 """
 
@@ -25,7 +27,7 @@ PROBE_FACTORS = (1.0, 0.5, 2.0)  # in this order; x2 only while x1 is the choice
 MIN_PROBE_STEPS = 20  # ~2 momentum horizons (1/(1-0.9) = 10 steps) plus a short warm-up
 PROBE_STEP_FRACTION = 0.0025  # of the planned run's steps, per LR, when that is more
 MAX_STEPS_DOWN = 3  # extra halvings below x0.5 when the best is at the small edge
-REL_MARGIN = 0.02  # "clearly" lower: by more than 2% of the loss, and more than the noise
+REL_MARGIN = 0.05  # "clearly" lower: by more than 5% of the loss and more than its noise
 MIN_PROGRESS = 0.01  # "trained": the loss ended >1% below every loss of the first steps
 
 
