@@ -19,6 +19,7 @@ from torch.utils.data import TensorDataset
 
 import batchlab.planner.measure as plan_measure
 from batchlab.core.lr_choice import LrCheck, LrTrial, choose, decide, next_factor, probe_steps
+from batchlab.errors import ConfigError
 from batchlab.planner import Plan, build_plan
 from batchlab.planner.lr_check import apply_lr_check, probe_lr
 from batchlab.task import Task
@@ -105,6 +106,9 @@ def test_budget_is_respected_and_stated():
     assert check.warmup_steps == 0 and check.tail_steps == 5
     assert probe_steps(100_000) == 250  # 0.25% of a long run per LR
     assert check_at(0.3, steps=6).steps_per_lr == 6
+    with pytest.raises(ConfigError, match="at least 4 probe steps") as err:
+        check_at(0.3, steps=3)
+    assert err.value.param == "steps"
 
 
 def test_the_probe_leaves_no_trace():

@@ -84,7 +84,11 @@ def probe_lr(
     """
     steps = probe_steps(planned_steps) if steps is None else steps
     if steps < 4:
-        raise ConfigError(f"`steps`: expected at least 4 probe steps, got {steps}", param="steps")
+        raise ConfigError(
+            f"`steps`: expected at least 4 probe steps (a first and a last quarter to compare), "
+            f"got {steps}; pass more, or None for the default",
+            param="steps",
+        )
     warmup = min(warmup_steps, steps // 4)
     tail = max(2, steps // 4)  # tail-average the last quarter: one batch's loss swings
     batch = micro_batch_size * accumulation_steps
