@@ -106,6 +106,14 @@ def plan(
             "adds absolute seconds to target.",
         ),
     ] = None,
+    lr_check: Annotated[
+        bool,
+        typer.Option(
+            "--lr-check/--no-lr-check",
+            help="Probe the recommended LR (x0.5, x1, x2) at the recommended batch for a few "
+            "steps and lower it where the rule's does not train.",
+        ),
+    ] = True,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     json_path: JsonOpt = None,
@@ -137,6 +145,7 @@ def plan(
                 seed=seed,
                 command=command,
                 progress=progress,
+                check_lr=lr_check,
             )
     except PlanInterrupted as exc:
         partial = PartialPlan(exc.phase, exc.measured.get("probe"), exc.measured.get("noise"))
@@ -244,6 +253,8 @@ def print_plan(console: Console, plan: Plan) -> None:
     console.print(table)
     alts = ", ".join(f"{k} {v:.4g}" for k, v in plan.lr_alternatives.items())
     console.print(f"LR at B={plan.recommended.batch_size} under each rule: {alts}")
+    if plan.lr_check is not None:
+        console.print(f"LR check at B={plan.lr_check.batch_size}: {plan.lr_check.summary}")
     for w in plan.warnings:
         console.print(f"[yellow]warning[/yellow] ({w.code}): {w.message}")
     if plan.partial:

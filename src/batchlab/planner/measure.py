@@ -27,6 +27,7 @@ from batchlab.errors import BatchlabError, ConfigError
 from batchlab.history import History
 from batchlab.measure.noise_run import NoiseRun, measure_noise
 from batchlab.measure.probe import ProbeResult, ProbeSettings, has_batchnorm, run_probe
+from batchlab.planner.lr_check import check_recommended_lr
 from batchlab.planner.model import Measurements, Plan, build_plan
 from batchlab.planner.reference import reference_seconds_to_target
 from batchlab.target import target_for_task
@@ -133,6 +134,7 @@ def plan(
     seed: int = 0,
     command: str = "",
     progress: ProgressFn | None = None,
+    check_lr: bool = True,
 ) -> Plan:
     """Measure, then recommend a batch size, learning rate, warm-up and accumulation.
 
@@ -148,6 +150,9 @@ def plan(
         target: e.g. `val_acc>=0.9`; checked against the task's metrics.
         reference_run: a `History` (or its JSON path) of a reference-batch run with the
             same target; the plan then also predicts absolute seconds to target.
+        check_lr: probe the recommended LR at the recommended batch (x0.5, x1, x2 for a
+            few steps, `batchlab.planner.lr_check`) and lower it where the rule's does not
+            train; the plan's `lr_check` says what was tried.
 
     Raises `PlanInterrupted` on Ctrl-C, carrying whatever was measured by then.
     """
@@ -164,7 +169,7 @@ def plan(
     reference_seconds = _reference_seconds(reference_run, task, target)
     measured = _measure(task, settings, noise_steps=steps, target=target, progress=progress)
     m = measurements_from(task, measured["probe"], measured["noise"], noise_budget)
-    return build_plan(
+    built = build_plan(
         m,
         lr_rule=lr_rule,
         reference_seconds_to_target=reference_seconds,
@@ -174,6 +179,9 @@ def plan(
         probe=measured["probe"],
         noise=measured["noise"],
     )
+    if check_lr:  # the recommended LR, probed at its batch (planner/lr_check.py)
+        built = check_recommended_lr(task, built, device, amp, seed, progress, started=t0)
+    return built
 
 
 def noise_phase_steps(task: Task, noise_budget: float, noise_steps: int | None = None) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from batchlab.core.batching import split
 from batchlab.core.lr import TRAIN_LR_RULES, scale_lr, warmup_steps_for
+from batchlab.core.lr_choice import LrCheck
 from batchlab.core.optim import default_lr_rule
 from batchlab.core.step_time import StepTimeModel, fit_step_time
 from batchlab.core.tradeoff import (
@@ -149,6 +150,9 @@ class Plan(JsonResult):
     keep_reference: bool = False
     # What the plan cost in training examples, next to the reference training's.
     cost: dict[str, float] = field(default_factory=dict)
+    # The recommended LR probed at the recommended batch (`batchlab.planner.lr_check`);
+    # None when the check was skipped (`check_lr=False`) or for plans saved before it.
+    lr_check: LrCheck | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:

@@ -60,7 +60,8 @@ def plan_page(plan: Plan) -> HtmlPage:
     for name, rec in (("Fastest", plan.recommended), ("Efficient", plan.efficient)):
         items = "".join(
             f"<li><b>{esc(key.replace('_', ' '))}</b>: {esc(rec.reasons.get(key, ''))}</li>"
-            for key in ("batch_size", "lr", "warmup", "accumulation")
+            for key in ("batch_size", "lr", "lr_check", "warmup", "accumulation")
+            if key in rec.reasons
         )
         page.html(f"<p><b>{name}</b> (B={rec.batch_size})</p><ul>{items}</ul>")
     page.section("Warnings")
@@ -71,6 +72,7 @@ def plan_page(plan: Plan) -> HtmlPage:
     page.table(header, rows, highlight=highlight)
     alts = ", ".join(f"{k}: {v:.4g}" for k, v in plan.lr_alternatives.items())
     page.paragraph(f"Learning rate at B={plan.recommended.batch_size} under each rule: {alts}.")
+    _lr_check_section(page, plan)
     if plan.command:
         page.reproduce(plan.command)
     return page
@@ -137,6 +139,37 @@ def _noise_section(page: HtmlPage, plan: Plan) -> None:
             f"{c['noise_fraction']:.1%} of the reference training's {c['reference_examples']:.0f}"
         )
     page.html("<ul>" + "".join(f"<li>{esc(i)}</li>" for i in items) + "</ul>")
+
+
+def _lr_check_section(page: HtmlPage, plan: Plan) -> None:
+    """The LRs probed at the recommended batch, their tail losses and the one chosen."""
+    check = plan.lr_check
+    if check is None:
+        return
+    page.section(
+        "Learning-rate check",
+        f"{check.verdict}. Each LR trained {check.steps_per_lr} steps at B={check.batch_size} "
+        f"({check.accumulation_steps} x {check.micro_batch_size}) from the same weights; the "
+        f"losses are means over the first and the last {check.tail_steps} steps.",
+    )
+    if not check.trials:
+        return
+    header = ["lr", "x rule", "training loss: first -> last steps (mean)", "outcome", ""]
+    rows, highlight = [], []
+    for i, t in enumerate(sorted(check.trials, key=lambda t: t.lr)):
+        tail = "non-finite" if t.tail_loss is None else f"{t.tail_loss:.4g} ± {t.tail_se:.2g}"
+        loss = tail if t.head_loss is None else f"{t.head_loss:.4g} -> {tail}"
+        marks = [
+            m for m, on in (("rule", t.factor == 1.0), ("chosen", t.lr == check.chosen_lr)) if on
+        ]
+        if t.lr == check.chosen_lr:
+            highlight.append(i)
+        rows.append([f"{t.lr:.4g}", f"{t.factor:g}", loss, t.outcome, ", ".join(marks)])
+    page.table(header, rows, highlight=highlight)
+    page.paragraph(
+        f"Cost: {check.examples} examples, {check.fraction_of_reference:.1%} of the reference "
+        f"training's {check.reference_examples}; {check.seconds:.1f} s."
+    )
 
 
 def _candidate_table(plan: Plan) -> tuple[list[str], list[list], list[int]]:

@@ -1,0 +1,244 @@
+"""The plan's LR check: known answers on a quadratic whose stability bound is known.
+
+Full-batch gradient descent on L(w) = 0.5 * mean((x.w - y)^2) has the Hessian X^T X / n;
+we build X so that it is diag(4, 1, 0.5, 0.25). Along eigenvalue lam the error shrinks by
+|1 - lr * lam| per step, so any lr > 2 / lam_max = 0.5 diverges, and below that the larger
+lr trains the slow directions faster (Goh 2017, "Why momentum really works", sec. 1).
+"""
+
+import dataclasses
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import batchlab.planner.measure as plan_measure
+from batchlab.core.lr_choice import LrCheck, LrTrial, choose, decide, next_factor, probe_steps
+from batchlab.errors import ConfigError
+from batchlab.planner import Plan, build_plan
+from batchlab.planner.lr_check import apply_lr_check, probe_lr
+from batchlab.task import Task
+
+N, EIGENVALUES = 64, (4.0, 1.0, 0.5, 0.25)  # the stability bound is 2 / 4 = 0.5
+
+
+def quadratic_task(model=None) -> Task:
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(N, len(EIGENVALUES), generator=g))
+    x = math.sqrt(N) * q * torch.tensor(EIGENVALUES).sqrt()  # X^T X / N = diag(EIGENVALUES)
+    y = x @ torch.ones(len(EIGENVALUES))
+
+    def loss(m: nn.Module, batch) -> torch.Tensor:
+        xb, yb = batch
+        return 0.5 * F.mse_loss(m(xb).squeeze(-1), yb)
+
+    return Task(
+        name="quadratic",
+        model=model or (lambda: nn.Linear(len(EIGENVALUES), 1, bias=False)),
+        train_data=TensorDataset(x, y),
+        loss=loss,
+        optimizer=lambda params, lr: torch.optim.SGD(params, lr=lr),
+        lr=0.1,
+        batch_size=8,
+        epochs=1,
+    )
+
+
+def check_at(rule_lr: float, **kw) -> LrCheck:
+    """The probe at the full batch, as the plan runs it: 2 micro-batches of 32."""
+    kw = {"planned_steps": 10, **kw}
+    return probe_lr(
+        quadratic_task(), micro_batch_size=32, accumulation_steps=2, rule_lr=rule_lr,
+        rule="linear", device="cpu", **kw,
+    )  # fmt: skip
+
+
+def test_hessian_of_the_synthetic_task_is_as_built():
+    x, _ = quadratic_task().train_data.tensors
+    assert torch.allclose(x.T @ x / N, torch.diag(torch.tensor(EIGENVALUES)), atol=1e-4)
+
+
+def test_a_diverging_rule_lr_is_lowered_below_the_stability_bound():
+    check = check_at(0.8)  # > 2 / lam_max = 0.5
+    assert check.action == "lowered"
+    assert check.chosen_lr == pytest.approx(0.4)  # the largest stable LR of the grid
+    assert sorted(check.tried_lrs) == pytest.approx([0.2, 0.4, 0.8])  # x2 skipped, one step down
+    x1 = next(t for t in check.trials if t.factor == 1.0)
+    assert x1.outcome == "diverged" and x1.tail_loss > x1.head_loss  # x |1 - 3.2|^2 a step
+    assert check.verdict.startswith("lowered from 0.8 (diverged: loss rose from")
+    assert "to 0.4 (the smallest tried)" not in check.verdict and "to 0.4" in check.verdict
+
+
+def test_a_stable_rule_lr_is_kept():
+    check = check_at(0.3)
+    assert check.action == "kept" and check.chosen_lr == pytest.approx(0.3)
+    assert sorted(check.tried_lrs) == pytest.approx([0.15, 0.3, 0.6])
+    outcomes = [t.outcome for t in sorted(check.trials, key=lambda t: t.lr)]
+    assert outcomes == ["trained", "trained", "diverged"]
+    assert check.verdict.startswith("kept the rule's 0.3")
+
+
+def test_x2_is_taken_only_when_clearly_better():
+    check = check_at(0.05)  # far below the bound: x2 = 0.1 trains the slow directions faster
+    assert check.action == "raised" and check.chosen_lr == pytest.approx(0.1)
+
+
+def test_nonfinite_losses_count_as_diverged_and_nothing_trained_is_said():
+    check = check_at(1e6, max_steps_down=1, steps=8)
+    assert all(t.tail_loss is None and t.diverged_step is not None for t in check.trials)
+    assert sorted(check.tried_lrs) == pytest.approx([2.5e5, 5e5, 1e6])
+    assert check.action == "none-trained" and check.chosen_lr == pytest.approx(2.5e5)
+    assert check.verdict.startswith("every probed LR diverged")
+
+
+def test_budget_is_respected_and_stated():
+    check = check_at(0.3, planned_steps=10)
+    assert check.steps_per_lr == probe_steps(10) == 20  # the floor on a short run
+    assert all(t.steps == 20 and t.examples == 20 * N for t in check.trials)
+    assert check.examples == len(check.trials) * 20 * N
+    assert check.reference_examples == N  # one epoch of 64
+    assert check.fraction_of_reference == pytest.approx(check.examples / N)
+    assert check.warmup_steps == 0 and check.tail_steps == 5
+    assert probe_steps(100_000) == 250  # 0.25% of a long run per LR
+    assert check_at(0.3, steps=6).steps_per_lr == 6
+    with pytest.raises(ConfigError, match="at least 4 probe steps") as err:
+        check_at(0.3, steps=3)
+    assert err.value.param == "steps"
+
+
+def test_the_probe_leaves_no_trace():
+    """Global RNGs are untouched; a factory that hands out one live model gets it back."""
+    net = nn.Linear(len(EIGENVALUES), 1, bias=False)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    torch_rng, py_rng, np_rng = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    check = probe_lr(
+        quadratic_task(model=lambda: net), micro_batch_size=64, accumulation_steps=1,
+        rule_lr=0.3, rule="linear", planned_steps=10, device="cpu",
+    )  # fmt: skip
+    assert len(check.trials) == 3  # the probes did train `net`
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert all(p.grad is None for p in net.parameters())
+    assert torch.equal(torch.get_rng_state(), torch_rng)
+    assert random.getstate() == py_rng
+    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), np_rng, strict=True))
+
+
+def trial(factor, loss, se=0.001, head=2.0, spread=0.1):
+    return LrTrial(0.1 * factor, factor, head, (head - spread, head + spread), loss, se, 10, 100)
+
+
+def test_choice_keeps_the_rule_within_the_noise_and_lowers_when_clearly_worse():
+    noisy = [trial(1.0, 1.0, se=0.1), trial(0.5, 0.9, se=0.1)]
+    assert choose(noisy).factor == 1.0  # 0.1 apart, within 2 * sqrt(2) * 0.1
+    assert next_factor(noisy) == 2.0  # x1 is the choice, so x2 is worth a try
+    clear = [trial(1.0, 1.0), trial(0.5, 0.9)]
+    assert choose(clear).factor == 0.5
+    assert next_factor(clear) == 0.25  # the choice sits at the small edge: one step down
+    lower = [*clear, trial(0.25, 0.895)]  # within 2% of 0.895: keep the one nearer the rule
+    assert choose(lower).factor == 0.5 and next_factor(lower) is None
+    lr, action, verdict = decide(lower, 0.1)
+    assert (lr, action) == (pytest.approx(0.05), "lowered")
+    assert verdict == "lowered from 0.1 (clearly higher loss, 1) to 0.05 (tried 0.025, 0.05, 0.1)"
+
+
+def test_a_short_probe_that_moves_nothing_keeps_the_rule_and_says_so():
+    """Tiny batches, few steps: no LR changes the loss beyond its noise; lowering would be
+    a guess, so the rule's LR stays, marked unverified."""
+    flat = [trial(1.0, 2.0, se=0.05), trial(0.5, 2.05, se=0.05)]
+    assert {t.outcome for t in flat} == {"stalled"} and next_factor(flat) is None
+    lr, action, verdict = decide(flat, 0.1)
+    assert (lr, action) == (0.1, "kept") and "unverified" in verdict
+    blew_up = [trial(1.0, 3.0), *flat[1:]]  # x1 diverged, x0.5 stalled: the largest calm one
+    assert next_factor(blew_up) is None
+    assert decide(blew_up, 0.1)[:2] == (pytest.approx(0.05), "lowered")
+
+
+def test_lr_check_json_round_trip_keeps_diverged_losses():
+    check = check_at(0.8, steps=6)
+    with_none = dataclasses.replace(
+        check, trials=(*check.trials, LrTrial(1.6, 2.0, 2.0, (1.5, 2.5), None, None, 3, 192, 3))
+    )
+    assert LrCheck.from_json(with_none.to_json()) == with_none
+
+
+def _plan() -> Plan:
+    from test_plan_model import measurements
+
+    return build_plan(measurements(), b_simple=300.0)
+
+
+def _lowered(plan: Plan) -> LrCheck:
+    rec = plan.recommended
+    trials = (trial(1.0, 2.5, head=2.3), trial(0.5, 1.0, head=2.3), trial(0.25, 1.2, head=2.3))
+    trials = tuple(dataclasses.replace(t, lr=rec.lr * t.factor) for t in trials)
+    lr, action, verdict = decide(trials, rec.lr)
+    return LrCheck(
+        rec.batch_size, rec.micro_batch_size, rec.accumulation_steps, rec.lr_rule, rec.lr, lr,
+        action, verdict, trials, 20, 5, 5, 3 * 20 * rec.batch_size, 10 * 100_000,
+    )  # fmt: skip
+
+
+def test_the_plan_recommends_the_checked_lr_with_its_reason():
+    plan = _plan()
+    check = _lowered(plan)
+    checked = apply_lr_check(plan, check)
+    assert checked.lr_check == check and check.action == "lowered"
+    assert checked.recommended.lr == pytest.approx(plan.recommended.lr / 2)
+    assert checked.recommended.reasons["lr_check"] == check.summary
+    assert "diverged: loss rose" in check.summary and "of the reference training" in check.summary
+    # The warm-up follows the checked LR: 16x the reference -> 5% of 1954 planned steps.
+    assert checked.recommended.warmup_steps == math.ceil(0.05 * 10 * math.ceil(100_000 / 512))
+    assert Plan.from_json(checked.to_json()) == checked
+    kept = dataclasses.replace(check, chosen_lr=plan.recommended.lr, action="kept")
+    assert apply_lr_check(plan, kept).recommended.lr == plan.recommended.lr
+
+
+def test_a_plan_saved_before_the_lr_check_still_loads(tmp_path):
+    data = _plan().to_dict()
+    del data["lr_check"]
+    path = tmp_path / "old.json"
+    path.write_text(Plan.from_dict(data).to_json())
+    assert "lr_check" in path.read_text()  # written anew; now strip it as an old file would be
+    path.write_text(__import__("json").dumps(data))
+    assert Plan.load(path).lr_check is None
+
+
+def test_plan_runs_the_check_unless_told_not_to(monkeypatch):
+    from test_plan_model import measurements
+
+    calls = []
+    monkeypatch.setattr(plan_measure, "_measure", lambda *a, **k: {"probe": None, "noise": None})
+    monkeypatch.setattr(plan_measure, "measurements_from", lambda *a: measurements())
+    monkeypatch.setattr(
+        plan_measure, "check_recommended_lr", lambda task, plan, *a, **k: calls.append(plan) or plan
+    )
+    task = quadratic_task()
+    assert plan_measure.plan(task, check_lr=False).lr_check is None and not calls
+    plan_measure.plan(task)
+    assert len(calls) == 1
+
+
+def test_cli_flag_line_and_report_table(monkeypatch, capsys, tmp_path):
+    from batchlab.cli import main
+    from batchlab.report.plan_report import plan_page
+
+    plan = _plan()
+    checked = apply_lr_check(plan, _lowered(plan))
+    seen = {}
+    monkeypatch.setattr(
+        "batchlab.cli.plan_cmd.make_plan", lambda *a, **k: seen.update(k) or checked
+    )
+    assert main(["plan", "digits-mlp", "--no-lr-check"]) == 0
+    assert seen["check_lr"] is False
+    assert main(["plan", "digits-mlp"]) == 0 and seen["check_lr"] is True
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert f"LR check at B={checked.lr_check.batch_size}: lowered from" in out
+    html = plan_page(checked).render()
+    assert "Learning-rate check" in html and html.count("<tr") >= 3 + len(plan.candidates)
+    assert "diverged" in html and "chosen" in html
+    assert "Learning-rate check" not in plan_page(plan).render()
