@@ -470,7 +470,7 @@ class GradientNoiseScaleTracker(TrainCallback):
             self._add_sample(item.step, small, item.sizes, big, big_size)
             if pre_small is not None and all(math.isfinite(v) for v in (*pre_small, pre_big)):
                 trace, grad_sq = self._solve(pre_small, item.sizes, pre_big, big_size)
-                self._pre_moments.add(trace, grad_sq)
+                self._pre_moments.add(trace, grad_sq, scale=pre_big)
 
     def _solve(
         self, small: list[float], sizes: list[int], big: float, big_size: int
@@ -490,7 +490,7 @@ class GradientNoiseScaleTracker(TrainCallback):
                 f"got sizes {sizes}; accumulate at least 2 micro-batches"
             )
         trace, grad_sq = self._solve(small, sizes, big, big_size)
-        self._moments.add(trace, grad_sq)
+        self._moments.add(trace, grad_sq, scale=big)  # |G_big|^2 weights the later samples
         self._samples.append((step, trace, grad_sq))
         self._examples += big_size
         self._small_total += sum(sizes) / len(sizes)

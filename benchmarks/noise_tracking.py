@@ -1,0 +1,292 @@
+"""Does the live B_simple track the exact value through training? Per task and integration.
+
+At checkpoints along a short training run, compare the live estimate (the tracker's
+smoothed B_simple, as the user sees it) with the exact B_simple at the same weights:
+per-example gradient norms (`gradient_noise_scale(method="per-example")`) over 4000
+examples or the whole training set. The exact value is taken at the current weights, not
+averaged over the tracker's window, so a lagging average shows up in full.
+
+Goal (issue 11, item 1): the median over checkpoints of live / exact lies in [0.75, 1.33],
+also over the first 10% of training.
+
+Arms:
+- `engine`: `batchlab.train(task, track_noise=True)` on mnist1d-mlp, mnist1d-cnn, charlm
+  (the History's noise points are the live values);
+- `hf`: `NoiseScaleCallback` in a Hugging Face `Trainer` on a tiny GPT-2 built from a
+  `GPT2Config` (no download), on the charlm task's stdlib text; accumulation 4 x 8, no
+  clipping (and `--clip` for the clipped path);
+- `lightning`: `NoiseScaleMonitor` on the same tiny GPT-2.
+
+    PYTHONPATH=src .venv/bin/python benchmarks/noise_tracking.py [--arms engine hf lightning]
+        [--tasks mnist1d-mlp mnist1d-cnn charlm] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+import warnings
+from typing import Any
+
+import torch
+
+import batchlab
+from batchlab.callbacks import RunState, TrainCallback
+from batchlab.measure.noise import gradient_noise_scale
+from batchlab.tasks import load_task
+
+EXACT_EXAMPLES = 4000
+ENGINE_SETUPS = {  # task: (batch, accumulation, steps)
+    "mnist1d-mlp": (100, 4, 600),
+    "mnist1d-cnn": (100, 4, 600),
+    "charlm": (32, 4, 300),
+}
+LM_SEQS = 2048  # the tiny GPT-2's training set: exact over the whole set
+LM_STEPS = 200
+
+
+WINDOW = 20  # steps: the tracker's default averaging window (beta 0.95)
+WINDOW_OFFSETS = (0, 5, 10, 15)  # exact values taken inside the window before a checkpoint
+
+
+def checkpoints(total: int) -> list[int]:
+    """Dense early (the first 10% matters), then about geometric."""
+    out = {s for s in (2, 4, 6, 8, 10, 15, 20, 30, 40, 60) if s <= total}
+    s = 60
+    while s < total:
+        s = int(s * 1.5)
+        out.add(min(s, total))
+    out.add(total)
+    return sorted(out)
+
+
+def exact_steps(total: int) -> set[int]:
+    """Where the exact value is taken: each checkpoint and a few steps of its window."""
+    return {t - d for t in checkpoints(total) for d in WINDOW_OFFSETS if t - d >= 1}
+
+
+def exact(model: torch.nn.Module, dataset, loss, *, seed: int) -> dict[str, float]:
+    n = min(EXACT_EXAMPLES, len(dataset))
+    batch = 50 if n % 50 == 0 else 32
+    est = gradient_noise_scale(
+        model, dataset, loss, batch_size=batch, num_batches=n // batch,
+        method="per-example", seed=seed,
+    )
+    return {"b_simple": est.b_simple, "trace": est.trace_sigma, "grad_sq": est.grad_norm_sq}
+
+
+class Recorder:
+    """Exact values at `exact_steps`, live values at `checkpoints`; rows at the end."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.stops = set(checkpoints(total))
+        self.wanted = exact_steps(total)
+        self.exact: dict[int, float] = {}
+        self.full: dict[int, dict[str, float]] = {}
+        self.samples: list = []  # the tracker's (step, tr, |G|^2) samples, for analysis
+        self.live: dict[int, float | None] = {}
+
+    def observe(self, step: int, live: float | None, measure) -> None:
+        if step in self.wanted and step not in self.exact:
+            self.full[step] = measure(step)
+            self.exact[step] = self.full[step]["b_simple"]
+        if step in self.stops and step not in self.live:
+            self.live[step] = live
+
+    def rows(self) -> list[dict[str, Any]]:
+        out = []
+        for t, live in sorted(self.live.items()):
+            window = [v for s, v in self.exact.items() if t - WINDOW < s <= t and v]
+            ex = statistics.fmean(window) if window else None
+            now = self.exact.get(t)
+            out.append({
+                "step": t, "frac": t / self.total, "live": live, "exact_now": now,
+                "exact": ex, "ratio": None if live is None or not ex else live / ex,
+                "ratio_now": None if live is None or not now else live / now,
+            })
+        return out
+
+
+# --- the engine --------------------------------------------------------------------------
+
+
+class _Probe(TrainCallback):
+    """Feeds the recorder after each step (the weights the next step's gradients see)."""
+
+    def __init__(self, tracker: Any, recorder: Recorder) -> None:
+        self.tracker, self.recorder = tracker, recorder
+
+    def on_step(self, state: RunState) -> None:
+        task = state.task
+
+        def measure(step: int) -> dict[str, float]:
+            return exact(state.model, task.train_data, task.loss, seed=step)
+
+        live = self.tracker.b_simple if state.step in self.recorder.stops else None
+        self.recorder.observe(state.step, live, measure)
+
+
+def run_engine(name: str) -> Recorder:
+    batch, accum, steps = ENGINE_SETUPS[name]
+    task = load_task(name)
+    tracker = batchlab.GradientNoiseScaleTracker(num_examples=task.num_train, on_nonfinite="skip")
+    recorder = Recorder(steps)
+    # The tracker `train(track_noise=True)` builds, passed in so that the probe can read it.
+    batchlab.train(task, batch, accumulation_steps=accum, max_steps=steps, seed=0,
+                   callbacks=[tracker, _Probe(tracker, recorder)], eval_every=steps)
+    recorder.samples = tracker.samples
+    return recorder
+
+
+# --- a tiny GPT-2 through the Hugging Face and Lightning integrations ---------------------
+
+
+def tiny_gpt2() -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=128, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg)
+
+
+def lm_data() -> torch.Tensor:
+    from batchlab.tasks.charlm import charlm_tensors
+
+    x = charlm_tensors()[0]
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:LM_SEQS]
+    return x[idx].contiguous()
+
+
+def lm_loss(model: torch.nn.Module, batch) -> torch.Tensor:
+    (ids,) = batch
+    return model(input_ids=ids, labels=ids).loss
+
+
+def _lm_exact(model, seqs: torch.Tensor, step: int) -> dict[str, float]:
+    return exact(model, torch.utils.data.TensorDataset(seqs), lm_loss, seed=step)
+
+
+def run_hf(clip: bool = False) -> Recorder:
+    import tempfile
+
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from batchlab.integrations.transformers import NoiseScaleCallback
+
+    seqs, model = lm_data(), tiny_gpt2()
+    noise, recorder = NoiseScaleCallback(), Recorder(LM_STEPS)
+
+    class Probe(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            recorder.observe(state.global_step, noise.b_simple,
+                             lambda step: _lm_exact(model, seqs, step))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=8, gradient_accumulation_steps=4,
+            max_grad_norm=1.0 if clip else 0.0, max_steps=LM_STEPS, learning_rate=3e-3,
+            warmup_steps=20, lr_scheduler_type="linear", report_to=[], save_strategy="no",
+            logging_steps=10**6, use_cpu=True, seed=0, data_seed=0, disable_tqdm=True,
+        )
+        data = [{"input_ids": s, "labels": s} for s in seqs]
+        Trainer(model, args, train_dataset=data, callbacks=[noise, Probe()]).train()
+    recorder.samples = noise.tracker.samples
+    return recorder
+
+
+def run_lightning() -> Recorder:
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from batchlab.integrations.lightning import NoiseScaleMonitor
+
+    seqs, net = lm_data(), tiny_gpt2()
+    monitor, recorder = NoiseScaleMonitor(), Recorder(LM_STEPS)
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def training_step(self, batch, batch_idx):
+            return lm_loss(self.net, batch)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=3e-3)
+
+    class Probe(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            recorder.observe(trainer.global_step, monitor.b_simple,
+                             lambda step: _lm_exact(net, seqs, step))
+
+    loader = DataLoader(TensorDataset(seqs), batch_size=8, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    trainer = pl.Trainer(max_steps=LM_STEPS, accumulate_grad_batches=4, accelerator="cpu",
+                         devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[monitor, Probe()])
+    trainer.fit(Module(), loader)
+    recorder.samples = monitor.tracker.samples
+    return recorder
+
+
+# --- summary -----------------------------------------------------------------------------
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    ratios = [r["ratio"] for r in rows if r["ratio"] is not None]
+    early = [r["ratio"] for r in rows if r["ratio"] is not None and r["frac"] <= 0.1]
+    med = statistics.median(ratios) if ratios else None
+    med_early = statistics.median(early) if early else None
+    ok = all(m is not None and 0.75 <= m <= 1.33 for m in (med, med_early))
+    return {"median_ratio": med, "median_ratio_first_10pct": med_early,
+            "checkpoints": len(ratios), "missing_live": len(rows) - len(ratios), "ok": ok}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arms", nargs="+", default=["engine", "hf", "lightning"])
+    parser.add_argument("--tasks", nargs="+", default=list(ENGINE_SETUPS))
+    parser.add_argument("--clip", action="store_true", help="also the HF path with clipping")
+    parser.add_argument("--json", default=None)
+    opts = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    runs: dict[str, Any] = {}
+    plan = [(f"engine/{t}", lambda t=t: run_engine(t)) for t in opts.tasks if "engine" in opts.arms]
+    if "hf" in opts.arms:
+        plan.append(("hf/tiny-gpt2", run_hf))
+        if opts.clip:
+            plan.append(("hf-clip/tiny-gpt2", lambda: run_hf(clip=True)))
+    if "lightning" in opts.arms:
+        plan.append(("lightning/tiny-gpt2", run_lightning))
+    for name, fn in plan:
+        t0 = time.perf_counter()
+        recorder = fn()
+        rows = recorder.rows()
+        runs[name] = {"rows": rows, **summarize(rows), "seconds": time.perf_counter() - t0,
+                      "exact": recorder.full, "samples": recorder.samples}
+        s = runs[name]
+        print(f"{name}: median live/exact {s['median_ratio']:.2f}, first 10% "
+              f"{s['median_ratio_first_10pct']:.2f}, {s['checkpoints']} checkpoints, "
+              f"{'ok' if s['ok'] else 'MISS'} ({s['seconds']:.0f} s)", flush=True)
+        for r in rows:
+            live = "-" if r["live"] is None else f"{r['live']:.1f}"
+            ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
+            now = "-" if r["exact_now"] is None else f"{r['exact_now']:.1f}"
+            print(f"  step {r['step']:4d}  live {live:>8}  exact (window mean) "
+                  f"{r['exact']:8.1f}  (now {now:>8})  live/exact {ratio}")
+    meta = {"machine": platform.platform(), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump({"meta": meta, "runs": runs}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
