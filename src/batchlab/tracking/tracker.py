@@ -11,9 +11,12 @@ done) and takes its norm, so the only extra work is one norm pass per micro-batc
 
 The samples are averaged with an exponential moving average, numerator and denominator
 separately and bias-corrected (appendix A.1: the ratio of unbiased averages, never the
-average of ratios), and B_simple is their ratio. The interval treats the steps inside the
-averaging window as independent samples of one (tr, |G|^2): Fieller's interval on the
-EMA-weighted means. It reflects sampling noise, not the drift of B_simple along training.
+average of ratios), and B_simple is their ratio. Each sample is weighted by the inverse of
+the big batch's |G_big|^2 known before it (`tracking.moments`): without that, the early,
+large |G|^2 of a fast-falling loss dominated the average and the estimate lagged the exact
+value 2-7x (issue 11). The interval treats the steps inside the averaging window as
+independent samples of one (tr, |G|^2): Fieller's interval on the weighted means. It
+reflects sampling noise, not the drift of B_simple along training.
 
 Three ways to feed it:
 - `batchlab.train(..., track_noise=True)` or `callbacks=[GradientNoiseScaleTracker()]`;
