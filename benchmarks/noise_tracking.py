@@ -14,7 +14,7 @@ Arms:
   (the History's noise points are the live values);
 - `hf`: `NoiseScaleCallback` in a Hugging Face `Trainer` on a tiny GPT-2 built from a
   `GPT2Config` (no download), on the charlm task's stdlib text; accumulation 4 x 8, no
-  clipping (and `--clip` for the clipped path);
+  clipping (`hf-clip`: max_grad_norm=1, where only the first two micro-steps are read);
 - `lightning`: `NoiseScaleMonitor` on the same tiny GPT-2.
 
     PYTHONPATH=src .venv/bin/python benchmarks/noise_tracking.py [--arms engine hf lightning]
@@ -264,9 +264,8 @@ def summarize(rows: list[dict[str, Any]], key: str = "ratio") -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arms", nargs="+", default=["engine", "hf", "lightning"])
+    parser.add_argument("--arms", nargs="+", default=["engine", "hf", "hf-clip", "lightning"])
     parser.add_argument("--tasks", nargs="+", default=list(ENGINE_SETUPS))
-    parser.add_argument("--clip", action="store_true", help="also the HF path with clipping")
     parser.add_argument("--json", default=None)
     opts = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -275,8 +274,8 @@ def main() -> None:
     plan = [(f"engine/{t}", lambda t=t: run_engine(t)) for t in opts.tasks if "engine" in opts.arms]
     if "hf" in opts.arms:
         plan.append(("hf/tiny-gpt2", run_hf))
-        if opts.clip:
-            plan.append(("hf-clip/tiny-gpt2", lambda: run_hf(clip=True)))
+    if "hf-clip" in opts.arms:  # max_grad_norm=1: only the first two micro-steps are measured
+        plan.append(("hf-clip/tiny-gpt2", lambda: run_hf(clip=True)))
     if "lightning" in opts.arms:
         plan.append(("lightning/tiny-gpt2", run_lightning))
     for name, fn in plan:
