@@ -1,23 +1,25 @@
 """Does the live B_simple track the exact value through training? Per task and integration.
 
 At checkpoints along a short training run, compare the live estimate (the tracker's
-smoothed B_simple, as the user sees it) with the exact B_simple at the same weights:
-per-example gradient norms (`gradient_noise_scale(method="per-example")`) over 4000
-examples or the whole training set. The exact value is taken at the current weights, not
-averaged over the tracker's window, so a lagging average shows up in full.
+smoothed B_simple, as the user sees it) with the exact B_simple: per-example gradient norms
+(`gradient_noise_scale(method="per-example")`) over 4000 examples or the whole training
+set, taken at the checkpoint and 10 steps before it (both inside the tracker's ~20-step
+window) and averaged; "now" is the exact value at the checkpoint alone. Each run also
+replays the tracker's own per-step samples through the plain EMA used before issue 11
+(`plain EMA`), so before and after are compared on the same samples.
 
 Goal (issue 11, item 1): the median over checkpoints of live / exact lies in [0.75, 1.33],
 also over the first 10% of training.
 
 Arms:
-- `engine`: `batchlab.train(task, track_noise=True)` on mnist1d-mlp, mnist1d-cnn, charlm
-  (the History's noise points are the live values);
+- `engine`: `batchlab.train` with the tracker `track_noise=True` builds (passed in, so that
+  the probe can read it) on mnist1d-mlp, mnist1d-cnn, charlm; accumulation 4;
 - `hf`: `NoiseScaleCallback` in a Hugging Face `Trainer` on a tiny GPT-2 built from a
   `GPT2Config` (no download), on the charlm task's stdlib text; accumulation 4 x 8, no
   clipping (`hf-clip`: max_grad_norm=1, where only the first two micro-steps are read);
 - `lightning`: `NoiseScaleMonitor` on the same tiny GPT-2.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/noise_tracking.py [--arms engine hf lightning]
+    PYTHONPATH=src .venv/bin/python benchmarks/noise_tracking.py [--arms engine hf hf-clip lightning]
         [--tasks mnist1d-mlp mnist1d-cnn charlm] [--json out.json]
 """
 
@@ -73,8 +75,13 @@ def exact(model: torch.nn.Module, dataset, loss, *, seed: int) -> dict[str, floa
     n = min(EXACT_EXAMPLES, len(dataset))
     batch = 50 if n % 50 == 0 else 32
     est = gradient_noise_scale(
-        model, dataset, loss, batch_size=batch, num_batches=n // batch,
-        method="per-example", seed=seed,
+        model,
+        dataset,
+        loss,
+        batch_size=batch,
+        num_batches=n // batch,
+        method="per-example",
+        seed=seed,
     )
     return {"b_simple": est.b_simple, "trace": est.trace_sigma, "grad_sq": est.grad_norm_sq}
 
@@ -115,13 +122,19 @@ class Recorder:
             window = [v for s, v in self.exact.items() if t - WINDOW < s <= t and v]
             ex = statistics.fmean(window) if window else None
             now = self.exact.get(t)
-            out.append({
-                "step": t, "frac": t / self.total, "live": live, "exact_now": now,
-                "exact": ex, "ratio": None if live is None or not ex else live / ex,
-                "ratio_now": None if live is None or not now else live / now,
-                "live_plain_ema": old[t],
-                "ratio_plain_ema": None if old[t] is None or not ex else old[t] / ex,
-            })
+            out.append(
+                {
+                    "step": t,
+                    "frac": t / self.total,
+                    "live": live,
+                    "exact_now": now,
+                    "exact": ex,
+                    "ratio": None if live is None or not ex else live / ex,
+                    "ratio_now": None if live is None or not now else live / now,
+                    "live_plain_ema": old[t],
+                    "ratio_plain_ema": None if old[t] is None or not ex else old[t] / ex,
+                }
+            )
         return out
 
 
@@ -150,8 +163,15 @@ def run_engine(name: str) -> Recorder:
     tracker = batchlab.GradientNoiseScaleTracker(num_examples=task.num_train, on_nonfinite="skip")
     recorder = Recorder(steps)
     # The tracker `train(track_noise=True)` builds, passed in so that the probe can read it.
-    batchlab.train(task, batch, accumulation_steps=accum, max_steps=steps, seed=0,
-                   callbacks=[tracker, _Probe(tracker, recorder)], eval_every=steps)
+    batchlab.train(
+        task,
+        batch,
+        accumulation_steps=accum,
+        max_steps=steps,
+        seed=0,
+        callbacks=[tracker, _Probe(tracker, recorder)],
+        eval_every=steps,
+    )
     recorder.samples = tracker.samples
     return recorder
 
@@ -163,8 +183,16 @@ def tiny_gpt2() -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=128, n_positions=64, n_embd=64, n_layer=2, n_head=4,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = GPT2Config(
+        vocab_size=128,
+        n_positions=64,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     return GPT2LMHeadModel(cfg)
 
 
@@ -197,15 +225,27 @@ def run_hf(clip: bool = False) -> Recorder:
 
     class Probe(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
-            recorder.observe(state.global_step, noise.b_simple,
-                             lambda step: _lm_exact(model, seqs, step))
+            recorder.observe(
+                state.global_step, noise.b_simple, lambda step: _lm_exact(model, seqs, step)
+            )
 
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=8, gradient_accumulation_steps=4,
-            max_grad_norm=1.0 if clip else 0.0, max_steps=LM_STEPS, learning_rate=3e-3,
-            warmup_steps=20, lr_scheduler_type="linear", report_to=[], save_strategy="no",
-            logging_steps=10**6, use_cpu=True, seed=0, data_seed=0, disable_tqdm=True,
+            output_dir=tmp,
+            per_device_train_batch_size=8,
+            gradient_accumulation_steps=4,
+            max_grad_norm=1.0 if clip else 0.0,
+            max_steps=LM_STEPS,
+            learning_rate=3e-3,
+            warmup_steps=20,
+            lr_scheduler_type="linear",
+            report_to=[],
+            save_strategy="no",
+            logging_steps=10**6,
+            use_cpu=True,
+            seed=0,
+            data_seed=0,
+            disable_tqdm=True,
         )
         data = [{"input_ids": s, "labels": s} for s in seqs]
         Trainer(model, args, train_dataset=data, callbacks=[noise, Probe()]).train()
@@ -235,15 +275,24 @@ def run_lightning() -> Recorder:
 
     class Probe(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            recorder.observe(trainer.global_step, monitor.b_simple,
-                             lambda step: _lm_exact(net, seqs, step))
+            recorder.observe(
+                trainer.global_step, monitor.b_simple, lambda step: _lm_exact(net, seqs, step)
+            )
 
-    loader = DataLoader(TensorDataset(seqs), batch_size=8, shuffle=True,
-                        generator=torch.Generator().manual_seed(0))
-    trainer = pl.Trainer(max_steps=LM_STEPS, accumulate_grad_batches=4, accelerator="cpu",
-                         devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[monitor, Probe()])
+    loader = DataLoader(
+        TensorDataset(seqs), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
+    trainer = pl.Trainer(
+        max_steps=LM_STEPS,
+        accumulate_grad_batches=4,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[monitor, Probe()],
+    )
     trainer.fit(Module(), loader)
     recorder.samples = monitor.tracker.samples
     return recorder
@@ -258,8 +307,13 @@ def summarize(rows: list[dict[str, Any]], key: str = "ratio") -> dict[str, Any]:
     med = statistics.median(ratios) if ratios else None
     med_early = statistics.median(early) if early else None
     ok = all(m is not None and 0.75 <= m <= 1.33 for m in (med, med_early))
-    return {"median_ratio": med, "median_ratio_first_10pct": med_early,
-            "checkpoints": len(ratios), "missing_live": len(rows) - len(ratios), "ok": ok}
+    return {
+        "median_ratio": med,
+        "median_ratio_first_10pct": med_early,
+        "checkpoints": len(ratios),
+        "missing_live": len(rows) - len(ratios),
+        "ok": ok,
+    }
 
 
 def main() -> None:
@@ -282,29 +336,41 @@ def main() -> None:
         t0 = time.perf_counter()
         recorder = fn()
         rows = recorder.rows()
-        runs[name] = {"rows": rows, **summarize(rows), "seconds": time.perf_counter() - t0,
-                      "plain_ema": summarize(rows, "ratio_plain_ema"),
-                      "exact": recorder.full, "samples": recorder.samples}
+        runs[name] = {
+            "rows": rows,
+            **summarize(rows),
+            "seconds": time.perf_counter() - t0,
+            "plain_ema": summarize(rows, "ratio_plain_ema"),
+            "exact": recorder.full,
+            "samples": recorder.samples,
+        }
         s, o = runs[name], runs[name]["plain_ema"]
-        print(f"{name}: median live/exact {s['median_ratio']:.2f}, first 10% "
-              f"{s['median_ratio_first_10pct']:.2f}, {s['checkpoints']} checkpoints, "
-              f"{'ok' if s['ok'] else 'MISS'} ({s['seconds']:.0f} s); plain EMA (before): "
-              f"{o['median_ratio']:.2f}, first 10% {o['median_ratio_first_10pct']:.2f}",
-              flush=True)
+        print(
+            f"{name}: median live/exact {s['median_ratio']:.2f}, first 10% "
+            f"{s['median_ratio_first_10pct']:.2f}, {s['checkpoints']} checkpoints, "
+            f"{'ok' if s['ok'] else 'MISS'} ({s['seconds']:.0f} s); plain EMA (before): "
+            f"{o['median_ratio']:.2f}, first 10% {o['median_ratio_first_10pct']:.2f}",
+            flush=True,
+        )
         for r in rows:
             live = "-" if r["live"] is None else f"{r['live']:.1f}"
             ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
             now = "-" if r["exact_now"] is None else f"{r['exact_now']:.1f}"
             old = "-" if r["ratio_plain_ema"] is None else f"{r['ratio_plain_ema']:.2f}"
-            print(f"  step {r['step']:4d}  live {live:>8}  exact (window mean) "
-                  f"{r['exact']:8.1f}  (now {now:>8})  live/exact {ratio}  (plain EMA {old})")
+            print(
+                f"  step {r['step']:4d}  live {live:>8}  exact (window mean) "
+                f"{r['exact']:8.1f}  (now {now:>8})  live/exact {ratio}  (plain EMA {old})"
+            )
         if opts.json:  # after every run: a slow machine may not reach the end
             _dump(opts.json, runs)
 
 
 def _dump(path: str, runs: dict[str, Any]) -> None:
-    meta = {"machine": platform.platform(), "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    meta = {
+        "machine": platform.platform(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
     with open(path, "w") as f:
         json.dump({"meta": meta, "runs": runs}, f, indent=1)
 

@@ -67,8 +67,8 @@ class WeightedMoments:
         if scale is None or not math.isfinite(scale) or scale <= 0.0:
             return self.scale if self.scale is not None else 1.0
         before = self.scale if self.scale is not None else scale
-        self.scale = scale if self.scale is None else (
-            SCALE_BETA * self.scale + (1 - SCALE_BETA) * scale
+        self.scale = (
+            scale if self.scale is None else (SCALE_BETA * self.scale + (1 - SCALE_BETA) * scale)
         )
         return before
 
