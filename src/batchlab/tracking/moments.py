@@ -2,16 +2,19 @@
 each weighted by the inverse of the gradient's scale just before it.
 
 Why the scale weights. A ratio of averages, sum u_s tr_s / sum u_s |G_s|^2, is a
-|G_s|^2-weighted average of the per-step B_s = tr_s / |G_s|^2. Early in training |G|^2
-falls by 5-10% a step (a tiny GPT-2: 40x over its first 60 steps), faster than a 20-step
-EMA forgets (beta = 0.95), so the average of |G|^2 was dominated by the first, large values
-and B_simple lagged 3-7x behind the exact value at the same weights (measured in
-`benchmarks/noise_tracking.py`; issue 11). Dividing each sample by a scale of |G|^2 known
-*before* the sample (a short EMA of the big batch's |G_big|^2 = |G|^2 + tr(Σ)/B_big, always
-> 0) turns the ratio back into a u-weighted average of the B_s, whatever the drift. The
-weights are predictable (they do not depend on the sample they weight), so each weighted
-average stays unbiased and the interval below stays honest: it uses the weights actually
-applied. With beta = 1 (fixed weights, nothing drifts) the plain mean is kept.
+|G_s|^2-weighted average of the per-step B_s = tr_s / |G_s|^2. Early in training |G|^2 can
+fall 10% a step (a tiny GPT-2: 40x over its first 30 steps), faster than a 20-step EMA
+forgets (beta = 0.95), so the average of |G|^2 was dominated by the first, large values and
+B_simple lagged 2-6x behind the exact value at the same weights (median 3.4x after the first
+10% of training; `benchmarks/results/noise_tracking.md`, issue 11). Dividing each sample by
+a scale known *before* it (a short EMA of the big batch's |G_big|^2 = |G|^2 + tr(Σ)/B_big,
+always > 0) makes the ratio an evenly u-weighted average of the B_s wherever B_simple is
+below B_big (there |G_big|^2 follows |G|^2); well above it |G_big|^2 ~ tr(Σ)/B_big and the
+weights change little. The weights are predictable (they do not depend on the sample they
+weight), so each weighted average stays unbiased and the interval below stays honest: it
+uses the weights actually applied. With beta = 1 (fixed weights, nothing drifts) the plain
+mean is kept. What is left is the window's own lag: a 20-step average of a value that grows
+9% a step sits near 0.4x of it.
 
 Kept apart from the measurement (the gradient norms), as nanoGNS does, so that its state is a
 handful of floats that `state_dict()` can save and a resumed run can load.

@@ -14,7 +14,7 @@ separately and bias-corrected (appendix A.1: the ratio of unbiased averages, nev
 average of ratios), and B_simple is their ratio. Each sample is weighted by the inverse of
 the big batch's |G_big|^2 known before it (`tracking.moments`): without that, the early,
 large |G|^2 of a fast-falling loss dominated the average and the estimate lagged the exact
-value 2-7x (issue 11). The interval treats the steps inside the averaging window as
+value 2-6x (issue 11). The interval treats the steps inside the averaging window as
 independent samples of one (tr, |G|^2): Fieller's interval on the weighted means. It
 reflects sampling noise, not the drift of B_simple along training.
 
