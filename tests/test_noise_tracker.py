@@ -155,7 +155,13 @@ def test_ema_is_the_bias_corrected_weighted_mean_with_its_covariance():
         small = grad_sq + trace / 4
         big = grad_sq + trace / 16
         tracker.update([small], [4], big, 16)
-    weights = [beta ** (len(samples) - 1 - i) for i in range(len(samples))]
+    # Each sample is weighted by the scale |G_big|^2 known before it: an EMA (decay 1/2)
+    # of the earlier big-batch norms, the first sample's own for the first.
+    bigs = [g + t / 16 for t, g in samples]
+    scales = [bigs[0]]
+    for b in bigs[:-1]:
+        scales.append(b if len(scales) == 1 else 0.5 * scales[-1] + 0.5 * b)
+    weights = [beta ** (len(samples) - 1 - i) / scales[i] for i in range(len(samples))]
     total = sum(weights)
     w = [x / total for x in weights]
     mt = sum(wi * s[0] for wi, s in zip(w, samples, strict=True))
