@@ -244,3 +244,19 @@ def test_cli_flag_line_and_report_table(monkeypatch, capsys, tmp_path):
     assert "Learning-rate check" in html and html.count("<tr") >= 3 + len(plan.candidates)
     assert "diverged" in html and "chosen" in html
     assert "Learning-rate check" not in plan_page(plan).render()
+
+
+def test_ctrl_c_during_the_check_keeps_what_was_measured(monkeypatch):
+    from test_plan_model import measurements
+
+    measured = {"probe": "probe result", "noise": "noise run"}
+    monkeypatch.setattr(plan_measure, "_measure", lambda *a, **k: measured)
+    monkeypatch.setattr(plan_measure, "measurements_from", lambda *a: measurements())
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plan_measure, "check_recommended_lr", interrupted)
+    with pytest.raises(plan_measure.PlanInterrupted) as info:
+        plan_measure.plan(quadratic_task(), noise_budget=1.0)
+    assert info.value.phase == "the LR check" and info.value.measured == measured

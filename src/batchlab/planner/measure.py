@@ -180,7 +180,10 @@ def plan(
         noise=measured["noise"],
     )
     if check_lr:  # the recommended LR, probed at its batch (planner/lr_check.py)
-        built = check_recommended_lr(task, built, device, amp, seed, progress, started=t0)
+        try:
+            built = check_recommended_lr(task, built, device, amp, seed, progress, started=t0)
+        except KeyboardInterrupt:  # keep the minutes of probe and noise already measured
+            raise PlanInterrupted("the LR check", measured) from None
     return built
 
 

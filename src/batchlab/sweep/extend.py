@@ -60,6 +60,8 @@ def lr_extensions(spec: SweepSpec, records: Sequence[RunRecord]) -> tuple[RunSpe
             if multiplier is None:
                 break
             new = [_extension_run(r, multiplier) for r in runs if r.lr_multiplier == 1.0]
+            if not new:  # a hand-made spec without the x1 run: nothing to extend from
+                break
             added += new
             runs = [*runs, *new]
     return tuple(added)

@@ -415,6 +415,7 @@ def run_sweep(
             results = runner.run(
                 task if task is not None else spec.task_ref, todo, RunContext.from_spec(spec)
             )
+            before = finished
             for record in _stored(store, results, skipped + finished):
                 records.append(record)
                 finished += 1
@@ -425,6 +426,8 @@ def run_sweep(
             # Later waves run only what no record covers: a run that failed again now is
             # not retried in a loop.
             todo, _ = runs_to_do(all_runs(spec, records), records, retry_failed=False)
+            if finished == before:  # a backend that returned nothing would loop forever
+                break
             to_run += len(todo)
     return SweepRun(
         out_dir=str(out_dir),
