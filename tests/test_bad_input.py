@@ -60,9 +60,7 @@ TASK_FILES = {
     "metrics_raise": (
         "def bad(model, batch):\n        return {'acc': 1 / 0}\n    return task(metrics=bad)"
     ),
-    "metrics_list": (
-        "def bad(model, batch):\n        return [0.5]\n    return task(metrics=bad)"
-    ),
+    "metrics_list": ("def bad(model, batch):\n        return [0.5]\n    return task(metrics=bad)"),
     "loss_vector": (
         "def bad(model, batch):\n"
         "        return nn.functional.cross_entropy(model(batch[0]), batch[1], reduction='none')\n"
@@ -142,14 +140,20 @@ CASES: list[tuple[list[str], str]] = [
     (["calc", "--samples", "10", "--batch-size", "0"], "expected a positive integer"),
     (["calc", "--samples", "1e26", "--batch-size", "8"], "--samples"),
     (["calc", "--samples", "abc", "--batch-size", "8"], "--samples"),
-    (["calc", "--samples", "10", "--batch-size", "8", "--world-size", "4", "--drop-last"], "no iterations"),  # noqa: E501
+    (
+        ["calc", "--samples", "10", "--batch-size", "8", "--world-size", "4", "--drop-last"],
+        "no iterations",
+    ),  # noqa: E501
     (["calc", "--samples", "10", "--batch-size", "8", "--epochs", "0"], "epochs"),
     (["calc", "--samples", "10", "--batch-size", "8", "--world-size", "0"], "world size"),
     (["calc", "--samples", "10", "--batch-size", "8", "--accumulation-steps", "-1"], "accum"),
     (["calc", "--batch-size", "8"], "--samples"),
     (["calc", "--samples", "10", "--batch-size", "8", "--json", "{dir}"], "is a directory"),
     # probe
-    (["probe", "dots", "--device", "cpu", "--memory-budget", "1GiB", "--target-memory", "2GiB"], "got both"),  # noqa: E501
+    (
+        ["probe", "dots", "--device", "cpu", "--memory-budget", "1GiB", "--target-memory", "2GiB"],
+        "got both",
+    ),  # noqa: E501
     (["probe", "dots", "--memory-budget", "lots"], "lots"),
     (["probe", "dots", "--memory-budget", "-1GiB"], "-1GiB"),
     (["probe", "dots", "--margin", "1.5"], "margin"),
@@ -316,10 +320,10 @@ def _api_cases(tmp: Path) -> list[tuple[str, object]]:
     import math
 
     import torch
+    from conftest import tiny_task
     from torch.utils.data import TensorDataset
 
     import batchlab
-    from conftest import tiny_task
 
     t = tiny_task()
     foreign = tmp / "plan.json"
@@ -384,9 +388,9 @@ def test_task_code_exceptions_keep_their_type_for_python_callers(tmp_path):
     # A loss that raises reaches a Python caller as itself (the probes tell OOM from other
     # errors by type); only the CLI turns it into one line.
     import torch
+    from conftest import tiny_task
 
     import batchlab
-    from conftest import tiny_task
 
     def bad_loss(model, batch):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")

@@ -149,14 +149,18 @@ def _interrupted_line() -> str:
 
 def _unexpected(exc: Exception, args: list[str], debug: bool) -> int:
     """One line for an exception that is not a BatchlabError; 2 if the user's code raised it."""
-    what = f"{type(exc).__name__}: {exc}".strip().splitlines()[0] if str(exc) else type(exc).__name__
+    what = (
+        f"{type(exc).__name__}: {exc}".strip().splitlines()[0] if str(exc) else type(exc).__name__
+    )
     hint = "" if debug else f"; rerun with --debug (or {DEBUG_ENV}=1) for the traceback"
     frame = _user_frame(exc.__traceback__)
     if frame is not None:
         task = next((a for a in args if ".py:" in a), None)
         where = f"{frame.name}() at {Path(frame.filename).name}:{frame.lineno}"
         source = f"task {task}: " if task else ""
-        _error(f"{source}the task code raised {what} in {where}; fix the task code{hint}", exc, debug)
+        _error(
+            f"{source}the task code raised {what} in {where}; fix the task code{hint}", exc, debug
+        )
         return 2
     if isinstance(exc, OSError) and exc.filename is not None:
         _error(f"cannot use {str(exc.filename)!r}: {exc.strerror or exc}{hint}", exc, debug)

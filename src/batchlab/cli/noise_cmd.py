@@ -20,8 +20,8 @@ from batchlab.cli.common import (
     TaskArg,
     check_output_paths,
     console_for,
-    save_plot,
     fmt,
+    save_plot,
     write_json,
 )
 from batchlab.core.noise_scale import NoiseScale

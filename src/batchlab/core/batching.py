@@ -113,11 +113,7 @@ def calc(
             f"with drop_last, batch size {batch_size} x world size {world_size} is larger "
             f"than the {samples} samples, so an epoch has no iterations; use a smaller batch"
         )
-    steps = (
-        iterations // accumulation_steps
-        if drop_last
-        else -(-iterations // accumulation_steps)
-    )
+    steps = iterations // accumulation_steps if drop_last else -(-iterations // accumulation_steps)
     return BatchArithmetic(
         samples=samples,
         batch_size=batch_size,

@@ -66,7 +66,5 @@ def check_positive(value: Any, *, what: str, param: str | None = None) -> float:
     """Return `value` as a finite positive float, or raise a ConfigError naming `what`."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not ok or not math.isfinite(value) or value <= 0:
-        raise ConfigError(
-            f"{what}: expected a finite positive number, got {value!r}", param=param
-        )
+        raise ConfigError(f"{what}: expected a finite positive number, got {value!r}", param=param)
     return float(value)
