@@ -73,8 +73,8 @@ SWEEP_ARGS = ["digits-mlp", "--batch-sizes", "16,32,64", "--max-steps", "30"]
 SWEEP_ARGS += ["--repeats", "2", "--sharpness", "none", "--jobs", "1", "--no-report"]
 
 
-def _start_sweep(out):
-    cmd = [sys.executable, "-m", "batchlab", "sweep", *SWEEP_ARGS, "--out", str(out)]
+def _start_sweep(out, args=SWEEP_ARGS):
+    cmd = [sys.executable, "-m", "batchlab", "sweep", *args, "--out", str(out)]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -98,21 +98,32 @@ def test_two_concurrent_sweeps_never_run_or_record_a_run_twice(tmp_path):
             assert "wait for it or use another --out" in err and "Traceback" not in err
     assert sorted(_ids(together)) == expected
 
-    # Started apart: the second starts while the first is mid-way, and must be refused.
+    # Started apart: the second starts while the first is mid-way, and must be refused. The
+    # first gets far more work than the second needs to start (importing torch takes seconds),
+    # so the race is real on a quiet machine and on a busy one.
+    long_args = [*SWEEP_ARGS]
+    long_args[long_args.index("--max-steps") + 1] = "400"
+    long_args[long_args.index("--repeats") + 1] = "4"
+    long_expected = sorted(
+        r.run_id
+        for r in make_sweep_spec(
+            "digits-mlp", batch_sizes="16,32,64", max_steps=400, repeats=4, sharpness="none"
+        ).runs
+    )
     apart = tmp_path / "apart"
-    first = _start_sweep(apart)
+    first = _start_sweep(apart, long_args)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (
         (apart / RESULTS_FILE).exists() and (apart / RESULTS_FILE).stat().st_size
     ):
         time.sleep(0.05)
-    second = _start_sweep(apart)
+    second = _start_sweep(apart, long_args)
     second_code, second_err = second.wait(timeout=120), second.stderr.read().decode()
     assert first.poll() is None, "the first sweep finished too soon to be raced"
     assert first.wait(timeout=300) == 0, first.stderr.read().decode()
     owner = (apart / LOCK_FILE).read_text().strip()
     assert second_code == 2 and f"another sweep (pid {owner}) owns" in second_err, second_err
-    assert sorted(_ids(apart)) == expected
+    assert sorted(_ids(apart)) == long_expected
 
 
 # -- a dead worker --------------------------------------------------------------------
