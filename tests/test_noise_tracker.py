@@ -515,3 +515,21 @@ def test_build_noise_scale_is_shared():
     direct = build_noise_scale(2.0, 0.2, None, 0, num_examples=1, method="two-batch")
     assert type(direct) is type(GradientNoiseScaleTracker().noise_scale())
     assert math.isinf(direct.b_simple_ci[1])
+
+
+def test_a_state_saved_before_the_scale_weights_does_not_drown_new_samples():
+    from batchlab.tracking.moments import WeightedMoments
+
+    old = WeightedMoments(0.95)
+    for _ in range(50):
+        old.add(10.0, 1.0)  # unit weights, as states saved before the scale weights were
+    state = old.state_dict()
+    del state["scale"]
+    resumed = WeightedMoments(0.95)
+    resumed.load_state_dict(state)
+    for _ in range(100):  # B_simple moves from 10 to 1000, at a gradient scale of 1e4
+        resumed.add(1000.0, 1.0, scale=1e4)
+    mx, my, _, _ = resumed.estimate()
+    # After 100 steps the old history weighs about 0.95**100 ~ 0.6%: the ratio is ~994 (it
+    # read ~28 when the old unit-weight sums outweighed the new 1/1e4-weighted samples).
+    assert 980 < mx / my <= 1000

@@ -61,7 +61,7 @@ LrRuleOpt = Annotated[
     str,
     typer.Option(
         "--lr-rule",
-        help=f"{'|'.join(SWEEP_LR_RULES)}: LR at each B from the task's (B0, lr0). auto = linear for SGD, sqrt for Adam; tuned = auto x {{0.5, 1, 2}}, best kept.",
+        help=f"{'|'.join(SWEEP_LR_RULES)}: LR at each B from the task's (B0, lr0). auto = linear for SGD, sqrt for Adam; tuned = auto x {{0.5, 1, 2}}, widened by factors of 2 (up to x1/8, x8) while the best sits at an edge; best kept.",
     ),
 ]
 OptimizersOpt = Annotated[

@@ -69,6 +69,13 @@ class WeightedMoments:
         """The scale known before this sample (then fold this sample's scale in)."""
         if scale is None or not math.isfinite(scale) or scale <= 0.0:
             return self.scale if self.scale is not None else 1.0
+        if self.scale is None and self.count > 0:
+            # The sums so far came with unit weights (a state saved before the scale weights,
+            # or samples given without a scale): put them in this scale's units, which keeps
+            # their means and effective size, so the new samples do not drown in them.
+            self.sums = [v / scale for v in self.sums]
+            self.weight /= scale
+            self.weight_sq /= scale * scale
         before = self.scale if self.scale is not None else scale
         self.scale = (
             scale if self.scale is None else (SCALE_BETA * self.scale + (1 - SCALE_BETA) * scale)
