@@ -61,8 +61,11 @@ def _pool_pass(
         running: dict[Future, RunSpec] = {}
         while queue or running:
             while queue and len(running) < workers:
-                run = queue.pop(0)
-                running[pool.submit(execute, task, run, context)] = run
+                try:
+                    future = pool.submit(execute, task, queue[0], context)
+                except BrokenProcessPool:  # a worker died since the last wait: it held a
+                    return list(running.values())  # run in flight; the queue is untouched
+                running[future] = queue.pop(0)
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             broken = []
             for future in done:
