@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 FIGSIZE = (6.4, 4.2)
@@ -22,3 +23,29 @@ def style_axes(ax: Any, title: str, xlabel: str, ylabel: str) -> None:
     ax.grid(True, which="major", alpha=0.3)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
+
+
+def legend_below(ax: Any, handles: Any = None, labels: Any = None, ncol: int = 2) -> Any:
+    """A legend under the axes, outside the data: dense plots have no empty corner, and
+    `loc='best'` still covers points (constrained layout makes room for it)."""
+    kwargs = {} if handles is None else {"handles": handles, "labels": labels}
+    return ax.legend(**kwargs, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16),
+                     ncol=ncol, frameon=False)  # fmt: skip
+
+
+def _sparse_label(value: float, _pos: Any = None) -> str:
+    """Minor ticks of a log axis labelled only at 2 and 5 times a power of ten."""
+    if value <= 0:
+        return ""
+    mantissa = round(value / 10 ** math.floor(math.log10(value)), 6)
+    return f"{value:g}" if mantissa in (1.0, 2.0, 5.0) else ""
+
+
+def plain_log_axis(axis: Any) -> None:
+    """Plain numbers on a log axis (100, not 10^2); minor labels only at 2x and 5x a
+    decade, so a two-decade axis does not stack 0.09 0.08 0.07 ... into one smear."""
+    from matplotlib.ticker import FuncFormatter
+
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(FuncFormatter(_sparse_label))
+    axis.set_tick_params(which="minor", labelsize=7)
