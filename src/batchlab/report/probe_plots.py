@@ -90,50 +90,48 @@ def plot_memory(memory: MemoryProbe, ax: Any = None) -> Any:
     return ax
 
 
+def _clipped_bars(profile: ThroughputProfile, top: float) -> tuple[list[float], list[float]]:
+    """Lengths of the error bars below and above each median, the upper ones cut at `top`
+    (the axes' top edge)."""
+    low = [p.samples_per_s - max(p.samples_per_s_low, 0.0) for p in profile.points]
+    high = [min(p.samples_per_s_high, top) - p.samples_per_s for p in profile.points]
+    return low, high
+
+
 def plot_throughput(profile: ThroughputProfile, ax: Any = None) -> Any:
-    """Median samples/s against B (log2 axis) with the windows' range, and the knee."""
+    """Median samples/s against B (log2 axis) with the windows' range, and the knee.
+
+    The y axis is set by the medians (plus a margin), not by the bars: one noisy window
+    must not flatten the curve. A bar cut at the top ends in an arrow marker."""
     ax = ax if ax is not None else new_axes()
     style_axes(ax, f"Throughput ({profile.device})", "batch size B", "training samples / s")
     sizes = [p.batch_size for p in profile.points]
     medians = [p.samples_per_s for p in profile.points]
-    low = [p.samples_per_s - p.samples_per_s_low for p in profile.points]
-    high = [p.samples_per_s_high - p.samples_per_s for p in profile.points]
+    top = max(medians) * 1.25
+    low, high = _clipped_bars(profile, top)
     ax.set_xscale("log", base=2)
-    ax.errorbar(
-        sizes,
-        medians,
-        yerr=[low, high],
-        color=POINT_COLOR,
-        marker="o",
-        ms=4,
-        capsize=3,
-        lw=1.2,
-        label="median over windows (bars: range)",
-    )
+    ax.errorbar(sizes, medians, yerr=[low, high], color=POINT_COLOR, marker="o", ms=4,
+                capsize=3, lw=1.2, label="median over windows (bars: range)")  # fmt: skip
+    cut = [p.batch_size for p in profile.points if p.samples_per_s_high > top]
+    if cut:
+        ax.plot(cut, [top] * len(cut), "^", color=POINT_COLOR, ms=7, clip_on=False, zorder=4,
+                label="range goes above the axes")  # fmt: skip
     threshold = profile.knee_fraction * profile.peak_samples_per_s
-    ax.axhline(
-        threshold, color=BUDGET_COLOR, ls="--", lw=1, label=f"{profile.knee_fraction:.0%} of peak"
-    )
+    ax.axhline(threshold, color=BUDGET_COLOR, ls="--", lw=1,
+               label=f"{profile.knee_fraction:.0%} of peak")  # fmt: skip
     knee = next(p for p in profile.points if p.batch_size == profile.knee_batch_size)
     ax.axvline(knee.batch_size, color=KNEE_COLOR, lw=1.2)
     ax.scatter([knee.batch_size], [knee.samples_per_s], color=KNEE_COLOR, s=70, zorder=4)
     right_end = knee.batch_size >= sizes[-1]
-    ax.annotate(
-        f"knee B={knee.batch_size}",
-        (knee.batch_size, 0),
-        xytext=(-6 if right_end else 6, 8),
-        textcoords="offset points",
-        color=KNEE_COLOR,
-        fontsize=9,
-        ha="right" if right_end else "left",
-        va="bottom",
-        bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.8},
-    )
+    ax.annotate(f"knee B={knee.batch_size}", (knee.batch_size, 0),
+                xytext=(-6 if right_end else 6, 8), textcoords="offset points", color=KNEE_COLOR,
+                fontsize=9, ha="right" if right_end else "left", va="bottom",
+                bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.8})  # fmt: skip
     ax.set_xticks(sizes)
     ax.set_xticklabels([str(b) for b in sizes], fontsize=8, rotation=45)
     ax.minorticks_off()
-    ax.set_ylim(bottom=0)
-    ax.legend(fontsize=8, loc="best", framealpha=0.9, edgecolor="none")
+    ax.set_ylim(0, top)
+    legend_below(ax)
     return ax
 
 
