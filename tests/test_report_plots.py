@@ -128,3 +128,25 @@ def test_legends_sit_outside_the_data(plan):
             if legend is None:
                 continue
             assert not legend.get_window_extent().overlaps(ax.get_window_extent()), name
+
+
+@pytest.mark.parametrize(
+    ("limits", "labelled"),
+    [((30, 90), ["30", "40", "50", "60", "70", "80", "90"]),  # under a decade: every minor tick
+     ((30, 1500), ["50", "200", "500"]),  # two decades: 2x and 5x only
+     ((1e-3, 1e3), [])],  # six decades: the majors alone
+)  # fmt: skip
+def test_minor_log_labels_thin_out_with_the_range(limits, labelled):
+    from matplotlib.figure import Figure
+
+    from batchlab.report.axes import plain_log_axis
+
+    ax = Figure().subplots()
+    ax.set_yscale("log")
+    ax.set_ylim(*limits)
+    plain_log_axis(ax.yaxis)
+    FigureCanvasAgg(ax.figure).draw()
+    low, high = limits
+    minor = [t.get_text() for t in ax.yaxis.get_minorticklabels()
+             if low <= float(t.get_position()[1]) <= high]  # fmt: skip
+    assert [t for t in minor if t] == labelled

@@ -33,19 +33,24 @@ def legend_below(ax: Any, handles: Any = None, labels: Any = None, ncol: int = 2
                      ncol=ncol, frameon=False)  # fmt: skip
 
 
-def _sparse_label(value: float, _pos: Any = None) -> str:
-    """Minor ticks of a log axis labelled only at 2 and 5 times a power of ten."""
-    if value <= 0:
+def _minor_log_label(axis: Any, value: float) -> str:
+    """A minor tick's label on a log axis: every one under a decade of range, 2x and 5x a
+    power of ten up to 2.5 decades, none beyond (the majors, 10^k, say enough)."""
+    low, high = sorted(axis.get_view_interval())
+    if value <= 0 or low <= 0:
         return ""
+    decades = math.log10(high / low)
     mantissa = round(value / 10 ** math.floor(math.log10(value)), 6)
-    return f"{value:g}" if mantissa in (1.0, 2.0, 5.0) else ""
+    keep = decades < 1 or (decades <= 2.5 and mantissa in (2.0, 5.0))
+    return f"{value:g}" if keep else ""
 
 
 def plain_log_axis(axis: Any) -> None:
-    """Plain numbers on a log axis (100, not 10^2); minor labels only at 2x and 5x a
-    decade, so a two-decade axis does not stack 0.09 0.08 0.07 ... into one smear."""
+    """Plain numbers on a log axis (100, not 10^2), with minor labels thinned by the range
+    (see `_minor_log_label`), so a two-decade axis does not stack 0.09 0.08 0.07 ... into
+    one smear."""
     from matplotlib.ticker import FuncFormatter
 
     axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-    axis.set_minor_formatter(FuncFormatter(_sparse_label))
+    axis.set_minor_formatter(FuncFormatter(lambda value, _: _minor_log_label(axis, value)))
     axis.set_tick_params(which="minor", labelsize=7)
