@@ -27,8 +27,13 @@ def style_axes(ax: Any, title: str, xlabel: str, ylabel: str) -> None:
 
 def legend_below(ax: Any, handles: Any = None, labels: Any = None, ncol: int = 2) -> Any:
     """A legend under the axes, outside the data: dense plots have no empty corner, and
-    `loc='best'` still covers points (constrained layout makes room for it)."""
-    kwargs = {} if handles is None else {"handles": handles, "labels": labels}
+    `loc='best'` still covers points (constrained layout makes room for it). None when
+    nothing is labelled."""
+    if handles is None:
+        handles, labels = ax.get_legend_handles_labels()
+    if not handles:
+        return None
+    kwargs = {"handles": handles, "labels": labels}
     return ax.legend(**kwargs, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16),
                      ncol=ncol, frameon=False)  # fmt: skip
 
