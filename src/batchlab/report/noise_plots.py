@@ -14,7 +14,7 @@ from typing import Any
 
 from batchlab.core.trajectory import NoiseTrajectory
 from batchlab.measure.noise_run import NoisePoint, NoiseRun
-from batchlab.report.axes import new_axes
+from batchlab.report.axes import legend_below, new_axes, plain_log_axis
 
 FIGSIZE = (7.0, 4.2)
 NOISE_COLOR = "#2f6fde"
@@ -66,12 +66,7 @@ def plot_noise_run(run: NoiseRun, ax: Any = None) -> Any:
     )
     ax.set_yscale("log")
     ax.set_ylim(bottom, top)
-    from matplotlib.ticker import FuncFormatter
-
-    plain = FuncFormatter(lambda value, _: f"{value:g}")
-    ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain)
-    ax.tick_params(axis="y", which="minor", labelsize=7)
+    plain_log_axis(ax.yaxis)
     ax.set_xlabel("training step")
     ax.set_ylabel("B_simple = tr(Σ) / |G|²", color=NOISE_COLOR)
     ax.set_title(
@@ -95,7 +90,7 @@ def plot_noise_run(run: NoiseRun, ax: Any = None) -> Any:
     loss_ax.spines["top"].set_visible(False)
     handles, labels = ax.get_legend_handles_labels()
     more_h, more_l = loss_ax.get_legend_handles_labels()
-    ax.legend(handles + more_h, labels + more_l, fontsize=8, loc="best", framealpha=0.8)
+    legend_below(ax, handles + more_h, labels + more_l, ncol=3)
     ax.loss_axis = loss_ax
     return ax
 
@@ -132,18 +127,13 @@ def plot_b_simple_vs_loss(
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.invert_xaxis()  # training moves right: the loss falls
-    from matplotlib.ticker import FuncFormatter
-
-    plain = FuncFormatter(lambda value, _: f"{value:g}")
-    for axis in (ax.xaxis, ax.yaxis):
-        axis.set_major_formatter(plain)
-        axis.set_minor_formatter(plain)
-    ax.tick_params(which="minor", labelsize=7)
+    plain_log_axis(ax.xaxis)
+    plain_log_axis(ax.yaxis)
     ax.set_xlabel("training loss (falls as training goes on)")
     ax.set_ylabel("B_noise")
     ax.set_title("B_simple against the training loss", fontsize=11, loc="left")
     ax.grid(True, alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="best", framealpha=0.8)
+    legend_below(ax)
     return ax
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from batchlab.core.tradeoff import relative_steps
 from batchlab.planner.model import Plan
-from batchlab.report.axes import new_axes, style_axes
+from batchlab.report.axes import legend_below, new_axes, style_axes
 from batchlab.report.noise_plots import plot_b_simple_vs_loss
 
 REC_COLOR = "#29a35a"
@@ -54,22 +54,36 @@ def plot_time_to_target(plan: Plan, ax: Any = None) -> Any:
         ax.axvline(plan.max_batch_size, color="#111111", lw=1, ls="-.", alpha=0.7)
         ax.text(plan.max_batch_size, 0.02, " memory max\n (accumulate beyond)", fontsize=8,
                 transform=ax.get_xaxis_transform(), va="bottom")  # fmt: skip
-    # The efficient label goes up-left and the fastest one up-right: they are often close.
-    for rec, color, name, offset, align in (
-        (plan.efficient, EFF_COLOR, "efficient", (-10, 14), "right"),
-        (plan.recommended, REC_COLOR, "fastest", (10, 14), "left"),
-    ):
-        y = 1 / rec.predicted_speedup
-        ax.plot([rec.batch_size], [y], "*", color=color, ms=16, mec="white", zorder=5)
-        ax.annotate(f"{name}\nB={rec.batch_size}", (rec.batch_size, y), textcoords="offset points",
-                    xytext=offset, ha=align, color=color, fontsize=9, fontweight="bold")  # fmt: skip
+    _mark_picks(plan, ax)
+    # Below-left of B0 is under the falling curve: the label covers no line there.
     ax.plot([b0], [1.0], "s", color=REF_COLOR, ms=7, zorder=4)
-    ax.annotate(f"reference B0={b0:g}", (b0, 1.0), textcoords="offset points", xytext=(8, -14),
-                color=REF_COLOR, fontsize=9)  # fmt: skip
+    ax.annotate(f"reference B0={b0:g}", (b0, 1.0), textcoords="offset points", xytext=(-8, -8),
+                ha="right", va="top", color=REF_COLOR, fontsize=9)  # fmt: skip
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.legend(fontsize=8, loc="upper center", frameon=False)
+    legend_below(ax, ncol=3)
     return ax
+
+
+def _mark_picks(plan: Plan, ax: Any) -> None:
+    """Stars at the efficient and the fastest batch; one label "fastest = efficient" when
+    they are the same batch (two labels at one point overlap). Different batches: the
+    efficient (smaller) one is labelled up-left, the fastest up-right."""
+    eff, rec = plan.efficient, plan.recommended
+    if eff.batch_size == rec.batch_size:
+        picks = [(rec, REC_COLOR, "fastest = efficient", (0, 16), "center")]
+    else:
+        marks = sorted([(eff, EFF_COLOR, "efficient"), (rec, REC_COLOR, "fastest")],
+                       key=lambda mark: mark[0].batch_size)  # fmt: skip
+        places = [((-10, 14), "right"), ((10, 14), "left")]
+        picks = [(*mark, *place) for mark, place in zip(marks, places, strict=True)]
+    for pick, color, name, offset, align in picks:
+        y = 1 / pick.predicted_speedup
+        ax.plot([pick.batch_size], [y], "*", color=color, ms=16, mec="white", zorder=5)
+        ax.annotate(f"{name}\nB={pick.batch_size}", (pick.batch_size, y), textcoords="offset points",
+                    xytext=offset, ha=align, va="bottom", color=color, fontsize=9, fontweight="bold",
+                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8},
+                    zorder=6)  # fmt: skip
 
 
 def plot_noise_trajectory(plan: Plan, ax: Any = None) -> Any:
@@ -92,5 +106,5 @@ def plot_noise_trajectory(plan: Plan, ax: Any = None) -> Any:
     ax.axhline(plan.b_simple, color=EFF_COLOR, ls="--", lw=1.2,
                label=f"predicted critical batch {plan.b_simple:.0f} ({c_lo:.0f}-{c_hi:.0f})")  # fmt: skip
     ax.set_title("B_noise along the run: measured, fitted, at the target", fontsize=11, loc="left")
-    ax.legend(fontsize=8, loc="best", framealpha=0.8)
+    legend_below(ax)
     return ax

@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from batchlab.report.axes import new_axes, style_axes
+from batchlab.report.axes import legend_below, new_axes, style_axes
 from batchlab.sweep.analysis import SweepAnalysis
 from batchlab.sweep.fit import regime_borders
 from batchlab.sweep.groups import GroupAnalysis
@@ -117,7 +117,7 @@ def plot_val_curves(
             lo, hi = min(finite), sorted(finite)[int(0.98 * (len(finite) - 1))]
             ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
     if runs:
-        ax.legend(fontsize=7, ncol=2, frameon=False)
+        legend_below(ax, ncol=5)
     return ax
 
 
@@ -147,7 +147,7 @@ def plot_batch_metric(
     _style(ax, title, "batch size B", ylabel, logy=logy)
     _batch_ticks(ax, sorted(batches))
     if len(analysis.groups) > 1:
-        ax.legend(fontsize=8, frameon=False)
+        legend_below(ax)
     return ax
 
 
@@ -315,7 +315,7 @@ def _to_target_plot(
     _batch_ticks(ax, sorted(batches))
     if analysis.groups:
         _shade_regimes(ax, analysis.groups[0], label_at_top=not examples)
-    ax.legend(fontsize=7, frameon=False, loc="upper left" if examples else "lower left")
+    legend_below(ax)
     return ax
 
 
@@ -360,7 +360,7 @@ def plot_distance_from_init(
     )
     ax.set_xscale("log")
     if runs:
-        ax.legend(fontsize=7, ncol=2, frameon=False)
+        legend_below(ax, ncol=5)
     return ax
 
 
@@ -406,5 +406,5 @@ def plot_plan_check(analysis: SweepAnalysis, what: str = "speedup", ax: Any = No
     title = "time-to-target speedup" if what == "speedup" else "steps-to-target ratio S(B0)/S(B)"
     _style(ax, f"plan check: {title}", "batch size B", "x over the plan's reference", logy=True)
     _batch_ticks(ax, sorted({r.batch_size for r in rows}))
-    ax.legend(fontsize=7, frameon=False)
+    legend_below(ax)
     return ax
