@@ -371,6 +371,8 @@ def build_plan(
     warnings = plan_warnings(m, recommended, efficient, candidates)
     if outlook is not None and outlook.extrapolated:
         warnings.append(_extrapolation_warning(outlook))
+    if probe is not None:
+        warnings.extend(probe_warnings(probe))
     return Plan(
         task=m.task,
         device=m.device,
@@ -401,6 +403,14 @@ def build_plan(
         keep_reference=keep,
         cost=plan_cost(m),
     )
+
+
+def probe_warnings(probe: ProbeResult) -> list[PlanWarning]:
+    """The probe's own warnings, passed on: a plan built on a truncated or noisy ladder
+    must say so where the user reads the plan (console, JSON and report), not only in
+    `batchlab probe`'s output. Issue 14: a loaded CPU gave "timing truncated" and "timing
+    noise 21032%" in the probe and "No warnings." in the plan."""
+    return [PlanWarning("probe", w) for w in probe.warnings]
 
 
 def plan_cost(m: Measurements) -> dict[str, float]:
