@@ -6,10 +6,16 @@ on timings under contention says so, or refuses.
 
 from __future__ import annotations
 
+import pytest
 from test_plan_model import measurements
 
+import batchlab
+from batchlab.cli import main
+from batchlab.errors import BatchlabError
+from batchlab.measure.noise_run import NoisePoint
 from batchlab.measure.probe import ProbeResult
-from batchlab.planner import build_plan
+from batchlab.planner import Plan, PlanRefused, build_plan
+from batchlab.planner.model import loss_fall, loss_fall_warning
 
 
 def fake_probe(*warnings: str) -> ProbeResult:
@@ -36,3 +42,73 @@ def test_plan_passes_on_every_probe_warning():
 def test_plan_without_probe_warnings_adds_none():
     plan = build_plan(measurements(), b_simple=200.0, probe=fake_probe())
     assert not [w for w in plan.warnings if w.code == "probe"]
+
+
+RANDOM_LABELS_TASK = '''
+import torch, torch.nn.functional as F
+from torch.utils.data import TensorDataset
+import batchlab
+
+
+def make() -> batchlab.Task:
+    """The README's "your own task" example: its labels are random, so nothing is learnt."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2048, 20, generator=g), torch.randint(0, 4, (2048,), generator=g)
+    return batchlab.Task(
+        name="random-labels",
+        model=lambda: torch.nn.Sequential(
+            torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4)
+        ),
+        train_data=TensorDataset(x[:1600], y[:1600]),
+        val_data=TensorDataset(x[1600:], y[1600:]),
+        loss=lambda model, batch: F.cross_entropy(model(batch[0]), batch[1]),
+        metrics=lambda model, batch: {"acc": (model(batch[0]).argmax(-1) == batch[1]).float().mean()},
+        optimizer=lambda params, lr: torch.optim.AdamW(params, lr=lr),
+        lr=1e-3,
+        batch_size=64,
+    )
+'''
+# Small and fast: a 64 MiB budget, half a second of timing, the noise phase capped at 25 steps.
+FAST = dict(memory_budget="64MiB", throughput_seconds=0.5, noise_budget=1.0, noise_steps=25)
+FAST_FLAGS = ["--memory-budget", "64MiB", "--throughput-seconds", "0.5", "--noise-budget", "1",
+              "--noise-steps", "25", "--no-lr-check"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def random_task(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("task") / "random_labels.py"
+    path.write_text(RANDOM_LABELS_TASK)
+    return f"{path}:make"
+
+
+def test_loss_fall_on_known_points():
+    def points(*losses):
+        return tuple(NoisePoint(i, i, loss, 100.0, (50.0, 200.0), True) for i, loss in enumerate(losses))
+
+    assert loss_fall(points(2.0, 2.0, 1.0, 1.0, 1.0, 1.0)) == pytest.approx(0.5)
+    assert loss_fall(points(1.0, 1.0)) is None  # too few to tell
+    assert loss_fall_warning(points(2.0, 1.9, 1.5, 1.2, 1.1, 1.0)) is None  # fell 1 - 1.05/1.95
+    flat = loss_fall_warning(points(1.40, 1.38, 1.41, 1.39, 1.40, 1.39))
+    assert flat is not None and flat.code == "loss-not-falling" and "0.4%" in flat.message
+
+
+def test_plan_refuses_a_task_whose_loss_does_not_fall(random_task):
+    with pytest.raises(PlanRefused, match="loss fell") as info:
+        batchlab.plan(random_task, check_lr=False, **FAST)
+    assert isinstance(info.value, BatchlabError) and info.value.param == "force"
+    assert "\n" not in str(info.value)
+
+
+def test_forced_plan_says_why_it_should_not_be_trusted(random_task):
+    plan = batchlab.plan(random_task, check_lr=False, force=True, **FAST)
+    codes = {w.code for w in plan.warnings}
+    assert "loss-not-falling" in codes
+
+
+def test_cli_refuses_in_one_line_and_force_overrides(random_task, tmp_path, capsys):
+    assert main(["plan", random_task, *FAST_FLAGS]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--force" in err and "Traceback" not in err
+    out = tmp_path / "plan.json"
+    assert main(["plan", random_task, *FAST_FLAGS, "--force", "--json", str(out)]) == 0
+    assert "loss-not-falling" in {w.code for w in Plan.load(out).warnings}

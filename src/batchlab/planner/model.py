@@ -31,6 +31,15 @@ from batchlab.planner.plan_file import check_plan_fields
 from batchlab.results import JsonResult, read_json_object, type_problems
 
 
+# The noise phase's training loss must fall by this fraction (mean of its last third of
+# points against its first third) before the plan trusts it: B_noise is fitted against the
+# loss (`planner.noise_path`), and on a flat loss (random labels, a broken task, an LR far
+# too low) that fit and every prediction built on it mean nothing.
+MIN_LOSS_FALL = 0.05
+# Warnings that make `batchlab.plan` refuse to recommend unless `force=True`.
+REFUSING_WARNINGS = ("loss-not-falling", "unreliable-noise")
+
+
 @dataclass(frozen=True)
 class Measurements(JsonResult):
     """Everything the plan is built from; saved inside the plan so reports need no re-run."""
@@ -531,6 +540,9 @@ def plan_warnings(
                 "2016, expect a generalization gap; check with `batchlab sweep`",
             )
         )
+    loss_warning = loss_fall_warning(m.noise)
+    if loss_warning is not None:
+        out.append(loss_warning)
     if not m.noise_reliable:
         out.append(
             PlanWarning(
@@ -561,3 +573,34 @@ def plan_warnings(
             )
         )
     return out
+
+
+def loss_fall(points: tuple[NoisePoint, ...]) -> float | None:
+    """The noise phase's relative loss fall: 1 - mean(last third) / mean(first third) of
+    its points' training losses; None with fewer than 3 points that have a loss."""
+    losses = [p.train_loss for p in points if p.train_loss is not None]
+    if len(losses) < 3:
+        return None
+    third = len(losses) // 3
+    first = sum(losses[:third]) / third
+    last = sum(losses[-third:]) / third
+    return 1.0 - last / first if first > 0 else None
+
+
+def loss_fall_warning(points: tuple[NoisePoint, ...]) -> PlanWarning | None:
+    """A warning when the noise phase's loss did not fall by `MIN_LOSS_FALL` (or there
+    were too few points to tell): then nothing the plan predicts can be trusted."""
+    fall = loss_fall(points)
+    if fall is not None and fall >= MIN_LOSS_FALL:
+        return None
+    said = (
+        f"only {sum(p.train_loss is not None for p in points)} noise points had a loss"
+        if fall is None
+        else f"the training loss fell {fall:.1%} over the noise phase (< {MIN_LOSS_FALL:.0%})"
+    )
+    return PlanWarning(
+        "loss-not-falling",
+        f"{said}: the task may not learn (random labels? LR too low?) and B_noise fitted "
+        "against the loss means nothing; check the task, or measure longer (a larger "
+        "`noise_budget`)",
+    )
