@@ -7,6 +7,7 @@ on timings under contention says so, or refuses.
 from __future__ import annotations
 
 import pytest
+from conftest import tiny_task
 from test_plan_model import measurements
 
 import batchlab
@@ -14,6 +15,7 @@ from batchlab.cli import main
 from batchlab.errors import BatchlabError
 from batchlab.measure.noise_run import NoisePoint
 from batchlab.measure.probe import ProbeResult
+from batchlab.measure.throughput import ThroughputPoint, profile_throughput, timing_contention
 from batchlab.planner import Plan, PlanRefused, build_plan
 from batchlab.planner.model import loss_fall, loss_fall_warning
 
@@ -112,3 +114,56 @@ def test_cli_refuses_in_one_line_and_force_overrides(random_task, tmp_path, caps
     out = tmp_path / "plan.json"
     assert main(["plan", random_task, *FAST_FLAGS, "--force", "--json", str(out)]) == 0
     assert "loss-not-falling" in {w.code for w in Plan.load(out).warnings}
+
+
+class ContendedDevice:
+    """A `StepTimer` on a shared device: 1 ms + 2 us/sample a step, but every third call
+    is slowed 300x by other processes (issue 14 saw 100-500x under load 6 on 2 cores)."""
+
+    def __init__(self, slowdown: float = 300.0) -> None:
+        self.slowdown = slowdown
+        self.calls = 0
+        self.steps = 0
+        self.now = 0.0
+
+    def run(self, batch_size: int, count: int) -> float:
+        self.calls += 1
+        self.steps += count
+        seconds = (1e-3 + 2e-6 * batch_size) * count
+        if self.calls % 3 == 0:
+            seconds *= self.slowdown
+        self.now += seconds
+        return seconds
+
+    def clock(self) -> float:
+        return self.now
+
+
+def contended_profile(slowdown: float):
+    return profile_throughput(
+        tiny_task(n=1024), device="cpu", max_batch_size=256, check_alignment=False,
+        time_budget=1e6, timer=ContendedDevice(slowdown),
+    )  # fmt: skip
+
+
+def test_contended_timings_are_flagged_and_the_plan_warns():
+    profile = contended_profile(300.0)
+    assert profile.contention and timing_contention(profile.points) is not None
+    plan = build_plan(measurements(throughput=profile.points), b_simple=200.0)
+    contention = [w for w in plan.warnings if w.code == "timing-contention"]
+    assert len(contention) == 1 and "set_num_threads(1)" in contention[0].message
+
+
+def test_quiet_timings_are_not_flagged():
+    profile = contended_profile(1.0)
+    assert not profile.contention
+    plan = build_plan(measurements(throughput=profile.points), b_simple=200.0)
+    assert "timing-contention" not in {w.code for w in plan.warnings}
+
+
+def test_a_ladder_far_slower_per_sample_at_large_batches_is_contended():
+    def point(b, rate):
+        return ThroughputPoint(b, rate, b / rate, 0.1, rate, rate, 5, 3)
+
+    assert timing_contention([point(8, 1000.0), point(64, 900.0)]) is None
+    assert "5x fewer" in timing_contention([point(8, 1000.0), point(64, 200.0)])

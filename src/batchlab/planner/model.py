@@ -25,7 +25,7 @@ from batchlab.errors import ConfigError
 from batchlab.measure.memory_fit import MemoryPoint
 from batchlab.measure.noise_run import NoisePoint, NoiseRun
 from batchlab.measure.probe import ProbeResult
-from batchlab.measure.throughput import ThroughputPoint
+from batchlab.measure.throughput import ThroughputPoint, timing_contention
 from batchlab.planner.noise_path import NoiseOutlook, correlation_factor, noise_outlook
 from batchlab.planner.plan_file import check_plan_fields
 from batchlab.results import JsonResult, read_json_object, type_problems
@@ -549,6 +549,16 @@ def plan_warnings(
                 "unreliable-noise",
                 f"the B_simple estimate is unreliable ({m.noise_reason or 'wide interval'}); "
                 "measure over more steps (a larger `noise_budget`)",
+            )
+        )
+    contention = timing_contention(m.throughput)
+    if contention is not None:
+        out.append(
+            PlanWarning(
+                "timing-contention",
+                f"the step times look contended: {contention}; other processes compete "
+                "for the device, so every predicted speed-up is unreliable; plan again on "
+                "a quiet machine (on a busy CPU, OMP_NUM_THREADS=1 or torch.set_num_threads(1))",
             )
         )
     tp = sorted(m.throughput, key=lambda p: p.batch_size)
