@@ -167,3 +167,23 @@ def test_a_ladder_far_slower_per_sample_at_large_batches_is_contended():
 
     assert timing_contention([point(8, 1000.0), point(64, 900.0)]) is None
     assert "5x fewer" in timing_contention([point(8, 1000.0), point(64, 200.0)])
+
+
+def test_candidates_beyond_the_ladder_say_extrapolated_in_table_and_report():
+    from rich.console import Console
+
+    from batchlab.cli.plan_cmd import print_plan
+    from batchlab.report.plan_report import plan_page
+
+    plan = build_plan(measurements(ladder=(8, 16, 32, 64)), b_simple=200.0)
+    timing = {c.batch_size: c.timing for c in plan.candidates}
+    assert timing[32] == "measured" and timing[4] == "extrapolated"  # below the ladder
+    assert timing[128] == timing[512] == "extrapolated"  # above it, micro-batch 128 / 512
+    between = build_plan(measurements(ladder=(8, 64)), b_simple=200.0)
+    assert {c.batch_size: c.timing for c in between.candidates}[32] == "interpolated"
+    assert Plan.from_json(plan.to_json()).candidates == plan.candidates
+    console = Console(width=200, record=True)
+    print_plan(console, plan)
+    rows = [line for line in console.export_text().splitlines() if line.strip().startswith("512 ")]
+    assert rows and "extrapolated" in rows[0]
+    assert "extrapolated" in plan_page(plan).render()

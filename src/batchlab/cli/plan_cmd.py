@@ -246,7 +246,9 @@ def print_plan(console: Console, plan: Plan) -> None:
             marks.append("[green]fastest[/green]")
         if c.batch_size == plan.efficient.batch_size:
             marks.append("[cyan]efficient[/cyan]")
-        if not c.measured:
+        if c.timing == "extrapolated":
+            marks.append("[yellow]extrapolated[/yellow]")
+        elif c.timing == "interpolated":
             marks.append("[dim]interpolated[/dim]")
         style = "bold" if c.batch_size == plan.recommended.batch_size else None
         table.add_row(

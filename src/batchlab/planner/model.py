@@ -115,6 +115,17 @@ class Candidate(JsonResult):
     measured: bool  # B was on the measured throughput ladder
     speedup_low: float | None = None  # interval of predicted_speedup
     speedup_high: float | None = None
+    # The micro-batch lies outside the measured ladder: its step time is extrapolated by
+    # the step-time model, not read between two measured points.
+    extrapolated: bool = False
+
+    @property
+    def timing(self) -> str:
+        """How its step time was found, as the CLI table and the report label it:
+        "measured", "interpolated" (between ladder points) or "extrapolated" (beyond)."""
+        if self.extrapolated:
+            return "extrapolated"
+        return "measured" if self.measured else "interpolated"
 
 
 @dataclass(frozen=True)
@@ -449,6 +460,7 @@ def _candidates(m: Measurements, noise: _Noise, ref_step_s: float) -> list[Candi
     """Every candidate batch with its predicted steps, step time and speedup over B0."""
     candidates = []
     measured = {p.batch_size for p in m.throughput}
+    low_b, high_b = min(measured, default=0), max(measured, default=0)
     for b in candidate_batch_sizes(m, noise.value):
         micro, accum, step_s = _step_seconds(m, b)
         speedup = predicted_speedup(b, m.reference_batch_size, noise.value, step_s, ref_step_s)
@@ -465,6 +477,7 @@ def _candidates(m: Measurements, noise: _Noise, ref_step_s: float) -> list[Candi
                 measured=b in measured,
                 speedup_low=low,
                 speedup_high=high,
+                extrapolated=b not in measured and not low_b <= micro <= high_b,
             )
         )
     return candidates
