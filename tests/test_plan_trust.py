@@ -187,3 +187,27 @@ def test_candidates_beyond_the_ladder_say_extrapolated_in_table_and_report():
     rows = [line for line in console.export_text().splitlines() if line.strip().startswith("512 ")]
     assert rows and "extrapolated" in rows[0]
     assert "extrapolated" in plan_page(plan).render()
+
+
+def test_never_recommends_a_batch_timed_only_by_extrapolation():
+    # A ladder truncated at 64 (as under contention) with the memory max at 512: whatever
+    # the critical batch, the recommendation is a batch whose step time was measured or
+    # read between measured points. (The conservative step-time model already keeps an
+    # extrapolated batch from looking faster; this guards the invariant.)
+    for b_simple in (0.5, 50.0, 1e6):
+        for step_s in (lambda b: 0.01, lambda b: 1e-3 * b + 1e-4):
+            m = measurements(ladder=(8, 16, 32, 64), max_batch=512, step_s=step_s)
+            plan = build_plan(m, b_simple=b_simple)
+            chosen = {c.batch_size: c for c in plan.candidates}[plan.recommended.batch_size]
+            assert chosen.timing != "extrapolated" or chosen.batch_size == 32  # 32 is B0
+
+
+def test_never_recommends_a_batchnorm_micro_batch_its_own_warning_rejects():
+    # Step time linear in B and a tiny critical batch: B=2 would be predicted fastest.
+    over = dict(step_s=lambda b: 1e-3 * b, ladder=(2, 4, 8, 16, 32, 64), max_batch=64)
+    plain = build_plan(measurements(**over), b_simple=0.5)
+    assert plain.recommended.batch_size == 2
+    bn = build_plan(measurements(**over, has_batchnorm=True), b_simple=0.5)
+    assert bn.recommended.micro_batch_size >= 8 and bn.efficient.micro_batch_size >= 8
+    assert "batchnorm-small-batch" not in {w.code for w in bn.warnings}
+    assert "faster-batch-untrusted" in {w.code for w in bn.warnings}
