@@ -17,7 +17,7 @@ from batchlab.measure.noise_run import NoisePoint
 from batchlab.measure.probe import ProbeResult
 from batchlab.measure.throughput import ThroughputPoint, profile_throughput, timing_contention
 from batchlab.planner import Plan, PlanRefused, build_plan
-from batchlab.planner.model import loss_fall, loss_fall_warning
+from batchlab.planner.trust import loss_fall, loss_fall_warning
 
 
 def fake_probe(*warnings: str) -> ProbeResult:
@@ -85,7 +85,9 @@ def random_task(tmp_path_factory) -> str:
 
 def test_loss_fall_on_known_points():
     def points(*losses):
-        return tuple(NoisePoint(i, i, loss, 100.0, (50.0, 200.0), True) for i, loss in enumerate(losses))
+        return tuple(
+            NoisePoint(i, i, loss, 100.0, (50.0, 200.0), True) for i, loss in enumerate(losses)
+        )
 
     assert loss_fall(points(2.0, 2.0, 1.0, 1.0, 1.0, 1.0)) == pytest.approx(0.5)
     assert loss_fall(points(1.0, 1.0)) is None  # too few to tell

@@ -362,6 +362,7 @@ def timing_contention(points: Sequence[ThroughputPoint]) -> str | None:
     if not points:
         return None
     ladder = sorted(points, key=lambda p: p.batch_size)
+
     def window_ratio(p: ThroughputPoint) -> float:
         return p.samples_per_s_high / p.samples_per_s_low if p.samples_per_s_low > 0 else 1.0
 
@@ -375,8 +376,7 @@ def timing_contention(points: Sequence[ThroughputPoint]) -> str | None:
     if slowest.samples_per_s * CONTENTION_SLOWDOWN < ladder[0].samples_per_s:
         ratio = ladder[0].samples_per_s / slowest.samples_per_s
         return (
-            f"B={slowest.batch_size} ran {ratio:.0f}x fewer samples/s than "
-            f"B={ladder[0].batch_size}"
+            f"B={slowest.batch_size} ran {ratio:.0f}x fewer samples/s than B={ladder[0].batch_size}"
         )
     return None
 

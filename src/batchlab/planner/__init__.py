@@ -5,10 +5,10 @@ from batchlab.planner.model import (
     Candidate,
     Measurements,
     Plan,
-    PlanWarning,
     Recommendation,
     build_plan,
 )
+from batchlab.planner.trust import PlanWarning
 
 __all__ = [
     "Candidate",

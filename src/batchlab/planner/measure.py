@@ -28,8 +28,9 @@ from batchlab.history import History
 from batchlab.measure.noise_run import NoiseRun, measure_noise
 from batchlab.measure.probe import ProbeResult, ProbeSettings, has_batchnorm, run_probe
 from batchlab.planner.lr_check import check_recommended_lr
-from batchlab.planner.model import REFUSING_WARNINGS, Measurements, Plan, build_plan
+from batchlab.planner.model import Measurements, Plan, build_plan
 from batchlab.planner.reference import reference_seconds_to_target
+from batchlab.planner.trust import REFUSING_WARNINGS
 from batchlab.target import target_for_task
 from batchlab.task import Task
 from batchlab.tasks import load_task

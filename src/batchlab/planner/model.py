@@ -25,19 +25,16 @@ from batchlab.errors import ConfigError
 from batchlab.measure.memory_fit import MemoryPoint
 from batchlab.measure.noise_run import NoisePoint, NoiseRun
 from batchlab.measure.probe import BATCHNORM_MIN_BATCH, ProbeResult
-from batchlab.measure.throughput import ThroughputPoint, timing_contention
+from batchlab.measure.throughput import ThroughputPoint
 from batchlab.planner.noise_path import NoiseOutlook, correlation_factor, noise_outlook
 from batchlab.planner.plan_file import check_plan_fields
+from batchlab.planner.trust import (
+    PlanWarning,
+    contention_warning,
+    loss_fall_warning,
+    probe_warnings,
+)
 from batchlab.results import JsonResult, read_json_object, type_problems
-
-
-# The noise phase's training loss must fall by this fraction (mean of its last third of
-# points against its first third) before the plan trusts it: B_noise is fitted against the
-# loss (`planner.noise_path`), and on a flat loss (random labels, a broken task, an LR far
-# too low) that fit and every prediction built on it mean nothing.
-MIN_LOSS_FALL = 0.05
-# Warnings that make `batchlab.plan` refuse to recommend unless `force=True`.
-REFUSING_WARNINGS = ("loss-not-falling", "unreliable-noise")
 
 
 @dataclass(frozen=True)
@@ -126,12 +123,6 @@ class Candidate(JsonResult):
         if self.extrapolated:
             return "extrapolated"
         return "measured" if self.measured else "interpolated"
-
-
-@dataclass(frozen=True)
-class PlanWarning(JsonResult):
-    code: str
-    message: str
 
 
 @dataclass(frozen=True)
@@ -428,14 +419,6 @@ def build_plan(
     )
 
 
-def probe_warnings(probe: ProbeResult) -> list[PlanWarning]:
-    """The probe's own warnings, passed on: a plan built on a truncated or noisy ladder
-    must say so where the user reads the plan (console, JSON and report), not only in
-    `batchlab probe`'s output. Issue 14: a loaded CPU gave "timing truncated" and "timing
-    noise 21032%" in the probe and "No warnings." in the plan."""
-    return [PlanWarning("probe", w) for w in probe.warnings]
-
-
 def plan_cost(m: Measurements) -> dict[str, float]:
     """The noise phase's training examples next to the whole reference training's."""
     cost = {
@@ -611,16 +594,9 @@ def plan_warnings(
                 "measure over more steps (a larger `noise_budget`)",
             )
         )
-    contention = timing_contention(m.throughput)
+    contention = contention_warning(m.throughput)
     if contention is not None:
-        out.append(
-            PlanWarning(
-                "timing-contention",
-                f"the step times look contended: {contention}; other processes compete "
-                "for the device, so every predicted speed-up is unreliable; plan again on "
-                "a quiet machine (on a busy CPU, OMP_NUM_THREADS=1 or torch.set_num_threads(1))",
-            )
-        )
+        out.append(contention)
     tp = sorted(m.throughput, key=lambda p: p.batch_size)
     # Only when memory is the limit: at the training-set size there is nothing to gain.
     memory_bound = m.max_batch_size < m.num_train
@@ -643,34 +619,3 @@ def plan_warnings(
             )
         )
     return out
-
-
-def loss_fall(points: tuple[NoisePoint, ...]) -> float | None:
-    """The noise phase's relative loss fall: 1 - mean(last third) / mean(first third) of
-    its points' training losses; None with fewer than 3 points that have a loss."""
-    losses = [p.train_loss for p in points if p.train_loss is not None]
-    if len(losses) < 3:
-        return None
-    third = len(losses) // 3
-    first = sum(losses[:third]) / third
-    last = sum(losses[-third:]) / third
-    return 1.0 - last / first if first > 0 else None
-
-
-def loss_fall_warning(points: tuple[NoisePoint, ...]) -> PlanWarning | None:
-    """A warning when the noise phase's loss did not fall by `MIN_LOSS_FALL` (or there
-    were too few points to tell): then nothing the plan predicts can be trusted."""
-    fall = loss_fall(points)
-    if fall is not None and fall >= MIN_LOSS_FALL:
-        return None
-    said = (
-        f"only {sum(p.train_loss is not None for p in points)} noise points had a loss"
-        if fall is None
-        else f"the training loss fell {fall:.1%} over the noise phase (< {MIN_LOSS_FALL:.0%})"
-    )
-    return PlanWarning(
-        "loss-not-falling",
-        f"{said}: the task may not learn (random labels? LR too low?) and B_noise fitted "
-        "against the loss means nothing; check the task, or measure longer (a larger "
-        "`noise_budget`)",
-    )
