@@ -114,6 +114,14 @@ def plan(
             "steps and lower it where the rule's does not train.",
         ),
     ] = True,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Recommend even when the noise phase's loss did not fall or its B_simple "
+            "is unreliable (the plan's warnings say why not to trust it).",
+        ),
+    ] = False,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     json_path: JsonOpt = None,
@@ -146,6 +154,7 @@ def plan(
                 command=command,
                 progress=progress,
                 check_lr=lr_check,
+                force=force,
             )
     except PlanInterrupted as exc:
         partial = PartialPlan(exc.phase, exc.measured.get("probe"), exc.measured.get("noise"))
@@ -237,7 +246,9 @@ def print_plan(console: Console, plan: Plan) -> None:
             marks.append("[green]fastest[/green]")
         if c.batch_size == plan.efficient.batch_size:
             marks.append("[cyan]efficient[/cyan]")
-        if not c.measured:
+        if c.timing == "extrapolated":
+            marks.append("[yellow]extrapolated[/yellow]")
+        elif c.timing == "interpolated":
             marks.append("[dim]interpolated[/dim]")
         style = "bold" if c.batch_size == plan.recommended.batch_size else None
         table.add_row(

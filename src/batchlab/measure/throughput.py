@@ -37,6 +37,12 @@ MIN_ALIGNMENT_GAIN = 0.03  # an aligned size must be >= 3% faster ...
 MIN_ALIGNMENT_WIN_RATE = 0.8  # ... in at least 80% of the interleaved rounds
 ALIGNMENT_SIZES = 5  # sizes timed by the alignment check (two rules share one)
 NOISY_SPREAD = 0.5  # warn when a point's windows range over more than 50% of its median
+# Contention: the fastest window of one size runs over 3x the samples/s of its slowest, or
+# a larger batch runs at less than 1/4 of the smallest one's samples/s. Neither happens on
+# a quiet device (the windows are interleaved, so a slow phase hits every size); both are
+# what a loaded CPU gave (issue 14: load 6 on 2 cores, windows over 21032%).
+CONTENTION_WINDOW_RATIO = 3.0
+CONTENTION_SLOWDOWN = 4.0
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,7 @@ class ThroughputProfile(JsonResult):
     steps: int  # training steps spent
     seconds: float
     warnings: tuple[str, ...] = ()
+    contention: bool = False  # `timing_contention` found the timings untrustworthy
 
     def samples_per_s_at(self, batch_size: float) -> float:
         """Samples/s at any B, interpolating the step time in log-log space."""
@@ -319,6 +326,7 @@ def profile_throughput(
         steps=steps,
         seconds=time.perf_counter() - t0,
         warnings=tuple(warnings + ([noisy] if noisy else [])),
+        contention=timing_contention(points) is not None,
     )
 
 
@@ -340,6 +348,37 @@ def _sizes_to_time(
             param="batch_sizes",
         )
     return sizes
+
+
+def timing_contention(points: Sequence[ThroughputPoint]) -> str | None:
+    """Why the ladder's timings look contended (other processes on the device), or None.
+
+    Two signs: one size's fastest window runs over `CONTENTION_WINDOW_RATIO` times the
+    samples/s of its slowest (a ratio, not the spread over the median, which a few very
+    slow windows barely move), or a larger batch running at under 1/`CONTENTION_SLOWDOWN` of the smallest
+    batch's samples/s (a real device gets no slower per sample as B grows, short of
+    swapping). Step times under contention say nothing about the device.
+    """
+    if not points:
+        return None
+    ladder = sorted(points, key=lambda p: p.batch_size)
+
+    def window_ratio(p: ThroughputPoint) -> float:
+        return p.samples_per_s_high / p.samples_per_s_low if p.samples_per_s_low > 0 else 1.0
+
+    noisiest = max(ladder, key=window_ratio)
+    if window_ratio(noisiest) > CONTENTION_WINDOW_RATIO:
+        return (
+            f"at B={noisiest.batch_size} the fastest timed window ran "
+            f"{window_ratio(noisiest):.0f}x the samples/s of the slowest"
+        )
+    slowest = min(ladder, key=lambda p: p.samples_per_s)
+    if slowest.samples_per_s * CONTENTION_SLOWDOWN < ladder[0].samples_per_s:
+        ratio = ladder[0].samples_per_s / slowest.samples_per_s
+        return (
+            f"B={slowest.batch_size} ran {ratio:.0f}x fewer samples/s than B={ladder[0].batch_size}"
+        )
+    return None
 
 
 def _noise_warning(points: Sequence[ThroughputPoint], dev: torch.device) -> str | None:

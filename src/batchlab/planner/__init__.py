@@ -1,14 +1,14 @@
 """`batchlab plan`: combine hardware and noise measurements into a batch size, LR and report."""
 
-from batchlab.planner.measure import PartialPlan, PlanInterrupted, plan
+from batchlab.planner.measure import PartialPlan, PlanInterrupted, PlanRefused, plan
 from batchlab.planner.model import (
     Candidate,
     Measurements,
     Plan,
-    PlanWarning,
     Recommendation,
     build_plan,
 )
+from batchlab.planner.trust import PlanWarning
 
 __all__ = [
     "Candidate",
@@ -16,6 +16,7 @@ __all__ = [
     "PartialPlan",
     "Plan",
     "PlanInterrupted",
+    "PlanRefused",
     "PlanWarning",
     "Recommendation",
     "build_plan",

@@ -30,6 +30,7 @@ from batchlab.measure.probe import ProbeResult, ProbeSettings, has_batchnorm, ru
 from batchlab.planner.lr_check import check_recommended_lr
 from batchlab.planner.model import Measurements, Plan, build_plan
 from batchlab.planner.reference import reference_seconds_to_target
+from batchlab.planner.trust import REFUSING_WARNINGS
 from batchlab.target import target_for_task
 from batchlab.task import Task
 from batchlab.tasks import load_task
@@ -38,6 +39,18 @@ DEFAULT_NOISE_BUDGET = 0.05  # fraction of the reference training's examples (ep
 POINTS_PER_NOISE_RUN = 40  # tracker points along the noise phase
 DEFAULT_THROUGHPUT_SECONDS = 10.0
 ProgressFn = Callable[[str, float, float | None], None]
+
+
+class PlanRefused(BatchlabError):
+    """The measurements cannot support a recommendation (the loss did not fall, or the
+    noise estimate is unreliable); `force=True` builds the plan anyway, with warnings."""
+
+    def __init__(self, reasons: list[str]) -> None:
+        super().__init__(
+            "no plan: " + "; ".join(reasons) + "; pass `force` to plan anyway (with warnings)",
+            param="force",
+        )
+        self.reasons = reasons
 
 
 class PlanInterrupted(BatchlabError):
@@ -135,6 +148,7 @@ def plan(
     command: str = "",
     progress: ProgressFn | None = None,
     check_lr: bool = True,
+    force: bool = False,
 ) -> Plan:
     """Measure, then recommend a batch size, learning rate, warm-up and accumulation.
 
@@ -153,6 +167,11 @@ def plan(
         check_lr: probe the recommended LR at the recommended batch (x0.5, x1, x2 for a
             few steps, `batchlab.planner.lr_check`) and lower it where the rule's does not
             train; the plan's `lr_check` says what was tried.
+        force: recommend even when the noise phase's loss did not fall or its B_simple
+            is unreliable; the plan's warnings say why it should not be trusted.
+
+    Raises `PlanRefused` (one line, the reasons) when the measurements cannot support a
+    recommendation and `force` is False: a confident answer from bad data is worse than none.
 
     Raises `PlanInterrupted` on Ctrl-C, carrying whatever was measured by then.
     """
@@ -179,6 +198,9 @@ def plan(
         probe=measured["probe"],
         noise=measured["noise"],
     )
+    refusing = [w.message for w in built.warnings if w.code in REFUSING_WARNINGS]
+    if refusing and not force:
+        raise PlanRefused(refusing)
     if check_lr:  # the recommended LR, probed at its batch (planner/lr_check.py)
         try:
             built = check_recommended_lr(task, built, device, amp, seed, progress, started=t0)

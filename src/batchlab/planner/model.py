@@ -24,10 +24,16 @@ from batchlab.core.tradeoff import (
 from batchlab.errors import ConfigError
 from batchlab.measure.memory_fit import MemoryPoint
 from batchlab.measure.noise_run import NoisePoint, NoiseRun
-from batchlab.measure.probe import ProbeResult
+from batchlab.measure.probe import BATCHNORM_MIN_BATCH, ProbeResult
 from batchlab.measure.throughput import ThroughputPoint
 from batchlab.planner.noise_path import NoiseOutlook, correlation_factor, noise_outlook
 from batchlab.planner.plan_file import check_plan_fields
+from batchlab.planner.trust import (
+    PlanWarning,
+    contention_warning,
+    loss_fall_warning,
+    probe_warnings,
+)
 from batchlab.results import JsonResult, read_json_object, type_problems
 
 
@@ -106,12 +112,17 @@ class Candidate(JsonResult):
     measured: bool  # B was on the measured throughput ladder
     speedup_low: float | None = None  # interval of predicted_speedup
     speedup_high: float | None = None
+    # The micro-batch lies outside the measured ladder: its step time is extrapolated by
+    # the step-time model, not read between two measured points.
+    extrapolated: bool = False
 
-
-@dataclass(frozen=True)
-class PlanWarning(JsonResult):
-    code: str
-    message: str
+    @property
+    def timing(self) -> str:
+        """How its step time was found, as the CLI table and the report label it:
+        "measured", "interpolated" (between ladder points) or "extrapolated" (beyond)."""
+        if self.extrapolated:
+            return "extrapolated"
+        return "measured" if self.measured else "interpolated"
 
 
 @dataclass(frozen=True)
@@ -369,8 +380,13 @@ def build_plan(
         else None
     )
     warnings = plan_warnings(m, recommended, efficient, candidates)
+    untrusted = untrusted_warning(m, candidates, recommended)
+    if untrusted is not None:
+        warnings.append(untrusted)
     if outlook is not None and outlook.extrapolated:
         warnings.append(_extrapolation_warning(outlook))
+    if probe is not None:
+        warnings.extend(probe_warnings(probe))
     return Plan(
         task=m.task,
         device=m.device,
@@ -430,6 +446,7 @@ def _candidates(m: Measurements, noise: _Noise, ref_step_s: float) -> list[Candi
     """Every candidate batch with its predicted steps, step time and speedup over B0."""
     candidates = []
     measured = {p.batch_size for p in m.throughput}
+    low_b, high_b = min(measured, default=0), max(measured, default=0)
     for b in candidate_batch_sizes(m, noise.value):
         micro, accum, step_s = _step_seconds(m, b)
         speedup = predicted_speedup(b, m.reference_batch_size, noise.value, step_s, ref_step_s)
@@ -446,6 +463,7 @@ def _candidates(m: Measurements, noise: _Noise, ref_step_s: float) -> list[Candi
                 measured=b in measured,
                 speedup_low=low,
                 speedup_high=high,
+                extrapolated=b not in measured and not low_b <= micro <= high_b,
             )
         )
     return candidates
@@ -455,9 +473,15 @@ def _recommend_fastest(
     m: Measurements, candidates: list[Candidate], noise: _Noise, rule: str, ref_step_s: float
 ) -> tuple[Recommendation, str, bool]:
     """The candidate with the least predicted time to target (the smaller batch on a tie),
-    unless its gain lies within its own interval: then B0, and the verdict says so."""
-    fastest = max(candidates, key=lambda c: (c.predicted_speedup, -c.batch_size))
+    unless its gain lies within its own interval: then B0, and the verdict says so.
+
+    Only candidates the plan's own warnings do not reject compete (`untrusted_reason`):
+    a batch whose step time is extrapolated past the ladder, or a BatchNorm micro-batch
+    under 8, is never the recommendation; `untrusted_warning` names a faster one left out.
+    """
     b0 = m.reference_batch_size
+    trusted = [c for c in candidates if c.batch_size == b0 or untrusted_reason(m, c) is None]
+    fastest = max(trusted or candidates, key=lambda c: (c.predicted_speedup, -c.batch_size))
     span = f"{fastest.speedup_low:.2f}-{fastest.speedup_high:.2f}x"
     reason = (
         f"minimum predicted time to target among {len(candidates)} candidates: "
@@ -481,11 +505,49 @@ def _recommend_fastest(
     return rec, verdict, False
 
 
+def untrusted_reason(m: Measurements, c: Candidate) -> str | None:
+    """Why the plan must not recommend candidate `c`, or None: its step time extrapolated
+    beyond the measured ladder (issue 14: B=64 was recommended from extrapolated times),
+    or a BatchNorm micro-batch under `BATCHNORM_MIN_BATCH` (its own warning rejects it)."""
+    if c.extrapolated:
+        return "its step time is extrapolated beyond the measured throughput ladder"
+    if m.has_batchnorm and c.micro_batch_size < BATCHNORM_MIN_BATCH:
+        return (
+            f"the model has BatchNorm and its micro-batch {c.micro_batch_size} is under "
+            f"{BATCHNORM_MIN_BATCH}"
+        )
+    return None
+
+
+def untrusted_warning(
+    m: Measurements, candidates: list[Candidate], recommended: Recommendation
+) -> PlanWarning | None:
+    """A warning naming a candidate predicted faster than the recommendation but left out."""
+    left_out = [
+        c
+        for c in candidates
+        if c.predicted_speedup > recommended.predicted_speedup
+        and c.batch_size != m.reference_batch_size
+        and untrusted_reason(m, c) is not None
+    ]
+    if not left_out:
+        return None
+    best = max(left_out, key=lambda c: c.predicted_speedup)
+    return PlanWarning(
+        "faster-batch-untrusted",
+        f"B={best.batch_size} is predicted {best.predicted_speedup:.2f}x but not recommended: "
+        f"{untrusted_reason(m, best)}; time more sizes (a larger `throughput_seconds`) to "
+        "measure it",
+    )
+
+
 def _recommend_efficient(
     m: Measurements, noise: _Noise, rule: str, ref_step_s: float
 ) -> Recommendation:
     """B ~ B_noise, within the training set and on the aligned multiple where it pays."""
     eff_b = min(efficient_batch_size(noise.value), m.num_train)
+    if m.has_batchnorm:  # its own BatchNorm warning would reject a smaller micro-batch
+        eff_b = min(max(eff_b, BATCHNORM_MIN_BATCH), m.num_train)
     if m.aligned_multiple and eff_b >= m.aligned_multiple:
         eff_b = m.aligned_multiple * round(eff_b / m.aligned_multiple)
     reason = (
@@ -503,7 +565,7 @@ def plan_warnings(
 ) -> list[PlanWarning]:
     out = []
     for rec in {recommended.micro_batch_size, efficient.micro_batch_size}:
-        if m.has_batchnorm and rec < 8:
+        if m.has_batchnorm and rec < BATCHNORM_MIN_BATCH:
             out.append(
                 PlanWarning(
                     "batchnorm-small-batch",
@@ -521,6 +583,9 @@ def plan_warnings(
                 "2016, expect a generalization gap; check with `batchlab sweep`",
             )
         )
+    loss_warning = loss_fall_warning(m.noise)
+    if loss_warning is not None:
+        out.append(loss_warning)
     if not m.noise_reliable:
         out.append(
             PlanWarning(
@@ -529,6 +594,9 @@ def plan_warnings(
                 "measure over more steps (a larger `noise_budget`)",
             )
         )
+    contention = contention_warning(m.throughput)
+    if contention is not None:
+        out.append(contention)
     tp = sorted(m.throughput, key=lambda p: p.batch_size)
     # Only when memory is the limit: at the training-set size there is nothing to gain.
     memory_bound = m.max_batch_size < m.num_train

@@ -187,8 +187,8 @@ def _candidate_table(plan: Plan) -> tuple[list[str], list[list], list[int]]:
             highlight.append(i)
         if c.batch_size == plan.efficient.batch_size:
             marks.append("efficient")
-        if not c.measured:
-            marks.append("interpolated")
+        if c.timing != "measured":
+            marks.append(c.timing)  # "interpolated" or "extrapolated"
         rows.append(
             [
                 c.batch_size,
