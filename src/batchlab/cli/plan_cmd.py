@@ -63,6 +63,7 @@ class PhaseProgress:
             self.progress.stop()
 
 
+# Long only in its signature: typer reads one annotated parameter per flag from here.
 def plan(
     task: TaskArg = DEFAULT,
     memory_budget: Annotated[

@@ -157,6 +157,7 @@ ReportOpt = Annotated[
 ]
 
 
+# Long only in its signature: typer reads one annotated parameter per flag from here.
 def sweep(
     ctx: typer.Context,
     out_dir: OutDirOpt,
