@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from batchlab.core.checks import check_batch_size, check_lr
+from batchlab.core.checks import check_batch_size, check_epochs, check_lr
 from batchlab.core.evals import GEOMETRIC
 from batchlab.core.lr import SWEEP_LR_RULES, scale_lr, warmup_steps_for
 from batchlab.core.optim import family_lr_rule
@@ -274,8 +274,8 @@ def _check_run_options(
         check_batch_size(max_steps, what="max steps")
     if epochs is None and max_steps is None:
         epochs = float(min(t.epochs or DEFAULT_EPOCHS, DEFAULT_EPOCHS))
-    if epochs is not None and not (isinstance(epochs, (int, float)) and epochs > 0):
-        raise ConfigError(f"epochs: expected a positive number, got {epochs!r}")
+    if epochs is not None:
+        epochs = check_epochs(epochs)
     if not isinstance(min_steps, int) or min_steps < 0:
         raise ConfigError(f"min steps: expected an integer >= 0, got {min_steps!r}")
     return epochs
