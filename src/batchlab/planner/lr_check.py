@@ -38,13 +38,12 @@ from batchlab.core.lr_choice import (
     summarize_trial,
 )
 from batchlab.errors import ConfigError
+from batchlab.measure.memory import ProgressFn
 from batchlab.measure.oom import is_oom_error
 from batchlab.measure.state import preserve_training_state
 from batchlab.planner.model import Plan
 from batchlab.task import Task
 from batchlab.train import train
-
-ProgressFn = Callable[[str, float, float | None], None]
 
 
 class _Progress(TrainCallback):

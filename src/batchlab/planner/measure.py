@@ -12,7 +12,6 @@ The three measurements run one after another, each through the training engine:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from batchlab.core.lr import PLAN_LR_RULES, check_lr_rule
 from batchlab.core.optim import default_lr_rule
 from batchlab.errors import BatchlabError, ConfigError
 from batchlab.history import History
+from batchlab.measure.memory import ProgressFn
 from batchlab.measure.noise_run import NoiseRun, measure_noise
 from batchlab.measure.probe import ProbeResult, ProbeSettings, has_batchnorm, run_probe
 from batchlab.planner.lr_check import check_recommended_lr
@@ -38,7 +38,6 @@ from batchlab.tasks import load_task
 DEFAULT_NOISE_BUDGET = 0.05  # fraction of the reference training's examples (epochs x N)
 POINTS_PER_NOISE_RUN = 40  # tracker points along the noise phase
 DEFAULT_THROUGHPUT_SECONDS = 10.0
-ProgressFn = Callable[[str, float, float | None], None]
 
 
 class PlanRefused(BatchlabError):
