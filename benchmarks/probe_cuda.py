@@ -1,0 +1,224 @@
+"""Max-batch search on a real GPU with real out-of-memory errors: batchlab vs Lightning vs Accelerate.
+
+`torch.cuda.set_per_process_memory_fraction` caps the caching allocator, so a step above
+the cap raises a real `torch.OutOfMemoryError` (the GPU itself has far more memory than
+these small tasks could use). Every method then searches for the largest batch:
+
+- batchlab told the cap (`memory_budget=CAP`, default 10% margin, and margin 0);
+- batchlab not told (its default budget is the card's free memory, far above the cap),
+  so only real OOMs can stop it: this checks the OOM back-off;
+- Lightning's `Tuner.scale_batch_size` (binsearch) and Accelerate's
+  `find_executable_batch_size` (from 8192), both on real OOMs.
+
+The true maximum is found by bisection over real training steps (two steps per batch
+size, so the optimizer state exists). A later run of 200 steps at each found batch tells
+whether it would have died.
+
+    python benchmarks/probe_cuda.py [--tasks charlm:1GiB mnist1d-cnn:64MiB]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+import batchlab
+from batchlab.data import Batcher
+from batchlab.measure.sizes import format_bytes, parse_size
+from batchlab.step import TrainStep
+
+CUDA = torch.device("cuda")
+LATER_STEPS = 200
+
+
+@dataclass
+class Row:
+    method: str
+    steps: int | None
+    seconds: float
+    batch: int | None
+    note: str = ""
+    later: str = "-"
+
+
+def _free() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def run_steps(task: batchlab.Task, batch: int, steps: int) -> tuple[bool, int, int | None]:
+    """Train `steps` steps at `batch` on CUDA: (no OOM, peak allocated bytes, step that died)."""
+    batch = min(batch, task.num_train)
+    _free()
+    torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(1)
+    died = None
+    try:
+        model = task.model().to(CUDA)
+        optimizer = task.optimizer(model.parameters(), task.lr)
+        step = TrainStep(
+            model, optimizer, task.loss, Batcher(task.train_data, CUDA), micro_batch_size=batch,
+            device=CUDA,
+        )  # fmt: skip
+        gen = torch.Generator().manual_seed(1)
+        for i in range(1, steps + 1):
+            died = i
+            step(torch.randperm(task.num_train, generator=gen)[:batch])
+        torch.cuda.synchronize()
+        died = None
+    except torch.OutOfMemoryError:
+        pass
+    finally:
+        model = optimizer = step = None  # noqa: F841
+        _free()
+    return died is None, torch.cuda.max_memory_allocated(), died
+
+
+def true_max(task: batchlab.Task) -> tuple[int, int]:
+    """Largest batch whose first two steps fit under the cap; and the steps spent finding it."""
+    lo, hi, spent = 0, task.num_train + 1, 0
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        ok, _, _ = run_steps(task, mid, 2)
+        spent += 2
+        lo, hi = (mid, hi) if ok else (lo, mid)
+    return lo, spent
+
+
+def run_batchlab(task, budget: int | None, margin: float, label: str) -> Row:
+    t0 = time.perf_counter()
+    probe = batchlab.probe_memory(task, device="cuda", memory_budget=budget, margin=margin)
+    note = f"tried {' '.join(map(str, probe.tried))}; verified={probe.verified}"
+    if probe.warnings:
+        note += "; " + " / ".join(probe.warnings)
+    return Row(label, probe.probe_steps, time.perf_counter() - t0, probe.max_batch_size, note)
+
+
+def run_lightning(task) -> Row:
+    import lightning as L
+    from lightning.pytorch.tuner import Tuner
+    from torch.utils.data import DataLoader
+
+    class LitTask(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = task.model()
+            self.batch_size = 2
+            self.calls = 0
+
+        def training_step(self, batch, batch_idx):
+            self.calls += 1
+            return task.loss(self.model, batch)
+
+        def configure_optimizers(self):
+            return task.optimizer(self.model.parameters(), task.lr)
+
+        def train_dataloader(self):
+            return DataLoader(task.train_data, batch_size=self.batch_size, shuffle=True)
+
+    lit = LitTask()
+    trainer = L.Trainer(
+        accelerator="gpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    found = Tuner(trainer).scale_batch_size(lit, mode="binsearch", init_val=2)
+    seconds = time.perf_counter() - t0
+    del lit, trainer
+    _free()
+    return Row("Lightning binsearch", None, seconds, found, "steps not counted")
+
+
+def run_accelerate(task, start: int = 8192) -> Row:
+    from accelerate.utils import find_executable_batch_size
+
+    calls: list[int] = []
+
+    @find_executable_batch_size(starting_batch_size=start)
+    def one_step(batch_size):
+        calls.append(batch_size)
+        ok, _, _ = run_steps(task, batch_size, 2)
+        if not ok:
+            raise torch.OutOfMemoryError("CUDA out of memory (re-raised from a 2-step trial)")
+        return batch_size
+
+    t0 = time.perf_counter()
+    found = one_step()
+    return Row(f"Accelerate x0.9 from {start}", 2 * len(calls), time.perf_counter() - t0, found)
+
+
+def compare(task_name: str, cap_text: str) -> None:
+    task = batchlab.load_task(task_name)
+    cap = parse_size(cap_text)
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(cap / total)
+    t0 = time.perf_counter()
+    best, spent = true_max(task)
+    print(
+        f"\n### {task_name}, allocator capped at {format_bytes(cap)} "
+        f"(of {format_bytes(total)} on {torch.cuda.get_device_name()})\n\n"
+        f"True max (bisection over real 2-step runs): {best} ({spent} steps, "
+        f"{time.perf_counter() - t0:.0f}s). Training set: {task.num_train} examples.\n"
+    )
+    methods = [
+        lambda: run_batchlab(task, cap, 0.1, "batchlab, told the cap (margin 10%)"),
+        lambda: run_batchlab(task, cap, 0.0, "batchlab, told the cap (margin 0)"),
+        lambda: run_batchlab(task, None, 0.1, "batchlab, not told (real OOM back-off)"),
+        lambda: run_lightning(task),
+        lambda: run_accelerate(task),
+    ]
+    rows = []
+    for method in methods:
+        try:
+            rows.append(method())
+        except Exception as exc:  # a failing tool is a result, not the end of the benchmark
+            rows.append(Row(getattr(method, "__name__", "?"), None, 0.0, None, f"error: {exc!r}"))
+        _free()
+    for r in rows:
+        if r.batch:
+            ok, peak, died = run_steps(task, r.batch, LATER_STEPS)
+            r.later = (
+                f"{format_bytes(peak)}: fits all {LATER_STEPS} steps"
+                if ok
+                else f"**OOM at step {died}**"
+            )
+    print(f"| method | steps | wall time | batch found | found / true | {LATER_STEPS}-step run |")
+    print("|---|---:|---:|---:|---:|---|")
+    for r in rows:
+        ratio = "-" if not r.batch or not best else f"{r.batch / best:.3f}"
+        steps = "-" if r.steps is None else r.steps
+        print(f"| {r.method} | {steps} | {r.seconds:.2f}s | {r.batch} | {ratio} | {r.later} |")
+    for r in rows:
+        if r.note:
+            print(f"- {r.method}: {r.note}")
+    torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--tasks", nargs="+", default=["charlm:1GiB", "mnist1d-cnn:64MiB"], help="TASK:CAP pairs"
+    )
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU")
+    warnings.filterwarnings("ignore")
+    with contextlib.suppress(ImportError):
+        import lightning  # noqa: F401  (it sets its loggers to INFO on import)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
+    for spec in args.tasks:
+        name, _, cap = spec.partition(":")
+        compare(name, cap)
+
+
+if __name__ == "__main__":
+    main()
