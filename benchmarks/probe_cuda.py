@@ -11,10 +11,11 @@ these small tasks could use). Every method then searches for the largest batch:
   `find_executable_batch_size` (from 8192), both on real OOMs.
 
 The true maximum is found by bisection over real training steps (two steps per batch
-size, so the optimizer state exists). A later run of 200 steps at each found batch tells
-whether it would have died.
+size, so the optimizer state exists). Each search runs in a fresh process; a later run of
+200 steps at each found batch, in another fresh process, tells whether a user's training
+at that batch would have died.
 
-    python benchmarks/probe_cuda.py [--tasks charlm:1GiB mnist1d-cnn:64MiB]
+    python benchmarks/probe_cuda.py [--tasks charlm:1GiB mnist1d-cnn:80MiB]
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import json
 import logging
+import subprocess
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -131,9 +135,7 @@ def run_lightning(task) -> Row:
     t0 = time.perf_counter()
     found = Tuner(trainer).scale_batch_size(lit, mode="binsearch", init_val=2)
     seconds = time.perf_counter() - t0
-    del lit, trainer
-    _free()
-    return Row("Lightning binsearch", None, seconds, found, "steps not counted")
+    return Row("Lightning binsearch", lit.calls, seconds, found)
 
 
 def run_accelerate(task, start: int = 8192) -> Row:
@@ -146,7 +148,7 @@ def run_accelerate(task, start: int = 8192) -> Row:
         calls.append(batch_size)
         ok, _, _ = run_steps(task, batch_size, 2)
         if not ok:
-            raise torch.OutOfMemoryError("CUDA out of memory (re-raised from a 2-step trial)")
+            raise torch.OutOfMemoryError("CUDA out of memory. (re-raised from a 2-step trial)")
         return batch_size
 
     t0 = time.perf_counter()
@@ -154,58 +156,92 @@ def run_accelerate(task, start: int = 8192) -> Row:
     return Row(f"Accelerate x0.9 from {start}", 2 * len(calls), time.perf_counter() - t0, found)
 
 
-def compare(task_name: str, cap_text: str) -> None:
+METHODS = {
+    "true": "True max (bisection over real 2-step runs)",
+    "batchlab10": "batchlab, told the cap (margin 10%)",
+    "batchlab0": "batchlab, told the cap (margin 0)",
+    "batchlab_untold": "batchlab, not told (real OOM back-off)",
+    "lightning": "Lightning binsearch",
+    "accelerate": "Accelerate x0.9 from 8192",
+}
+
+
+def one(task_name: str, cap_text: str, method: str, later_batch: int | None) -> dict:
+    """One method (or one later run) in this fresh process, under the allocator cap."""
     task = batchlab.load_task(task_name)
     cap = parse_size(cap_text)
-    total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction(cap / total)
-    t0 = time.perf_counter()
-    best, spent = true_max(task)
-    print(
-        f"\n### {task_name}, allocator capped at {format_bytes(cap)} "
-        f"(of {format_bytes(total)} on {torch.cuda.get_device_name()})\n\n"
-        f"True max (bisection over real 2-step runs): {best} ({spent} steps, "
-        f"{time.perf_counter() - t0:.0f}s). Training set: {task.num_train} examples.\n"
+    torch.cuda.set_per_process_memory_fraction(
+        cap / torch.cuda.get_device_properties(0).total_memory
     )
-    methods = [
-        lambda: run_batchlab(task, cap, 0.1, "batchlab, told the cap (margin 10%)"),
-        lambda: run_batchlab(task, cap, 0.0, "batchlab, told the cap (margin 0)"),
-        lambda: run_batchlab(task, None, 0.1, "batchlab, not told (real OOM back-off)"),
-        lambda: run_lightning(task),
-        lambda: run_accelerate(task),
-    ]
-    rows = []
-    for method in methods:
-        try:
-            rows.append(method())
-        except Exception as exc:  # a failing tool is a result, not the end of the benchmark
-            rows.append(Row(getattr(method, "__name__", "?"), None, 0.0, None, f"error: {exc!r}"))
-        _free()
-    for r in rows:
-        if r.batch:
-            ok, peak, died = run_steps(task, r.batch, LATER_STEPS)
-            r.later = (
-                f"{format_bytes(peak)}: fits all {LATER_STEPS} steps"
-                if ok
-                else f"**OOM at step {died}**"
-            )
+    if later_batch is not None:
+        ok, peak, died = run_steps(task, later_batch, LATER_STEPS)
+        return {"ok": ok, "peak": peak, "died": died}
+    if method == "true":
+        t0 = time.perf_counter()
+        best, spent = true_max(task)
+        return {"batch": best, "steps": spent, "seconds": time.perf_counter() - t0, "note": ""}
+    run = {
+        "batchlab10": lambda: run_batchlab(task, cap, 0.1, METHODS[method]),
+        "batchlab0": lambda: run_batchlab(task, cap, 0.0, METHODS[method]),
+        "batchlab_untold": lambda: run_batchlab(task, None, 0.1, METHODS[method]),
+        "lightning": lambda: run_lightning(task),
+        "accelerate": lambda: run_accelerate(task),
+    }[method]
+    r = run()
+    return {"batch": r.batch, "steps": r.steps, "seconds": r.seconds, "note": r.note}
+
+
+def in_fresh_process(*args: str) -> dict:
+    """Each search and each later run gets its own process: no cache or leak carries over."""
+    proc = subprocess.run(
+        [sys.executable, __file__, "--one", *args], capture_output=True, text=True, timeout=300
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+        return {"batch": None, "steps": None, "seconds": 0.0, "note": proc.stderr[-300:]}
+    return json.loads(lines[-1])
+
+
+def compare(task_name: str, cap_text: str) -> None:
+    total = torch.cuda.get_device_properties(0).total_memory
+    truth = in_fresh_process(task_name, cap_text, "true")
+    best = truth["batch"]
+    print(
+        f"\n### {task_name}, allocator capped at {format_bytes(parse_size(cap_text))} "
+        f"(of {format_bytes(total)} on {torch.cuda.get_device_name()})\n\n"
+        f"True max (bisection over real 2-step runs, fresh process): {best} "
+        f"({truth['steps']} steps, {truth['seconds']:.0f}s).\n"
+    )
     print(f"| method | steps | wall time | batch found | found / true | {LATER_STEPS}-step run |")
     print("|---|---:|---:|---:|---:|---|")
-    for r in rows:
-        ratio = "-" if not r.batch or not best else f"{r.batch / best:.3f}"
-        steps = "-" if r.steps is None else r.steps
-        print(f"| {r.method} | {steps} | {r.seconds:.2f}s | {r.batch} | {ratio} | {r.later} |")
-    for r in rows:
-        if r.note:
-            print(f"- {r.method}: {r.note}")
-    torch.cuda.set_per_process_memory_fraction(1.0)
+    notes = []
+    for method, label in METHODS.items():
+        if method == "true":
+            continue
+        r = in_fresh_process(task_name, cap_text, method)
+        later = "-"
+        if r["batch"]:
+            run = in_fresh_process(task_name, cap_text, method, str(r["batch"]))
+            if run.get("ok"):
+                later = f"{format_bytes(run['peak'])}: fits all {LATER_STEPS} steps"
+            elif "ok" in run:
+                later = f"**OOM at step {run['died']}**"
+            else:
+                later = "error: " + run["note"]
+        ratio = "-" if not r["batch"] or not best else f"{r['batch'] / best:.3f}"
+        steps = "-" if r["steps"] is None else r["steps"]
+        print(f"| {label} | {steps} | {r['seconds']:.2f}s | {r['batch']} | {ratio} | {later} |")
+        if r["note"]:
+            notes.append(f"- {label}: {r['note']}")
+    print("\n".join(notes))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--tasks", nargs="+", default=["charlm:1GiB", "mnist1d-cnn:64MiB"], help="TASK:CAP pairs"
+        "--tasks", nargs="+", default=["charlm:1GiB", "mnist1d-cnn:80MiB"], help="TASK:CAP pairs"
     )
+    parser.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
@@ -214,6 +250,10 @@ def main() -> None:
         import lightning  # noqa: F401  (it sets its loggers to INFO on import)
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    if args.one:
+        task_name, cap, method, *later = args.one
+        print(json.dumps(one(task_name, cap, method, int(later[0]) if later else None)))
+        return
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
     for spec in args.tasks:
         name, _, cap = spec.partition(":")

@@ -565,3 +565,41 @@ def test_cuda_probe_verifies_and_restores_device_memory():
     assert probe.verified and probe.max_batch_size >= 1
     assert all(p.reserved_bytes is not None for p in probe.points if not p.oom)
     assert torch.cuda.memory_allocated() == allocated
+
+
+def _fake_cuda_free(monkeypatch, free: int) -> None:
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 2 * free))
+
+
+def test_cuda_budget_counts_what_the_process_already_holds(monkeypatch):
+    """An explicit budget is the whole device's: tensors already held stay while training.
+
+    The probe measures its steps above the baseline, so without this a probe run after other
+    work overshoots by what that work still holds (seen on an H200: a batch that died at
+    step 2 of a fresh run).
+    """
+    from batchlab.measure.budget import resolve_budget
+    from batchlab.measure.step_memory import DeviceBaseline
+
+    _fake_cuda_free(monkeypatch, 10 * 2**30)
+    cuda = torch.device("cuda")
+    held = DeviceBaseline(allocated=300 * 2**20, reserved=400 * 2**20)
+    budget, source, predict_only, warnings = resolve_budget(cuda, "1GiB", None, held)
+    assert budget == 2**30 - 300 * 2**20
+    assert "300 MiB this process already holds" in source and not predict_only
+    assert warnings == []
+    # A fresh process holds nothing: the budget is taken as given.
+    assert resolve_budget(cuda, "1GiB", None, DeviceBaseline())[0] == 2**30
+    # The CPU has no device-wide allocator to share: unchanged.
+    assert resolve_budget(torch.device("cpu"), "1GiB", None, held)[0] == 2**30
+
+
+def test_cuda_budget_above_the_free_memory_uses_the_free_memory(monkeypatch):
+    from batchlab.measure.budget import resolve_budget
+    from batchlab.measure.step_memory import DeviceBaseline
+
+    _fake_cuda_free(monkeypatch, 2**30)
+    held = DeviceBaseline(allocated=2**20, reserved=2**20)
+    budget, source, _, warnings = resolve_budget(torch.device("cuda"), "8GiB", None, held)
+    assert budget == 2**30 and source.startswith("free memory")
+    assert "more than the free device memory" in warnings[0]

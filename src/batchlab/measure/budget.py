@@ -50,15 +50,30 @@ def resolve_budget(
     if target is not None:
         return target, f"target memory {format_bytes(target)} (prediction only)", True, warnings
     available, available_source = _available_bytes(device, baseline)
-    if budget is not None:
-        if device.type == "cuda" and budget > available:
-            warnings.append(
-                f"memory budget {format_bytes(budget)} is more than the free device memory "
-                f"({format_bytes(available)}); using the free memory"
-            )
-            return available, available_source, False, warnings
-        return budget, f"`memory_budget` {format_bytes(budget)}", False, warnings
-    return available, available_source, False, warnings
+    if budget is None:
+        return available, available_source, False, warnings
+    source = f"`memory_budget` {format_bytes(budget)}"
+    if device.type != "cuda":
+        return budget, source, False, warnings
+    if budget > available + baseline.allocated:
+        warnings.append(
+            f"memory budget {format_bytes(budget)} is more than the free device memory "
+            f"({format_bytes(available)}); using the free memory"
+        )
+        return available, available_source, False, warnings
+    if baseline.allocated:
+        # Tensors this process already holds on the device stay there while it trains, and
+        # the probe measures its steps above them: they count against the budget. (On an
+        # H200, charlm probed under a 1 GiB cap after other work picked a batch that a
+        # fresh 200-step run could not hold: benchmarks/results/gpu_h200.md.)
+        held = format_bytes(baseline.allocated)
+        return (
+            max(0, budget - baseline.allocated),
+            f"{source} less {held} this process already holds on {device}",
+            False,
+            warnings,
+        )
+    return budget, source, False, warnings
 
 
 def _available_bytes(device: torch.device, baseline: DeviceBaseline) -> tuple[int, str]:
