@@ -31,8 +31,9 @@ import torch
 
 import batchlab
 from batchlab.adaptive import train_adaptive
-from batchlab.data import Batcher
-from batchlab.step import TrainStep
+
+sys.path.insert(0, str(Path(__file__).parent))
+from replay import time_step_configs  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "adaptive_vs_fixed.md"
 SETTINGS = {
@@ -116,25 +117,11 @@ def step_configs(h) -> list[tuple[int, int]]:
     return out
 
 
-def replay_step_times(task, rows, rounds: int = 7, reps: int = 3) -> dict:
-    """Median seconds of one optimizer step per configuration, all timed interleaved."""
-    configs = sorted({c for runs in rows.values() for h in runs for c in step_configs(h)})
-    model = task.model()
-    optimizer = task.optimizer(model.parameters(), task.lr)
-    batcher = Batcher(task.train_data, torch.device("cpu"), task.collate_fn)
-    step = TrainStep(model, optimizer, task.loss, batcher, micro_batch_size=1, device="cpu")
-    g = torch.Generator().manual_seed(0)
-    times: dict = {c: [] for c in configs}
-    for r in range(rounds + 1):  # round 0 is warm-up
-        for micro, count in configs:
-            step.micro_batch_size = micro
-            idx = torch.randperm(task.num_train, generator=g)[: micro * count]
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                step(idx)
-            if r:
-                times[(micro, count)].append((time.perf_counter() - t0) / reps)
-    return {c: statistics.median(v) for c, v in times.items()}
+def replay_step_times(task, rows) -> dict:
+    """Median seconds of one optimizer step per configuration any run used, interleaved."""
+    return time_step_configs(
+        task, {c for runs in rows.values() for h in runs for c in step_configs(h)}
+    )
 
 
 def replayed_seconds(h, step_times: dict) -> float | None:

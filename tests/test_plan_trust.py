@@ -213,3 +213,22 @@ def test_never_recommends_a_batchnorm_micro_batch_its_own_warning_rejects():
     assert bn.recommended.micro_batch_size >= 8 and bn.efficient.micro_batch_size >= 8
     assert "batchnorm-small-batch" not in {w.code for w in bn.warnings}
     assert "faster-batch-untrusted" in {w.code for w in bn.warnings}
+
+
+def test_plan_table_fits_80_columns_and_warnings_name_flags():
+    """At 80 columns (a pipe, a small terminal) no candidate mark ends in "…", and the
+    warnings name the CLI's flags (`--noise-budget`), not the Python parameters."""
+    import typer
+    from rich.console import Console
+
+    from batchlab.cli import app
+    from batchlab.cli.plan_cmd import print_plan
+
+    plan = build_plan(measurements(ladder=(8, 16, 32, 64)), b_simple=200.0)
+    assert any("`noise_budget`" in w.message for w in plan.warnings)
+    console = Console(width=80, record=True)
+    print_plan(console, plan, typer.main.get_command(app).commands["plan"])
+    text = console.export_text()
+    assert "…" not in text
+    assert "extrapolated" in text and "efficient" in text and "reference" in text
+    assert "--noise-budget" in text and "`noise_budget`" not in text

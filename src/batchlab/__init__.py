@@ -17,7 +17,7 @@ from batchlab.measure.run_stats import DistanceFromInit, GradNormTracker
 from batchlab.measure.sharpness import Sharpness, epsilon_sharpness, hessian_top_eigenvalue
 from batchlab.measure.sizes import parse_size
 from batchlab.measure.throughput import ThroughputProfile, profile_throughput
-from batchlab.planner import Plan, PlanInterrupted, build_plan, plan
+from batchlab.planner import Plan, PlanInterrupted, PlanRefused, build_plan, plan
 from batchlab.sweep import (
     StepsFit,
     SweepAnalysis,
@@ -47,6 +47,7 @@ __all__ = [
     "NoiseScale",
     "Plan",
     "PlanInterrupted",
+    "PlanRefused",
     "ProbeResult",
     "ResizableBatchSampler",
     "Sharpness",

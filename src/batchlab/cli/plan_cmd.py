@@ -5,11 +5,12 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -23,6 +24,7 @@ from batchlab.cli.common import (
     check_output_paths,
     console_for,
     save_plot,
+    with_flags,
     write_json,
 )
 from batchlab.measure.sizes import format_bytes
@@ -65,6 +67,7 @@ class PhaseProgress:
 
 # Long only in its signature: typer reads one annotated parameter per flag from here.
 def plan(
+    ctx: typer.Context,
     task: TaskArg = DEFAULT,
     memory_budget: Annotated[
         str | None,
@@ -163,7 +166,7 @@ def plan(
         saved = partial_path(json_path, out)
         write_json(partial.to_dict(), saved, console)  # `main` says where it went
         return 130
-    print_plan(console, result)
+    print_plan(console, result, ctx.command)
     write_json(result, json_path, console)
     if out is not None:
         from batchlab.report.plan_report import write_plan_report
@@ -193,7 +196,8 @@ def print_partial(console: Console, partial: PartialPlan) -> None:
         console.print("nothing was measured yet")
 
 
-def print_plan(console: Console, plan: Plan) -> None:
+def print_plan(console: Console, plan: Plan, command: Any | None = None) -> None:
+    """The plan as the CLI shows it; `command` (typer's) turns parameter names into flags."""
     ref = plan.reference
     b0 = int(ref["batch_size"])
     console.print(
@@ -236,9 +240,14 @@ def print_plan(console: Console, plan: Plan) -> None:
             f"time to {plan.target}: reference {plan.reference_seconds_to_target:.1f} s -> "
             f"predicted [bold]{plan.predicted_seconds_to_target:.1f} s[/bold]"
         )
-    table = Table(box=box.SIMPLE_HEAD, title="Candidates", title_justify="left")
-    for col in ("batch", "micro x accum", "steps vs B0", "ms/step", "speedup", "interval", ""):
-        table.add_column(col, justify="right" if col else "left")
+    table = Table(
+        box=box.SIMPLE_HEAD, title="Candidates", title_justify="left", pad_edge=False,
+        collapse_padding=True,
+    )  # fmt: skip
+    for col in ("batch", "micro x accum", "steps vs B0", "ms/step", "speedup", "interval"):
+        table.add_column(col, justify="right")
+    # One mark per line: at 80 columns or in a pipe, "reference interpolated" ended in "…".
+    table.add_column("", justify="left", no_wrap=True, min_width=len("extrapolated"))
     for c in plan.candidates:
         marks = []
         if c.batch_size == b0:
@@ -259,7 +268,7 @@ def print_plan(console: Console, plan: Plan) -> None:
             f"{c.step_s * 1e3:.2f}",
             f"{c.predicted_speedup:.2f}x",
             _span(c.speedup_low, c.speedup_high),
-            " ".join(marks),
+            "\n".join(marks),
             style=style,
         )
     console.print(table)
@@ -268,7 +277,8 @@ def print_plan(console: Console, plan: Plan) -> None:
     if plan.lr_check is not None:
         console.print(f"LR check at B={plan.lr_check.batch_size}: {plan.lr_check.summary}")
     for w in plan.warnings:
-        console.print(f"[yellow]warning[/yellow] ({w.code}): {w.message}")
+        message = escape(with_flags(w.message, command))
+        console.print(f"[yellow]warning[/yellow] ({w.code}): {message}")
     if plan.partial:
         console.print("[yellow]This plan is PARTIAL.[/yellow]")
 
