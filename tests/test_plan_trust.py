@@ -7,6 +7,7 @@ on timings under contention says so, or refuses.
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import tiny_task
 from test_plan_model import measurements
 
@@ -154,6 +155,53 @@ def test_contended_timings_are_flagged_and_the_plan_warns():
     plan = build_plan(measurements(throughput=profile.points), b_simple=200.0)
     contention = [w for w in plan.warnings if w.code == "timing-contention"]
     assert len(contention) == 1 and "set_num_threads(1)" in contention[0].message
+
+
+class ThreadContendedDevice(ContendedDevice):
+    """Contended only with several intra-op threads, as a busy 2-core CPU is."""
+
+    def run(self, batch_size: int, count: int) -> float:
+        self.threads_seen = getattr(self, "threads_seen", set()) | {torch.get_num_threads()}
+        self.slowdown = 300.0 if torch.get_num_threads() > 1 else 1.0
+        return super().run(batch_size, count)
+
+
+def test_contended_timings_are_retimed_with_one_thread(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", _fake_threads.get)
+    monkeypatch.setattr(torch, "set_num_threads", _fake_threads.set)
+    _fake_threads.n = 2
+    device = ThreadContendedDevice()
+    profile = profile_throughput(
+        tiny_task(n=1024), device="cpu", max_batch_size=256, check_alignment=False,
+        time_budget=1e6, timer=device,
+    )  # fmt: skip
+    assert device.threads_seen == {1, 2}
+    assert not profile.contention
+    assert any("re-timed with 1 thread" in w for w in profile.warnings)
+    assert _fake_threads.n == 2  # the caller's thread count is back
+    # Quiet with 2 threads: timed once, nothing said.
+    quiet = ContendedDevice(slowdown=1.0)
+    profile = profile_throughput(
+        tiny_task(n=1024), device="cpu", max_batch_size=256, check_alignment=False,
+        time_budget=1e6, timer=quiet,
+    )  # fmt: skip
+    assert not any("re-timed" in w for w in profile.warnings)
+    assert quiet.steps == profile.steps  # one ladder, not two
+
+
+class _FakeThreads:
+    """torch's thread count, faked: the test must not change the real one."""
+
+    n = 2
+
+    def get(self) -> int:
+        return self.n
+
+    def set(self, n: int) -> None:
+        self.n = n
+
+
+_fake_threads = _FakeThreads()
 
 
 def test_quiet_timings_are_not_flagged():

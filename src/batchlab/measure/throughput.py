@@ -298,18 +298,43 @@ def profile_throughput(
         slots = windows * (len(sizes) + (ALIGNMENT_SIZES if check_alignment else 0))
         window_seconds = min(WINDOW_SECONDS, time_budget / slots)
     schedule = _Schedule(windows, window_seconds, time_budget, knee_fraction, check_alignment)
-    if timer is None:
+
+    def measure(notes: list[str]) -> tuple[list[ThroughputPoint], list, int]:
+        if timer is not None:
+            before = timer.steps
+            points, findings = _time_sizes(timer, sizes, schedule, progress, notes)
+            return points, findings, timer.steps - before
         fork_devices = [dev.index or 0] if dev.type == "cuda" else []
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(seed)
-            points, findings, steps = _time_fresh_model(
+            timed = _time_fresh_model(
                 task, dev, sizes, schedule, amp=amp, seed=seed, progress=progress,
-                warnings=warnings,
+                warnings=notes,
             )  # fmt: skip
         release_memory()  # the model and optimizer went with the helper's frame
-    else:
-        points, findings = _time_sizes(timer, sizes, schedule, progress, warnings)
-        steps = timer.steps
+        return timed
+
+    points, findings, steps = measure(warnings)
+    contended = timing_contention(points)
+    threads = torch.get_num_threads()
+    if contended and dev.type == "cpu" and threads > 1:
+        # Other processes on the cores: with several intra-op threads a step waits for the
+        # slowest of them (100-500x slower under load 6 on 2 cores, DESIGN.md). One thread
+        # is slowed far less; keep its ladder if it is steady.
+        notes = list(warnings)
+        torch.set_num_threads(1)
+        try:
+            again, again_findings, again_steps = measure(notes)
+        finally:
+            torch.set_num_threads(threads)
+        steps += again_steps
+        if timing_contention(again) is None:
+            points, findings, warnings = again, again_findings, notes
+            warnings.append(
+                f"timings with {threads} threads looked contended ({contended}); re-timed "
+                "with 1 thread, which other processes slow far less: the step times are "
+                "1-thread times (train with torch.set_num_threads(1) on a busy machine)"
+            )
     knee = find_knee(
         [p.batch_size for p in points], [p.samples_per_s for p in points], knee_fraction
     )
