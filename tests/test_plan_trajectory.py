@@ -12,7 +12,7 @@ import random
 import pytest
 from test_plan_model import measurements
 
-from batchlab.core.tradeoff import relative_steps, speedup_interval
+from batchlab.core.tradeoff import relative_steps, speedup_interval, worst_case_regrets
 from batchlab.core.trajectory import (
     critical_batch_with_interval,
     crossing_step,
@@ -227,3 +227,42 @@ def test_folklore_b0_finds_a_batch_ten_times_larger():
     assert 200 <= plan.b_simple <= 500
     assert 256 <= plan.recommended.batch_size <= 512
     assert plan.verdict.startswith("use B=") and not plan.keep_reference
+
+
+def test_uncertain_b_noise_prefers_the_safest_batch_to_a_small_b0():
+    """B_noise known only within 100x either way, timings exact: B0=32 is not "safe".
+
+    The plan takes the batch whose worst case over the B_noise interval is least
+    (minimax regret) when B0's worst case is clearly larger: dots from B0=32 kept B0
+    (the gain 0.34-8.29x "includes no gain") while the exhaustive sweep's best batch was
+    16x larger.
+    """
+    # Step time grows past B=256, as on a CPU: the best batch depends on B_noise.
+    ladder = measurements(step_s=lambda b: 1e-3 * (1 + b / 256)).throughput
+    m = dataclasses.replace(noisy_measurements(0.0), throughput=ladder)
+    wide = tuple(
+        dataclasses.replace(p, b_simple_ci=(p.b_simple / 100, p.b_simple * 100)) for p in m.noise
+    )
+    plan = build_plan(dataclasses.replace(m, noise=wide), lr_rule="linear")
+    lo, hi = plan.b_simple_interval
+    assert hi / lo > 100
+    best = max(plan.candidates, key=lambda c: c.predicted_speedup)
+    assert best.speedup_low <= 1.0  # the gain alone cannot be told from none
+    assert not plan.keep_reference and "safest bet" in plan.verdict
+    chosen = plan.recommended.batch_size
+    assert chosen != 32
+    pool = {c.batch_size: c.step_s for c in plan.candidates if not c.extrapolated}
+    regrets = worst_case_regrets(pool, plan.b_simple_interval)
+    assert regrets[chosen] == min(regrets.values())
+    assert regrets[32] > 1.1 * regrets[chosen]
+
+
+def test_worst_case_regrets_known_answer():
+    # Two batches: B=1 at 1 s a step, B=100 at 2 s. B_noise -> 0: every batch needs S_min
+    # steps, so B=100 is 2x slower; B_noise -> infinity: time per example, B=1 is 50x.
+    regrets = worst_case_regrets({1: 1.0, 100: 2.0}, (0.0, math.inf))
+    assert regrets[100] == pytest.approx(2.0, rel=1e-3)
+    assert regrets[1] == pytest.approx(50.0, rel=1e-2)
+    # A point interval: the regret is the plain ratio to the best there.
+    at_100 = worst_case_regrets({1: 1.0, 100: 2.0}, (100.0, 100.0))
+    assert at_100 == {1: pytest.approx(101 / 4), 100: 1.0}

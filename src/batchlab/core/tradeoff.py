@@ -76,3 +76,32 @@ def speedup_interval(
         for t0 in reference_step_s_interval
     ]
     return min(values), max(values)
+
+
+def worst_case_regrets(
+    step_s: dict[int, float], b_noise_interval: tuple[float, float], *, points: int = 33
+) -> dict[int, float]:
+    """Each batch's worst ratio of time to target over the best batch's, across B_noise.
+
+    Time to target at B is proportional to S(B) x t(B) = S_min (1 + B_noise/B) t(B). For
+    each B_noise in the interval (log-spaced, ends included; 0 and infinity are their
+    limits: the step time alone, and the time per example) the best batch is the one with
+    the least time; a batch's regret there is its time over that least. Its worst case is
+    the largest regret over the interval: the minimax-regret choice is the batch whose
+    worst case is smallest. When B_noise is uncertain, keeping the reference batch is not
+    the safe choice by itself: a small B0 can be the worst bet when B_noise may be large.
+    """
+    if not step_s:
+        raise ConfigError("worst_case_regrets: expected at least one batch size, got none")
+    batches = list(step_s)
+    # 1000x beyond the batch sizes, a ratio is within 0.1% of its limit at 0 or infinity.
+    lo = max(b_noise_interval[0], 1e-3 * min(batches))
+    hi = max(min(b_noise_interval[1], 1e3 * max(batches)), lo)
+    grid = [lo * (hi / lo) ** (i / (points - 1)) for i in range(points)] if hi > lo else [lo]
+    worst = dict.fromkeys(batches, 1.0)
+    for b_noise in grid:
+        times = {b: steps_factor(b, b_noise) * step_s[b] for b in batches}
+        best = min(times.values())
+        for b in batches:
+            worst[b] = max(worst[b], times[b] / best)
+    return worst

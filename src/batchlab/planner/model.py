@@ -20,6 +20,7 @@ from batchlab.core.tradeoff import (
     predicted_speedup,
     relative_steps,
     speedup_interval,
+    worst_case_regrets,
 )
 from batchlab.errors import ConfigError
 from batchlab.measure.memory_fit import MemoryPoint
@@ -35,6 +36,10 @@ from batchlab.planner.trust import (
     probe_warnings,
 )
 from batchlab.results import JsonResult, read_json_object, type_problems
+
+# With an uncertain gain, leave B0 only for a batch whose worst case over the B_noise
+# interval is clearly better: B0's worst case must exceed it by this factor.
+ROBUST_TOLERANCE = 1.1
 
 
 @dataclass(frozen=True)
@@ -473,7 +478,10 @@ def _recommend_fastest(
     m: Measurements, candidates: list[Candidate], noise: _Noise, rule: str, ref_step_s: float
 ) -> tuple[Recommendation, str, bool]:
     """The candidate with the least predicted time to target (the smaller batch on a tie),
-    unless its gain lies within its own interval: then B0, and the verdict says so.
+    unless its gain lies within its own interval. Then the minimax-regret batch over the
+    B_noise interval (`core.tradeoff.worst_case_regrets`) if B0's worst case is more than
+    `ROBUST_TOLERANCE` times its and the timing spread alone leaves a gain; else B0, and
+    the verdict says so. (Timings too noisy to tell two batches apart keep B0.)
 
     Only candidates the plan's own warnings do not reject compete (`untrusted_reason`):
     a batch whose step time is extrapolated past the ladder, or a BatchNorm micro-batch
@@ -489,6 +497,30 @@ def _recommend_fastest(
         f"steps x{fastest.steps_factor:.2f}, step time x{fastest.step_s / ref_step_s:.2f})"
     )
     if fastest.batch_size == b0 or fastest.speedup_low <= 1.0:
+        # The gain is uncertain. B0 is the safe answer only if it is a safe bet across the
+        # B_noise interval: a small B0 can be the worst one when B_noise may be large
+        # (dots from B0=32: B0 up to 9.5x the best, B=256 at most 1.75x).
+        pool = {c.batch_size: c.step_s for c in trusted or candidates}
+        regrets = worst_case_regrets(pool, noise.interval)
+        robust = min(regrets, key=lambda b: (regrets[b], b))
+        lo, hi = noise.interval
+        timing_low, _ = speedup_interval(  # the gain's range from the timing spread alone
+            fastest.batch_size, b0, (noise.value, noise.value),
+            _step_interval(m, fastest.batch_size, fastest.step_s),
+            _step_interval(m, b0, ref_step_s),
+        )  # fmt: skip
+        if (
+            robust != b0
+            and regrets[b0] > ROBUST_TOLERANCE * regrets[robust]
+            and (fastest.batch_size == b0 or timing_low > 1.0)  # timings can tell B apart
+        ):
+            verdict = (
+                f"use B={robust}: the gain is uncertain (B_noise {lo:.0f}-{hi:.0f}), and "
+                f"B={robust} is the safest bet: at worst {regrets[robust]:.2f}x the best "
+                f"batch's time over that interval, where B0={b0} could be {regrets[b0]:.2f}x"
+            )
+            rec = _recommend(m, robust, noise, rule, ref_step_s, {"batch_size": verdict})
+            return rec, verdict, False
         verdict = (
             f"keep B0={b0}: the reference batch is predicted fastest"
             if fastest.batch_size == b0
