@@ -41,8 +41,8 @@ DEFAULT_THROUGHPUT_SECONDS = 10.0
 
 
 class PlanRefused(BatchlabError):
-    """The measurements cannot support a recommendation (the loss did not fall, or the
-    noise estimate is unreliable); `force=True` builds the plan anyway, with warnings."""
+    """The measurements cannot support a recommendation (the noise phase's loss did not
+    fall); `force=True` builds the plan anyway, with warnings."""
 
     def __init__(self, reasons: list[str]) -> None:
         super().__init__(

@@ -622,8 +622,9 @@ def plan_warnings(
         out.append(
             PlanWarning(
                 "unreliable-noise",
-                f"the B_simple estimate is unreliable ({m.noise_reason or 'wide interval'}); "
-                "measure over more steps (a larger `noise_budget`)",
+                f"the B_simple estimate is unreliable ({m.noise_reason or 'wide interval'}): "
+                "the recommendation is the safest bet over its whole interval, not a "
+                "prediction; measure over more steps (a larger `noise_budget`) to narrow it",
             )
         )
     contention = contention_warning(m.throughput)

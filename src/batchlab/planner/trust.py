@@ -20,8 +20,10 @@ from batchlab.results import JsonResult
 # loss (`planner.noise_path`), and on a flat loss (random labels, a broken task, an LR far
 # too low) that fit and every prediction built on it mean nothing.
 MIN_LOSS_FALL = 0.05
-# Warnings that make `batchlab.plan` refuse to recommend unless `force=True`.
-REFUSING_WARNINGS = ("loss-not-falling", "unreliable-noise")
+# Warnings that make `batchlab.plan` refuse to recommend unless `force=True`. An unreliable
+# B_simple alone does not: its interval is then wide (often unbounded above), and the plan
+# takes the batch that is the safest bet over all of it (`_recommend_fastest`), saying so.
+REFUSING_WARNINGS = ("loss-not-falling",)
 
 
 @dataclass(frozen=True)
