@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import statistics
 import sys
@@ -161,51 +162,64 @@ def run_plan(truth: Truth, b0: int, lr0: float, seed: int) -> PlanChoice:
     )  # fmt: skip
 
 
-def evaluate_config(task_name: str, b0: int, directory: str, plans: int) -> dict:
+def measure_config(task_name: str, b0: int, directory: str, plans: int) -> dict:
+    """Steps to target of every choice (load-independent); timing comes after, in `timed`."""
     truth = read_truth(directory)
     if b0 not in truth.batches():
         raise SystemExit(f"B0={b0} is not a batch of the sweep in {directory}")
     lr0 = truth.best_lr(b0)
     choices = [run_plan(truth, b0, lr0, seed) for seed in range(plans)]
-    plan_steps = {
-        (c.batch, c.lr, c.warmup): train_choice(truth, c.batch, c.micro, c.lr, c.warmup)
-        for c in choices
-    }
-    largest = max(truth.batches())
-    task = batchlab.load_task(truth.spec.task_ref)
-    configs = {(b, 1) for b in truth.batches()} | {
-        (c.micro, -(-c.batch // c.micro)) for c in choices
-    }
-    step_s = time_step_configs(task, configs)
-
-    def seconds(batch: int, micro: int, steps: list[float]) -> float:
-        return median_steps(steps) * step_s[(micro, -(-batch // micro))]
-
-    per_batch = {b: seconds(b, b, truth.steps[(b, truth.best_lr(b))]) for b in truth.batches()}
-    best_b = min(per_batch, key=per_batch.get)
-    best = per_batch[best_b]
-    ref_steps = None
-    if choices and choices[0].reference_examples:
-        ref_steps = choices[0].reference_examples / b0
     return {
         "task": task_name,
+        "task_ref": truth.spec.task_ref,
         "optimizer": truth.templates[b0][0].optimizer_family,
         "target": truth.spec.target,
         "b0": b0,
         "lr0": lr0,
-        "best": (best_b, truth.best_lr(best_b), best),
+        "best_lr": {b: truth.best_lr(b) for b in truth.batches()},
+        "steps": {b: truth.steps[(b, truth.best_lr(b))] for b in truth.batches()},
+        "plans": [
+            {
+                "choice": dataclasses.asdict(c),
+                "steps": train_choice(truth, c.batch, c.micro, c.lr, c.warmup),
+            }
+            for c in choices
+        ],
+    }
+
+
+def timed(measured: dict) -> dict:
+    """Regrets from one interleaved replay of every batch's step (see `replay.py`)."""
+    b0 = measured["b0"]
+    steps = {int(b): s for b, s in measured["steps"].items()}  # JSON keys are strings
+    best_lr = {int(b): lr for b, lr in measured["best_lr"].items()}
+    choices = [PlanChoice(**p["choice"]) for p in measured["plans"]]
+    configs = {(b, 1) for b in steps} | {(c.micro, -(-c.batch // c.micro)) for c in choices}
+    step_s = time_step_configs(batchlab.load_task(measured["task_ref"]), configs)
+
+    def seconds(batch: int, micro: int, run_steps: list[float]) -> float:
+        return median_steps(run_steps) * step_s[(micro, -(-batch // micro))]
+
+    per_batch = {b: seconds(b, b, s) for b, s in sorted(steps.items())}
+    best_b = min(per_batch, key=per_batch.get)
+    best = per_batch[best_b]
+    ref = choices[0].reference_examples if choices else None
+    largest = max(per_batch)
+    return {
+        **measured,
+        "best": (best_b, best_lr[best_b], best),
         "per_batch": per_batch,
         "b0_regret": per_batch[b0] / best,
         "largest": (largest, per_batch[largest] / best),
         "plans": [
             {
                 "choice": c,
-                "steps": plan_steps[(c.batch, c.lr, c.warmup)],
-                "regret": seconds(c.batch, c.micro, plan_steps[(c.batch, c.lr, c.warmup)]) / best,
+                "steps": p["steps"],
+                "regret": seconds(c.batch, c.micro, p["steps"]) / best,
             }
-            for c in choices
+            for c, p in zip(choices, measured["plans"], strict=True)
         ],
-        "reference_seconds": None if ref_steps is None else ref_steps * step_s[(b0, 1)],
+        "reference_seconds": None if not ref else ref / b0 * step_s[(b0, 1)],
         "step_s": step_s,
     }
 
@@ -273,18 +287,25 @@ def render(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("configs", nargs="+", help="TASK:B0:SWEEP_DIR")
+    parser.add_argument("configs", nargs="*", help="TASK:B0:SWEEP_DIR")
     parser.add_argument("--plans", type=int, default=1, help="plan runs per configuration")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--save", help="write the steps measured (before timing) to this JSON")
+    parser.add_argument("--retime", help="time and report the steps saved by an earlier --save")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    results = []
-    for config in args.configs:
-        task_name, b0, directory = config.split(":", 2)
-        results.append(evaluate_config(task_name, int(b0), directory, args.plans))
-        print(f"done {config} after {time.perf_counter() - t0:.0f}s", flush=True)
-    print(render(results))
+    if args.retime:
+        measured = json.loads(Path(args.retime).read_text())
+    else:
+        measured = []
+        for config in args.configs:
+            task_name, b0, directory = config.split(":", 2)
+            measured.append(measure_config(task_name, int(b0), directory, args.plans))
+            print(f"measured {config} after {time.perf_counter() - t0:.0f}s", flush=True)
+            if args.save:
+                Path(args.save).write_text(json.dumps(measured, indent=1))
+    print(render([timed(m) for m in measured]))
     print(f"\n{torch.get_num_threads()} threads, {time.perf_counter() - t0:.0f}s in all")
     return 0
 

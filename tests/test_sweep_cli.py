@@ -346,3 +346,20 @@ def test_sweep_adaptive_runs_next_to_the_fixed_batches(tmp_path, capsys):
     spec = json.loads((out / "sweep.json").read_text())
     assert spec["adaptive"] is True
     assert "Adaptive vs fixed batch sizes" in (out / "report.html").read_text()
+
+
+def test_sweep_progress_total_grows_with_extension_waves(tmp_path):
+    """A tuned grid adds runs after its first wave: the bar must not read 36/36 at 40%."""
+    from types import SimpleNamespace
+
+    from batchlab.cli.sweep_cmd import SweepProgress
+    from batchlab.sweep.store import StoreContents
+
+    progress = SweepProgress("dots", tmp_path)
+    progress.on_start(3, 3, StoreContents((), (), 0))
+    record = SimpleNamespace(run_id="r", status="ok")
+    progress.on_record(record, 3, 3)
+    progress.on_record(record, 4, 5)  # the second wave brought 2 more
+    task = progress.progress.tasks[0]
+    progress.stop()
+    assert (task.completed, task.total) == (4, 5)

@@ -280,7 +280,8 @@ class SweepProgress:
 
     def on_record(self, record: RunRecord, done: int, todo: int) -> None:
         status = "" if record.status == "ok" else f" [red]{record.status}[/red]"
-        self.progress.update(self.bar, completed=done, last=f"{record.run_id}{status}")
+        # `todo` grows when a tuned grid's extension wave is added: the bar's total follows.
+        self.progress.update(self.bar, completed=done, total=todo, last=f"{record.run_id}{status}")
 
     def stop(self) -> None:
         if self.bar is not None:
