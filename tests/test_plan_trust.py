@@ -6,6 +6,8 @@ on timings under contention says so, or refuses.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import tiny_task
@@ -280,3 +282,24 @@ def test_plan_table_fits_80_columns_and_warnings_name_flags():
     assert "…" not in text
     assert "extrapolated" in text and "efficient" in text and "reference" in text
     assert "--noise-budget" in text and "`noise_budget`" not in text
+
+
+def test_ctrl_c_during_the_noise_phase_keeps_its_points():
+    """Interrupting `plan` in the noise phase keeps the B_simple points measured so far."""
+    from batchlab.planner import PlanInterrupted
+
+    def progress(phase: str, done: int, total: int) -> None:
+        if phase == "noise" and done == 30:
+            raise KeyboardInterrupt
+
+    task = dataclasses.replace(tiny_task(n=512), epochs=100)  # a noise budget of 320 steps
+    with pytest.raises(PlanInterrupted) as info:
+        batchlab.plan(
+            task, device="cpu", throughput_seconds=0.5, progress=progress,
+            check_lr=False,
+        )  # fmt: skip
+    assert info.value.phase == "the noise measurement"
+    noise = info.value.measured["noise"]
+    assert noise is not None and noise.steps == 30
+    assert noise.points and all(p.step <= 30 for p in noise.points)
+    assert all(p.train_loss is not None for p in noise.points)

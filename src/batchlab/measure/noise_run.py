@@ -180,17 +180,28 @@ def measure_noise(
         measurement = _per_example_setup(task, num_batches, every, seed, confidence)
     micro = ref // k if method == "two-batch" else 1
     t0 = time.perf_counter()
-    history = train(
-        task,
-        ref // k,
-        accumulation_steps=k,
-        max_steps=steps,
-        eval_every=steps if target is None else every,
-        target=target,
-        device=device,
-        seed=seed,
-        callbacks=[measurement, *callbacks],
-    )
+    losses = _LossLog()
+    try:
+        history = train(
+            task,
+            ref // k,
+            accumulation_steps=k,
+            max_steps=steps,
+            eval_every=steps if target is None else every,
+            target=target,
+            device=device,
+            seed=seed,
+            callbacks=[measurement, losses, *callbacks],
+        )
+    except KeyboardInterrupt:  # keep the points measured so far (`batchlab plan` saves them)
+        raw, final = _raw_points(measurement, task)
+        partial = NoiseRun(
+            task=task.name, method=method, steps=losses.step, every=every, seed=seed,
+            device=str(device), batch_size=ref, micro_batch_size=micro, lr=task.lr,
+            num_train=task.num_train, beta=beta, points=_with_train_loss(raw, losses.by_step),
+            final=final, train_seconds=time.perf_counter() - t0,
+        )  # fmt: skip
+        raise NoiseInterrupted(partial) from None
     seconds = time.perf_counter() - t0
     if history.diverged:
         raise NoiseEstimateError(
@@ -218,6 +229,30 @@ def measure_noise(
         target_step=history.steps_to_target,
         target_evals=_target_evals(history),
     )
+
+
+class NoiseInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `measure_noise`, carrying the points measured until then (`partial`).
+
+    A KeyboardInterrupt still, so a caller that does not look for it stops as before.
+    """
+
+    def __init__(self, partial: NoiseRun) -> None:
+        super().__init__(f"interrupted after {partial.steps} steps")
+        self.partial = partial
+
+
+class _LossLog(TrainCallback):
+    """The training loss of every step, for points measured before an interrupt."""
+
+    def __init__(self) -> None:
+        self.by_step: dict[int, float] = {}
+        self.step = 0
+
+    def on_step(self, state: RunState) -> None:
+        self.step = state.step
+        if state.last_loss is not None:
+            self.by_step[state.step] = state.last_loss
 
 
 def _target_evals(history: History) -> tuple[tuple[int, float], ...]:

@@ -25,7 +25,7 @@ from batchlab.core.optim import default_lr_rule
 from batchlab.errors import BatchlabError, ConfigError
 from batchlab.history import History
 from batchlab.measure.memory import ProgressFn
-from batchlab.measure.noise_run import NoiseRun, measure_noise
+from batchlab.measure.noise_run import NoiseInterrupted, NoiseRun, measure_noise
 from batchlab.measure.probe import ProbeResult, ProbeSettings, has_batchnorm, run_probe
 from batchlab.planner.lr_check import check_recommended_lr
 from batchlab.planner.model import Measurements, Plan, build_plan
@@ -266,6 +266,9 @@ def _measure(
             device=settings.device,
             callbacks=callbacks,
         )
+    except NoiseInterrupted as exc:  # the points measured so far are kept, and saved
+        measured["noise"] = exc.partial
+        raise PlanInterrupted(phase, measured) from None
     except KeyboardInterrupt:
         raise PlanInterrupted(phase, measured) from None
     return measured
