@@ -33,6 +33,10 @@ def time_step_configs(
     scheduler noise on a shared machine. Each configuration's time is its fastest round
     (`timeit`'s rule): other work on the cores only ever slows a round down, so the median
     still drifts with the load while the minimum does not.
+
+    With one torch thread every kernel runs on this thread, so its CPU time
+    (`time.thread_time`) is the step's own work: time spent waiting for a core that other
+    processes hold is not counted. With more threads it falls back to wall time.
     """
     configs = sorted(set(configs))
     model = task.model()
@@ -40,6 +44,7 @@ def time_step_configs(
     batcher = Batcher(task.train_data, torch.device("cpu"), task.collate_fn)
     step = TrainStep(model, optimizer, task.loss, batcher, micro_batch_size=1, device="cpu")
     g = torch.Generator().manual_seed(0)
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     reps = dict.fromkeys(configs, 1)
     times: dict[Config, list[float]] = {c: [] for c in configs}
     for r in range(rounds + 1):
@@ -47,10 +52,10 @@ def time_step_configs(
             micro, count = config
             step.micro_batch_size = micro
             idx = torch.randperm(task.num_train, generator=g)[: micro * count]
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(reps[config]):
                 step(idx)
-            seconds = (time.perf_counter() - t0) / reps[config]
+            seconds = (clock() - t0) / reps[config]
             if r:
                 times[config].append(seconds)
             else:
