@@ -83,9 +83,12 @@ def test_a_stable_rule_lr_is_kept():
     assert check.verdict.startswith("kept the rule's 0.3")
 
 
-def test_x2_is_taken_only_when_clearly_better():
-    check = check_at(0.05)  # far below the bound: x2 = 0.1 trains the slow directions faster
-    assert check.action == "raised" and check.chosen_lr == pytest.approx(0.1)
+def test_a_larger_lr_is_taken_only_when_clearly_better_and_searched_further_up():
+    check = check_at(0.05)  # far below the bound 0.5: each doubling trains the slow
+    # directions faster, so the walk goes up while the largest LR tried wins clearly:
+    # x2, x4, x8 (MAX_STEPS_UP = 2 doublings past x2), the largest stable LR of the grid.
+    assert check.action == "raised" and check.chosen_lr == pytest.approx(0.4)
+    assert sorted(check.tried_lrs) == pytest.approx([0.025, 0.05, 0.1, 0.2, 0.4])
 
 
 def test_nonfinite_losses_count_as_diverged_and_nothing_trained_is_said():

@@ -27,6 +27,7 @@ PROBE_FACTORS = (1.0, 0.5, 2.0)  # in this order; x2 only while x1 is the choice
 MIN_PROBE_STEPS = 20  # ~2 momentum horizons (1/(1-0.9) = 10 steps) plus a short warm-up
 PROBE_STEP_FRACTION = 0.0025  # of the planned run's steps, per LR, when that is more
 MAX_STEPS_DOWN = 3  # extra halvings below x0.5 when the best is at the small edge
+MAX_STEPS_UP = 2  # extra doublings above x2 when the best is at the large edge
 REL_MARGIN = 0.05  # "clearly" lower: by more than 5% of the loss and more than its noise
 MIN_PROGRESS = 0.01  # "trained": the loss ended >1% below every loss of the first steps
 
@@ -186,8 +187,9 @@ def next_factor(
     """The next factor of the rule's LR to probe, or None when the choice is settled.
 
     x1 first, then x0.5, then x2 only while x1 is the choice (when x1 did not train or
-    x0.5 beat it clearly, a larger LR is not worth its cost). Then one more halving while
-    the choice sits at the smallest LR tried (or every LR tried diverged), at most
+    x0.5 beat it clearly, a larger LR is not worth its cost). Then one more doubling while
+    the choice sits at the largest LR tried (at most `MAX_STEPS_UP` times above x2), or one
+    more halving while it sits at the smallest (or every LR tried diverged), at most
     `max_steps_down` times below x0.5.
     """
     tried = {round(t.factor, 12) for t in trials}
@@ -198,6 +200,12 @@ def next_factor(
         if factor > 1.0 and (chosen is None or not math.isclose(chosen.factor, 1.0)):
             continue
         return factor
+    largest = max(t.factor for t in trials)
+    if chosen is not None and chosen.factor == largest > 1.0:
+        # A larger LR won clearly although a short probe favours small ones (Wu et al.
+        # 2018): the rule is below the best LR, so look further up (dots at B=512 from
+        # B0=32: the sqrt rule's 0.08, its x2 won, the sweep's best LR was x4).
+        return largest * 2 if largest < 2.0 * 2.0**MAX_STEPS_UP else None
     smallest = min(t.factor for t in trials)
     if smallest <= 0.5 * 0.5**max_steps_down:
         return None

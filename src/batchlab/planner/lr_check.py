@@ -4,7 +4,8 @@ Scaling rules stop holding past the critical batch: on MNIST-1D with SGD+momentu
 LR grows linearly up to B~256 and then plateaus at 0.16-0.32, while the linear rule keeps
 growing and diverges at B=2048 (docs/DESIGN field notes; Shallue et al. 2019, fig. 8). So
 before the plan recommends `(B, lr)`, it trains the rule's lr, x0.5 and x2 (and one more
-halving while the best sits at the small edge) for a few steps each, at B as the plan
+halving while the best sits at the small edge, or doubling at the large one, up to x8) for
+a few steps each, at B as the plan
 will run it (micro-batch x accumulation), from the same initial weights, the same batches
 and the same seed. The decision over the loss logs is pure: `batchlab.core.lr_choice`.
 
