@@ -303,3 +303,28 @@ def test_ctrl_c_during_the_noise_phase_keeps_its_points():
     assert noise is not None and noise.steps == 30
     assert noise.points and all(p.step <= 30 for p in noise.points)
     assert all(p.train_loss is not None for p in noise.points)
+
+
+def test_one_thread_cpu_windows_count_the_steps_own_work_not_waiting():
+    """With one torch thread a window reads the thread's CPU time: a step that waits (as
+    for a core another process holds) is not charged for the wait; with more threads it
+    is wall time."""
+    import time as _time
+
+    from batchlab.measure.step_timing import TrainStepTimer
+    from batchlab.step import build_step
+
+    task = tiny_task(n=64)
+    waiting = dataclasses.replace(
+        task, loss=lambda model, batch: (_time.sleep(0.02), task.loss(model, batch))[1]
+    )
+    step = build_step(waiting, torch.device("cpu"), lr=0.1, micro_batch_size=8)
+    timer = TrainStepTimer(step, torch.arange(64))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert timer.run(8, 3) < 0.03  # 60 ms of sleeping, not counted
+        torch.set_num_threads(2)
+        assert timer.run(8, 3) >= 0.06
+    finally:
+        torch.set_num_threads(threads)

@@ -58,13 +58,24 @@ class TrainStepTimer:
         indices = self.order[:batch_size]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        start = time.perf_counter()
+        elapsed = _step_clock(device)
+        start = elapsed()
         for _ in range(count):
             step(indices)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         self.steps += count
-        return time.perf_counter() - start
+        return elapsed() - start
+
+
+def _step_clock(device: torch.device) -> Callable[[], float]:
+    """What a window's seconds are read from: wall time, except on a CPU with one torch
+    thread. There every kernel runs on this thread, so its CPU time is the steps' own work,
+    and time spent waiting while other processes hold the cores is left out: at load 5 on
+    2 cores, ladders timed this way repeat within 2% (benchmarks/replay.py)."""
+    if device.type == "cpu" and torch.get_num_threads() == 1:
+        return time.thread_time
+    return time.perf_counter
 
 
 def interleaved_rounds(
