@@ -332,8 +332,9 @@ def profile_throughput(
             points, findings, warnings = again, again_findings, notes
             warnings.append(
                 f"timings with {threads} threads looked contended ({contended}); re-timed "
-                "with 1 thread, which other processes slow far less: the step times are "
-                "1-thread times (train with torch.set_num_threads(1) on a busy machine)"
+                "with 1 thread by its CPU time, which time spent waiting for a core does "
+                "not count: the step times are 1-thread times (train with "
+                "torch.set_num_threads(1) on a busy machine)"
             )
     knee = find_knee(
         [p.batch_size for p in points], [p.samples_per_s for p in points], knee_fraction
