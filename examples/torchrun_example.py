@@ -75,7 +75,7 @@ def main() -> None:
         controller.throughput.observe_optimizer(time.perf_counter() - start)
         controller.record_step(controller.batch_size)
         if controller.due(step):
-            decision = decide_and_broadcast(controller, step, noise.b_simple())
+            decision = decide_and_broadcast(controller, step, noise.b_simple)
             for group in optimizer.param_groups:
                 group["lr"] = decision.lr
             noise.local_batch_size = decision.micro_batch_size * decision.accumulation_steps

@@ -251,6 +251,11 @@ class GradientNoiseScaleTracker(NoiseReadout, TrainCallback):
         self._replicas.detach(self)
 
     @property
+    def ddp_model(self) -> nn.Module | None:
+        """The DDP model attached to (None: not attached)."""
+        return self._replicas.model
+
+    @property
     def ddp_synced(self) -> bool:
         """Whether a synchronizing backward went through the hook since `ddp_end_step`."""
         return self._replicas.synced
