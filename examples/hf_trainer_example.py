@@ -82,7 +82,9 @@ def main() -> None:
     print(f"{len(evals)} evaluations, eval_loss " + " -> ".join(f"{v:.3f}" for v in evals))
     for d in adaptive.decisions:
         if d.action == "switch":
-            print(f"step {d.step}: B_simple {d.b_simple:.0f} -> accumulation {d.accumulation_steps}")
+            print(
+                f"step {d.step}: B_simple {d.b_simple:.0f} -> accumulation {d.accumulation_steps}"
+            )
     for step, accum in adaptive.applied:
         print(f"from step {step}: gradient_accumulation_steps = {accum}")
     last = adaptive.decisions[-1]

@@ -66,7 +66,9 @@ class TaskModule(pl.LightningModule):
 
     def on_validation_epoch_end(self):
         if not self.trainer.sanity_checking:
-            self.val_runs.append((self.current_epoch, float(self.trainer.callback_metrics["val_loss"])))
+            self.val_runs.append(
+                (self.current_epoch, float(self.trainer.callback_metrics["val_loss"]))
+            )
 
     def configure_optimizers(self):
         return self.task.optimizer(self.parameters(), self.task.lr)
@@ -118,8 +120,12 @@ def main() -> None:
     for epoch, val_loss in module.val_runs:
         seen = module.seen[epoch]
         once = sorted(seen) == list(range(n))
-        print(f"epoch {epoch}: {len(seen)} examples seen ({'each once' if once else 'NOT each once'}), val_loss {val_loss:.4f}")
-    print(f"{trainer.current_epoch} epochs of {epochs}, {len(module.val_runs)} validation runs, {trainer.global_step} steps")
+        print(
+            f"epoch {epoch}: {len(seen)} examples seen ({'each once' if once else 'NOT each once'}), val_loss {val_loss:.4f}"
+        )
+    print(
+        f"{trainer.current_epoch} epochs of {epochs}, {len(module.val_runs)} validation runs, {trainer.global_step} steps"
+    )
     rows = list(csv.DictReader(open(next(logdir.rglob("metrics.csv")))))
     logged = [r for r in rows if r.get("b_simple")]
     ci = monitor.b_simple_ci

@@ -73,13 +73,17 @@ def main() -> None:
                 for group in optimizer.param_groups:
                     group["lr"] = d.lr
                 b = "-" if d.b_simple is None else f"{d.b_simple:.0f}"
-                print(f"step {step:4d}  B={d.batch_size:4d}  lr={d.lr:.4g}  B_simple={b}  {d.action}")
+                print(
+                    f"step {step:4d}  B={d.batch_size:4d}  lr={d.lr:.4g}  B_simple={b}  {d.action}"
+                )
         model.eval()
         with torch.no_grad():
             val_loss = float(task.loss(model, task.val_data[:]))
         model.train()
         print(f"epoch {epoch}: val_loss {val_loss:.4f}")
-    print(f"{step} steps; progress: {controller.reference_epochs(len(task.train_data)):.2f} reference epochs")
+    print(
+        f"{step} steps; progress: {controller.reference_epochs(len(task.train_data)):.2f} reference epochs"
+    )
 
 
 if __name__ == "__main__":

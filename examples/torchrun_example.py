@@ -104,7 +104,9 @@ def main() -> None:
     if rank == 0:
         ns = noise.noise_scale()  # the same on every rank
         now = "-" if ns.b_simple is None else f"{ns.b_simple:.0f}"
-        print(f"{step} steps; B_simple now {now} [{ns.b_simple_ci[0]:.0f}, {ns.b_simple_ci[1]:.0f}]")
+        print(
+            f"{step} steps; B_simple now {now} [{ns.b_simple_ci[0]:.0f}, {ns.b_simple_ci[1]:.0f}]"
+        )
         if not ns.reliable:
             print(f"  unreliable: {ns.reason}")
     del noise, ddp, optimizer

@@ -77,7 +77,9 @@ def check_lightning(out: str) -> None:
     for _, batch, micro, accum, lr, b_simple, _ in rows[1:]:
         assert micro * accum == batch and lr > 0 and b_simple is not None and b_simple > 0
     # a resizing batch, yet every epoch saw each example once and was validated (issue 13)
-    epochs = re.findall(r"^epoch (\d+): (\d+) examples seen \((each once|NOT each once)\)", out, re.M)
+    epochs = re.findall(
+        r"^epoch (\d+): (\d+) examples seen \((each once|NOT each once)\)", out, re.M
+    )
     assert [int(e) for e, _, _ in epochs] == [0, 1, 2, 3], out
     assert all(n == "2000" and once == "each once" for _, n, once in epochs), out
     assert re.search(r"^4 epochs of 4, 4 validation runs, \d+ steps$", out, re.M), out

@@ -17,7 +17,8 @@ from batchlab.errors import NoiseEstimateError
 from batchlab.tracking.readout import NoiseScaleWarning
 
 pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("transformers") is None or importlib.util.find_spec("accelerate") is None,
+    importlib.util.find_spec("transformers") is None
+    or importlib.util.find_spec("accelerate") is None,
     reason="transformers is not installed",
 )
 
@@ -60,7 +61,9 @@ def train(tmp_path, data, callbacks, **overrides):
         disable_tqdm=True,
     )
     settings.update(overrides)
-    trainer = Trainer(Regression(), TrainingArguments(**settings), train_dataset=data, callbacks=callbacks)
+    trainer = Trainer(
+        Regression(), TrainingArguments(**settings), train_dataset=data, callbacks=callbacks
+    )
     trainer.train()
     return trainer
 

@@ -134,7 +134,9 @@ def test_float_val_check_interval_is_refused_with_the_fix():
     with pytest.raises(ConfigError) as err:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            trainer.fit(_module(collections.defaultdict(list), []), DataLoader(data, batch_sampler=sampler))
+            trainer.fit(
+                _module(collections.defaultdict(list), []), DataLoader(data, batch_sampler=sampler)
+            )
     assert "an int (every N batches)" in str(err.value)
 
 
@@ -145,9 +147,7 @@ def test_monitor_warns_once_and_training_goes_on():
     monitor = NoiseScaleMonitor()  # accumulate_grad_batches=1: nothing to contrast
     seen: dict[int, list[int]] = collections.defaultdict(list)
     with pytest.warns(NoiseScaleWarning, match="accumulate_grad_batches>=2") as caught:
-        _trainer([monitor], epochs=2).fit(
-            _module(seen, []), DataLoader(data, batch_size=20)
-        )
+        _trainer([monitor], epochs=2).fit(_module(seen, []), DataLoader(data, batch_size=20))
     assert len([w for w in caught if w.category is NoiseScaleWarning]) == 1
     assert len(seen[1]) == N  # trained both epochs
     assert monitor.b_simple is None and not monitor.reliable

@@ -23,7 +23,6 @@ from torch import nn
 from batchlab.errors import ConfigError
 from batchlab.tracking.pending import PendingStep
 
-
 _HOOK_ATTR = "_batchlab_local_norm_hook"  # where a model keeps its registered hook
 
 
