@@ -8,6 +8,7 @@ favours more accumulation at a fixed micro-batch (57 of 57 decisions were `keep`
 from __future__ import annotations
 
 import importlib.util
+import time
 
 import pytest
 import torch
@@ -24,12 +25,19 @@ pytestmark = pytest.mark.skipif(
 
 
 class Regression(nn.Module):
-    def __init__(self) -> None:
+    """A linear model whose micro-steps take `micro_seconds` each, as in a real model, where
+    the forward/backward dominates a step (a bare 8-weight model would be all overhead,
+    and accumulation would then raise throughput by itself)."""
+
+    def __init__(self, micro_seconds: float = 0.0) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.net = nn.Linear(8, 1)
+        self.micro_seconds = micro_seconds
 
     def forward(self, x, labels=None):
+        if self.micro_seconds:
+            time.sleep(self.micro_seconds)
         out = self.net(x).squeeze(-1)
         return {"loss": nn.functional.mse_loss(out, labels), "logits": out}
 
@@ -42,7 +50,7 @@ def noisy_regression(n: int, noise: float) -> list[dict[str, torch.Tensor]]:
     return [{"x": x[i], "labels": y[i]} for i in range(n)]
 
 
-def train(tmp_path, data, callbacks, **overrides):
+def train(tmp_path, data, callbacks, micro_seconds: float = 0.0, **overrides):
     from transformers import Trainer, TrainingArguments
 
     settings = dict(
@@ -62,7 +70,10 @@ def train(tmp_path, data, callbacks, **overrides):
     )
     settings.update(overrides)
     trainer = Trainer(
-        Regression(), TrainingArguments(**settings), train_dataset=data, callbacks=callbacks
+        Regression(micro_seconds),
+        TrainingArguments(**settings),
+        train_dataset=data,
+        callbacks=callbacks,
     )
     trainer.train()
     return trainer
@@ -74,7 +85,8 @@ def test_accumulation_grows_when_b_noise_is_high(tmp_path):
     noise = NoiseScaleCallback()
     adaptive = AdaptiveAccumulation(noise, interval=5)
     # the default max_grad_norm=1.0: the callback reads the first two micro-steps
-    train(tmp_path, noisy_regression(480, noise=3.0), [noise, adaptive])
+    # Goodput never grew here (the micro-steps dominate the step time); the noise must.
+    train(tmp_path, noisy_regression(480, noise=3.0), [noise, adaptive], micro_seconds=0.002)
     grown = [accum for _, accum in adaptive.applied]
     assert grown and grown[0] > 3 and grown == sorted(grown)  # it grew, never shrank
     switches = [d for d in adaptive.decisions if d.action == "switch"]

@@ -25,6 +25,16 @@ class NoiseScaleWarning(UserWarning):
     """A noise monitor cannot measure as configured; training goes on without it."""
 
 
+def single_micro_reason(steps: int) -> str:
+    """Why a tracker fed only steps of one micro-batch has no estimate, and what to change."""
+    return (
+        f"no step had two micro-batches ({steps} steps of one), and a step of one has "
+        "nothing to contrast, so more steps never help: split each step's batch into >= 2 "
+        "micro-batches (a backward and `after_backward` for each, each loss scaled by its "
+        "share) or accumulate >= 2"
+    )
+
+
 class NoiseReadout:
     """`b_simple`, `b_simple_ci`, `reliable`: properties over `noise_scale()`.
 

@@ -29,13 +29,11 @@ Three ways to feed it:
   the all-reduce (`tracking.ddp`, the one DDP path; `detach_ddp` stops it). Training code
   uses it through `batchlab.integrations.ddp.DDPNoiseScale`.
 
-A step of one micro-batch has nothing to contrast. In `batchlab.train` the tracker then
-splits every `split_every`-th step in two halves (the same update, as the adaptive engine
-does); in a plain loop it cannot, and its `reason` says what to change.
-
-The Lightning and Hugging Face integrations feed it through the plain-loop API. Every
-monitor reads the same way: `b_simple`, `b_simple_ci` and `reliable` are properties, and
-`noise_scale()` gives the whole `NoiseScale` with its `reason`. `state_dict()` /
+A step of one micro-batch has nothing to contrast: in `batchlab.train` the tracker splits
+every `split_every`-th step in two halves (the same update, as the adaptive engine does);
+in a plain loop its `reason` says what to change. The Lightning and Hugging Face
+integrations feed it through the plain-loop API; every monitor reads like it
+(`tracking.readout`). `state_dict()` /
 `load_state_dict()` carry the estimate across a resumed run.
 `batchlab.measure.noise_run.measure_noise` uses it to record B_simple along a training run.
 """
@@ -65,7 +63,7 @@ from batchlab.tracking.ddp import ReplicaNorms
 from batchlab.tracking.grad_norms import MicroBatchNorms, adam_preconditioner
 from batchlab.tracking.moments import DEFAULT_BETA, WeightedMoments
 from batchlab.tracking.pending import PendingStep, squared_sums
-from batchlab.tracking.readout import NoiseReadout
+from batchlab.tracking.readout import NoiseReadout, single_micro_reason
 
 
 class GradientNoiseScaleTracker(NoiseReadout, TrainCallback):
@@ -287,16 +285,9 @@ class GradientNoiseScaleTracker(NoiseReadout, TrainCallback):
             pre = self._result(self._pre_moments)
         result = self._result(self._moments, preconditioned=pre)
         if self._moments.count == 0 and (self.unmeasurable or self.single_micro_steps):
-            result = replace(result, reason=self.unmeasurable or self._single_micro_reason())
+            reason = self.unmeasurable or single_micro_reason(self.single_micro_steps)
+            result = replace(result, reason=reason)
         return result
-
-    def _single_micro_reason(self) -> str:
-        return (
-            f"no step had two micro-batches ({self.single_micro_steps} steps of one), and a "
-            "step of one has nothing to contrast, so more steps never help: split each "
-            "step's batch into >= 2 micro-batches (a backward and `after_backward` for each, "
-            "each loss scaled by its share) or accumulate >= 2"
-        )
 
     def _result(self, moments: WeightedMoments, **extra: Any) -> NoiseScale:
         trace, grad_sq, cov, dof = moments.estimate()
