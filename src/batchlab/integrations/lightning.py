@@ -189,7 +189,7 @@ class AdaptiveBatchSize(Callback):
         interval = trainer.val_check_interval
         if isinstance(interval, float) and interval != 1.0:
             raise ConfigError(
-                "val_check_interval: expected 1.0 (each epoch's end) or an int (every N "
+                "`val_check_interval`: expected 1.0 (each epoch's end) or an int (every N "
                 f"batches) with a resizing batch, got {interval}; an epoch's length is not "
                 "known ahead, so Lightning cannot take a fraction of it",
                 param="val_check_interval",

@@ -37,7 +37,7 @@ import math
 
 from batchlab.adaptive.controller import AdaptiveBatchSize, Decision, LrRule
 from batchlab.adaptive.noise_source import smoothed_noise_estimate
-from batchlab.core.checks import check_batch_size
+from batchlab.core.checks import check_batch_size, check_positive
 from batchlab.core.lr import efficiency
 from batchlab.core.tradeoff import efficient_batch_size
 from batchlab.tracking.readout import TrackerReadout
@@ -192,11 +192,11 @@ class AdaptiveAccumulation(TrainerCallback):
         self.noise = noise
         self.lr_rule = lr_rule
         self.interval = check_batch_size(interval, what="interval")
-        self.threshold = threshold
+        self.threshold = float(threshold)
         self.max_accumulation_steps = check_batch_size(
             max_accumulation_steps, what="max_accumulation_steps"
         )
-        self.max_growth = max_growth
+        self.max_growth = check_positive(max_growth, what="`max_growth`", param="max_growth")
         self.controller: AdaptiveBatchSize | None = None
         self.decisions: list[Decision] = []
         self.applied: list[tuple[int, int]] = []  # (global step, accumulation) when applied
