@@ -1,10 +1,13 @@
 """Adaptive batch size under DDP: torchrun, gloo on CPU (NCCL on GPUs works the same way).
 
     torchrun --standalone --nproc_per_node=2 examples/torchrun_example.py --tiny
+    torchrun --standalone --nproc_per_node=2 examples/torchrun_example.py --epochs 10
 
 Every replica's local gradient is a small-batch sample for the noise scale (read by a DDP
 communication hook before the all-reduce), rank 0 decides the next batch and the others
-adopt its decision, so all ranks always run the same batch size.
+adopt its decision, so all ranks always run the same batch size. Each epoch is one pass
+over the training set, cut from one shared permutation (every replica its slice of each
+global batch); rank 0 validates at each epoch's end.
 """
 
 from __future__ import annotations
@@ -28,11 +31,11 @@ from batchlab.measure.distributed import shutdown
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="mnist1d-mlp")
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--tiny", action="store_true", help="a few dozen steps (CI smoke run)")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--tiny", action="store_true", help="two epochs of dots (CI smoke run)")
     parser.add_argument("--out", type=Path, help="write each rank's decision log here")
     args = parser.parse_args()
-    steps = 60 if args.tiny else args.steps
+    epochs = 2 if args.tiny else args.epochs
     task_name = "dots" if args.tiny else args.task
 
     dist.init_process_group("gloo")
@@ -51,34 +54,39 @@ def main() -> None:
         task.train_data, controller.micro_batch_size, seed=0, num_replicas=world, rank=rank
     )
 
-    def next_batch():
-        indices = sampler.take(controller.micro_batch_size)
-        if indices is None:  # end of an epoch: the next take() starts the next one
-            indices = sampler.take(controller.micro_batch_size)
-        return task.train_data[indices]
-
-    for step in range(1, steps + 1):
-        accum = controller.accumulation_steps
-        optimizer.zero_grad(set_to_none=True)
-        for i in range(accum):
-            batch = next_batch()
+    step = 0
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        while sampler.remaining:
+            step += 1
+            m, k = controller.micro_batch_size, controller.accumulation_steps
+            indices = sampler.take(m * k)  # this replica's share of the step (short at the end)
+            micro = [indices[i : i + m] for i in range(0, len(indices), m)]
+            optimizer.zero_grad(set_to_none=True)
+            for i, idx in enumerate(micro):
+                batch = task.train_data[idx]
+                scale = len(idx) / len(indices)  # each micro loss by its share of the step
+                start = time.perf_counter()
+                if i < len(micro) - 1:
+                    with ddp.no_sync():  # accumulate locally; all-reduce on the last micro-batch
+                        (task.loss(ddp, batch) * scale).backward()
+                else:
+                    (task.loss(ddp, batch) * scale).backward()
+                controller.throughput.observe_micro(len(idx), time.perf_counter() - start)
+            noise.local_batch_size = len(indices)
+            noise.end_step()
             start = time.perf_counter()
-            if i < accum - 1:
-                with ddp.no_sync():  # accumulate locally; all-reduce on the last micro-batch
-                    (task.loss(ddp, batch) / accum).backward()
-            else:
-                (task.loss(ddp, batch) / accum).backward()
-            controller.throughput.observe_micro(len(batch[0]), time.perf_counter() - start)
-        noise.end_step()
-        start = time.perf_counter()
-        optimizer.step()
-        controller.throughput.observe_optimizer(time.perf_counter() - start)
-        controller.record_step(controller.batch_size)
-        if controller.due(step):
-            decision = decide_and_broadcast(controller, step, noise.b_simple())
-            for group in optimizer.param_groups:
-                group["lr"] = decision.lr
-            noise.local_batch_size = decision.micro_batch_size * decision.accumulation_steps
+            optimizer.step()
+            controller.throughput.observe_optimizer(time.perf_counter() - start)
+            controller.record_step(len(indices) * world)
+            if controller.due(step):
+                decision = decide_and_broadcast(controller, step, noise.b_simple)
+                for group in optimizer.param_groups:
+                    group["lr"] = decision.lr
+        if rank == 0:
+            with torch.no_grad():
+                val_loss = float(task.loss(ddp.module, task.val_data[:]))
+            print(f"epoch {epoch}: val_loss {val_loss:.4f}")
 
     log = [d.to_dict() for d in controller.decisions]
     if args.out is not None:
@@ -93,6 +101,14 @@ def main() -> None:
             )
     # Release DDP (its reducer holds the process group) before leaving the group, then wait
     # for every rank: gloo aborts a rank whose peer tears down while it still talks.
+    if rank == 0:
+        ns = noise.noise_scale()  # the same on every rank
+        now = "-" if ns.b_simple is None else f"{ns.b_simple:.0f}"
+        print(
+            f"{step} steps; B_simple now {now} [{ns.b_simple_ci[0]:.0f}, {ns.b_simple_ci[1]:.0f}]"
+        )
+        if not ns.reliable:
+            print(f"  unreliable: {ns.reason}")
     del noise, ddp, optimizer
     gc.collect()
     shutdown()

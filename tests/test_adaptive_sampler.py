@@ -102,3 +102,31 @@ def test_bad_batch_size_is_a_clear_error():
     assert "expected a positive integer, got 0" in str(info.value)
     with pytest.raises(ConfigError):
         ResizableBatchSampler(10, 2, num_replicas=2, rank=2)
+
+
+def test_set_epoch_reaches_the_sampler_lightning_calls_it_on():
+    # Lightning calls set_epoch on loader.batch_sampler.sampler only (issue 13).
+    ds = TensorDataset(torch.arange(30))
+    sampler = ResizableBatchSampler(ds, 4, seed=3)
+    loader = DataLoader(ds, batch_sampler=sampler)
+    it = iter(loader)
+    first = next(it)[0].tolist()  # Lightning prefetches before its set_epoch(0)
+    loader.batch_sampler.sampler.set_epoch(0)  # the current epoch: nothing changes
+    rest = [i for (x,) in it for i in x.tolist()]
+    assert sorted(first + rest) == list(range(30))  # epoch 0 once, nothing repeated
+    sampler.take(), sampler.take()  # epoch 1 under way (the loop above ended epoch 0)
+    assert sampler.epoch == 1 and sampler.position == 8
+    loader.batch_sampler.sampler.set_epoch(2)  # a new epoch starts from its beginning
+    assert sampler.epoch == 2 and sampler.remaining == 30
+    order = sampler.sampler.order().tolist()
+    epoch2 = [i for (x,) in loader for i in x.tolist()]
+    assert epoch2 == order and sorted(order) == list(range(30))  # the permutation, in order
+
+
+def test_unsized_sampler_has_no_length():
+    ds = TensorDataset(torch.arange(30))
+    sampler = ResizableBatchSampler(ds, 4, sized=False)
+    loader = DataLoader(ds, batch_sampler=sampler)
+    with pytest.raises(TypeError, match="has no length"):
+        len(loader)
+    assert sum(len(x) for (x,) in loader) == 30  # iterating does not need it

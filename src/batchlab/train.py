@@ -86,8 +86,8 @@ def train(
         target: e.g. `val_acc>=0.9`; the run stops at the first evaluation reaching it.
         callbacks: `TrainCallback`s, e.g. a progress bar or a noise tracker.
         track_noise: record B_simple (McCandlish et al. 2018) from the accumulation
-            micro-batches into `History.extras["noise"]` (a GradientNoiseScaleTracker; needs
-            accumulation_steps >= 2).
+            micro-batches into `History.extras["noise"]` (a GradientNoiseScaleTracker; with
+            accumulation_steps=1 every 4th step runs as two half micro-batches).
     """
     task = load_task(task)
     check_batch_size(batch_size, what="batch_size")
@@ -124,10 +124,9 @@ def train(
 
 
 def _noise_tracker(task: Task, accumulation_steps: int) -> TrainCallback:
-    """The tracker behind `track_noise=True`."""
-    if accumulation_steps < 2:
-        raise ConfigError(
-            "track_noise: expected accumulation_steps >= 2 (the tracker contrasts "
-            f"micro-batch gradients with the step's), got {accumulation_steps!r}"
-        )
-    return GradientNoiseScaleTracker(num_examples=task.num_train, on_nonfinite="skip")
+    """The tracker behind `track_noise=True`: with one micro-batch a step, every 4th step
+    runs as two halves (the same update), as the adaptive engine does."""
+    split_every = 4 if accumulation_steps == 1 else 0
+    return GradientNoiseScaleTracker(
+        num_examples=task.num_train, on_nonfinite="skip", split_every=split_every
+    )

@@ -7,10 +7,17 @@
 
 `NoiseScaleMonitor` reads the accumulation micro-batches' gradients (`on_after_backward`)
 and logs the smoothed B_simple as `b_simple` to the Trainer's logger. It needs
-`accumulate_grad_batches >= 2` on one device; under DDP use `batchlab.integrations.ddp`.
+`accumulate_grad_batches >= 2` on one device; otherwise it warns once, logs why and lets
+training go on (`strict=True` raises). Under DDP use `batchlab.integrations.ddp`.
 
 `AdaptiveBatchSize` changes the micro-batch size through the `ResizableBatchSampler`
-between optimizer steps, and the learning rate of every param group. Limits, honestly:
+between optimizer steps, and the learning rate of every param group. Epochs stay epochs:
+Lightning calls `set_epoch` on `loader.batch_sampler.sampler` (the sampler's epoch
+permutation), and at fit start the callback makes the sampler unsized (`sized=False`), so
+Lightning ends each epoch when its data ends, validates then, and `max_epochs` counts real
+epochs. Limits, honestly:
+- a float `val_check_interval` other than 1.0 is refused (use an int: every N batches), and
+  `trainer.estimated_stepping_batches` is infinite (a scheduler sized from it cannot work);
 - accumulation stays the Trainer's `accumulate_grad_batches` (Lightning counts accumulation
   windows from the start of the epoch, so changing it mid-epoch would make a short window);
   the batch moves through the micro-batch size only, up to `memory_cap`;
@@ -30,7 +37,8 @@ from batchlab.adaptive.controller import AdaptiveBatchSize as Controller
 from batchlab.adaptive.controller import Decision, LrRule
 from batchlab.adaptive.noise_source import smoothed_noise_estimate
 from batchlab.adaptive.sampler import ResizableBatchSampler
-from batchlab.errors import ConfigError, NoiseEstimateError
+from batchlab.errors import ConfigError
+from batchlab.tracking.readout import TrackerReadout
 
 try:
     from lightning.pytorch import Callback
@@ -53,48 +61,60 @@ def _batch_len(batch: Any) -> int:
     return len(batch)
 
 
-class NoiseScaleMonitor(Callback):
+class NoiseScaleMonitor(TrackerReadout, Callback):
     """Logs the smoothed simple noise scale B_simple (McCandlish et al. 2018) during fit.
+
+    Reads like every batchlab monitor: `b_simple`, `b_simple_ci` and `reliable` are
+    properties, `noise_scale()` the whole estimate with its `reason`.
 
     Args:
         decay: EMA decay of the two-batch estimates (default 0.95, about 20 steps).
         name: the metric's name in the logger (default `b_simple`).
+        strict: raise a NoiseEstimateError when it cannot measure (one micro-batch per
+            step, or more than one device); by default it warns once, logs the reason and
+            lets training go on without an estimate.
     """
 
-    def __init__(self, decay: float = 0.95, name: str = "b_simple") -> None:
+    def __init__(self, decay: float = 0.95, name: str = "b_simple", strict: bool = False) -> None:
         # Lightning scales each micro-batch loss by 1/accumulate_grad_batches: equal weights.
         self.estimate = smoothed_noise_estimate(decay, weighting="equal")
         self.tracker = self.estimate.tracker
         self.name = name
-        self.b_simple: float | None = None
+        self.strict = strict
         self.history: list[tuple[int, float]] = []  # (global step, B_simple)
         self._active = False
         self._size = 0
         self._last = False
-        self._fresh = False
+        self._fresh: float | None = None
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        self._active = False
         if trainer.world_size > 1:
-            raise NoiseEstimateError(
-                f"NoiseScaleMonitor reads micro-batch gradients on one device, got world size "
+            return self.cannot_measure(
+                f"it reads micro-batch gradients on one device, got world size "
                 f"{trainer.world_size}; under DDP use batchlab.integrations.ddp.DDPNoiseScale"
             )
         if trainer.accumulate_grad_batches < 2:
-            raise NoiseEstimateError(
-                "NoiseScaleMonitor needs micro-batches: expected Trainer(accumulate_grad_batches"
-                f">=2), got {trainer.accumulate_grad_batches}; halve the batch size and set "
-                "accumulate_grad_batches=2 (same update), or measure with `batchlab noise`"
+            return self.cannot_measure(
+                "a step of one micro-batch has nothing to contrast (more steps never help): "
+                f"expected Trainer(accumulate_grad_batches>=2), got "
+                f"{trainer.accumulate_grad_batches}; halve the batch size and set "
+                "accumulate_grad_batches=2 (the same update)"
             )
+        self.tracker.unmeasurable = None
         self.tracker.bind(pl_module)
         self._active = True
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._size = _batch_len(batch)
         # Lightning's own rule for the end of an accumulation window: every k-th batch, or
-        # the epoch's last. The tracker puts the step's gradient back into `.grad` after
-        # it, before AMP unscaling and clipping read it.
+        # the epoch's last (known ahead: its fetcher prefetches one batch). The tracker puts
+        # the step's gradient back into `.grad` after it, before AMP unscaling and clipping.
         k = trainer.accumulate_grad_batches
-        self._last = (batch_idx + 1) % k == 0 or batch_idx + 1 == trainer.num_training_batches
+        last_batch = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        self._last = (
+            (batch_idx + 1) % k == 0 or last_batch or batch_idx + 1 == trainer.num_training_batches
+        )
 
     def on_after_backward(self, trainer, pl_module) -> None:
         if self._active:
@@ -104,16 +124,13 @@ class NoiseScaleMonitor(Callback):
         if not self._active:
             return
         self.tracker.end_step(pl_module)
-        value = self.estimate.b_simple()
-        if value is not None:
-            self.b_simple = value
-            self._fresh = True
+        self._fresh = self.estimate.b_simple()  # positive and finite, or None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._fresh and self.b_simple is not None:
-            self._fresh = False
-            self.history.append((trainer.global_step, self.b_simple))
-            pl_module.log(self.name, self.b_simple, on_step=True, on_epoch=False)
+        value, self._fresh = self._fresh, None
+        if value is not None:
+            self.history.append((trainer.global_step, value))
+            pl_module.log(self.name, value, on_step=True, on_epoch=False)
 
 
 class AdaptiveBatchSize(Callback):
@@ -164,6 +181,19 @@ class AdaptiveBatchSize(Callback):
         return [] if self.controller is None else list(self.controller.decisions)
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        # Lightning counts an epoch's batches from len(loader) once, at the start of fit: a
+        # shrinking batch would cut the epoch short and a growing one skip the validation
+        # due at the counted end. Without a length, an epoch ends when its data does and
+        # Lightning validates then (on_fit_start runs before Lightning reads the length).
+        self.sampler.sized = False
+        interval = trainer.val_check_interval
+        if isinstance(interval, float) and interval != 1.0:
+            raise ConfigError(
+                "`val_check_interval`: expected 1.0 (each epoch's end) or an int (every N "
+                f"batches) with a resizing batch, got {interval}; an epoch's length is not "
+                "known ahead, so Lightning cannot take a fraction of it",
+                param="val_check_interval",
+            )
         optimizer = trainer.optimizers[0]
         lr0 = optimizer.param_groups[0]["lr"]
         accum = trainer.accumulate_grad_batches

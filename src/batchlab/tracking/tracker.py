@@ -26,10 +26,14 @@ Three ways to feed it:
   `tracker.end_step(model)` before `optimizer.step()`;
 - DDP: `tracker.attach_ddp(ddp_model)` once, `tracker.ddp_end_step(ddp_model, local_batch)`
   after each backward: each replica's local gradient norm is taken in a comm hook, before
-  the all-reduce (`tracking.ddp`, the one DDP path).
+  the all-reduce (`tracking.ddp`, the one DDP path; `detach_ddp` stops it). Training code
+  uses it through `batchlab.integrations.ddp.DDPNoiseScale`.
 
-The Lightning and Hugging Face integrations feed it through the plain-loop API, and
-`batchlab.integrations.ddp.DDPNoiseScale` through the DDP one. `state_dict()` /
+A step of one micro-batch has nothing to contrast: in `batchlab.train` the tracker splits
+every `split_every`-th step in two halves (the same update, as the adaptive engine does);
+in a plain loop its `reason` says what to change. The Lightning and Hugging Face
+integrations feed it through the plain-loop API; every monitor reads like it
+(`tracking.readout`). `state_dict()` /
 `load_state_dict()` carry the estimate across a resumed run.
 `batchlab.measure.noise_run.measure_noise` uses it to record B_simple along a training run.
 """
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -54,13 +59,14 @@ from batchlab.core.noise_scale import (
     solve_two_batch,
 )
 from batchlab.errors import ConfigError, NoiseEstimateError
-from batchlab.tracking.ddp import LocalNormHook
+from batchlab.tracking.ddp import ReplicaNorms
 from batchlab.tracking.grad_norms import MicroBatchNorms, adam_preconditioner
 from batchlab.tracking.moments import DEFAULT_BETA, WeightedMoments
 from batchlab.tracking.pending import PendingStep, squared_sums
+from batchlab.tracking.readout import NoiseReadout, single_micro_reason
 
 
-class GradientNoiseScaleTracker(TrainCallback):
+class GradientNoiseScaleTracker(NoiseReadout, TrainCallback):
     """Smoothed B_simple from micro-batch (or replica) gradients during training.
 
     Args:
@@ -82,6 +88,9 @@ class GradientNoiseScaleTracker(TrainCallback):
             the step's examples, as `batchlab.train` does) or `equal` (by 1/k, as Lightning
             and the Hugging Face Trainer do). Equal weighting with unequal sizes makes the
             big batch's variance tr(Σ)/(k b_h), b_h the harmonic mean of the sizes.
+        split_every: in `batchlab.train`, while a step is one micro-batch, run every this
+            many steps as two half micro-batches (the same update up to batch-dependent
+            layers such as BatchNorm; 0: never). `track_noise=True` sets it.
     """
 
     def __init__(
@@ -97,6 +106,7 @@ class GradientNoiseScaleTracker(TrainCallback):
         on_nonfinite: str = "raise",
         key: str = "noise",
         weighting: str = "size",
+        split_every: int = 0,
     ) -> None:
         if not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
             raise ConfigError(f"beta: expected a number in [0, 1], got {beta!r}; pass e.g. 0.95")
@@ -115,6 +125,12 @@ class GradientNoiseScaleTracker(TrainCallback):
         self.on_nonfinite = on_nonfinite
         self.key = key
         self.weighting = weighting
+        if not isinstance(split_every, int) or split_every < 0:
+            raise ConfigError(f"split_every: expected an int >= 0, got {split_every!r}")
+        self.split_every = split_every
+        self.unmeasurable: str | None = None  # why no sample can come (set by its feeders)
+        self.single_micro_steps = 0  # steps that had one micro-batch: nothing to contrast
+        self._full_micro = 0  # the engine's micro-batch size when splitting (0: not)
         self.points: list[dict[str, Any]] = []
         self._samples: list[tuple[int, float, float]] = []
         self.nonfinite_step: int | None = None
@@ -133,7 +149,7 @@ class GradientNoiseScaleTracker(TrainCallback):
         self._steps = 0
         self._state: RunState | None = None
         self._prev_hook = None
-        self._ddp_hook = LocalNormHook()
+        self._replicas = ReplicaNorms()
 
     # -- plain-loop API ---------------------------------------------------------------------
 
@@ -216,42 +232,40 @@ class GradientNoiseScaleTracker(TrainCallback):
     # -- DDP --------------------------------------------------------------------------------
 
     def attach_ddp(self, ddp_model: nn.Module, process_group: Any = None) -> None:
-        """Register a comm hook that takes each replica's local gradient norm, then averages.
+        """Take each replica's local gradient norm in a comm hook, before the all-reduce.
 
         Replaces DDP's default all-reduce hook with the same all-reduce plus one norm per
         bucket (`tracking.ddp.LocalNormHook`). Call `ddp_end_step` after each
-        synchronizing backward.
+        synchronizing backward. Attaching again to the same model is a no-op; attaching
+        to another model while attached, or to a model another tracker holds, is an error.
         """
-        self.bind(ddp_model)
-        self._ddp_hook.attach(ddp_model, process_group)
+        if self._replicas.attach(ddp_model, self, process_group):
+            self.bind(ddp_model)
+
+    def detach_ddp(self) -> None:
+        """Stop measuring (the hook stays as DDP's plain all-reduce: DDP cannot remove one).
+
+        The estimate so far is kept; a no-op when not attached."""
+        self._replicas.detach(self)
+
+    @property
+    def ddp_model(self) -> nn.Module | None:
+        """The DDP model attached to (None: not attached)."""
+        return self._replicas.model
 
     @property
     def ddp_synced(self) -> bool:
         """Whether a synchronizing backward went through the hook since `ddp_end_step`."""
-        return self._ddp_hook.fired
+        return self._replicas.synced
 
     def ddp_end_step(
         self, ddp_model: nn.Module, local_batch_size: int, *, loss_scale: float = 1.0
     ) -> None:
         """After a synchronizing backward: local norms (averaged over replicas) vs `.grad`."""
-        import torch.distributed as dist
-
-        mean_local_sq = self._ddp_hook.mean_local_sq()
-        world = dist.get_world_size()
-        grads = [p.grad for p in self._params if p.grad is not None]
-        big = torch._foreach_norm(grads)
         self._steps += 1
-        # The replicas' mean of |g_r|^2 stands for all of them: a = mean_r |g_r|^2
-        # (stored as a norm, like the per-parameter norms elsewhere).
         self._pending.append(
-            PendingStep(
-                self._steps,
-                [[mean_local_sq.sqrt().reshape(())]],
-                [1.0],
-                [local_batch_size],
-                big,
-                local_batch_size * world,
-                loss_scale,
+            self._replicas.pending_step(
+                ddp_model, self._params, self._steps, local_batch_size, loss_scale
             )
         )
 
@@ -263,18 +277,17 @@ class GradientNoiseScaleTracker(TrainCallback):
         self._flush()
         return self._samples
 
-    @property
-    def b_simple(self) -> float | None:
-        """The smoothed B_simple now (None until |G|^2 averages above 0)."""
-        return self.noise_scale().b_simple
-
     def noise_scale(self) -> NoiseScale:
-        """The smoothed estimate with its interval and reliability verdict."""
+        """The smoothed estimate with its interval, reliability verdict and reason."""
         self._flush()
         pre = None
         if self._pre_moments.count:
             pre = self._result(self._pre_moments)
-        return self._result(self._moments, preconditioned=pre)
+        result = self._result(self._moments, preconditioned=pre)
+        if self._moments.count == 0 and (self.unmeasurable or self.single_micro_steps):
+            reason = self.unmeasurable or single_micro_reason(self.single_micro_steps)
+            result = replace(result, reason=reason)
+        return result
 
     def _result(self, moments: WeightedMoments, **extra: Any) -> NoiseScale:
         trace, grad_sq, cov, dof = moments.estimate()
@@ -351,6 +364,10 @@ class GradientNoiseScaleTracker(TrainCallback):
         if self.num_examples is None:
             self.num_examples = state.task.num_train
         self.bind(state.model, state.optimizer)
+        full = state.step_fn.micro_batch_size
+        if self.split_every and full >= state.effective_batch_size >= 2:
+            self._full_micro = full  # one micro-batch a step: split some steps in two
+            self._split_next(state)
         self._prev_hook = state.step_fn.micro_hook
         state.step_fn.micro_hook = self._engine_micro_hook
         state.extras[self.key] = self.points
@@ -359,6 +376,7 @@ class GradientNoiseScaleTracker(TrainCallback):
         if self._prev_hook is not None:
             self._prev_hook(index, num_micro, micro_size)
         if num_micro < 2:  # nothing to contrast: no work at all
+            self.single_micro_steps += 1
             return
         last = index == num_micro - 1
         self._micro(micro_size, last)
@@ -367,13 +385,23 @@ class GradientNoiseScaleTracker(TrainCallback):
             scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
             self._finish_step(self._state.step + 1, scale)
 
+    def _split_next(self, state: RunState) -> None:
+        """Set the micro-batch size of the next step: half of it every `split_every`-th."""
+        split = (state.step + 1) % self.split_every == 0
+        half = (state.effective_batch_size + 1) // 2
+        state.step_fn.micro_batch_size = half if split else self._full_micro
+
     def on_step(self, state: RunState) -> None:
+        if self._full_micro:
+            self._split_next(state)
         if state.step % self.every == 0 or state.step == state.total_steps:
             self._record(state)
 
     def on_end(self, state: RunState) -> None:
         if not self.points or self.points[-1]["step"] != state.step:
             self._record(state)
+        if self._full_micro:
+            state.step_fn.micro_batch_size, self._full_micro = self._full_micro, 0
         state.step_fn.micro_hook = self._prev_hook
         if self.nonfinite_step is not None:
             state.extras[f"{self.key}_nonfinite_step"] = self.nonfinite_step
@@ -405,6 +433,8 @@ class GradientNoiseScaleTracker(TrainCallback):
         sizes, self._micro_sizes = self._micro_sizes, []
         norms = self._norms
         norms.restore()  # `.grad` holds the step's gradient again, whatever happens next
+        if len(sizes) == 1:
+            self.single_micro_steps += 1
         if len(sizes) >= 2:
             big, pre_big = norms.total()
             measured = sizes if self.all_micro else sizes[:1]
