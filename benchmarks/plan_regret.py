@@ -74,12 +74,15 @@ class Truth:
         return sorted({b for b, _ in self.steps})
 
 
-def read_truth(directory: str) -> Truth:
-    spec, contents = load_sweep(directory)
+def read_truth(directories: str) -> Truth:
+    """The runs of one sweep directory, or of several (comma-separated) of the same task,
+    target and protocol: e.g. the task's own B0 swept on its own, beside the ladder."""
+    spec, _ = load_sweep(directories.split(",")[0])
+    records = [r for d in directories.split(",") for r in load_sweep(d)[1].records]
     target = parse_target(spec.target)
     steps: dict[tuple[int, float], list[float]] = defaultdict(list)
     templates: dict[int, list[RunSpec]] = defaultdict(list)
-    for record in contents.records:
+    for record in records:
         run = record.spec
         m = run_metrics(record, target)
         reached = m.steps_to_target if m.status == "ok" else None
@@ -287,16 +290,18 @@ def render(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("configs", nargs="*", help="TASK:B0:SWEEP_DIR")
+    parser.add_argument("configs", nargs="*", help="TASK:B0:SWEEP_DIR[,SWEEP_DIR...]")
     parser.add_argument("--plans", type=int, default=1, help="plan runs per configuration")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--save", help="write the steps measured (before timing) to this JSON")
-    parser.add_argument("--retime", help="time and report the steps saved by an earlier --save")
+    parser.add_argument(
+        "--retime", nargs="+", help="time and report the steps saved by earlier --save runs"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     if args.retime:
-        measured = json.loads(Path(args.retime).read_text())
+        measured = [m for path in args.retime for m in json.loads(Path(path).read_text())]
     else:
         measured = []
         for config in args.configs:
