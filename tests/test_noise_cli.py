@@ -150,3 +150,39 @@ def test_plot_draws_into_given_axes_and_handles_unbounded_intervals(task_file):
     assert plot_noise_run(run, ax=ax) is ax
     assert ax.get_yscale() == "log" and ax.loss_axis.get_ylabel().startswith("train loss")
     assert math.isfinite(ax.get_ylim()[1])
+
+
+def test_measure_noise_can_record_the_adam_preconditioned_scale():
+    """`preconditioned=True` (what `plan` asks for) records B_simple of g/(sqrt(v)+eps) at
+    every point for an Adam-like optimizer, and says so; SGD has no second moment and keeps
+    the plain scale, saying that too."""
+    import dataclasses
+
+    import torch
+    from conftest import tiny_task
+
+    import batchlab
+    from batchlab.measure.noise_run import NoiseRun, measure_noise
+    from batchlab.tracking.tracker import GradientNoiseScaleTracker
+
+    adam = tiny_task(n=512, optimizer=lambda params, lr: torch.optim.Adam(params, lr=lr), lr=0.01)
+    adam = dataclasses.replace(adam, batch_size=32)
+    plain = measure_noise(adam, steps=40, every=10, device="cpu")
+    pre = measure_noise(adam, steps=40, every=10, device="cpu", preconditioned=True)
+    assert not plain.preconditioned and pre.preconditioned
+    assert [p.step for p in pre.points] == [p.step for p in plain.points]
+    # Same training (the run is deterministic), another metric: the values differ.
+    assert [p.train_loss for p in pre.points] == [p.train_loss for p in plain.points]
+    assert any(a.b_simple != b.b_simple for a, b in zip(pre.points, plain.points, strict=True))
+    assert pre.final == plain.final.preconditioned
+    assert NoiseRun.from_json(pre.to_json()) == pre
+    # The same tracker, driven by hand, records both per point.
+    tracker = GradientNoiseScaleTracker(every=10, preconditioned=True)
+    batchlab.train(adam, 8, accumulation_steps=4, max_steps=40, device="cpu", callbacks=[tracker])
+    assert [p["b_simple_preconditioned"] for p in tracker.points] == [
+        p.b_simple for p in pre.points
+    ]
+    sgd = dataclasses.replace(tiny_task(n=512), batch_size=32)
+    assert not measure_noise(
+        sgd, steps=20, every=10, device="cpu", preconditioned=True
+    ).preconditioned

@@ -266,3 +266,11 @@ def test_worst_case_regrets_known_answer():
     # A point interval: the regret is the plain ratio to the best there.
     at_100 = worst_case_regrets({1: 1.0, 100: 2.0}, (100.0, 100.0))
     assert at_100 == {1: pytest.approx(101 / 4), 100: 1.0}
+
+
+def test_plan_says_when_its_noise_points_are_adam_preconditioned():
+    plain = build_plan(noisy_measurements(0.0))
+    pre = build_plan(noisy_measurements(0.0, noise_preconditioned=True))
+    assert "Adam-preconditioned B_noise" in pre.b_simple_source
+    assert "preconditioned" not in plain.b_simple_source
+    assert pre.b_simple == plain.b_simple  # the same points: only the label differs

@@ -73,6 +73,8 @@ class NoiseRun(JsonResult):
     target: str | None = None
     target_step: int | None = None
     target_evals: tuple[tuple[int, float], ...] = ()
+    # The points (and `final`) are B_simple of Adam-preconditioned gradients (`measure_noise`).
+    preconditioned: bool = False
 
 
 class _PeriodicMeasurement(TrainCallback):
@@ -139,6 +141,7 @@ def measure_noise(
     confidence: float = DEFAULT_CONFIDENCE,
     target: str | None = None,
     callbacks: Sequence[TrainCallback] = (),
+    preconditioned: bool = False,
 ) -> NoiseRun:
     """Train `task` at its reference batch and lr for `steps` steps, recording B_simple.
 
@@ -161,6 +164,12 @@ def measure_noise(
         target: e.g. `val_acc>=0.85`: evaluate every `every` steps and stop once it is
             reached (the planner's noise phase follows the path to the target, no further).
         callbacks: extra TrainCallbacks (e.g. a progress bar).
+        preconditioned: for an Adam-like optimizer, the points are B_simple of the
+            preconditioned gradients g/(sqrt(v)+eps): the noise scale in the geometry Adam
+            steps in (two-batch only; the run says which it holds). Plain B_simple
+            otherwise. On mnist1d-mlp (Adam) the exact preconditioned value is 1.5-2x the
+            plain one over the first 400 steps, and the LR-tuned sweep's B_crit is ~2.5x
+            the plain one (benchmarks/results/plan_regret.md).
 
     Raises NoiseEstimateError naming the step when a gradient becomes non-finite.
     """
@@ -194,12 +203,12 @@ def measure_noise(
             callbacks=[measurement, losses, *callbacks],
         )
     except KeyboardInterrupt:  # keep the points measured so far (`batchlab plan` saves them)
-        raw, final = _raw_points(measurement, task)
+        raw, final, pre = _raw_points(measurement, task, preconditioned)
         partial = NoiseRun(
             task=task.name, method=method, steps=losses.step, every=every, seed=seed,
             device=str(device), batch_size=ref, micro_batch_size=micro, lr=task.lr,
             num_train=task.num_train, beta=beta, points=_with_train_loss(raw, losses.by_step),
-            final=final, train_seconds=time.perf_counter() - t0,
+            final=final, train_seconds=time.perf_counter() - t0, preconditioned=pre,
         )  # fmt: skip
         raise NoiseInterrupted(partial) from None
     seconds = time.perf_counter() - t0
@@ -208,7 +217,7 @@ def measure_noise(
             f"non-finite loss at training step {history.diverged_step} of {task.name!r} at its "
             f"reference lr {task.lr:g}; B_simple is undefined there"
         )
-    raw, final = _raw_points(measurement, task)
+    raw, final, pre = _raw_points(measurement, task, preconditioned)
     points = _with_train_loss(raw, dict(zip(history.steps, history.train_loss, strict=True)))
     return NoiseRun(
         task=task.name,
@@ -228,6 +237,7 @@ def measure_noise(
         target=history.target,
         target_step=history.steps_to_target,
         target_evals=_target_evals(history),
+        preconditioned=pre,
     )
 
 
@@ -309,8 +319,11 @@ def _per_example_setup(
 _RawPoint = tuple[int, int, float | None, Sequence[float], bool]
 
 
-def _raw_points(measurement: TrainCallback, task: Task) -> tuple[list[_RawPoint], NoiseScale]:
-    """(step, examples, b_simple, interval, reliable) of each point, and the final estimate."""
+def _raw_points(
+    measurement: TrainCallback, task: Task, preconditioned: bool = False
+) -> tuple[list[_RawPoint], NoiseScale, bool]:
+    """(step, examples, b_simple, interval, reliable) of each point, the final estimate, and
+    whether they are the Adam-preconditioned ones (asked for, and measured at every point)."""
     if isinstance(measurement, GradientNoiseScaleTracker):
         tracker = measurement
         if tracker.nonfinite_step is not None:
@@ -318,17 +331,22 @@ def _raw_points(measurement: TrainCallback, task: Task) -> tuple[list[_RawPoint]
                 f"non-finite gradient at training step {tracker.nonfinite_step} of "
                 f"{task.name!r}; lower the learning rate or check the data"
             )
-        raw = [
-            (p["step"], p["examples"], p["b_simple"], p["b_simple_ci"], p["reliable"])
-            for p in tracker.points
-        ]
-        return raw, tracker.noise_scale()
+        final = tracker.noise_scale()
+        pre = (
+            preconditioned
+            and final.preconditioned is not None
+            and all("b_simple_preconditioned" in p for p in tracker.points)
+        )
+        key = "b_simple_preconditioned" if pre else "b_simple"
+        ci, ok = (f"{key}_ci", "preconditioned_reliable") if pre else ("b_simple_ci", "reliable")
+        raw = [(p["step"], p["examples"], p[key], p[ci], p[ok]) for p in tracker.points]
+        return raw, final.preconditioned if pre else final, pre
     results = measurement.results
     raw = [
         (s, examples, r.b_simple, r.b_simple_ci, r.reliable)
         for s, (examples, r) in sorted(results.items())
     ]
-    return raw, results[max(results)][1]
+    return raw, results[max(results)][1], False
 
 
 def _with_train_loss(raw: list[_RawPoint], losses: dict[int, float]) -> tuple[NoisePoint, ...]:

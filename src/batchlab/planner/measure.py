@@ -118,6 +118,7 @@ def measurements_from(
         noise_target_step=noise.target_step,
         target_evals=noise.target_evals,
         noise_budget=noise_budget,
+        noise_preconditioned=noise.preconditioned,
     )
 
 
@@ -265,6 +266,7 @@ def _measure(
             seed=settings.seed,
             device=settings.device,
             callbacks=callbacks,
+            preconditioned=True,  # Adam-like optimizers: the geometry their steps take
         )
     except NoiseInterrupted as exc:  # the points measured so far are kept, and saved
         measured["noise"] = exc.partial

@@ -78,6 +78,8 @@ class Measurements(JsonResult):
     noise_target_step: int | None = None
     target_evals: tuple[tuple[int, float], ...] = ()
     noise_budget: float | None = None
+    # The noise points are B_simple of Adam-preconditioned gradients (`measure_noise`).
+    noise_preconditioned: bool = False
 
     @property
     def reference_examples(self) -> int:
@@ -225,8 +227,10 @@ def predicted_critical_batch(
     )
     t = outlook.trajectory
     lo, hi = t.loss_range
+    metric = "Adam-preconditioned " if m.noise_preconditioned else ""
     source = (
-        f"S_min-weighted mean of B_noise(L) = {math.exp(t.log_scale):.3g} L^{t.exponent:.2f} "
+        f"S_min-weighted mean of {metric}B_noise(L) = {math.exp(t.log_scale):.3g} "
+        f"L^{t.exponent:.2f} "
         f"({t.kind} fit to {t.num_points} points, loss {hi:.3g} -> {lo:.3g}) over the loss "
         f"path to {outlook.target_loss:.3g}, ending at {outlook.path_end}"
     )

@@ -417,6 +417,7 @@ class GradientNoiseScaleTracker(NoiseReadout, TrainCallback):
                 "trace_sigma": est.trace_sigma,
                 "grad_norm_sq": est.grad_norm_sq,
                 "reliable": est.reliable,
+                **_preconditioned_fields(est.preconditioned),
             }
         )
 
@@ -527,3 +528,14 @@ class GradientNoiseScaleTracker(NoiseReadout, TrainCallback):
         self._samples.append((step, trace, grad_sq))
         self._examples += big_size
         self._small_total += sum(sizes) / len(sizes)
+
+
+def _preconditioned_fields(pre: NoiseScale | None) -> dict[str, Any]:
+    """A point's Adam-preconditioned estimate, when the optimizer had second moments."""
+    if pre is None:
+        return {}
+    return {
+        "b_simple_preconditioned": pre.b_simple,
+        "b_simple_preconditioned_ci": list(pre.b_simple_ci),
+        "preconditioned_reliable": pre.reliable,
+    }
