@@ -274,3 +274,17 @@ def test_plan_says_when_its_noise_points_are_adam_preconditioned():
     assert "Adam-preconditioned B_noise" in pre.b_simple_source
     assert "preconditioned" not in plain.b_simple_source
     assert pre.b_simple == plain.b_simple  # the same points: only the label differs
+
+
+def test_warmup_is_a_fraction_of_the_steps_predicted_to_the_target():
+    """Goyal et al.'s 5% of the run being warmed up: of the predicted steps to the target,
+    not of the reference training's whole length (on mnist1d-mlp from B0=32 a 160-step
+    warm-up, 5% of 200 epochs at B=256, took most of a 250-step run to the target)."""
+    m = noisy_measurements(0.0, reference_epochs=100)
+    plan = build_plan(m, lr_rule="linear")
+    rec = plan.recommended
+    assert rec.lr / m.reference_lr > 2  # a warm-up is due
+    path = plan.noise_outlook.end_step
+    expected = math.ceil(0.05 * math.ceil(path * relative_steps(rec.batch_size, 32, plan.b_simple)))
+    assert rec.warmup_steps == expected
+    assert "steps predicted for the run" in rec.reasons["warmup"]

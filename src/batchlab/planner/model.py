@@ -284,6 +284,9 @@ class _Noise:
 
     value: float
     interval: tuple[float, float]
+    # Steps at B0 along the path the plan follows (to the target when one is known, else
+    # the reference training's end): a warm-up is a fraction of the run it warms up.
+    path_steps: float | None = None
 
 
 def _speedup_range(
@@ -310,8 +313,13 @@ def _recommend(
     b_noise = noise.value
     micro, accum, step_s = _step_seconds(m, batch_size)
     lr = scale_lr(m.reference_lr, m.reference_batch_size, batch_size, rule, b_simple=b_noise)
-    epochs = m.reference_epochs or 1
-    total_steps = epochs * math.ceil(m.num_train / batch_size)
+    if noise.path_steps:  # the predicted steps to the end of the path, at this batch
+        factor = relative_steps(batch_size, m.reference_batch_size, b_noise)
+        total_steps = max(1, math.ceil(noise.path_steps * factor))
+        planned = "steps predicted for the run (to the target, when one is given)"
+    else:
+        total_steps = (m.reference_epochs or 1) * math.ceil(m.num_train / batch_size)
+        planned = "planned steps"
     warmup = warmup_steps_for(lr / m.reference_lr, total_steps)
     reasons = dict(reasons)
     reasons["lr"] = (
@@ -320,7 +328,7 @@ def _recommend(
     )
     reasons["warmup"] = (
         f"LR grows {lr / m.reference_lr:.2g}x > 2x: linear warm-up over 5% of the "
-        f"{total_steps} planned steps (Goyal et al. 2017)"
+        f"{total_steps} {planned} (Goyal et al. 2017)"
         if warmup
         else f"LR grows {lr / m.reference_lr:.2g}x <= 2x: no warm-up needed"
     )
@@ -371,7 +379,7 @@ def build_plan(
         b_noise, interval, source, outlook = predicted_critical_batch(m, target)
     else:
         b_noise, interval, source = b_simple, (b_simple, b_simple), "given"
-    noise_est = _Noise(b_noise, interval)
+    noise_est = _Noise(b_noise, interval, None if outlook is None else outlook.end_step)
     rule = lr_rule or default_lr_rule(m.optimizer)
     _, _, ref_step_s = _step_seconds(m, m.reference_batch_size)
     candidates = _candidates(m, noise_est, ref_step_s)
