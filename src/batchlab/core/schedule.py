@@ -183,3 +183,27 @@ def path_cost(
         seconds=sum(s * step_seconds(b) for s, b in zip(steps, batches, strict=True)),
         stretch_steps=tuple(steps),
     )
+
+
+@dataclass(frozen=True)
+class ScheduleForecast(JsonResult):
+    """A planned schedule with what the model predicts for it (`batchlab plan` makes it).
+
+    Predictions run to the end of the plan's loss path (the target, or the end of the
+    reference training). `predicted_gain` is the best fixed batch's predicted time over the
+    schedule's, both along the same path and step-time model; its interval spans the
+    B_noise fit's confidence region (None when the fit gives none).
+    """
+
+    schedule: BatchSchedule
+    phase_steps: tuple[float, ...]  # predicted optimizer step each phase starts after
+    phase_b_noise: tuple[float, ...]  # S_min-weighted B_noise over each phase's stretches
+    predicted_seconds: float
+    predicted_steps: float
+    predicted_examples: float
+    best_fixed_batch_size: int
+    best_fixed_seconds: float
+    predicted_gain: float
+    predicted_gain_interval: tuple[float, float] | None = None
+    lr_rule: str = ""
+    reasons: dict[str, str] = field(default_factory=dict)

@@ -30,6 +30,7 @@ from batchlab.measure.probe import ProbeResult, ProbeSettings, has_batchnorm, ru
 from batchlab.planner.lr_check import check_recommended_lr
 from batchlab.planner.model import Measurements, Plan, build_plan
 from batchlab.planner.reference import reference_seconds_to_target
+from batchlab.planner.schedule import with_schedule
 from batchlab.planner.trust import REFUSING_WARNINGS
 from batchlab.target import target_for_task
 from batchlab.task import Task
@@ -197,6 +198,7 @@ def plan(
         probe=measured["probe"],
         noise=measured["noise"],
     )
+    built = with_schedule(built)  # B(t) rising with the predicted B_noise(t)
     refusing = [w.message for w in built.warnings if w.code in REFUSING_WARNINGS]
     if refusing and not force:
         raise PlanRefused(refusing)
