@@ -194,3 +194,36 @@ def test_path_cost_is_eq_2_11_summed():
     assert cost.examples == pytest.approx(10 * 10 + 6 * 20)
     assert cost.seconds == pytest.approx(10 * 1 + 6 * 2)
     assert math.isclose(sum(cost.stretch_steps), cost.steps)
+
+
+def test_cli_train_schedule_runs_and_saves_the_phases(capsys, tmp_path):
+    from batchlab.cli import main
+
+    schedule = BatchSchedule(
+        (SchedulePhase(0, 32, 32, 1, 0.01), SchedulePhase(640, 64, 32, 2, 0.014)), unit="examples"
+    )
+    path = schedule.save(tmp_path / "schedule.json")
+    out_json = tmp_path / "history.json"
+    code = main(["train", "dots", "--schedule", str(path), "--max-steps", "30",
+                 "--device", "cpu", "--json", str(out_json)])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "phase 2" in out and "B=64 (32 x 2), lr 0.014" in out
+    history = batchlab.History.load(out_json)
+    assert history.extras["schedule"]["phases_run"][1] == {"phase": 1, "step": 21, "examples": 640}
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--batch-size", "8"], "--batch-size would be ignored: --schedule sets"),
+        (["--adaptive"], "--schedule would be ignored: --adaptive and --schedule"),
+    ],
+)
+def test_cli_train_schedule_refuses_conflicting_flags(capsys, tmp_path, extra, match):
+    from batchlab.cli import main
+
+    path = TWO_PHASES.save(tmp_path / "schedule.json")
+    code = main(["train", "dots", "--schedule", str(path), *extra])
+    _, err = capsys.readouterr()
+    assert code == 2 and match in err and err.count("\n") == 1

@@ -207,3 +207,8 @@ class ScheduleForecast(JsonResult):
     predicted_gain_interval: tuple[float, float] | None = None
     lr_rule: str = ""
     reasons: dict[str, str] = field(default_factory=dict)
+    # Along the path, stretch by stretch: the schedule's cumulative steps at the stretch's
+    # end, the predicted B_noise and the batch (what the report draws).
+    path_steps: tuple[float, ...] = ()
+    path_b_noise: tuple[float, ...] = ()
+    path_batches: tuple[int, ...] = ()

@@ -19,6 +19,7 @@ the B_noise fit's confidence region (`NoiseTrajectory.ellipse`), with both choic
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -112,6 +113,9 @@ def recommend_schedule(plan: Plan, *, lr_coupling: str = "adascale") -> Schedule
         predicted_gain=gain,
         predicted_gain_interval=interval,
         lr_rule=rule,
+        path_steps=tuple(itertools.accumulate(cost.stretch_steps)),
+        path_b_noise=tuple(b_noises),
+        path_batches=tuple(batches),
         reasons={
             "batch": (
                 f"B {path}: in each stretch of the loss path to {outlook.target_loss:.3g} the "

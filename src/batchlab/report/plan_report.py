@@ -93,6 +93,10 @@ def _figure_sections(page: HtmlPage, plan: Plan) -> None:
     figures.append(
         (plot_noise_trajectory(plan).figure, "B_noise against the loss: the fit and the target")
     )
+    if plan.schedule is not None:
+        from batchlab.report.schedule_plots import plot_schedule
+
+        figures.append((plot_schedule(plan).figure, "The schedule B(t) over B_noise(t)"))
     page.figures(figures)
     if plan.probe is not None:
         from batchlab.report.probe_plots import plot_memory, plot_throughput
