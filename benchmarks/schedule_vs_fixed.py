@@ -3,9 +3,11 @@
 For each task, in one run (so the ratios share the machine's load):
 1. the reference batch B0 at the task's lr, for the task's epochs, sets the target: the
    validation loss it reaches at 2/3 of the steps to its best one (`target_eval`);
-2. `batchlab.plan(task, target=...)` (no LR check) gives the schedule: B(t) rising with the
-   predicted B_noise(t), its LR coupled by the AdaScale gain; the plan's measuring time is
-   reported apart, not added to the schedule's time to target;
+2. `batchlab.plan(task, target=...)` gives the schedule (B(t) rising with the predicted
+   B_noise(t) where that is predicted to pay, else the fixed recommendation; LR by the fixed
+   rule and the plan's LR check); also run: the rising schedule the plan would make without
+   that test ("rising"), and the same with AdaScale-coupled LRs. The plan's measuring time
+   is reported apart, not added to the schedule's time to target;
 3. every fixed batch on the factor-2 ladder B0 x {1/2, 1, 2, 4, 8}, each with its LR tuned
    on the factor-2 grid {1/2, 1, 2} x the family's rule (linear for SGD, sqrt for Adam);
    per batch the LR with the least median time is kept, and the best of those is "best
@@ -43,7 +45,7 @@ from batchlab.core.optim import default_lr_rule
 from batchlab.planner.schedule import recommend_schedule
 
 RESULTS = Path(__file__).parent / "results" / "schedule_vs_fixed.md"
-TASKS = ("dots", "digits-mlp", "mnist1d-mlp")
+TASKS = ("dots", "digits-mlp", "mnist1d-mlp", "mnist1d-cnn")
 
 
 def median(values):
@@ -89,12 +91,15 @@ def bench_task(name: str, seeds: list[int], multipliers: list[float], lr_factors
     # planned from measured B_noise, not from an extrapolated trajectory.
     reference_examples = ref_epochs * task.num_train
     budget = min(1.0, max(0.05, 1.25 * third.examples / reference_examples))
-    plan = batchlab.plan(
-        task, device="cpu", target=target, check_lr=False, force=True, noise_budget=budget
-    )
+    plan = batchlab.plan(task, device="cpu", target=target, force=True, noise_budget=budget)
     plan_seconds = time.perf_counter() - t0
+    # The plan's schedule; the rising one it would make even when it predicts no clear
+    # gain; and that one with AdaScale-coupled LRs.
     schedules = {"schedule": plan.schedule}
-    schedules["schedule (lr: fixed rule)"] = recommend_schedule(plan, lr_coupling="rule")
+    schedules["rising"] = recommend_schedule(plan, min_gain=None)
+    schedules["rising, AdaScale lr"] = recommend_schedule(
+        plan, min_gain=None, lr_coupling="adascale"
+    )
     rule = default_lr_rule(plan.measurements.optimizer)
     budget_epochs = 2 * third.epoch  # examples budget of a run at B0 (x batch ratio above)
     rows: dict[str, list] = {}
@@ -188,10 +193,11 @@ def render(results: list[dict], seeds: list[int], seconds: float, command: str) 
             f"rule {r['rule']})",
             "",
         ]
+        check = plan.lr_check.verdict if plan.lr_check else "-"
         lines.append(
             f"- plan: {r['plan_seconds']:.0f} s to measure (noise budget "
             f"{r['noise_budget']:.2f} of the reference training); fixed recommendation "
-            f"B={plan.recommended.batch_size}"
+            f"B={plan.recommended.batch_size}, lr {plan.recommended.lr:.3g} (LR check: {check})"
         )
         for label, fc in r["schedules"].items():
             if fc is None:
@@ -232,14 +238,15 @@ def render(results: list[dict], seeds: list[int], seconds: float, command: str) 
             )
         b = rows[best]["replayed"] if best else None
         s = rows.get("schedule", {}).get("replayed")
-        s2 = rows.get("schedule (lr: fixed rule)", {}).get("replayed")
+        s2 = rows.get("rising", {}).get("replayed")
+        s3 = rows.get("rising, AdaScale lr", {}).get("replayed")
         a = rows["adaptive"]["replayed"]
-        goal_rows.append((r["task"], growth, ratio(s, b), ratio(s2, b), ratio(a, b)))
+        goal_rows.append((r["task"], growth, *(ratio(x, b) for x in (s, s2, s3, a))))
         lines += [
             "",
-            f"- schedule / best fixed: **{ratio(s, b)}** (lr by the fixed rule: "
-            f"{ratio(s2, b)}); adaptive / best fixed: **{ratio(a, b)}**; reference B "
-            f"(tuned LR) / best fixed: {ratio(rows[ref_label]['replayed'], b)}",
+            f"- schedule / best fixed: **{ratio(s, b)}** (rising: {ratio(s2, b)}, rising with "
+            f"AdaScale lr: {ratio(s3, b)}); adaptive / best fixed: **{ratio(a, b)}**; "
+            f"reference B (tuned LR) / best fixed: {ratio(rows[ref_label]['replayed'], b)}",
             "",
         ]
     lines += [
@@ -248,13 +255,13 @@ def render(results: list[dict], seeds: list[int], seconds: float, command: str) 
         "Schedule and adaptive each <= 0.85x the best fixed batch on >= 2 tasks where B_noise "
         "grows >= 3x, and <= 1.05x on every task.",
         "",
-        "| task | B_noise growth (fitted) | schedule / best fixed | schedule, fixed-rule lr "
-        "| adaptive / best fixed |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| task | B_noise growth (fitted) | schedule / best fixed | rising | rising, "
+        "AdaScale lr | adaptive / best fixed |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for task, growth, s, s2, a in goal_rows:
+    for task, growth, *cells in goal_rows:
         g = "-" if growth is None else f"x{growth:.1f}"
-        lines.append(f"| {task} | {g} | {s} | {s2} | {a} |")
+        lines.append(f"| {task} | {g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ import pytest
 from test_plan_trajectory import noisy_measurements
 
 from batchlab.core.lr import adascale_gain, lr_from_gain, scale_lr
+from batchlab.core.lr_choice import LrCheck
 from batchlab.core.schedule import fastest_batch, path_cost
 from batchlab.core.trajectory import min_steps_along_path
 from batchlab.errors import ConfigError
@@ -40,7 +41,7 @@ def _plan(**over) -> Plan:
 
 def test_the_batch_rises_with_b_noise_and_each_phase_is_its_stretches_fastest():
     plan = _plan()
-    fc = plan.schedule
+    fc = recommend_schedule(plan, lr_coupling="adascale")
     o, m = plan.noise_outlook, plan.measurements
     ladder = {c.batch_size: c.step_s for c in plan.candidates if not c.extrapolated}
     d = min_steps_along_path(o.trajectory, o.path_losses, o.path_steps, 32)
@@ -85,13 +86,20 @@ def test_memory_clamp_prices_accumulation_above_the_memory_max():
     assert c128.step_s == pytest.approx(2 * linear_time(64))
 
 
-def test_fixed_rule_coupling_uses_the_plans_rule():
+def test_fixed_rule_coupling_uses_the_plans_rule_and_the_lr_checks_correction():
     plan = _plan()
-    fc = recommend_schedule(plan, lr_coupling="rule")
+    fc = plan.schedule  # the default coupling
     assert fc.lr_rule == plan.recommended.lr_rule == "linear"
+    assert len(fc.schedule.phases) >= 3
     for p in fc.schedule.phases:
         assert p.lr == pytest.approx(scale_lr(0.1, 32, p.batch_size, "linear"))
-    with pytest.raises(ConfigError, match="`lr_coupling`: expected one of adascale, rule"):
+    rec = plan.recommended
+    check = LrCheck(rec.batch_size, rec.micro_batch_size, rec.accumulation_steps, "linear",
+                    rec.lr, rec.lr / 2, "lowered", "lowered", (), 10, 0, 5, 100, 1000)  # fmt: skip
+    halved = recommend_schedule(dataclasses.replace(plan, lr_check=check))
+    for p, q in zip(fc.schedule.phases, halved.schedule.phases, strict=True):
+        assert q.lr == pytest.approx(p.lr / 2)
+    with pytest.raises(ConfigError, match="`lr_coupling`: expected one of rule, adascale"):
         recommend_schedule(plan, lr_coupling="seesaw")
 
 
@@ -101,6 +109,23 @@ def test_plan_with_schedule_round_trips_and_train_reads_it(tmp_path):
     again = Plan.load(path)
     assert again == plan
     assert load_schedule(path) == plan.schedule.schedule
+
+
+def test_a_schedule_that_buys_nothing_is_the_fixed_recommendation():
+    """B_noise constant along the path: no rising schedule can gain, so it is one phase at
+    the fixed recommendation, and the reason says so."""
+    m = noisy_measurements(0.0, reference_epochs=1, num_train=6400)
+    flat = tuple(dataclasses.replace(p, b_simple=100.0, b_simple_ci=(77.0, 130.0)) for p in m.noise)
+    plan = with_schedule(build_plan(dataclasses.replace(m, noise=flat)))
+    (phase,) = plan.schedule.schedule.phases
+    rec = plan.recommended
+    assert (phase.batch_size, phase.micro_batch_size, phase.lr) == (
+        rec.batch_size,
+        rec.micro_batch_size,
+        pytest.approx(rec.lr),
+    )
+    assert "one phase, the fixed recommendation" in plan.schedule.reasons["batch"]
+    assert plan.schedule.predicted_gain <= 1.0 + 1e-9
 
 
 def test_a_given_b_simple_gives_no_schedule():

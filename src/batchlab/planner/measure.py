@@ -198,7 +198,6 @@ def plan(
         probe=measured["probe"],
         noise=measured["noise"],
     )
-    built = with_schedule(built)  # B(t) rising with the predicted B_noise(t)
     refusing = [w.message for w in built.warnings if w.code in REFUSING_WARNINGS]
     if refusing and not force:
         raise PlanRefused(refusing)
@@ -207,7 +206,7 @@ def plan(
             built = check_recommended_lr(task, built, device, amp, seed, progress, started=t0)
         except KeyboardInterrupt:  # keep the minutes of probe and noise already measured
             raise PlanInterrupted("the LR check", measured) from None
-    return built
+    return with_schedule(built)  # B(t) rising with the predicted B_noise(t)
 
 
 def noise_phase_steps(task: Task, noise_budget: float, noise_steps: int | None = None) -> int:

@@ -7,9 +7,16 @@ runs as micro-batches with accumulation, `core.batching.split`) and eq. 2.11 of 
 et al. 2018. In each stretch it picks, among the plan's trusted candidate batches (the
 same ones the fixed recommendation chooses from), the batch that minimises
 (1 + B_noise/B) t(B) (`core.schedule.rising_batches`), never lower than before; equal
-neighbours merge into phases. Each phase's LR is coupled to its batch by the AdaScale gain
-r = (B/B0) E(B) at the phase's B_noise (Johnson et al. 2020) for SGD-like optimizers and
-sqrt(r) for Adam-like ones (`core.optim`'s adaptive rule, `core.lr.lr_from_gain`).
+neighbours merge into phases. A rising schedule is kept only when it is predicted clearly
+faster than the best fixed batch; otherwise the schedule is the fixed recommendation.
+
+Each phase's LR is coupled to its batch: by default with the plan's fixed-batch rule
+(linear for SGD-like, sqrt for Adam-like optimizers) times the LR check's correction;
+`lr_coupling="adascale"` uses the AdaScale gain r = (B/B0) E(B) at the phase's B_noise
+(Johnson et al. 2020), sqrt(r) for Adam-like ones (`core.lr.lr_from_gain`). On the
+built-in tasks the AdaScale LR was 1.2-1.5x slower to the target
+(benchmarks/results/schedule_vs_fixed.md): B_simple underestimates the critical batch, so
+the gain r comes out too small.
 
 Phases start at examples seen (predicted), which do not depend on the batch the way
 steps do. The predicted gain over the best fixed batch comes with the range it takes over
@@ -40,14 +47,17 @@ from batchlab.core.trajectory import (
 from batchlab.planner.model import Candidate, Plan, untrusted_reason
 
 LR_COUPLINGS = {
+    "rule": "the plan's fixed-batch lr rule at the phase's batch, times the LR check's "
+    "correction (what the fixed recommendation would use there)",
     "adascale": "lr0 x the AdaScale gain r (SGD-like) or sqrt(r) (Adam-like) at the phase's "
     "B_noise (Johnson et al. 2020)",
-    "rule": "the plan's fixed-batch lr rule at the phase's batch (what the fixed "
-    "recommendation would use there)",
 }
 
 
-def with_schedule(plan: Plan, *, lr_coupling: str = "adascale") -> Plan:
+MIN_GAIN = 1.05  # a rising schedule must be predicted at least this much faster
+
+
+def with_schedule(plan: Plan, *, lr_coupling: str = "rule") -> Plan:
     """`plan` with its `schedule` filled in (None when the plan has no fitted trajectory,
     e.g. a B_simple given by hand)."""
     return dataclasses.replace(plan, schedule=recommend_schedule(plan, lr_coupling=lr_coupling))
@@ -73,11 +83,22 @@ def _path(plan: Plan, trajectory: NoiseTrajectory) -> tuple[list[float], list[fl
     return d, [trajectory.b_noise(loss) for loss in losses]
 
 
-def recommend_schedule(plan: Plan, *, lr_coupling: str = "adascale") -> ScheduleForecast | None:
+def recommend_schedule(
+    plan: Plan, *, lr_coupling: str = "rule", min_gain: float | None = MIN_GAIN
+) -> ScheduleForecast | None:
     """The fastest rising schedule along the plan's path, its LRs and its predictions.
 
-    lr_coupling: `adascale` (the default: each phase's lr from the AdaScale gain at its
-        B_noise) or `rule` (the plan's fixed-batch rule at the phase's batch).
+    A rising schedule is kept only when its predicted gain over the best fixed batch is at
+    least `MIN_GAIN` and its interval excludes no gain; otherwise the schedule is the
+    plan's fixed recommendation as one phase (a switch that buys nothing is a risk: each
+    new batch needs its LR to be right).
+
+    lr_coupling: `rule` (the default: the plan's fixed-batch rule at each phase's batch,
+        times the LR check's correction) or `adascale` (the AdaScale gain at the phase's
+        B_noise). `rule` is the default because it was measured faster
+        (benchmarks/results/schedule_vs_fixed.md: the AdaScale LR is lower, as B_simple
+        underestimates the critical batch).
+    min_gain: the predicted gain a rising schedule needs; None keeps it whatever it gains.
     """
     check_lr_rule(lr_coupling, tuple(LR_COUPLINGS), what="`lr_coupling`")
     outlook, m = plan.noise_outlook, plan.measurements
@@ -87,22 +108,37 @@ def recommend_schedule(plan: Plan, *, lr_coupling: str = "adascale") -> Schedule
     seconds = lambda b: ladder[int(b)].step_s  # noqa: E731
     sizes = sorted(ladder)
     d, b_noises = _path(plan, outlook.trajectory)
-    batches = rising_batches(b_noises, sizes, seconds)
-    cost = path_cost(batches, d, b_noises, seconds)
     fixed = {b: path_cost([b] * len(d), d, b_noises, seconds).seconds for b in sizes}
     best_fixed = min(fixed, key=lambda b: (fixed[b], b))
+    batches = rising_batches(b_noises, sizes, seconds)
+    gain = fixed[best_fixed] / path_cost(batches, d, b_noises, seconds).seconds
+    interval = _gain_interval(plan, batches, best_fixed, seconds)
+    clear = gain >= (min_gain or 0) and (interval is None or interval[0] > 1.0)
+    rising = min_gain is None or clear
+    if not rising:
+        keep = plan.recommended.batch_size
+        batches = [keep if keep in ladder else best_fixed] * len(d)
+    cost = path_cost(batches, d, b_noises, seconds)
     rule = (
         default_lr_rule(m.optimizer, adaptive=True)
         if lr_coupling == "adascale"
         else plan.recommended.lr_rule
     )
     phases, starts, phase_noise = _phases(plan, batches, d, b_noises, cost.stretch_steps, rule)
-    schedule = BatchSchedule(tuple(phases), unit="examples")
-    gain = fixed[best_fixed] / cost.seconds
-    interval = _gain_interval(plan, batches, best_fixed, seconds)
     path = " -> ".join(str(p.batch_size) for p in phases)
+    span = f" (interval {interval[0]:.2f}-{interval[1]:.2f}x)" if interval else ""
+    why = (
+        f"B {path}: in each stretch of the loss path to {outlook.target_loss:.3g} the "
+        f"candidate with the least (1 + B_noise/B) t(B) (McCandlish et al. 2018 eq. 2.11), "
+        f"never lower than before; B_noise {b_noises[0]:.0f} -> {b_noises[-1]:.0f}"
+        if rising
+        else f"one phase, the fixed recommendation B={batches[0]}: a rising schedule is "
+        f"predicted only {gain:.2f}x faster than the best fixed batch{span}, not a clear "
+        f"gain (>= {MIN_GAIN:.2f}x, interval above 1)"
+    )
+    final_gain = fixed[best_fixed] / cost.seconds
     return ScheduleForecast(
-        schedule=schedule,
+        schedule=BatchSchedule(tuple(phases), unit="examples"),
         phase_steps=tuple(starts),
         phase_b_noise=tuple(phase_noise),
         predicted_seconds=cost.seconds,
@@ -110,26 +146,29 @@ def recommend_schedule(plan: Plan, *, lr_coupling: str = "adascale") -> Schedule
         predicted_examples=cost.examples,
         best_fixed_batch_size=best_fixed,
         best_fixed_seconds=fixed[best_fixed],
-        predicted_gain=gain,
-        predicted_gain_interval=interval,
+        predicted_gain=final_gain,
+        predicted_gain_interval=interval if rising else None,
         lr_rule=rule,
         path_steps=tuple(itertools.accumulate(cost.stretch_steps)),
         path_b_noise=tuple(b_noises),
         path_batches=tuple(batches),
         reasons={
-            "batch": (
-                f"B {path}: in each stretch of the loss path to {outlook.target_loss:.3g} the "
-                f"candidate with the least (1 + B_noise/B) t(B) (McCandlish et al. 2018 eq. "
-                f"2.11), never lower than before; B_noise {b_noises[0]:.0f} -> "
-                f"{b_noises[-1]:.0f} along the path"
-            ),
+            "batch": why,
             "lr": f"{rule}: {LR_COUPLINGS[lr_coupling]}",
             "gain": (
-                f"predicted {gain:.2f}x faster than the best fixed batch B={best_fixed} "
+                f"predicted {final_gain:.2f}x faster than the best fixed batch B={best_fixed} "
                 f"({fixed[best_fixed]:.3g} s vs {cost.seconds:.3g} s to the path's end)"
             ),
         },
     )
+
+
+def _lr_check_factor(plan: Plan) -> float:
+    """The LR check's correction of the rule's LR at the recommended batch (1: none)."""
+    check = plan.lr_check
+    if check is None or not check.rule_lr > 0 or not check.chosen_lr > 0:
+        return 1.0
+    return check.chosen_lr / check.rule_lr
 
 
 def _phases(
@@ -161,7 +200,7 @@ def _phases(
             if rule in ("adascale", "sqrt-adascale"):
                 lr = lr_from_gain(lr0, adascale_gain(b, b0, bn), rule)
             else:  # the fixed rule (`adascale` as a fixed rule uses the path's B_bar)
-                lr = scale_lr(lr0, b0, b, rule, b_simple=plan.b_simple)
+                lr = scale_lr(lr0, b0, b, rule, b_simple=plan.b_simple) * _lr_check_factor(plan)
             phases.append(SchedulePhase(start, b, c.micro_batch_size, c.accumulation_steps, lr))
             starts.append(steps)
             noise.append(bn)
