@@ -18,7 +18,7 @@ from batchlab.core.trajectory import min_steps_along_path
 from batchlab.errors import ConfigError
 from batchlab.planner import build_plan
 from batchlab.planner.model import Plan
-from batchlab.planner.schedule import recommend_schedule, with_schedule
+from batchlab.planner.schedule import recommend_schedule, schedule_ladder, with_schedule
 from batchlab.train import load_schedule
 
 
@@ -43,7 +43,7 @@ def test_the_batch_rises_with_b_noise_and_each_phase_is_its_stretches_fastest():
     plan = _plan()
     fc = recommend_schedule(plan, lr_coupling="adascale")
     o, m = plan.noise_outlook, plan.measurements
-    ladder = {c.batch_size: c.step_s for c in plan.candidates if not c.extrapolated}
+    ladder = {b: c.step_s for b, c in schedule_ladder(plan).items()}
     d = min_steps_along_path(o.trajectory, o.path_losses, o.path_steps, 32)
     b_noises = [o.trajectory.b_noise(v) for v in o.path_losses]
     expected = [fastest_batch(bn, sorted(ladder), ladder.__getitem__) for bn in b_noises]
@@ -69,6 +69,16 @@ def test_the_batch_rises_with_b_noise_and_each_phase_is_its_stretches_fastest():
         assert p.lr == pytest.approx(
             lr_from_gain(0.1, adascale_gain(p.batch_size, 32, bn), "adascale")
         )
+
+
+def test_the_ladder_is_thinned_around_b0():
+    plan = _plan()
+    sizes = sorted(c.batch_size for c in plan.candidates if not c.extrapolated)
+    ladder = sorted(schedule_ladder(plan))
+    assert 32 in ladder and set(ladder) <= set(sizes)
+    assert all(b / a >= 1.25 for a, b in zip(ladder, ladder[1:], strict=False))
+    # Every candidate left out is within 1.25x of one kept.
+    assert all(min(max(b, k) / min(b, k) for k in ladder) < 1.25 for b in set(sizes) - set(ladder))
 
 
 def test_memory_clamp_prices_accumulation_above_the_memory_max():

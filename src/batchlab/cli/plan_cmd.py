@@ -302,6 +302,7 @@ def print_schedule(console: Console, plan: Plan) -> None:
             f"{p.micro_batch_size} x {p.accumulation_steps}", f"{p.lr:.4g}", f"{bn:.0f}",
         )  # fmt: skip
     console.print(table)
+    console.print(f"  why: {fc.reasons.get('batch', '')}")
     gi = fc.predicted_gain_interval
     span = f" (interval {gi[0]:.2f}-{gi[1]:.2f}x)" if gi else ""
     console.print(

@@ -55,6 +55,7 @@ LR_COUPLINGS = {
 
 
 MIN_GAIN = 1.05  # a rising schedule must be predicted at least this much faster
+LADDER_STEP = 1.25  # neighbouring batches of a schedule differ at least this much
 
 
 def with_schedule(plan: Plan, *, lr_coupling: str = "rule") -> Plan:
@@ -63,14 +64,21 @@ def with_schedule(plan: Plan, *, lr_coupling: str = "rule") -> Plan:
     return dataclasses.replace(plan, schedule=recommend_schedule(plan, lr_coupling=lr_coupling))
 
 
-def _ladder(plan: Plan) -> dict[int, Candidate]:
-    """The candidates the fixed recommendation may pick (B0 always), by batch size."""
+def schedule_ladder(plan: Plan) -> dict[int, Candidate]:
+    """The candidates the fixed recommendation may pick (B0 always), by batch size, thinned
+    so that no two are within `LADDER_STEP` of each other (B0 kept first): a phase change
+    must be worth its switch, not a step from 98 to 100."""
     m, b0 = plan.measurements, plan.measurements.reference_batch_size
-    return {
+    trusted = {
         c.batch_size: c
         for c in plan.candidates
         if c.batch_size == b0 or untrusted_reason(m, c) is None
     }
+    kept = [b0] if b0 in trusted else []
+    for b in sorted(trusted):
+        if all(max(b, k) / min(b, k) >= LADDER_STEP for k in kept):
+            kept.append(b)
+    return {b: trusted[b] for b in sorted(kept)}
 
 
 def _path(plan: Plan, trajectory: NoiseTrajectory) -> tuple[list[float], list[float]]:
@@ -102,7 +110,7 @@ def recommend_schedule(
     """
     check_lr_rule(lr_coupling, tuple(LR_COUPLINGS), what="`lr_coupling`")
     outlook, m = plan.noise_outlook, plan.measurements
-    ladder = _ladder(plan)
+    ladder = schedule_ladder(plan)
     if outlook is None or not ladder:
         return None
     seconds = lambda b: ladder[int(b)].step_s  # noqa: E731
@@ -181,7 +189,7 @@ def _phases(
 ) -> tuple[list[SchedulePhase], list[float], list[float]]:
     """Equal neighbouring stretches merged into phases: each phase's start (examples and
     predicted steps), batch, micro-batch x accumulation, B_noise and coupled LR."""
-    m, ladder = plan.measurements, _ladder(plan)
+    m, ladder = plan.measurements, schedule_ladder(plan)
     b0, lr0 = m.reference_batch_size, m.reference_lr
     phases: list[SchedulePhase] = []
     starts: list[float] = []
