@@ -30,6 +30,7 @@ the load of the shared machine; they are reported too.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import statistics
 import sys
@@ -42,6 +43,7 @@ import torch
 import batchlab
 from batchlab.adaptive import train_adaptive
 from batchlab.core.optim import default_lr_rule
+from batchlab.core.schedule import BatchSchedule
 from batchlab.planner.schedule import recommend_schedule
 
 RESULTS = Path(__file__).parent / "results" / "schedule_vs_fixed.md"
@@ -69,6 +71,12 @@ def step_configs(h) -> list[tuple[int, int]]:
 
 _fixed_or_adaptive_configs = avf.step_configs
 avf.step_configs = step_configs  # the shared replay then counts scheduled runs too
+
+
+def scaled(schedule: BatchSchedule, factor: float) -> BatchSchedule:
+    """The schedule with every phase's lr times `factor`."""
+    phases = tuple(dataclasses.replace(p, lr=p.lr * factor) for p in schedule.phases)
+    return dataclasses.replace(schedule, phases=phases)
 
 
 def target_eval(ref):
@@ -112,11 +120,16 @@ def bench_task(name: str, seeds: list[int], multipliers: list[float], lr_factors
                     device="cpu", seed=seed, target=target, eval_every="geometric",
                 )  # fmt: skip
                 rows.setdefault(f"fixed B={b} lr x{f:g}", []).append(h)
-        for label, forecast in schedules.items():
-            if forecast is None:
-                continue
+        runs = [(label, fc.schedule) for label, fc in schedules.items() if fc is not None]
+        if schedules["rising"] is not None:  # its LRs tuned on the fixed batches' grid
+            runs += [
+                (f"rising lr x{f:g}", scaled(schedules["rising"].schedule, f))
+                for f in lr_factors
+                if f != 1
+            ]
+        for label, schedule in runs:
             h = batchlab.train(
-                task, schedule=forecast.schedule, epochs=budget_epochs * 8, device="cpu",
+                task, schedule=schedule, epochs=budget_epochs * 8, device="cpu",
                 seed=seed, target=target, eval_every="geometric",
             )  # fmt: skip
             rows.setdefault(label, []).append(h)
@@ -226,7 +239,8 @@ def render(results: list[dict], seeds: list[int], seconds: float, command: str) 
             "| --- | ---: | ---: | ---: | ---: | ---: |",
         ]
         shown = [*sorted(per_batch.values(), key=lambda k: int(k.split()[1][2:]))]
-        shown += [k for k in (*r["schedules"], "adaptive") if k in rows]
+        shown += [k for k in rows if not k.startswith("fixed") and k != "adaptive"]
+        shown.append("adaptive")
         for label in shown:
             v = rows[label]
             mark = " **best fixed**" if label == best else ""
@@ -238,14 +252,18 @@ def render(results: list[dict], seeds: list[int], seconds: float, command: str) 
             )
         b = rows[best]["replayed"] if best else None
         s = rows.get("schedule", {}).get("replayed")
-        s2 = rows.get("rising", {}).get("replayed")
+        tuned = [k for k in rows if k == "rising" or k.startswith("rising lr x")]
+        tuned = [k for k in tuned if rows[k]["replayed"] and rows[k]["reached"] == rows[k]["runs"]]
+        best_rising = min(tuned, key=lambda k: rows[k]["replayed"], default=None)
+        s2 = rows[best_rising]["replayed"] if best_rising else None
         s3 = rows.get("rising, AdaScale lr", {}).get("replayed")
         a = rows["adaptive"]["replayed"]
         goal_rows.append((r["task"], growth, *(ratio(x, b) for x in (s, s2, s3, a))))
         lines += [
             "",
-            f"- schedule / best fixed: **{ratio(s, b)}** (rising: {ratio(s2, b)}, rising with "
-            f"AdaScale lr: {ratio(s3, b)}); adaptive / best fixed: **{ratio(a, b)}**; "
+            f"- schedule / best fixed: **{ratio(s, b)}** (rising, LR tuned like the fixed "
+            f"batches: {ratio(s2, b)} with {best_rising}; rising with AdaScale lr: "
+            f"{ratio(s3, b)}); adaptive / best fixed: **{ratio(a, b)}**; "
             f"reference B (tuned LR) / best fixed: {ratio(rows[ref_label]['replayed'], b)}",
             "",
         ]
@@ -255,7 +273,7 @@ def render(results: list[dict], seeds: list[int], seconds: float, command: str) 
         "Schedule and adaptive each <= 0.85x the best fixed batch on >= 2 tasks where B_noise "
         "grows >= 3x, and <= 1.05x on every task.",
         "",
-        "| task | B_noise growth (fitted) | schedule / best fixed | rising | rising, "
+        "| task | B_noise growth (fitted) | schedule / best fixed | rising, LR tuned | rising, "
         "AdaScale lr | adaptive / best fixed |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
