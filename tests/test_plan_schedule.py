@@ -141,3 +141,13 @@ def test_a_schedule_that_buys_nothing_is_the_fixed_recommendation():
 def test_a_given_b_simple_gives_no_schedule():
     m = noisy_measurements(0.0, reference_epochs=1, num_train=6400)
     assert with_schedule(build_plan(m, b_simple=100.0)).schedule is None
+
+
+def test_the_report_lists_the_phases():
+    from batchlab.report.plan_report import plan_page
+
+    plan = _plan()
+    html = plan_page(plan).render()
+    assert "Batch-size schedule" in html
+    for p in plan.schedule.schedule.phases:
+        assert f"from {p.start} examples" in html
