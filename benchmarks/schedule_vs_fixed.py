@@ -12,7 +12,9 @@ For each task, in one run (so the ratios share the machine's load):
    on the factor-2 grid {1/2, 1, 2} x the family's rule (linear for SGD, sqrt for Adam);
    per batch the LR with the least median time is kept, and the best of those is "best
    fixed";
-4. the plan's schedule (`batchlab.train(task, schedule=...)`) and `train_adaptive`;
+4. the plan's schedule (`batchlab.train(task, schedule=...)`) and `train_adaptive`, with
+   its own B_simple and with `TrajectoryNoise` (the plan's trajectory model, the plan's
+   noise points as its prior, corrected online);
 each for every seed, until the target or an example budget. All runs evaluate on the
 `geometric` spacing (every step below 32, then at most 6.25% apart), the adaptive one every
 ~3% of the reference run's steps to target.
@@ -41,7 +43,7 @@ import adaptive_vs_fixed as avf  # benchmarks/ is the script's directory
 import torch
 
 import batchlab
-from batchlab.adaptive import train_adaptive
+from batchlab.adaptive import TrajectoryNoise, train_adaptive
 from batchlab.core.optim import default_lr_rule
 from batchlab.core.schedule import BatchSchedule
 from batchlab.planner.schedule import recommend_schedule
@@ -134,11 +136,15 @@ def bench_task(name: str, seeds: list[int], multipliers: list[float], lr_factors
             )  # fmt: skip
             rows.setdefault(label, []).append(h)
         ref_steps = third.step
-        h = train_adaptive(
-            task, epochs=budget_epochs, device="cpu", seed=seed, target=target,
-            eval_every=max(1, ref_steps // 32),
-        )  # fmt: skip
-        rows.setdefault("adaptive", []).append(h)
+        for label, noise in (
+            ("adaptive", None),
+            ("adaptive (trajectory)", TrajectoryNoise(prior=plan.measurements.noise)),
+        ):
+            h = train_adaptive(
+                task, epochs=budget_epochs, device="cpu", seed=seed, target=target,
+                eval_every=max(1, ref_steps // 32), b_simple=noise,
+            )  # fmt: skip
+            rows.setdefault(label, []).append(h)
     step_times = avf.replay_step_times(task, rows)
     summary = {}
     for label, runs in rows.items():
@@ -245,8 +251,7 @@ def render(results: list[dict], seeds: list[int], seconds: float, command: str) 
             "| --- | ---: | ---: | ---: | ---: | ---: |",
         ]
         shown = [*sorted(per_batch.values(), key=lambda k: int(k.split()[1][2:]))]
-        shown += [k for k in rows if not k.startswith("fixed") and k != "adaptive"]
-        shown.append("adaptive")
+        shown += [k for k in rows if not k.startswith("fixed")]
         for label in shown:
             v = rows[label]
             mark = " **best fixed**" if label == best else ""
@@ -264,12 +269,14 @@ def render(results: list[dict], seeds: list[int], seconds: float, command: str) 
         s2 = rows[best_rising]["replayed"] if best_rising else None
         s3 = all_reached(rows, "rising, AdaScale lr")
         a = all_reached(rows, "adaptive")
+        at = all_reached(rows, "adaptive (trajectory)")
         goal_rows.append((r["task"], growth, *(ratio(x, b) for x in (s, s2, s3, a))))
         lines += [
             "",
             f"- schedule / best fixed: **{ratio(s, b)}** (rising, LR tuned like the fixed "
             f"batches: {ratio(s2, b)} with {best_rising}; rising with AdaScale lr: "
-            f"{ratio(s3, b)}); adaptive / best fixed: **{ratio(a, b)}**; "
+            f"{ratio(s3, b)}); adaptive / best fixed: **{ratio(a, b)}** (with the plan's "
+            f"trajectory: {ratio(at, b)}); "
             f"reference B (tuned LR) / best fixed: {ratio(rows[ref_label]['replayed'], b)}",
             "",
         ]
