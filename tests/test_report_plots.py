@@ -17,9 +17,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.text import Text
 
 from batchlab.planner.model import Plan
+from batchlab.planner.schedule import with_schedule
 from batchlab.report.noise_plots import plot_noise_run
 from batchlab.report.plan_plots import plot_noise_trajectory, plot_time_to_target
 from batchlab.report.probe_plots import plot_memory, plot_throughput
+from batchlab.report.schedule_plots import plot_schedule
 
 PLAN = Path(__file__).parent / "data" / "plan_cpu.json"
 
@@ -75,6 +77,7 @@ def _all_figures(plan: Plan):
     yield "time, two picks", plot_time_to_target(_efficient_elsewhere(plan)).figure
     yield "noise run", plot_noise_run(plan.noise).figure
     yield "trajectory", plot_noise_trajectory(plan).figure
+    yield "schedule", plot_schedule(with_schedule(plan)).figure
     yield "memory", plot_memory(plan.probe.memory).figure
     yield "throughput", plot_throughput(plan.probe.throughput_profile()).figure
 

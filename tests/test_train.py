@@ -226,7 +226,16 @@ def _adaptive(task, **kwargs):
     return batchlab.train_adaptive(task, b_simple=1e-3, interval=2, device="cpu", **kwargs)
 
 
-@pytest.mark.parametrize("run", [_fixed, _adaptive], ids=["fixed", "adaptive"])
+def _scheduled(task, **kwargs):
+    from batchlab.core.schedule import BatchSchedule, SchedulePhase
+
+    phases = (SchedulePhase(0, 8, 8, 1, task.lr), SchedulePhase(3, 16, 8, 2, task.lr))
+    return batchlab.train(task, schedule=BatchSchedule(phases, unit="step"), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "run", [_fixed, _adaptive, _scheduled], ids=["fixed", "adaptive", "scheduled"]
+)
 def test_callbacks_fire_in_the_documented_order(task, run):
     """Both policies run the one loop: the order of batchlab.loop's docstring, exactly.
 
@@ -253,7 +262,16 @@ def test_callbacks_fire_in_the_documented_order(task, run):
     assert log.losses == list(history.train_loss)
 
 
-@pytest.mark.parametrize("run", [_fixed, _adaptive], ids=["fixed", "adaptive"])
+def _scheduled(task, **kwargs):
+    from batchlab.core.schedule import BatchSchedule, SchedulePhase
+
+    phases = (SchedulePhase(0, 8, 8, 1, task.lr), SchedulePhase(3, 16, 8, 2, task.lr))
+    return batchlab.train(task, schedule=BatchSchedule(phases, unit="step"), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "run", [_fixed, _adaptive, _scheduled], ids=["fixed", "adaptive", "scheduled"]
+)
 def test_divergence_ends_the_run_after_on_step_without_evaluating(run):
     import dataclasses
 

@@ -7,6 +7,7 @@ from batchlab.callbacks import TrainCallback, evaluate
 from batchlab.core.batching import BatchArithmetic, calc
 from batchlab.core.lr import adascale_gain, scale_lr
 from batchlab.core.noise_scale import NoiseScale
+from batchlab.core.schedule import BatchSchedule, SchedulePhase
 from batchlab.errors import BatchlabError
 from batchlab.history import Evaluation, History
 from batchlab.measure.memory import MemoryProbe, probe_memory
@@ -36,6 +37,7 @@ from batchlab.train import train
 __all__ = [
     "AdaptiveBatchSize",
     "BatchArithmetic",
+    "BatchSchedule",
     "BatchlabError",
     "DistanceFromInit",
     "Evaluation",
@@ -50,6 +52,7 @@ __all__ = [
     "PlanRefused",
     "ProbeResult",
     "ResizableBatchSampler",
+    "SchedulePhase",
     "Sharpness",
     "StepsFit",
     "SweepAnalysis",

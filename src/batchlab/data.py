@@ -67,3 +67,26 @@ def epoch_chunks(
     if drop_last and len(chunks) > 0 and len(chunks[-1]) < batch_size:
         chunks.pop()
     return chunks
+
+
+class EpochOrder:
+    """Fresh random permutations of the examples, one per epoch, handed out in slices of
+    any size: a slice never crosses an epoch's end (the last one of an epoch is short), so
+    every example is seen once per epoch however the sizes change. The permutations are
+    those of `epoch_chunks` with the same generator, so constant sizes give its batches.
+    """
+
+    def __init__(self, num_examples: int, generator: torch.Generator) -> None:
+        self.num_examples = num_examples
+        self.generator = generator
+        self._order: torch.Tensor | None = None
+        self.position = 0
+
+    def take(self, size: int) -> torch.Tensor:
+        """The next `size` examples of the current epoch, fewer at its end."""
+        if self._order is None or self.position >= self.num_examples:
+            self._order = torch.randperm(self.num_examples, generator=self.generator)
+            self.position = 0
+        chunk = self._order[self.position : self.position + size]
+        self.position += len(chunk)
+        return chunk

@@ -2,7 +2,7 @@
 
 What each optimizer step trains on (which examples, at which micro-batch size and learning
 rate) is the business of a `BatchPolicy`: `FixedBatch` here (one batch, warm-up, then a
-constant lr), `AdaptiveBatch` in `batchlab.adaptive` (the goodput controller). Everything
+constant lr), `ScheduledBatch` here (a `BatchSchedule`'s phases), `AdaptiveBatch` in `batchlab.adaptive` (the goodput controller). Everything
 else lives here once: seeding, the model and optimizer, evaluation, the loss log, target and
 divergence, timing, callbacks and the `History`.
 
@@ -31,6 +31,7 @@ at every step on CPU; on CUDA, where that read is a sync, at evaluations and eve
 
 from __future__ import annotations
 
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -42,7 +43,8 @@ import torch
 from batchlab.callbacks import RunState, TrainCallback
 from batchlab.core.checks import check_batch_size, check_epochs, check_seed
 from batchlab.core.evals import eval_due
-from batchlab.data import epoch_chunks
+from batchlab.core.schedule import BatchSchedule
+from batchlab.data import EpochOrder, epoch_chunks
 from batchlab.history import History
 from batchlab.recorder import RunRecorder
 from batchlab.step import build_step
@@ -83,11 +85,9 @@ class BatchPolicy(ABC):
     step, before `on_step`), `after_step` (after `on_step`); and `summary` for the History.
 
     A policy owns the order of examples, so it keeps epochs exact however its batch
-    changes (`AdaptiveBatch` cuts each epoch's permutation with a `ResizableBatchSampler`).
-    The protocol is made so that a schedule is one more class and no change to the loop: a
-    `ScheduledBatch` (a list of phases, each a batch size and lr from a given step or
-    number of examples on) would take its examples from a resizable sampler in `next_step`
-    and move to the next phase in `after_step`.
+    changes (`AdaptiveBatch` cuts each epoch's permutation with a `ResizableBatchSampler`,
+    `ScheduledBatch` with an `EpochOrder`): a schedule is one more class, no change to the
+    loop.
 
     Attributes:
         build_lr: the lr the optimizer is built with. Each param group keeps its ratio to
@@ -206,6 +206,82 @@ class FixedBatch(BatchPolicy):
             lr=self.peak_lr,
             lr_rule=self.lr_rule,
             warmup_steps=self.warmup_steps,
+        )
+
+
+class ScheduledBatch(BatchPolicy):
+    """A `BatchSchedule`: each phase's batch, micro-batch and lr from its start on.
+
+    The phase of a step is the last one whose `start` (steps or examples done before the
+    step) has been reached; the switch happens between optimizer steps. Examples come from
+    an `EpochOrder` seeded like `FixedBatch`'s, so every example is seen once per epoch
+    whatever the phases do, and a one-phase schedule trains exactly as `FixedBatch`.
+
+    Args:
+        total_steps: the run length (`batchlab.core.schedule.schedule_run_steps`).
+        eval_every: optimizer steps between evaluations, or `"geometric"`.
+        warmup_steps: the phases' lr rises linearly over these first steps.
+    """
+
+    def __init__(
+        self,
+        schedule: BatchSchedule,
+        *,
+        total_steps: int,
+        eval_every: int | str,
+        seed: int,
+        warmup_steps: int = 0,
+    ) -> None:
+        self.schedule = schedule
+        self.build_lr = schedule.phases[0].lr
+        self.total_steps = total_steps
+        self.eval_every = eval_every
+        self.seed = seed
+        self.warmup_steps = warmup_steps
+        self.phase = -1
+        self.phases_run: list[dict[str, int]] = []
+
+    def bind(self, state: RunState, clock: Clock) -> None:
+        first = self.schedule.phases[0]
+        state.step_fn.micro_batch_size = first.micro_batch_size
+        state.total_steps = self.total_steps
+        state.steps_per_epoch = math.ceil(state.task.num_train / first.batch_size)
+        state.effective_batch_size = first.batch_size
+        self._order = EpochOrder(state.task.num_train, torch.Generator().manual_seed(self.seed))
+        self.phase = -1
+        self.phases_run = []
+
+    def next_step(self, state: RunState) -> StepPlan | None:
+        if state.step >= self.total_steps:
+            return None
+        index = self.schedule.phase_index(state.step, state.examples)
+        phase = self.schedule.phases[index]
+        if index != self.phase:  # a new phase from this step on
+            self.phase = index
+            state.step_fn.micro_batch_size = phase.micro_batch_size
+            state.effective_batch_size = phase.batch_size
+            state.steps_per_epoch = math.ceil(state.task.num_train / phase.batch_size)
+            self.phases_run.append(
+                {"phase": index, "step": state.step + 1, "examples": state.examples}
+            )
+        step = state.step + 1
+        factor = min(1.0, step / self.warmup_steps) if self.warmup_steps else 1.0
+        return StepPlan(self._order.take(phase.batch_size), phase.lr * factor)
+
+    def eval_due(self, state: RunState) -> bool:
+        return eval_due(state.step, self.eval_every, self.total_steps)
+
+    def summary(self, recorder: RunRecorder) -> BatchSummary:
+        last = self.schedule.phases[max(self.phase, 0)]
+        return BatchSummary(
+            batch_size=last.micro_batch_size,
+            accumulation_steps=last.accumulation_steps,
+            effective_batch_size=last.batch_size,
+            lr=max(p.lr for p in self.schedule.phases),
+            lr_rule="schedule",
+            warmup_steps=self.warmup_steps,
+            # phases_run: where each phase began (its first step, examples seen before it).
+            extras={"schedule": {**self.schedule.to_dict(), "phases_run": self.phases_run}},
         )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -17,9 +18,11 @@ from batchlab.callbacks import TrainCallback
 from batchlab.core.checks import check_batch_size, check_lr, check_warmup_steps
 from batchlab.core.evals import check_eval_every
 from batchlab.core.lr import scale_lr
+from batchlab.core.schedule import BatchSchedule, schedule_run_steps
 from batchlab.errors import ConfigError
 from batchlab.history import History
-from batchlab.loop import FixedBatch, check_run_length, run_training
+from batchlab.loop import FixedBatch, ScheduledBatch, check_run_length, run_training
+from batchlab.results import FieldError, read_json_object
 from batchlab.step import resolve_device
 from batchlab.target import Target, target_for_task
 from batchlab.task import Task
@@ -45,7 +48,7 @@ def _plan_length(
 
 def train(
     task: Task | str,
-    batch_size: int,
+    batch_size: int | None = None,
     lr: float | None = None,
     *,
     epochs: float | None = None,
@@ -61,11 +64,12 @@ def train(
     b_simple: float | None = None,
     callbacks: Sequence[TrainCallback] = (),
     track_noise: bool = False,
+    schedule: BatchSchedule | str | Path | None = None,
 ) -> History:
-    """Train `task` at micro-batch `batch_size` and return its `History`.
+    """Train `task` at micro-batch `batch_size` (or as `schedule` says); return its `History`.
 
     Args:
-        batch_size: examples per micro-batch; an optimizer step sees
+        batch_size: examples per micro-batch (required without `schedule`); a step sees
             `batch_size * accumulation_steps` examples (the effective batch).
         lr: learning rate at the task's reference batch (default: the task's `lr`). The
             `lr_rule` scales it from the reference batch to the effective batch.
@@ -88,8 +92,24 @@ def train(
         track_noise: record B_simple (McCandlish et al. 2018) from the accumulation
             micro-batches into `History.extras["noise"]` (a GradientNoiseScaleTracker; with
             accumulation_steps=1 every 4th step runs as two half micro-batches).
+        schedule: a `BatchSchedule`, or the path of its JSON or of a plan file with one
+            (`batchlab plan --json`): each phase's batch, micro-batch and lr from its start
+            on, epochs kept exact (`loop.ScheduledBatch`); `History.extras["schedule"]`
+            records where each phase began. Then `batch_size`, `lr`, `lr_rule` and
+            `accumulation_steps` come from the schedule and must not be given.
     """
     task = load_task(task)
+    if schedule is not None:
+        return _train_scheduled(
+            task, schedule, (batch_size, lr, lr_rule, accumulation_steps, track_noise),
+            epochs=epochs, max_steps=max_steps, warmup_steps=warmup_steps, amp=amp,
+            device=device, seed=seed, eval_every=eval_every, target=target, callbacks=callbacks,
+        )  # fmt: skip
+    if batch_size is None:
+        raise ConfigError(
+            "expected a `batch_size` (or a `schedule`), got neither; pass e.g. 32",
+            param="batch_size",
+        )
     check_batch_size(batch_size, what="batch_size")
     check_batch_size(accumulation_steps, what="accumulation_steps")
     if track_noise:
@@ -130,3 +150,94 @@ def _noise_tracker(task: Task, accumulation_steps: int) -> TrainCallback:
     return GradientNoiseScaleTracker(
         num_examples=task.num_train, on_nonfinite="skip", split_every=split_every
     )
+
+
+def load_schedule(path: str | Path) -> BatchSchedule:
+    """The schedule in a JSON file: a `BatchSchedule`'s own, or a plan's `schedule` field.
+
+    A missing, foreign or malformed file gets one `ConfigError` line naming it.
+    """
+    remake = "make one with `batchlab plan TASK --json plan.json` or `BatchSchedule.save`"
+    data = read_json_object(path, "schedule file", remake, param="schedule")
+    if "phases" not in data:  # a plan file: its recommended schedule
+        forecast = data.get("schedule")
+        if not (isinstance(forecast, dict) and isinstance(forecast.get("schedule"), dict)):
+            raise ConfigError(
+                f"schedule file {str(path)!r} has no schedule: expected a schedule's JSON or "
+                f"a plan with one (a plan made from measured noise); {remake}",
+                param="schedule",
+            )
+        data = forecast["schedule"]
+    try:
+        return BatchSchedule.from_dict(data)
+    except FieldError as exc:
+        raise ConfigError(
+            f"schedule file {str(path)!r}: `schedule` field {exc}; {remake}", param="schedule"
+        ) from None
+
+
+def _train_scheduled(
+    task: Task,
+    schedule: BatchSchedule | str | Path,
+    fixed_settings: tuple,
+    *,
+    epochs: float | None,
+    max_steps: int | None,
+    warmup_steps: int,
+    amp: bool,
+    device: str | torch.device,
+    seed: int,
+    eval_every: int | str | None,
+    target: str | Target | None,
+    callbacks: Sequence[TrainCallback],
+) -> History:
+    """`train(schedule=...)`: the run length in epochs (passes over the data), the loop with
+    a `ScheduledBatch`."""
+    batch_size, lr, lr_rule, accumulation_steps, track_noise = fixed_settings
+    given = [
+        name
+        for name, value, default in (
+            ("batch_size", batch_size, None),
+            ("lr", lr, None),
+            ("lr_rule", lr_rule, "none"),
+            ("accumulation_steps", accumulation_steps, 1),
+            ("track_noise", track_noise, False),
+        )  # fmt: skip
+        if value != default
+    ]
+    if given:
+        raise ConfigError(
+            f"`schedule` sets each phase's batch, micro-batch and lr; expected no "
+            f"{', '.join(f'`{g}`' for g in given)} with it, got {given[0]}; drop it",
+            param=given[0],
+        )
+    if not isinstance(schedule, BatchSchedule):
+        schedule = load_schedule(schedule)
+    largest = max(p.batch_size for p in schedule.phases)
+    if largest > task.num_train:
+        raise ConfigError(
+            f"`schedule`: phase batch {largest} is larger than the training set of "
+            f"{task.name!r} ({task.num_train} examples); use at most {task.num_train}",
+            param="schedule",
+        )
+    check_warmup_steps(warmup_steps)
+    check_run_length(epochs, max_steps)
+    if epochs is None and max_steps is None:
+        epochs = task.epochs or 1
+    total = schedule_run_steps(schedule, task.num_train, math.inf if epochs is None else epochs,
+                               max_steps)  # fmt: skip
+    if eval_every is None:
+        first_epoch = schedule_run_steps(schedule, task.num_train, 1)
+        eval_every = max(1, min(first_epoch, total // 20))
+    policy = ScheduledBatch(
+        schedule,
+        total_steps=total,
+        eval_every=check_eval_every(eval_every),
+        seed=seed,
+        warmup_steps=warmup_steps,
+    )
+    tgt = target_for_task(target, task)
+    return run_training(
+        task, policy, device=resolve_device(device), amp=amp, seed=seed, target=tgt,
+        callbacks=callbacks,
+    )  # fmt: skip

@@ -272,6 +272,7 @@ def print_plan(console: Console, plan: Plan, command: Any | None = None) -> None
             style=style,
         )
     console.print(table)
+    print_schedule(console, plan)
     alts = ", ".join(f"{k} {v:.4g}" for k, v in plan.lr_alternatives.items())
     console.print(f"LR at B={plan.recommended.batch_size} under each rule: {alts}")
     if plan.lr_check is not None:
@@ -281,6 +282,36 @@ def print_plan(console: Console, plan: Plan, command: Any | None = None) -> None
         console.print(f"[yellow]warning[/yellow] ({w.code}): {message}")
     if plan.partial:
         console.print("[yellow]This plan is PARTIAL.[/yellow]")
+
+
+def print_schedule(console: Console, plan: Plan) -> None:
+    """The recommended schedule: its phases, predictions and how `train` runs it."""
+    fc = plan.schedule
+    if fc is None:
+        return
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        title=f"Schedule (B rising with B_noise; lr {fc.lr_rule})",
+        title_justify="left",
+    )
+    for col in ("from examples", "~ step", "batch", "micro x accum", "lr", "B_noise"):
+        table.add_column(col, justify="right")
+    for p, step, bn in zip(fc.schedule.phases, fc.phase_steps, fc.phase_b_noise, strict=True):
+        table.add_row(
+            str(p.start), f"{step:.0f}", str(p.batch_size),
+            f"{p.micro_batch_size} x {p.accumulation_steps}", f"{p.lr:.4g}", f"{bn:.0f}",
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"  why: {fc.reasons.get('batch', '')}")
+    gi = fc.predicted_gain_interval
+    span = f" (interval {gi[0]:.2f}-{gi[1]:.2f}x)" if gi else ""
+    console.print(
+        f"  predicted: {fc.predicted_seconds:.3g} s, {fc.predicted_steps:.0f} steps, "
+        f"{fc.predicted_examples:.0f} examples to the path's end; [bold]"
+        f"{fc.predicted_gain:.2f}x[/bold] faster than the best fixed batch "
+        f"B={fc.best_fixed_batch_size}{span}. Run it: batchlab train {plan.task} "
+        "--schedule PLAN.json"
+    )
 
 
 def _span(low: float | None, high: float | None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -52,6 +53,13 @@ MemoryCapOpt = Annotated[
     int | None,
     typer.Option("--memory-cap", help="With --adaptive: largest micro-batch that fits."),
 ]
+ScheduleOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--schedule",
+        help="Run a batch-size schedule: a plan's JSON (`batchlab plan --json`) or a schedule's.",
+    ),
+]
 BSimpleOpt = Annotated[
     float | None,
     typer.Option("--b-simple", help="With --adaptive: use this noise scale, not a measured one."),
@@ -73,6 +81,7 @@ def train(
     adaptive: AdaptiveOpt = False,
     memory_cap: MemoryCapOpt = None,
     b_simple: BSimpleOpt = None,
+    schedule: ScheduleOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     json_path: JsonOpt = None,
@@ -90,9 +99,13 @@ def train(
                 "accumulation_steps": "`adaptive` picks the accumulation itself",
             },
         )
+        refuse_unused(ctx, {"schedule": "`adaptive` and `schedule` each pick the batch; use one"})
     else:
         why = "it needs `adaptive`"
         refuse_unused(ctx, {"memory_cap": why, "b_simple": why})
+    if schedule is not None:
+        why = "`schedule` sets each phase's batch, micro-batch and lr"
+        refuse_unused(ctx, {k: why for k in ("batch_size", "accumulation_steps", "lr", "lr_rule")})
     if epochs is not None:
         check_epochs(epochs)
     check_output_paths(json_path)
@@ -116,6 +129,20 @@ def train(
             seed=seed,
             target=target,
             callbacks=[ProgressBar(f"{t.name} adaptive")],
+        )
+        bs, accumulation_steps = history.batch_size, history.accumulation_steps
+    elif schedule is not None:
+        history = run_training(
+            t,
+            epochs=epochs,
+            max_steps=max_steps,
+            warmup_steps=warmup_steps,
+            amp=amp,
+            device=device,
+            seed=seed,
+            target=target,
+            schedule=schedule,
+            callbacks=[ProgressBar(f"{t.name} schedule")],
         )
         bs, accumulation_steps = history.batch_size, history.accumulation_steps
     else:
@@ -158,6 +185,15 @@ def summary_table(
         path = [d["batch_size"] for d in history.extras["adaptive"]["decisions"]]
         path = [b for i, b in enumerate(path) if i == 0 or b != path[i - 1]]
         table.add_row("adaptive batch path", " -> ".join(map(str, path)))
+    if "schedule" in history.extras:
+        log = history.extras["schedule"]
+        for run in log["phases_run"]:
+            p = log["phases"][run["phase"]]
+            table.add_row(
+                f"phase {run['phase'] + 1}",
+                f"B={p['batch_size']} ({p['micro_batch_size']} x {p['accumulation_steps']}), "
+                f"lr {p['lr']:.4g}, from step {run['step']} ({run['examples']} examples)",
+            )
     table.add_row("lr", f"{history.lr:.4g} (rule {history.lr_rule}, warm-up {warmup_steps})")
     table.add_row("device", history.device)
     table.add_row("steps / epochs", f"{history.total_steps} / {history.epochs:.2f}")

@@ -30,6 +30,7 @@ from batchlab.measure.probe import ProbeResult, ProbeSettings, has_batchnorm, ru
 from batchlab.planner.lr_check import check_recommended_lr
 from batchlab.planner.model import Measurements, Plan, build_plan
 from batchlab.planner.reference import reference_seconds_to_target
+from batchlab.planner.schedule import with_schedule
 from batchlab.planner.trust import REFUSING_WARNINGS
 from batchlab.target import target_for_task
 from batchlab.task import Task
@@ -206,7 +207,7 @@ def plan(
             built = check_recommended_lr(task, built, device, amp, seed, progress, started=t0)
         except KeyboardInterrupt:  # keep the minutes of probe and noise already measured
             raise PlanInterrupted("the LR check", measured) from None
-    return built
+    return with_schedule(built)  # B(t) rising with the predicted B_noise(t)
 
 
 def noise_phase_steps(task: Task, noise_budget: float, noise_steps: int | None = None) -> int:

@@ -14,6 +14,7 @@ from batchlab.core.batching import split
 from batchlab.core.lr import TRAIN_LR_RULES, scale_lr, warmup_steps_for
 from batchlab.core.lr_choice import LrCheck
 from batchlab.core.optim import default_lr_rule
+from batchlab.core.schedule import ScheduleForecast
 from batchlab.core.step_time import StepTimeModel, fit_step_time
 from batchlab.core.tradeoff import (
     efficient_batch_size,
@@ -171,6 +172,7 @@ class Plan(JsonResult):
     # The recommended LR probed at the recommended batch (`batchlab.planner.lr_check`);
     # None when the check was skipped (`check_lr=False`) or for plans saved before it.
     lr_check: LrCheck | None = None
+    schedule: ScheduleForecast | None = None  # B(t) along the path (`planner.schedule`)
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:

@@ -56,6 +56,7 @@ def plan_page(plan: Plan) -> HtmlPage:
         page.section("Verdict")
         page.paragraph(plan.verdict)
     _noise_section(page, plan)
+    _schedule_section(page, plan)
     page.section("Why")
     for name, rec in (("Fastest", plan.recommended), ("Efficient", plan.efficient)):
         items = "".join(
@@ -93,6 +94,10 @@ def _figure_sections(page: HtmlPage, plan: Plan) -> None:
     figures.append(
         (plot_noise_trajectory(plan).figure, "B_noise against the loss: the fit and the target")
     )
+    if plan.schedule is not None:
+        from batchlab.report.schedule_plots import plot_schedule
+
+        figures.append((plot_schedule(plan).figure, "The schedule B(t) over B_noise(t)"))
     page.figures(figures)
     if plan.probe is not None:
         from batchlab.report.probe_plots import plot_memory, plot_throughput
@@ -138,6 +143,21 @@ def _noise_section(page: HtmlPage, plan: Plan) -> None:
             f"cost: the noise phase trained {c['noise_examples']:.0f} examples, "
             f"{c['noise_fraction']:.1%} of the reference training's {c['reference_examples']:.0f}"
         )
+    page.html("<ul>" + "".join(f"<li>{esc(i)}</li>" for i in items) + "</ul>")
+
+
+def _schedule_section(page: HtmlPage, plan: Plan) -> None:
+    """The schedule's phases and predictions, as the plan made them."""
+    fc = plan.schedule
+    if fc is None:
+        return
+    page.section("Batch-size schedule", fc.reasons.get("batch", ""))
+    items = [
+        f"from {p.start} examples (~step {step:.0f}): B={p.batch_size} "
+        f"({p.micro_batch_size} x {p.accumulation_steps}), lr {p.lr:.4g}, B_noise {bn:.0f}"
+        for p, step, bn in zip(fc.schedule.phases, fc.phase_steps, fc.phase_b_noise, strict=True)
+    ]
+    items += [fc.reasons.get("gain", ""), f"lr: {fc.reasons.get('lr', '')}"]
     page.html("<ul>" + "".join(f"<li>{esc(i)}</li>" for i in items) + "</ul>")
 
 

@@ -1,0 +1,75 @@
+"""B_noise for the adaptive controller from the plan's trajectory model, corrected online.
+
+The tracker's B_simple swings 2-5x between neighbouring points (field notes), and it grows as
+the loss falls. The plan fits log B_noise = a + b log L to such points
+(`batchlab.core.trajectory`, Kaplan et al. 2020 sec. 5.1); `TrajectoryNoise` fits the same
+line to the points measured so far in this run, optionally together with a plan's points
+(the prior: a plan's `measurements.noise`), and answers the fitted B_noise at the run's
+current loss. So the controller decides from the same trajectory model as the plan, and
+the online points correct the plan's fit as the run goes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from batchlab.adaptive.measured_noise import MeasuredNoise
+from batchlab.callbacks import RunState
+from batchlab.core.trajectory import fit_noise_trajectory
+from batchlab.measure.noise_run import NoisePoint
+
+
+class TrajectoryNoise(MeasuredNoise):
+    """A `NoiseSource`: the fitted B_noise(L) at the current training loss.
+
+    Args:
+        prior: (loss, B_simple, interval) points measured before, e.g. a plan's noise phase
+            (`NoisePoint`s are accepted as they are); they stay in every fit.
+        decay, split_every, record_every: as `MeasuredNoise`'s.
+
+    Until the fit has a point, it answers the tracker's own B_simple.
+    """
+
+    def __init__(
+        self,
+        prior: Sequence[NoisePoint | tuple[float, float, tuple[float, float]]] = (),
+        decay: float = 0.95,
+        split_every: int = 4,
+        record_every: int = 20,
+    ) -> None:
+        super().__init__(decay=decay, split_every=split_every, record_every=record_every)
+        self.points: list[tuple[float, float, tuple[float, float]]] = []
+        for p in prior:
+            if isinstance(p, NoisePoint):
+                if p.train_loss is not None and p.b_simple is not None:
+                    self.add_point(p.train_loss, p.b_simple, p.b_simple_ci)
+            else:
+                self.add_point(*p)
+        self._losses: list[float] = []  # losses since the tracker's last recorded point
+        self.current_loss: float | None = None
+
+    def add_point(self, loss: float, b_simple: float, interval: tuple[float, float]) -> None:
+        """One (mean training loss, B_simple, its interval) point for the fit."""
+        if math.isfinite(loss) and loss > 0 and math.isfinite(b_simple) and b_simple > 0:
+            self.points.append((loss, b_simple, tuple(interval)))
+
+    def on_step(self, state: RunState) -> None:
+        recorded = len(self.tracker.points)
+        super().on_step(state)
+        if state.last_loss is not None and math.isfinite(state.last_loss):
+            self._losses.append(state.last_loss)
+        if len(self.tracker.points) > recorded and self._losses:
+            point = self.tracker.points[-1]
+            self.current_loss = sum(self._losses) / len(self._losses)
+            if point["b_simple"] is not None:
+                self.add_point(self.current_loss, point["b_simple"], point["b_simple_ci"])
+            self._losses = []
+
+    def b_simple(self, step: int) -> float | None:
+        if not self.points or self.current_loss is None:
+            return super().b_simple(step)
+        fit = fit_noise_trajectory(
+            [p[0] for p in self.points], [p[1] for p in self.points], [p[2] for p in self.points]
+        )
+        return fit.b_noise(self.current_loss)
