@@ -267,7 +267,9 @@ def _measure(
             seed=settings.seed,
             device=settings.device,
             callbacks=callbacks,
-            preconditioned=True,  # Adam-like optimizers: the geometry their steps take
+            # Plain B_simple, also for Adam: the live preconditioned estimate was too noisy
+            # to fit (benchmarks/results/plan_regret.md, "Adam-preconditioned").
+            preconditioned=False,
         )
     except NoiseInterrupted as exc:  # the points measured so far are kept, and saved
         measured["noise"] = exc.partial
