@@ -318,7 +318,7 @@ def _recommend(
     if noise.path_steps:  # the predicted steps to the end of the path, at this batch
         factor = relative_steps(batch_size, m.reference_batch_size, b_noise)
         total_steps = max(1, math.ceil(noise.path_steps * factor))
-        planned = "steps predicted for the run (to the target, when one is given)"
+        planned = "steps predicted for the run"
     else:
         total_steps = (m.reference_epochs or 1) * math.ceil(m.num_train / batch_size)
         planned = "planned steps"
