@@ -36,6 +36,11 @@ class Windows(Dataset):
 
 
 def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="batchlab-hf-") as output_dir:
+        run(output_dir)  # the Trainer's output directory lives only as long as the run
+
+
+def run(output_dir: str) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=4096)
     parser.add_argument("--epochs", type=int, default=4)
@@ -50,7 +55,7 @@ def main() -> None:
     noise = NoiseScaleCallback()
     adaptive = AdaptiveAccumulation(noise, interval=4 if args.tiny else 20)
     training_args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="batchlab-hf-"),
+        output_dir=output_dir,
         per_device_train_batch_size=4 if args.tiny else 8,
         # >= 3 with clipping on (the default max_grad_norm=1.0): the Trainer clips the last
         # micro-step before callbacks see it, so the first two are the measured pair

@@ -75,6 +75,11 @@ class TaskModule(pl.LightningModule):
 
 
 def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="batchlab-lightning-") as logdir:
+        run(Path(logdir))  # the Trainer's CSV logs live only as long as the run
+
+
+def run(logdir: Path) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="mnist1d-mlp")
     parser.add_argument("--epochs", type=int, default=8)
@@ -93,7 +98,6 @@ def main() -> None:
     val_loader = DataLoader(task.val_data, batch_size=500)
     monitor = NoiseScaleMonitor()
     adaptive = AdaptiveBatchSize(sampler, monitor, interval=10)
-    logdir = Path(tempfile.mkdtemp(prefix="batchlab-lightning-"))
     trainer = pl.Trainer(
         max_epochs=epochs,
         accumulate_grad_batches=2,
