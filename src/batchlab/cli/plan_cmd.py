@@ -240,38 +240,7 @@ def print_plan(console: Console, plan: Plan, command: Any | None = None) -> None
             f"time to {plan.target}: reference {plan.reference_seconds_to_target:.1f} s -> "
             f"predicted [bold]{plan.predicted_seconds_to_target:.1f} s[/bold]"
         )
-    table = Table(
-        box=box.SIMPLE_HEAD, title="Candidates", title_justify="left", pad_edge=False,
-        collapse_padding=True,
-    )  # fmt: skip
-    for col in ("batch", "micro x accum", "steps vs B0", "ms/step", "speedup", "interval"):
-        table.add_column(col, justify="right")
-    # One mark per line: at 80 columns or in a pipe, "reference interpolated" ended in "…".
-    table.add_column("", justify="left", no_wrap=True, min_width=len("extrapolated"))
-    for c in plan.candidates:
-        marks = []
-        if c.batch_size == b0:
-            marks.append("reference")
-        if c.batch_size == plan.recommended.batch_size:
-            marks.append("[green]fastest[/green]")
-        if c.batch_size == plan.efficient.batch_size:
-            marks.append("[cyan]efficient[/cyan]")
-        if c.timing == "extrapolated":
-            marks.append("[yellow]extrapolated[/yellow]")
-        elif c.timing == "interpolated":
-            marks.append("[dim]interpolated[/dim]")
-        style = "bold" if c.batch_size == plan.recommended.batch_size else None
-        table.add_row(
-            str(c.batch_size),
-            f"{c.micro_batch_size} x {c.accumulation_steps}",
-            f"{c.steps_factor:.2f}",
-            f"{c.step_s * 1e3:.2f}",
-            f"{c.predicted_speedup:.2f}x",
-            _span(c.speedup_low, c.speedup_high),
-            "\n".join(marks),
-            style=style,
-        )
-    console.print(table)
+    console.print(_candidates_table(plan, b0))
     print_schedule(console, plan)
     alts = ", ".join(f"{k} {v:.4g}" for k, v in plan.lr_alternatives.items())
     console.print(f"LR at B={plan.recommended.batch_size} under each rule: {alts}")
@@ -312,6 +281,42 @@ def print_schedule(console: Console, plan: Plan) -> None:
         f"B={fc.best_fixed_batch_size}{span}. Run it: batchlab train {plan.task} "
         "--schedule PLAN.json"
     )
+
+
+def _candidates_table(plan: Plan, b0: int) -> Table:
+    """Every candidate batch: micro x accum, steps and step time, speedup and marks."""
+    table = Table(
+        box=box.SIMPLE_HEAD, title="Candidates", title_justify="left", pad_edge=False,
+        collapse_padding=True,
+    )  # fmt: skip
+    for col in ("batch", "micro x accum", "steps vs B0", "ms/step", "speedup", "interval"):
+        table.add_column(col, justify="right")
+    # One mark per line: at 80 columns or in a pipe, "reference interpolated" ended in "…".
+    table.add_column("", justify="left", no_wrap=True, min_width=len("extrapolated"))
+    for c in plan.candidates:
+        marks = []
+        if c.batch_size == b0:
+            marks.append("reference")
+        if c.batch_size == plan.recommended.batch_size:
+            marks.append("[green]fastest[/green]")
+        if c.batch_size == plan.efficient.batch_size:
+            marks.append("[cyan]efficient[/cyan]")
+        if c.timing == "extrapolated":
+            marks.append("[yellow]extrapolated[/yellow]")
+        elif c.timing == "interpolated":
+            marks.append("[dim]interpolated[/dim]")
+        style = "bold" if c.batch_size == plan.recommended.batch_size else None
+        table.add_row(
+            str(c.batch_size),
+            f"{c.micro_batch_size} x {c.accumulation_steps}",
+            f"{c.steps_factor:.2f}",
+            f"{c.step_s * 1e3:.2f}",
+            f"{c.predicted_speedup:.2f}x",
+            _span(c.speedup_low, c.speedup_high),
+            "\n".join(marks),
+            style=style,
+        )
+    return table
 
 
 def _span(low: float | None, high: float | None) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -314,28 +314,7 @@ def profile_throughput(
         release_memory()  # the model and optimizer went with the helper's frame
         return timed
 
-    points, findings, steps = measure(warnings)
-    contended = timing_contention(points)
-    threads = torch.get_num_threads()
-    if contended and dev.type == "cpu" and threads > 1:
-        # Other processes on the cores: with several intra-op threads a step waits for the
-        # slowest of them (100-500x slower under load 6 on 2 cores, DESIGN.md). One thread
-        # is slowed far less; keep its ladder if it is steady.
-        notes = list(warnings)
-        torch.set_num_threads(1)
-        try:
-            again, again_findings, again_steps = measure(notes)
-        finally:
-            torch.set_num_threads(threads)
-        steps += again_steps
-        if timing_contention(again) is None:
-            points, findings, warnings = again, again_findings, notes
-            warnings.append(
-                f"timings with {threads} threads looked contended ({contended}); re-timed "
-                "with 1 thread by its CPU time, which time spent waiting for a core does "
-                "not count: the step times are 1-thread times (train with "
-                "torch.set_num_threads(1) on a busy machine)"
-            )
+    points, findings, steps, warnings = _timed_steadily(measure, warnings, dev)
     knee = find_knee(
         [p.batch_size for p in points], [p.samples_per_s for p in points], knee_fraction
     )
@@ -354,6 +333,38 @@ def profile_throughput(
         warnings=tuple(warnings + ([noisy] if noisy else [])),
         contention=timing_contention(points) is not None,
     )
+
+
+def _timed_steadily(
+    measure: Callable[[list[str]], tuple[Sequence[ThroughputPoint], list, int]],
+    warnings: list[str],
+    dev: torch.device,
+) -> tuple[Sequence[ThroughputPoint], list, int, list[str]]:
+    """`measure(notes)` once; on a CPU whose several threads' timings look contended,
+    again with one thread, kept if steady. (points, findings, steps, warnings)."""
+    points, findings, steps = measure(warnings)
+    contended = timing_contention(points)
+    threads = torch.get_num_threads()
+    if not contended or dev.type != "cpu" or threads == 1:
+        return points, findings, steps, warnings
+    # Other processes on the cores: with several intra-op threads a step waits for the
+    # slowest of them (100-500x slower under load 6 on 2 cores, DESIGN.md). One thread is
+    # slowed far less, and its windows are read as CPU time (`step_timing`).
+    notes = list(warnings)
+    torch.set_num_threads(1)
+    try:
+        again, again_findings, again_steps = measure(notes)
+    finally:
+        torch.set_num_threads(threads)
+    if timing_contention(again) is not None:
+        return points, findings, steps + again_steps, warnings
+    notes.append(
+        f"timings with {threads} threads looked contended ({contended}); re-timed with 1 "
+        "thread by its CPU time, which time spent waiting for a core does not count: the "
+        "step times are 1-thread times (train with torch.set_num_threads(1) on a busy "
+        "machine)"
+    )
+    return again, again_findings, steps + again_steps, notes
 
 
 def _sizes_to_time(
