@@ -13,8 +13,9 @@ evaluations are spaced by the same number of examples in every run.
 
 Wall-clock times of runs made one after the other on a shared machine drift with its load,
 so the script also reports a *replayed* time: every step configuration any run used is timed
-in one interleaved pass (A B C A B C ..., median of rounds), and each run's steps up to its
-target are summed from those medians, including the adaptive run's split steps.
+in one interleaved pass (A B C A B C ..., the fastest round, by CPU time with one thread:
+`replay.py`), and each run's steps up to its target are summed from those times, including
+the adaptive run's split steps.
 
     .venv/bin/python benchmarks/adaptive_vs_fixed.py [--tasks mnist1d-cnn charlm] [--seeds 2]
 """
