@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -39,3 +41,17 @@ def tiny_task(n: int = 64, *, name: str = "tiny", optimizer=None, lr: float = 0.
 @pytest.fixture
 def task() -> batchlab.Task:
     return tiny_task()
+
+
+def end_ddp_worker() -> None:
+    """Leave a spawned DDP test worker: free DDP (its reducer holds gloo work), leave the
+    group at a barrier, then exit at once. An interpreter teardown that destroys a joinable
+    C++ thread aborts the rank ("terminate called without an active exception", SIGABRT),
+    which fails the test after everything it checks has passed (seen in CI)."""
+    import gc
+
+    from batchlab.measure.distributed import shutdown
+
+    gc.collect()
+    shutdown()
+    os._exit(0)

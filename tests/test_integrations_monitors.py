@@ -235,11 +235,11 @@ def _free_port() -> int:
 
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
+    from conftest import end_ddp_worker
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from batchlab.errors import ConfigError
     from batchlab.integrations.ddp import DDPNoiseScale
-    from batchlab.measure.distributed import shutdown
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -270,7 +270,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     if rank == 0:
         torch.save(result, out)
     noise = other = model = None  # release DDP (and its hook) before the group goes
-    shutdown()
+    end_ddp_worker()
 
 
 @pytest.mark.slow

@@ -23,7 +23,6 @@ from batchlab.core.noise_scale import (
 from batchlab.data import epoch_chunks
 from batchlab.errors import ConfigError, NoiseEstimateError
 from batchlab.history import History
-from batchlab.measure.distributed import shutdown
 from batchlab.measure.noise import gradient_noise_scale
 from batchlab.measure.noise_run import NoiseRun, measure_noise
 from batchlab.tracking import GradientNoiseScaleTracker
@@ -470,6 +469,7 @@ def _free_port() -> int:
 
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
+    from conftest import end_ddp_worker
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -488,7 +488,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     if rank == 0:
         torch.save([s[1:] for s in tracker.samples], out)
     del tracker, model  # release DDP (and the hook's state) before the group goes
-    shutdown()  # gloo aborts a process torn down while its peer is still talking
+    end_ddp_worker()  # gloo aborts a process torn down while its peer is still talking
 
 
 @pytest.mark.slow
