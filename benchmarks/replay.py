@@ -2,7 +2,7 @@
 
 Wall-clock times of runs made one after the other on a shared machine drift with its load.
 Timing every step configuration in rounds (A B C A B C ..., fastest round) makes the
-ratios between them fair; a run's time is then the sum of its steps' medians.
+ratios between them fair; a run's time is then the sum of its steps' times.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def time_step_configs(
     processes hold is not counted. With more threads it falls back to wall time.
     """
     configs = sorted(set(configs))
-    model = task.model()
+    with torch.random.fork_rng():  # the caller's RNG stays where it was
+        model = task.model()
     optimizer = task.optimizer(model.parameters(), task.lr)
     batcher = Batcher(task.train_data, torch.device("cpu"), task.collate_fn)
     step = TrainStep(model, optimizer, task.loss, batcher, micro_batch_size=1, device="cpu")

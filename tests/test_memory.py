@@ -603,3 +603,13 @@ def test_cuda_budget_above_the_free_memory_uses_the_free_memory(monkeypatch):
     budget, source, _, warnings = resolve_budget(torch.device("cuda"), "8GiB", None, held)
     assert budget == 2**30 and source.startswith("free memory")
     assert "more than the free device memory" in warnings[0]
+
+
+def test_cuda_budget_below_what_the_process_holds_is_one_clear_error(monkeypatch):
+    from batchlab.measure.budget import resolve_budget
+    from batchlab.measure.step_memory import DeviceBaseline
+
+    _fake_cuda_free(monkeypatch, 10 * 2**30)
+    with pytest.raises(ConfigError, match="already holds") as info:
+        resolve_budget(torch.device("cuda"), "100MiB", None, DeviceBaseline(2**30, 2**30))
+    assert info.value.param == "memory_budget"

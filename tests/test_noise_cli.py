@@ -186,3 +186,25 @@ def test_measure_noise_can_record_the_adam_preconditioned_scale():
     assert not measure_noise(
         sgd, steps=20, every=10, device="cpu", preconditioned=True
     ).preconditioned
+
+
+def test_ctrl_c_before_any_noise_point_is_a_plain_interrupt():
+    """Nothing measured yet: the interrupt goes on as it was, not as a crash of its own."""
+    import dataclasses
+
+    from conftest import tiny_task
+
+    from batchlab.callbacks import TrainCallback
+    from batchlab.measure.noise_run import NoiseInterrupted, measure_noise
+
+    class Interrupt(TrainCallback):
+        def on_step(self, state) -> None:
+            raise KeyboardInterrupt
+
+    task = dataclasses.replace(tiny_task(n=512), batch_size=32)
+    for method in ("per-example", "two-batch"):
+        with pytest.raises(KeyboardInterrupt) as info:
+            measure_noise(
+                task, steps=40, every=10, device="cpu", method=method, callbacks=[Interrupt()]
+            )
+        assert method == "two-batch" or not isinstance(info.value, NoiseInterrupted)

@@ -288,3 +288,27 @@ def test_warmup_is_a_fraction_of_the_steps_predicted_to_the_target():
     expected = math.ceil(0.05 * math.ceil(path * relative_steps(rec.batch_size, 32, plan.b_simple)))
     assert rec.warmup_steps == expected
     assert "steps predicted for the run" in rec.reasons["warmup"]
+
+
+def test_timings_too_noisy_to_tell_batches_apart_keep_b0():
+    """The same wide B_noise interval, but step times whose windows range over ~400x: the
+    safer-bet switch must hold with the timing spread in B0's favour, so B0 stays."""
+    ladder = measurements(step_s=lambda b: 1e-3 * (1 + b / 256)).throughput
+    noisy = tuple(
+        dataclasses.replace(p, samples_per_s_low=p.samples_per_s / 21, samples_per_s_high=p.samples_per_s * 21)
+        for p in ladder
+    )  # fmt: skip
+    m = dataclasses.replace(noisy_measurements(0.0), throughput=noisy)
+    wide = tuple(
+        dataclasses.replace(p, b_simple_ci=(p.b_simple / 100, p.b_simple * 100)) for p in m.noise
+    )
+    plan = build_plan(dataclasses.replace(m, noise=wide), lr_rule="linear")
+    assert plan.keep_reference and plan.recommended.batch_size == 32
+    assert "safest bet" not in plan.verdict
+
+
+def test_worst_case_regrets_rejects_bad_step_times():
+    for bad in ({32: 0.0}, {32: math.nan}, {0: 1.0}):
+        with pytest.raises(ConfigError, match="worst_case_regrets"):
+            worst_case_regrets(bad, (1.0, 2.0))
+    assert worst_case_regrets({32: 1.0}, (0.0, math.inf)) == {32: 1.0}

@@ -93,6 +93,13 @@ def worst_case_regrets(
     """
     if not step_s:
         raise ConfigError("worst_case_regrets: expected at least one batch size, got none")
+    bad = {b: t for b, t in step_s.items() if not (b > 0 and math.isfinite(t) and t > 0)}
+    if bad or not all(math.isfinite(x) or x == math.inf for x in b_noise_interval):
+        raise ConfigError(
+            "worst_case_regrets: expected positive batch sizes with finite step times > 0 "
+            f"and a B_noise interval of numbers, got step times {bad or '(fine)'} and "
+            f"interval {b_noise_interval}"
+        )
     batches = list(step_s)
     # 1000x beyond the batch sizes, a ratio is within 0.1% of its limit at 0 or infinity.
     lo = max(b_noise_interval[0], 1e-3 * min(batches))

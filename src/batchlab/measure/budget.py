@@ -61,6 +61,13 @@ def resolve_budget(
             f"({format_bytes(available)}); using the free memory"
         )
         return available, available_source, False, warnings
+    if baseline.allocated >= budget:
+        raise ConfigError(
+            f"memory budget {format_bytes(budget)}: expected more than the "
+            f"{format_bytes(baseline.allocated)} this process already holds on {device}; "
+            "give a larger `memory_budget` or free that memory first",
+            param="memory_budget",
+        )
     if baseline.allocated:
         # Tensors this process already holds on the device stay there while it trains, and
         # the probe measures its steps above them: they count against the budget. (On an
@@ -68,7 +75,7 @@ def resolve_budget(
         # fresh 200-step run could not hold: benchmarks/results/gpu_h200.md.)
         held = format_bytes(baseline.allocated)
         return (
-            max(0, budget - baseline.allocated),
+            budget - baseline.allocated,
             f"{source} less {held} this process already holds on {device}",
             False,
             warnings,

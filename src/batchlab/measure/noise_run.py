@@ -204,7 +204,10 @@ def measure_noise(
             callbacks=[measurement, losses, *callbacks],
         )
     except KeyboardInterrupt:  # keep the points measured so far (`batchlab plan` saves them)
-        raw, final, pre = _raw_points(measurement, task, preconditioned)
+        try:
+            raw, final, pre = _raw_points(measurement, task, preconditioned)
+        except (ValueError, NoiseEstimateError):  # nothing usable measured yet
+            raise KeyboardInterrupt from None
         partial = NoiseRun(
             task=task.name, method=method, steps=losses.step, every=every, seed=seed,
             device=str(device), batch_size=ref, micro_batch_size=micro, lr=task.lr,
@@ -254,15 +257,19 @@ class NoiseInterrupted(KeyboardInterrupt):
 
 
 class _LossLog(TrainCallback):
-    """The training loss of every step, for points measured before an interrupt."""
+    """The training loss of every step it was read back at, for points measured before an
+    interrupt. On CUDA the loop reads losses back every few steps and `last_loss` keeps the
+    last one read in between: a new value object means a new read."""
 
     def __init__(self) -> None:
         self.by_step: dict[int, float] = {}
         self.step = 0
+        self._seen: float | None = None
 
     def on_step(self, state: RunState) -> None:
         self.step = state.step
-        if state.last_loss is not None:
+        if state.last_loss is not None and state.last_loss is not self._seen:
+            self._seen = state.last_loss
             self.by_step[state.step] = state.last_loss
 
 

@@ -494,8 +494,8 @@ def _recommend_fastest(
     """The candidate with the least predicted time to target (the smaller batch on a tie),
     unless its gain lies within its own interval. Then the minimax-regret batch over the
     B_noise interval (`core.tradeoff.worst_case_regrets`) if B0's worst case is more than
-    `ROBUST_TOLERANCE` times its and the timing spread alone leaves a gain; else B0, and
-    the verdict says so. (Timings too noisy to tell two batches apart keep B0.)
+    `ROBUST_TOLERANCE` times its even with the timing spread in B0's favour
+    (`_robust_beats_b0`); else B0, and the verdict says so.
 
     Only candidates the plan's own warnings do not reject compete (`untrusted_reason`):
     a batch whose step time is extrapolated past the ladder, or a BatchNorm micro-batch
@@ -518,18 +518,9 @@ def _recommend_fastest(
         regrets = worst_case_regrets(pool, noise.interval)
         robust = min(regrets, key=lambda b: (regrets[b], b))
         lo, hi = noise.interval
-        timing_low, _ = speedup_interval(  # the gain's range from the timing spread alone
-            fastest.batch_size, b0, (noise.value, noise.value),
-            _step_interval(m, fastest.batch_size, fastest.step_s),
-            _step_interval(m, b0, ref_step_s),
-        )  # fmt: skip
-        if (
-            robust != b0
-            and regrets[b0] > ROBUST_TOLERANCE * regrets[robust]
-            and (fastest.batch_size == b0 or timing_low > 1.0)  # timings can tell B apart
-        ):
+        if robust != b0 and _robust_beats_b0(m, pool, robust, noise, ref_step_s):
             verdict = (
-                f"use B={robust}: the gain is uncertain (B_noise {lo:.0f}-{hi:.0f}), and "
+                f"use B={robust}: the gain is uncertain (B_noise {lo:.3g}-{hi:.3g}), and "
                 f"B={robust} is the safest bet: at worst {regrets[robust]:.2f}x the best "
                 f"batch's time over that interval, where B0={b0} could be {regrets[b0]:.2f}x"
             )
@@ -549,6 +540,19 @@ def _recommend_fastest(
     )
     rec = _recommend(m, fastest.batch_size, noise, rule, ref_step_s, {"batch_size": reason})
     return rec, verdict, False
+
+
+def _robust_beats_b0(
+    m: Measurements, pool: dict[int, float], robust: int, noise: _Noise, ref_step_s: float
+) -> bool:
+    """Whether `robust` is clearly the safer bet than B0 even when the timings favour B0:
+    its step time at the slow end of its measured spread, B0's at the fast end. Timings too
+    noisy to tell the two apart keep B0."""
+    b0 = m.reference_batch_size
+    _, robust_slow = _step_interval(m, robust, pool[robust])
+    b0_fast, _ = _step_interval(m, b0, ref_step_s)
+    regrets = worst_case_regrets({**pool, robust: robust_slow, b0: b0_fast}, noise.interval)
+    return regrets[b0] > ROBUST_TOLERANCE * regrets[robust]
 
 
 def untrusted_reason(m: Measurements, c: Candidate) -> str | None:
@@ -637,8 +641,9 @@ def plan_warnings(
             PlanWarning(
                 "unreliable-noise",
                 f"the B_simple estimate is unreliable ({m.noise_reason or 'wide interval'}): "
-                "the recommendation is the safest bet over its whole interval, not a "
-                "prediction; measure over more steps (a larger `noise_budget`) to narrow it",
+                "the predicted critical batch has a wide interval and the verdict says how "
+                "the plan chose under it; measure over more steps (a larger "
+                "`noise_budget`) to narrow it",
             )
         )
     contention = contention_warning(m.throughput)
