@@ -34,7 +34,7 @@ import batchlab
 from batchlab.adaptive import train_adaptive
 
 sys.path.insert(0, str(Path(__file__).parent))
-from replay import time_step_configs  # noqa: E402
+from replay import replay_step_times, replayed_seconds  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "adaptive_vs_fixed.md"
 SETTINGS = {
@@ -96,39 +96,6 @@ def bench_task(name: str, seeds: list[int], multipliers: list[int]) -> dict:
             "replayed": median_or_none([replayed_seconds(h, step_times) for h in runs]),
         }
     return {"task": name, "target": target, "b0": b0, "rows": summary}
-
-
-def step_configs(h) -> list[tuple[int, int]]:
-    """(micro-batch size, number of micro-batches) of each step of a run, up to its target."""
-    end = h.steps_to_target or h.total_steps
-    if "adaptive" not in h.extras:
-        sizes = [h.effective_batch_size] * end
-        return [(b, 1) for b in sizes]
-    log = h.extras["adaptive"]
-    by_step = {d["step"]: d for d in log["decisions"]}
-    current = log["decisions"][0]
-    out = []
-    for step, size in zip(h.steps[:end], log["batch_sizes"][:end], strict=True):
-        current = by_step.get(step - 1, current)
-        micro, accum = current["micro_batch_size"], current["accumulation_steps"]
-        if accum == 1 and step % 4 == 0 and size >= 4:  # the engine's split step (noise)
-            out.append(((size + 1) // 2, 2))
-        else:
-            out.append((min(micro, size), -(-size // micro)))
-    return out
-
-
-def replay_step_times(task, rows) -> dict:
-    """Median seconds of one optimizer step per configuration any run used, interleaved."""
-    return time_step_configs(
-        task, {c for runs in rows.values() for h in runs for c in step_configs(h)}
-    )
-
-
-def replayed_seconds(h, step_times: dict) -> float | None:
-    if not h.reached_target:
-        return None
-    return sum(step_times[c] for c in step_configs(h))
 
 
 def _path(h) -> str:

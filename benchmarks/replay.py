@@ -8,7 +8,7 @@ ratios between them fair; a run's time is then the sum of its steps' times.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -17,6 +17,51 @@ from batchlab.data import Batcher
 from batchlab.step import TrainStep
 
 Config = tuple[int, int]  # (micro-batch size, micro-batches per optimizer step)
+
+
+def step_configs(h: batchlab.History) -> list[Config]:
+    """(micro-batch size, micro-batches) of each step of a run, up to its target: a fixed
+    run's one configuration, an adaptive run's from its decisions (with the engine's split
+    noise steps), a scheduled run's from the phase each step ran in."""
+    end = h.steps_to_target or h.total_steps
+    if "schedule" in h.extras:
+        log = h.extras["schedule"]
+        starts = [(p["step"], log["phases"][p["phase"]]) for p in log["phases_run"]]
+        out = []
+        for step in range(1, end + 1):
+            phase = [ph for s, ph in starts if s <= step][-1]
+            out.append((phase["micro_batch_size"], phase["accumulation_steps"]))
+        return out
+    if "adaptive" not in h.extras:
+        return [(h.effective_batch_size, 1)] * end
+    log = h.extras["adaptive"]
+    by_step = {d["step"]: d for d in log["decisions"]}
+    current = log["decisions"][0]
+    out = []
+    for step, size in zip(h.steps[:end], log["batch_sizes"][:end], strict=True):
+        current = by_step.get(step - 1, current)
+        micro, accum = current["micro_batch_size"], current["accumulation_steps"]
+        if accum == 1 and step % 4 == 0 and size >= 4:  # the engine's split step (noise)
+            out.append(((size + 1) // 2, 2))
+        else:
+            out.append((min(micro, size), -(-size // micro)))
+    return out
+
+
+def replay_step_times(
+    task: batchlab.Task, rows: Mapping[str, list[batchlab.History]]
+) -> dict[Config, float]:
+    """Seconds of one optimizer step per configuration any run used, timed interleaved."""
+    return time_step_configs(
+        task, {c for runs in rows.values() for h in runs for c in step_configs(h)}
+    )
+
+
+def replayed_seconds(h: batchlab.History, step_times: Mapping[Config, float]) -> float | None:
+    """A run's training time to its target, summed from the replayed step times."""
+    if not h.reached_target:
+        return None
+    return sum(step_times[c] for c in step_configs(h))
 
 
 def time_step_configs(

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import adaptive_vs_fixed as avf  # benchmarks/ is the script's directory
 import torch
+from replay import replay_step_times, replayed_seconds  # benchmarks/ is on the path
 
 import batchlab
 from batchlab.adaptive import TrajectoryNoise, train_adaptive
@@ -55,24 +56,6 @@ TASKS = ("dots", "digits-mlp", "mnist1d-mlp", "mnist1d-cnn")
 def median(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
-
-
-def step_configs(h) -> list[tuple[int, int]]:
-    """(micro-batch, micro-batches) of each step up to the target; a scheduled run's from
-    the phase each step ran in, the others' as benchmarks/adaptive_vs_fixed.py counts them."""
-    if "schedule" not in h.extras:
-        return _fixed_or_adaptive_configs(h)
-    log = h.extras["schedule"]
-    starts = [(p["step"], log["phases"][p["phase"]]) for p in log["phases_run"]]
-    out = []
-    for step in range(1, (h.steps_to_target or h.total_steps) + 1):
-        phase = [ph for s, ph in starts if s <= step][-1]
-        out.append((phase["micro_batch_size"], phase["accumulation_steps"]))
-    return out
-
-
-_fixed_or_adaptive_configs = avf.step_configs
-avf.step_configs = step_configs  # the shared replay then counts scheduled runs too
 
 
 def scaled(schedule: BatchSchedule, factor: float) -> BatchSchedule:
@@ -145,11 +128,11 @@ def bench_task(name: str, seeds: list[int], multipliers: list[float], lr_factors
                 eval_every=max(1, ref_steps // 32), b_simple=noise,
             )  # fmt: skip
             rows.setdefault(label, []).append(h)
-    step_times = avf.replay_step_times(task, rows)
+    step_times = replay_step_times(task, rows)
     summary = {}
     for label, runs in rows.items():
         summary[label] = {
-            "replayed": median([avf.replayed_seconds(h, step_times) for h in runs]),
+            "replayed": median([replayed_seconds(h, step_times) for h in runs]),
             "seconds": median([h.seconds_to_target for h in runs]),
             "steps": median([h.steps_to_target for h in runs]),
             "examples": median([h.examples_to_target for h in runs]),
