@@ -30,6 +30,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -37,6 +38,9 @@ import batchlab
 from batchlab.data import Batcher
 from batchlab.measure.sizes import format_bytes, parse_size
 from batchlab.step import TrainStep
+
+sys.path.insert(0, str(Path(__file__).parent))
+from probe_vs_lightning import run_lightning as lightning_search  # noqa: E402
 
 CUDA = torch.device("cuda")
 LATER_STEPS = 200
@@ -106,36 +110,9 @@ def run_batchlab(task, budget: int | None, margin: float, label: str) -> Row:
 
 
 def run_lightning(task) -> Row:
-    import lightning as L
-    from lightning.pytorch.tuner import Tuner
-    from torch.utils.data import DataLoader
-
-    class LitTask(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = task.model()
-            self.batch_size = 2
-            self.calls = 0
-
-        def training_step(self, batch, batch_idx):
-            self.calls += 1
-            return task.loss(self.model, batch)
-
-        def configure_optimizers(self):
-            return task.optimizer(self.model.parameters(), task.lr)
-
-        def train_dataloader(self):
-            return DataLoader(task.train_data, batch_size=self.batch_size, shuffle=True)
-
-    lit = LitTask()
-    trainer = L.Trainer(
-        accelerator="gpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
-    t0 = time.perf_counter()
-    found = Tuner(trainer).scale_batch_size(lit, mode="binsearch", init_val=2)
-    seconds = time.perf_counter() - t0
-    return Row("Lightning binsearch", lit.calls, seconds, found)
+    """Lightning's binsearch, the harness of benchmarks/probe_vs_lightning.py, on real OOMs."""
+    found = lightning_search(task, "binsearch", None, 0, accelerator="gpu")
+    return Row("Lightning binsearch", found.steps, found.seconds, found.batch)
 
 
 def run_accelerate(task, start: int = 8192) -> Row:

@@ -147,7 +147,11 @@ def _oom(b: int) -> torch.OutOfMemoryError:
     return torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate B={b} (simulated)")
 
 
-def run_lightning(task, mode: str, oom_above: int | None, target: int) -> Row:
+def run_lightning(
+    task, mode: str, oom_above: int | None, target: int, accelerator: str = "cpu"
+) -> Row:
+    """Lightning's `scale_batch_size` from 2; `oom_above` simulates a device's OOM (None:
+    none, or a real one on `accelerator="gpu"`, as benchmarks/probe_cuda.py runs it)."""
     import lightning as L
     from lightning.pytorch.tuner import Tuner
     from torch.utils.data import DataLoader
@@ -173,8 +177,8 @@ def run_lightning(task, mode: str, oom_above: int | None, target: int) -> Row:
 
     lit = LitTask()
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        accelerator=accelerator, devices=1, max_epochs=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
     t0 = time.perf_counter()
     found = Tuner(trainer).scale_batch_size(lit, mode=mode, init_val=2)
