@@ -55,3 +55,21 @@ def end_ddp_worker() -> None:
     gc.collect()
     shutdown()
     os._exit(0)
+
+
+def quiet_trainer(callbacks: list, epochs: int, **kwargs):
+    """A one-CPU Lightning Trainer that logs, checkpoints and prints nothing."""
+    import lightning.pytorch as pl
+
+    return pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        **kwargs,
+    )

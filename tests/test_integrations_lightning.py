@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import quiet_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from batchlab.adaptive import ResizableBatchSampler
@@ -51,23 +52,6 @@ def _module(seen: dict[int, list[int]], vals: list[tuple[int, int]]):
             return torch.optim.SGD(self.parameters(), lr=1e-3)
 
     return Module()
-
-
-def _trainer(callbacks: list, epochs: int, **kwargs):
-    import lightning.pytorch as pl
-
-    return pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-        **kwargs,
-    )
 
 
 def _data() -> TensorDataset:
@@ -108,7 +92,7 @@ def test_resizing_batch_sees_every_example_once_per_epoch_and_validates():
         adaptive = _scripted(sampler, NoiseScaleMonitor(), sizes)
         seen: dict[int, list[int]] = collections.defaultdict(list)
         vals: list[tuple[int, int]] = []
-        trainer = _trainer([adaptive], epochs=5)
+        trainer = quiet_trainer([adaptive], epochs=5)
         trainer.fit(
             _module(seen, vals),
             DataLoader(data, batch_sampler=sampler),
@@ -129,7 +113,7 @@ def test_float_val_check_interval_is_refused_with_the_fix():
     data = _data()
     sampler = ResizableBatchSampler(data, 10, seed=0)
     monitor = NoiseScaleMonitor()
-    trainer = _trainer([monitor, AdaptiveBatchSize(sampler, monitor)], epochs=1)
+    trainer = quiet_trainer([monitor, AdaptiveBatchSize(sampler, monitor)], epochs=1)
     trainer.val_check_interval = 0.5
     with pytest.raises(ConfigError) as err:
         with warnings.catch_warnings():
@@ -147,7 +131,7 @@ def test_monitor_warns_once_and_training_goes_on():
     monitor = NoiseScaleMonitor()  # accumulate_grad_batches=1: nothing to contrast
     seen: dict[int, list[int]] = collections.defaultdict(list)
     with pytest.warns(NoiseScaleWarning, match="accumulate_grad_batches>=2") as caught:
-        _trainer([monitor], epochs=2).fit(_module(seen, []), DataLoader(data, batch_size=20))
+        quiet_trainer([monitor], epochs=2).fit(_module(seen, []), DataLoader(data, batch_size=20))
     assert len([w for w in caught if w.category is NoiseScaleWarning]) == 1
     assert len(seen[1]) == N  # trained both epochs
     assert monitor.b_simple is None and not monitor.reliable
@@ -155,5 +139,5 @@ def test_monitor_warns_once_and_training_goes_on():
 
     strict = NoiseScaleMonitor(strict=True)
     with pytest.raises(NoiseEstimateError) as err:
-        _trainer([strict], epochs=1).fit(_module(seen, []), DataLoader(data, batch_size=20))
+        quiet_trainer([strict], epochs=1).fit(_module(seen, []), DataLoader(data, batch_size=20))
     assert "accumulate_grad_batches>=2" in str(err.value)

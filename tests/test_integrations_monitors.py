@@ -17,6 +17,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -167,16 +168,8 @@ def test_lightning_monitor_matches_exact_at_frozen_weights():
     module, monitor = Module(), NoiseScaleMonitor()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pl.Trainer(
-            max_epochs=5,  # 32 micro-batches of 8 an epoch, 4 a step: 40 steps
-            accumulate_grad_batches=4,
-            accelerator="cpu",
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[monitor],
+        quiet_trainer(  # 32 micro-batches of 8 an epoch, 4 a step: 40 steps
+            [monitor], epochs=5, accumulate_grad_batches=4
         ).fit(module, DataLoader(data(), batch_size=8, shuffle=True))
     assert len(monitor.history) == STEPS
     assert_close(monitor.b_simple, exact_b_simple(module.model))

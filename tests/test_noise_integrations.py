@@ -6,6 +6,7 @@ import importlib.util
 
 import pytest
 import torch
+from conftest import quiet_trainer
 from torch import nn
 
 
@@ -85,18 +86,7 @@ def _lightning_train(callbacks: list, *, clip: float | None) -> nn.Module:
 
     module = Module()
     loader = DataLoader(_data(52), batch_size=4, shuffle=False)  # 13 batches: a short window
-    trainer = pl.Trainer(
-        max_epochs=2,
-        accumulate_grad_batches=3,
-        gradient_clip_val=clip,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-    )
+    trainer = quiet_trainer(callbacks, epochs=2, accumulate_grad_batches=3, gradient_clip_val=clip)
     trainer.fit(module, loader)
     return module
 
