@@ -176,6 +176,7 @@ def measure_config(task_name: str, b0: int, directory: str, plans: int) -> dict:
         "task": task_name,
         "task_ref": truth.spec.task_ref,
         "optimizer": truth.templates[b0][0].optimizer_family,
+        "run_optimizer": truth.templates[b0][0].optimizer,  # "task", "sgd" or "adam"
         "target": truth.spec.target,
         "b0": b0,
         "lr0": lr0,
@@ -198,7 +199,10 @@ def timed(measured: dict) -> dict:
     best_lr = {int(b): lr for b, lr in measured["best_lr"].items()}
     choices = [PlanChoice(**p["choice"]) for p in measured["plans"]]
     configs = {(b, 1) for b in steps} | {(c.micro, -(-c.batch // c.micro)) for c in choices}
-    step_s = time_step_configs(batchlab.load_task(measured["task_ref"]), configs)
+    # The optimizer the sweep ran (its state is part of a step's cost), not only the task's.
+    run = argparse.Namespace(optimizer=measured.get("run_optimizer", "task"))
+    task = _task_for(run, batchlab.load_task(measured["task_ref"]))
+    step_s = time_step_configs(task, configs)
 
     def seconds(batch: int, micro: int, run_steps: list[float]) -> float:
         return median_steps(run_steps) * step_s[(micro, -(-batch // micro))]
