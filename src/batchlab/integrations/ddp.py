@@ -26,12 +26,16 @@ the collective calls would hang. `decide_and_broadcast` lets rank 0 decide and s
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from batchlab.adaptive.controller import AdaptiveBatchSize, Decision
 from batchlab.adaptive.noise_source import smoothed_noise_estimate
 from batchlab.tracking.readout import TrackerReadout
+
+T = TypeVar("T")
 
 
 class DDPNoiseScale(TrackerReadout):
@@ -89,17 +93,21 @@ class DDPNoiseScale(TrackerReadout):
         self.tracker.ddp_end_step(self.model, self.local_batch_size)
 
 
+def broadcast_from(value: T, src: int = 0) -> T:
+    """Rank `src`'s `value` on every rank (a picklable object; the others' values are
+    ignored). The one way decisions travel: a schedule's phase, a controller's `Decision`."""
+    payload: list[T | None] = [value if dist.get_rank() == src else None]
+    dist.broadcast_object_list(payload, src=src)
+    return payload[0]  # filled in by the broadcast on every rank
+
+
 def decide_and_broadcast(
     controller: AdaptiveBatchSize, step: int, b_simple: float | None, src: int = 0
 ) -> Decision:
     """Rank `src` decides; every other rank adopts its `Decision`. Returns the decision."""
-    if dist.get_rank() == src:
-        decision = controller.decide(step, b_simple)
-        payload: list[Decision | None] = [decision]
-    else:
-        payload = [None]
-    dist.broadcast_object_list(payload, src=src)
-    decision = payload[0]  # filled in by the broadcast on every rank
+    decision = broadcast_from(
+        controller.decide(step, b_simple) if dist.get_rank() == src else None, src
+    )
     if dist.get_rank() != src:
         controller.adopt(decision)
     return decision

@@ -23,7 +23,13 @@ epochs. Limits, honestly:
   the batch moves through the micro-batch size only, up to `memory_cap`;
 - a learning-rate scheduler that sets absolute learning rates overrides the new rate at its
   next step; use none, or one that multiplies (LambdaLR on a base rate we update is fine);
-- with `num_workers > 0` the loader prefetches, so a new size arrives a few batches late.
+- Lightning fetches one batch ahead of training (it must, to know an unsized epoch's last
+  batch), and a loader with `num_workers > 0` several, so a new size arrives a batch or
+  more late (nothing is skipped or repeated).
+
+`ScheduledBatchSize` runs a `BatchSchedule` (`batchlab plan`'s) instead: its
+`ScheduleSampler` cuts each step's micro-batches where the indices are drawn, so phase
+switches are exact, and the callback sets each step's accumulation and learning rate.
 
 Lightning is imported when this module is, never by `import batchlab`.
 """
@@ -38,6 +44,7 @@ from batchlab.adaptive.controller import Decision, LrRule
 from batchlab.adaptive.noise_source import smoothed_noise_estimate
 from batchlab.adaptive.sampler import ResizableBatchSampler
 from batchlab.errors import ConfigError
+from batchlab.integrations.schedule import ScheduleSampler, StepSetting
 from batchlab.tracking.readout import TrackerReadout
 
 try:
@@ -59,6 +66,32 @@ def _batch_len(batch: Any) -> int:
     if isinstance(batch, (list, tuple)) and batch:
         return _batch_len(batch[0])
     return len(batch)
+
+
+def _unsize(sampler: ResizableBatchSampler, trainer: Any) -> None:
+    """Make the sampler unsized, so Lightning ends each epoch when its data ends (see the
+    module docstring); refuse what needs an epoch's length ahead."""
+    sampler.sized = False
+    interval = trainer.val_check_interval
+    if isinstance(interval, float) and interval != 1.0:
+        raise ConfigError(
+            "`val_check_interval`: expected 1.0 (each epoch's end) or an int (every N "
+            f"batches) with a resizing batch, got {interval}; an epoch's length is not "
+            "known ahead, so Lightning cannot take a fraction of it",
+            param="val_check_interval",
+        )
+
+
+def _lr_ratios(optimizer: Any) -> list[float]:
+    """Each param group's lr over the first group's: kept when a new lr is set (groups may
+    differ, e.g. no decay on norms), as the plain loop keeps them."""
+    lr0 = optimizer.param_groups[0]["lr"]
+    return [g["lr"] / lr0 for g in optimizer.param_groups]
+
+
+def _set_lr(optimizer: Any, lr: float, ratios: list[float]) -> None:
+    for group, ratio in zip(optimizer.param_groups, ratios, strict=True):
+        group["lr"] = lr * ratio
 
 
 class NoiseScaleMonitor(TrackerReadout, Callback):
@@ -185,15 +218,7 @@ class AdaptiveBatchSize(Callback):
         # shrinking batch would cut the epoch short and a growing one skip the validation
         # due at the counted end. Without a length, an epoch ends when its data does and
         # Lightning validates then (on_fit_start runs before Lightning reads the length).
-        self.sampler.sized = False
-        interval = trainer.val_check_interval
-        if isinstance(interval, float) and interval != 1.0:
-            raise ConfigError(
-                "`val_check_interval`: expected 1.0 (each epoch's end) or an int (every N "
-                f"batches) with a resizing batch, got {interval}; an epoch's length is not "
-                "known ahead, so Lightning cannot take a fraction of it",
-                param="val_check_interval",
-            )
+        _unsize(self.sampler, trainer)
         optimizer = trainer.optimizers[0]
         lr0 = optimizer.param_groups[0]["lr"]
         accum = trainer.accumulate_grad_batches
@@ -206,7 +231,7 @@ class AdaptiveBatchSize(Callback):
             max_accumulation_steps=accum,
             **self.settings,
         )
-        self._ratios = [g["lr"] / lr0 for g in optimizer.param_groups]
+        self._ratios = _lr_ratios(optimizer)
         self._step = trainer.global_step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -240,6 +265,77 @@ class AdaptiveBatchSize(Callback):
         else:
             decision = c.decide(self._step, self.monitor.b_simple)
         self.sampler.batch_size = decision.micro_batch_size
-        for group, ratio in zip(trainer.optimizers[0].param_groups, self._ratios, strict=True):
-            group["lr"] = decision.lr * ratio
+        _set_lr(trainer.optimizers[0], decision.lr, self._ratios)
         pl_module.log("batch_size", float(decision.batch_size), on_step=True, on_epoch=False)
+
+
+class ScheduledBatchSize(Callback):
+    """Runs a `BatchSchedule` (`batchlab plan`'s): each phase's batch, micro-batch x
+    accumulation and learning rate from its start on.
+
+        sampler = ScheduleSampler(train_set, "plan.json", seed=0)
+        trainer = Trainer(max_epochs=8, callbacks=[ScheduledBatchSize(sampler)])
+        trainer.fit(module, DataLoader(train_set, batch_sampler=sampler), val_loader)
+
+    The sampler (`batchlab.integrations.schedule.ScheduleSampler`) resizes itself between
+    optimizer steps, where it cuts the indices, so a switch is exact however far ahead
+    Lightning or the loader's workers fetch. This callback applies, at the first batch of
+    each step, the step's accumulation (`trainer.accumulate_grad_batches`, as Lightning's
+    own `GradientAccumulationScheduler` changes it) and learning rate (every param group,
+    keeping their ratios). Limits, honestly:
+    - Lightning closes an accumulation window when the epoch's batch count is a multiple of
+      the accumulation, so a phase that changes the accumulation starts at the first step
+      boundary where that count is a multiple of its accumulation (at once when it is 1 or
+      divides the current one; always at an epoch's start). `sampler.phases_run` says where
+      each phase began.
+    - Lightning weights a step's micro-batches equally (each loss / accumulation), so a
+      phase whose batch is not a multiple of its micro-batch over-weights its short one, as
+      does an epoch's short last step.
+    - As with `AdaptiveBatchSize`: epochs are exact (the loader is unsized), a float
+      `val_check_interval` other than 1.0 is refused, `estimated_stepping_batches` is
+      infinite, and an lr scheduler that sets absolute rates overrides the phase's lr.
+    - Leave `accumulate_grad_batches` at 1: the schedule sets it. Under DDP build the
+      sampler with `num_replicas`/`rank` and `Trainer(use_distributed_sampler=False)`;
+      rank 0 decides each phase (see `ScheduleSampler`).
+
+    `settings` lists each step's `StepSetting` as it was applied.
+    """
+
+    def __init__(self, sampler: ScheduleSampler) -> None:
+        if not isinstance(sampler, ScheduleSampler):
+            raise ConfigError(
+                f"`sampler`: expected the DataLoader's ScheduleSampler, got "
+                f"{type(sampler).__name__}; build the loader as DataLoader(ds, "
+                "batch_sampler=ScheduleSampler(ds, schedule))",
+                param="sampler",
+            )
+        self.sampler = sampler
+        self.settings: list[StepSetting] = []
+        self._ratios: list[float] = []
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if trainer.accumulate_grad_batches != 1 or trainer.strategy.handles_gradient_accumulation:
+            raise ConfigError(
+                "`accumulate_grad_batches`: expected 1 with a schedule (each phase sets the "
+                f"accumulation), got {trainer.accumulate_grad_batches} under "
+                f"{type(trainer.strategy).__name__}; drop it (a strategy that accumulates "
+                "by itself, such as DeepSpeed, cannot follow a schedule)",
+                param="accumulate_grad_batches",
+            )
+        if self.sampler.num_replicas != trainer.world_size:
+            raise ConfigError(
+                f"`sampler`: expected num_replicas={trainer.world_size} (the Trainer's world "
+                f"size), got {self.sampler.num_replicas}; build it with num_replicas and rank",
+                param="sampler",
+            )
+        _unsize(self.sampler, trainer)
+        self.sampler.align_accumulation = True
+        self._ratios = _lr_ratios(trainer.optimizers[0])
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        setting, first = self.sampler.handed_out.popleft()
+        if not first:
+            return
+        trainer.accumulate_grad_batches = setting.accumulation_steps
+        _set_lr(trainer.optimizers[0], setting.lr, self._ratios)
+        self.settings.append(setting)
