@@ -188,3 +188,90 @@ def test_a_bad_schedule_is_one_line_with_the_fix(tmp_path):
     assert "batchlab plan" in message  # the fix
     with pytest.raises(ConfigError, match="does not exist"):
         ScheduleSampler(data, tmp_path / "missing.json")
+
+
+# --- Hugging Face Trainer ----------------------------------------------------------------
+
+
+def _hf_train(tmp_path, schedule, n: int, epochs: int, **overrides) -> tuple[list, object]:
+    """Train a 1-weight model with a `ScheduledAccumulation`; return per optimizer step
+    (step, indices of each micro-batch, lr, accumulation) and the callback."""
+    from torch import nn
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from batchlab.integrations.transformers import ScheduledAccumulation
+
+    calls: list[list[int]] = []
+    steps: list[tuple] = []
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Linear(1, 1)
+
+        def forward(self, x, labels, idx):
+            calls.append(idx.tolist())
+            return {"loss": nn.functional.mse_loss(self.net(x).squeeze(-1), labels)}
+
+    class Record(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+            lr = optimizer.param_groups[0]["lr"]
+            steps.append((state.global_step + 1, list(calls), round(lr, 12),
+                          args.gradient_accumulation_steps))  # fmt: skip
+            calls.clear()
+
+    data = [
+        {"x": torch.tensor([i / n]), "labels": torch.tensor(1.0), "idx": torch.tensor(i)}
+        for i in range(n)
+    ]
+    settings = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=1,
+        num_train_epochs=epochs, learning_rate=0.5, lr_scheduler_type="constant",
+        report_to=[], save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
+    )  # fmt: skip
+    settings.update(overrides)
+    callback = ScheduledAccumulation(schedule)
+    trainer = Trainer(Model(), TrainingArguments(**settings), train_dataset=data,
+                      callbacks=[callback, Record()])  # fmt: skip
+    trainer.train()
+    return steps, callback
+
+
+@needs_transformers
+def test_hf_applies_each_phase_through_accumulation_where_the_trainer_allows(tmp_path, caplog):
+    # 40 examples in micro-batches of 4: 10 a epoch. Phase 1 (8 = 4 x 2) starts after 3
+    # steps; the epoch's micro-batch count is 3 then: it waits a step (count 4). Phase 2 (12
+    # = 4 x 3) starts after 6 steps, at count 8, then 10 = the epoch's end: it starts with
+    # epoch 1 (steps 8-11: 3, 3, 3 and the epoch's last 1 micro-batch), as in epoch 2.
+    schedule = _schedule("step", (0, 4, 4, 0.1), (3, 8, 4, 0.2), (6, 12, 4, 0.3))
+    with caplog.at_level("INFO", logger="batchlab"):
+        steps, callback = _hf_train(tmp_path, schedule, n=40, epochs=3)
+    got = [(s, len(micro), lr, k) for s, micro, lr, k in steps]
+    epoch = [(s, 3, 0.3, 3) for s in (0, 1, 2)] + [(3, 1, 0.3, 3)]
+    assert got == (
+        [(s, 1, 0.1, 1) for s in range(1, 5)]
+        + [(s, 2, 0.2, 2) for s in range(5, 8)]
+        + [(s + 8, m, lr, k) for s, m, lr, k in epoch]
+        + [(s + 12, m, lr, k) for s, m, lr, k in epoch]
+    )
+    for e, (first, last) in enumerate([(0, 7), (7, 11), (11, 15)]):  # exact epochs
+        seen = [i for _, micro, _, _ in steps[first:last] for batch in micro for i in batch]
+        assert sorted(seen) == list(range(40)), e
+    assert callback.applied == [
+        {"phase": 0, "step": 1, "examples": 0, "accumulation": 1},
+        {"phase": 1, "step": 5, "examples": 16, "accumulation": 2},
+        {"phase": 2, "step": 8, "examples": 40, "accumulation": 3},
+    ]
+    said = [r.getMessage() for r in caplog.records if "batchlab schedule" in r.getMessage()]
+    assert len(said) == 1 and "4 x 2 (of 8)" in said[0]  # the one-time line of the limits
+
+
+@needs_transformers
+def test_hf_refuses_a_start_accumulation_above_a_phases(tmp_path):
+    schedule = _schedule("step", (0, 4, 4, 0.1), (3, 8, 4, 0.2))
+    with pytest.raises(ConfigError) as err:
+        _hf_train(tmp_path, schedule, n=16, epochs=1, gradient_accumulation_steps=2)
+    message = str(err.value)
+    assert err.value.param == "gradient_accumulation_steps" and "\n" not in message
+    assert "expected at most the smallest phase's accumulation, 1" in message
+    assert "got 2; set it to 1, the first phase's" in message

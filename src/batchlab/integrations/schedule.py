@@ -80,7 +80,8 @@ def replica_split(phase: SchedulePhase, num_replicas: int) -> tuple[int, int]:
     return micro, math.ceil(local / micro)
 
 
-def _distributed() -> bool:
+def distributed() -> bool:
+    """Whether torch.distributed runs more than one process (then rank 0 decides)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -147,7 +148,7 @@ class ScheduleSampler(ResizableBatchSampler):
             if self._epoch_micro % k:
                 index = current  # the framework's window rule: wait for an aligned boundary
         choice = (index, self.schedule.phases[index])
-        return broadcast_from(choice) if _distributed() else choice
+        return broadcast_from(choice) if distributed() else choice
 
     def _open_step(self) -> None:
         index, phase = self._decide()

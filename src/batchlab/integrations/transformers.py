@@ -33,13 +33,19 @@ What the Trainer allows, and what it does not (transformers 4.4x-5.x):
 
 from __future__ import annotations
 
+import logging
 import math
+from pathlib import Path
 
 from batchlab.adaptive.controller import AdaptiveBatchSize, Decision, LrRule
 from batchlab.adaptive.noise_source import smoothed_noise_estimate
 from batchlab.core.checks import check_batch_size, check_positive
 from batchlab.core.lr import efficiency
+from batchlab.core.schedule import BatchSchedule
 from batchlab.core.tradeoff import efficient_batch_size
+from batchlab.errors import ConfigError
+from batchlab.integrations.ddp import broadcast_from
+from batchlab.integrations.schedule import as_schedule, distributed
 from batchlab.tracking.readout import TrackerReadout
 
 try:
@@ -49,6 +55,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "batchlab.integrations.transformers needs transformers: "
         "pip install 'batchlab[transformers]'"
     ) from exc
+
+logger = logging.getLogger("batchlab")
 
 
 class NoiseScaleCallback(TrackerReadout, TrainerCallback):
@@ -217,8 +225,7 @@ class AdaptiveAccumulation(TrainerCallback):
             interval=self.interval,
         )
         self.decisions = list(c.decisions)
-        base = optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"])
-        self._ratios = [g.get("initial_lr", g["lr"]) / base for g in optimizer.param_groups]
+        self._ratios = _base_lr_ratios(optimizer)
 
     def on_step_end(self, args, state, control, **kwargs):
         c = self.controller
@@ -267,11 +274,137 @@ class AdaptiveAccumulation(TrainerCallback):
         self.controller.accumulation_steps = d.accumulation_steps
         self.controller.lr = d.lr
         self.applied.append((state.global_step, d.accumulation_steps))
-        new = [d.lr * r for r in self._ratios]
-        for group, lr in zip(optimizer.param_groups, new, strict=True):
-            old = group.get("initial_lr", group["lr"])
-            multiplier = group["lr"] / old if old else 1.0  # where the schedule is now
-            group["initial_lr"] = lr
-            group["lr"] = lr * multiplier
-        if lr_scheduler is not None and hasattr(lr_scheduler, "base_lrs"):
-            lr_scheduler.base_lrs = new
+        _set_base_lr(optimizer, lr_scheduler, d.lr, self._ratios)
+
+
+def _base_lr_ratios(optimizer) -> list[float]:
+    """Each param group's base rate over the first group's (kept when a new rate is set)."""
+    base = optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"])
+    return [g.get("initial_lr", g["lr"]) / base for g in optimizer.param_groups]
+
+
+def _set_base_lr(optimizer, lr_scheduler, lr: float, ratios: list[float]) -> None:
+    """Make `lr` (times each group's ratio) the base rate the Trainer's scheduler multiplies,
+    so a multiplicative schedule (constant, linear, cosine with warm-up) keeps its shape
+    around it; the current rate moves by the same factor at once."""
+    new = [lr * r for r in ratios]
+    for group, value in zip(optimizer.param_groups, new, strict=True):
+        old = group.get("initial_lr", group["lr"])
+        multiplier = group["lr"] / old if old else 1.0  # where the schedule is now
+        group["initial_lr"] = value
+        group["lr"] = value * multiplier
+    if lr_scheduler is not None and hasattr(lr_scheduler, "base_lrs"):
+        lr_scheduler.base_lrs = new
+
+
+class ScheduledAccumulation(TrainerCallback):
+    """Runs a `BatchSchedule` (`batchlab plan`'s) in the Trainer through gradient accumulation.
+
+        trainer = Trainer(model, args, train_dataset=ds,
+                          callbacks=[ScheduledAccumulation("plan.json")])
+
+    The per-device batch stays `per_device_train_batch_size` (the Trainer builds its
+    DataLoader once); a phase's batch B becomes accumulation k = B / (per-device batch x
+    processes), rounded to the nearest (at least 1), with the phase's learning rate as the
+    scheduler's base rate (`learning_rate` is replaced; the scheduler's shape is kept).
+    What the Trainer allows (read from transformers 5.24's `_inner_training_loop`; the
+    limits are checked by `tests/test_schedule_integrations.py`):
+    - It reads `gradient_accumulation_steps` at each optimizer step to gather that many
+      micro-batches, but syncs and steps when the epoch's micro-batch count is a multiple
+      of it. So a new accumulation k starts at the first optimizer step boundary where that
+      count is a multiple of k: at once when k divides it, at the latest at the next
+      epoch's start. `applied` says where each phase began.
+    - It fixes the number of optimizer steps per epoch at the start of `train()` from the
+      accumulation then; a smaller one later would leave the epoch's tail untrained. So
+      `gradient_accumulation_steps` must be at most every phase's (set it to the first
+      phase's): otherwise a `ConfigError` says so. Larger ones end each epoch's data early
+      (the leftover steps find no data and do nothing); epochs stay exact.
+    - `max_steps` counts optimizer steps, but the Trainer also derives from it, at the start,
+      how many epochs to run (ceil(max_steps / steps per epoch)), which a growing
+      accumulation makes end first; prefer `num_train_epochs`. The scheduler's length
+      (warm-up, decay) is likewise counted at the start accumulation.
+    - Samplers sized from the accumulation at the start (`group_by_length`'s) keep it.
+    Under DDP rank 0 decides each phase and broadcasts it (`integrations.ddp.broadcast_from`).
+    The limits go to the `batchlab` logger once, at INFO, when training begins.
+    """
+
+    def __init__(self, schedule: BatchSchedule | str | Path) -> None:
+        self.schedule = as_schedule(schedule)
+        # where each phase began: {"phase", "step" (its first), "examples", "accumulation"}
+        self.applied: list[dict[str, int]] = []
+        self._accumulation: list[int] = []
+        self._ratios: list[float] = []
+        self._phase = -1
+        self._epochs = self._epoch_micro = self._micro_examples = self._num_examples = 0
+
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        self._micro_examples = args.train_batch_size * max(1, args.world_size)
+        self._accumulation = [
+            max(1, math.floor(p.batch_size / self._micro_examples + 0.5))
+            for p in self.schedule.phases
+        ]
+        start = args.gradient_accumulation_steps
+        if start > min(self._accumulation):
+            raise ConfigError(
+                f"`gradient_accumulation_steps`: expected at most the smallest phase's "
+                f"accumulation, {min(self._accumulation)} (the Trainer fixes an epoch's "
+                f"optimizer steps from it at the start), got {start}; set it to "
+                f"{self._accumulation[0]}, the first phase's",
+                param="gradient_accumulation_steps",
+            )
+        loader = kwargs.get("train_dataloader")
+        self._num_examples = len(loader.dataset) if loader is not None else 0
+        self._ratios = _base_lr_ratios(optimizer)
+        self._phase, self._epochs, self._epoch_micro, self.applied = -1, -1, 0, []
+        batches = ", ".join(
+            f"{self._micro_examples} x {k} (of {p.batch_size})"
+            for p, k in zip(self.schedule.phases, self._accumulation, strict=True)
+        )
+        logger.info(
+            "batchlab schedule on the Hugging Face Trainer: batches %s through "
+            "gradient_accumulation_steps, the per-device batch fixed; a phase starts at the "
+            "first optimizer step where the epoch's micro-batch count is a multiple of its "
+            "accumulation (at the latest the next epoch's start); the number of epochs and "
+            "the lr scheduler's length were fixed at accumulation %d",
+            batches,
+            start,
+        )
+        self._apply_due(args, state, optimizer, lr_scheduler)
+
+    def on_epoch_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        self._epochs += 1
+        self._epoch_micro = 0
+        self._apply_due(args, state, optimizer, lr_scheduler)
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self._epoch_micro += 1
+
+    def on_step_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        self._epoch_micro += 1
+        self._apply_due(args, state, optimizer, lr_scheduler)
+
+    def _examples(self) -> int:
+        """Examples seen (all processes): whole epochs, and this one's micro-batches."""
+        epoch = self._epoch_micro * self._micro_examples
+        if self._num_examples:
+            epoch = min(epoch, self._num_examples)
+        return max(self._epochs, 0) * self._num_examples + epoch
+
+    def _apply_due(self, args, state, optimizer, lr_scheduler) -> None:
+        """Start the phase due for the next step, if the Trainer's window rule allows it now;
+        rank 0 decides."""
+        index = self.schedule.phase_index(state.global_step, self._examples())
+        if index != self._phase and self._epoch_micro % self._accumulation[index]:
+            index = self._phase  # wait for an aligned boundary
+        if distributed():
+            index = broadcast_from(index)
+        if index == self._phase:
+            return
+        self._phase = index
+        k = self._accumulation[index]
+        args.gradient_accumulation_steps = k
+        _set_base_lr(optimizer, lr_scheduler, self.schedule.phases[index].lr, self._ratios)
+        self.applied.append(
+            {"phase": index, "step": state.global_step + 1, "examples": self._examples(),
+             "accumulation": k}
+        )  # fmt: skip
