@@ -50,6 +50,31 @@ def noisy_regression(n: int, noise: float) -> list[dict[str, torch.Tensor]]:
     return [{"x": x[i], "labels": y[i]} for i in range(n)]
 
 
+def windows():
+    """A callback that records each optimizer step's [micro-batches run, accumulation,
+    whether it was the epoch's last]."""
+    from transformers import TrainerCallback
+
+    class Windows(TrainerCallback):
+        def __init__(self) -> None:
+            self.steps: list[list] = []
+            self._count = self._k = 0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._count, self._k = 0, args.gradient_accumulation_steps
+
+        def on_substep_end(self, args, state, control, **kwargs):
+            self._count += 1
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps.append([self._count + 1, self._k, False])
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            self.steps[-1][2] = True
+
+    return Windows()
+
+
 def train(tmp_path, data, callbacks, micro_seconds: float = 0.0, **overrides):
     from transformers import Trainer, TrainingArguments
 
@@ -84,11 +109,19 @@ def test_accumulation_grows_when_b_noise_is_high(tmp_path):
 
     noise = NoiseScaleCallback()
     adaptive = AdaptiveAccumulation(noise, interval=5)
+    record = windows()
     # the default max_grad_norm=1.0: the callback reads the first two micro-steps
     # Goodput never grew here (the micro-steps dominate the step time); the noise must.
-    train(tmp_path, noisy_regression(480, noise=3.0), [noise, adaptive], micro_seconds=0.002)
+    train(
+        tmp_path, noisy_regression(480, noise=3.0), [record, noise, adaptive],
+        micro_seconds=0.002,
+    )  # fmt: skip
     grown = [accum for _, accum in adaptive.applied]
     assert grown and grown[0] > 3 and grown == sorted(grown)  # it grew, never shrank
+    # Each switch landed at the first step the Trainer allows, mid-epoch too, and no window
+    # was cut: every step ran its accumulation's micro-batches (fewer only at an epoch's end).
+    assert all(n == k or last for n, k, last in record.steps), record.steps
+    assert len(adaptive.applied) > len([s for s in record.steps if s[2]])  # not only epochs
     switches = [d for d in adaptive.decisions if d.action == "switch"]
     # it grew toward the efficient batch B ~= B_noise, never past it
     assert switches and all(d.batch_size <= round(d.b_simple) for d in switches)

@@ -1,8 +1,11 @@
-"""Hugging Face `Trainer` callbacks: log B_simple, and grow gradient accumulation with it.
+"""Hugging Face `Trainer` callbacks: log B_simple; grow gradient accumulation with it, or
+follow a plan's schedule.
 
     noise = NoiseScaleCallback()
     trainer = Trainer(model, args, train_dataset=ds,
                       callbacks=[noise, AdaptiveAccumulation(noise)])
+    trainer = Trainer(model, args, train_dataset=ds,
+                      callbacks=[ScheduledAccumulation("plan.json")])   # a plan's schedule
 
 `NoiseScaleCallback` takes the gradient of every accumulation micro-step (the small batches)
 and of their sum (the big batch) and adds the smoothed B_simple to the Trainer's logs as
@@ -19,16 +22,24 @@ What the Trainer allows, and what it does not (transformers 4.4x-5.x):
 - Micro-steps are weighted equally (loss / k, or tokens / all tokens for models that take
   `num_items_in_batch`), so micro-batches should be of equal size, as the Trainer makes them
   except at the end of an epoch (that step is skipped).
-- The Trainer builds its own DataLoader, so the per-device batch size cannot change during
-  training. `AdaptiveAccumulation` changes `gradient_accumulation_steps` instead, only at
-  the start of an epoch (mid-epoch, the Trainer's accumulation counter would misalign), and
-  only upwards: the number of update steps per epoch was fixed when training began, so a
-  larger accumulation ends each epoch's data early (the leftover update steps find no data
-  and do nothing) while a smaller one would skip data. `max_steps` then counts steps that
-  may each see more examples; prefer `num_train_epochs`.
+- The Trainer builds its DataLoader once, so the per-device batch cannot change: the batch
+  moves through `gradient_accumulation_steps` (`AdaptiveAccumulation` from the noise,
+  `ScheduledAccumulation` from a plan's schedule). The loop (read in transformers 5.24)
+  reads it at every optimizer step, to gather that many micro-batches, but syncs and steps
+  when the epoch's micro-batch count is a multiple of it; so a new accumulation k starts at
+  the first step boundary where that count is a multiple of k (at once when k divides it,
+  at the latest at the next epoch's start). Elsewhere it would cut a window: switching 1 ->
+  2 at count 3 made a step of one micro-batch (tests/test_schedule_integrations.py).
+- Only upwards from the accumulation `train()` began with: the number of update steps per
+  epoch was fixed then, so a larger accumulation ends each epoch's data early (the leftover
+  update steps find no data and do nothing; epochs stay exact) while a smaller one would
+  leave the epoch's tail untrained. The epochs that `max_steps` implies, and the lr
+  scheduler's length, were fixed then too: a run given `max_steps` ends at the earlier of
+  those epochs and `max_steps` steps; prefer `num_train_epochs`.
 - The learning rate is set through the scheduler's base rates, so a multiplicative schedule
   (constant, linear, cosine with warm-up) keeps its shape around the new rate.
-- Single device: under DDP use `batchlab.integrations.ddp`.
+- `NoiseScaleCallback` and `AdaptiveAccumulation`: single device (under DDP use
+  `batchlab.integrations.ddp`). `ScheduledAccumulation` under DDP: rank 0 decides.
 """
 
 from __future__ import annotations
@@ -162,7 +173,27 @@ def unmeasurable_reason(accumulation_steps: int, max_grad_norm: float | None) ->
     )
 
 
-class AdaptiveAccumulation(TrainerCallback):
+class _EpochWindows(TrainerCallback):
+    """Counts the epoch's micro-batches, for the Trainer's window rule (module docstring):
+    a new accumulation k may start where `starts(k)`."""
+
+    _epoch_micro = 0
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self._epoch_micro = 0
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self._epoch_micro += 1
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._epoch_micro += 1
+
+    def starts(self, accumulation: int) -> bool:
+        """Whether an accumulation window of `accumulation` may start at this step boundary."""
+        return self._epoch_micro % accumulation == 0
+
+
+class AdaptiveAccumulation(_EpochWindows):
     """Grows `gradient_accumulation_steps` (and the learning rate) while the noise says
     larger batches pay.
 
@@ -175,7 +206,7 @@ class AdaptiveAccumulation(TrainerCallback):
     of E_min (McCandlish et al. 2018). So at each decision it aims at the efficient batch
     B ~= B_noise (`core.tradeoff.efficient_batch_size`) and grows the accumulation toward it,
     at most `max_growth`x per decision (B_simple is noisy and lags a growing value), applied
-    at the next epoch's start. The learning rate follows the AdaScale gain of the new batch
+    at the first step the Trainer allows (module docstring). The learning rate follows the AdaScale gain of the new batch
     (`lr_rule`, as in `batchlab.AdaptiveBatchSize`).
 
     Args:
@@ -227,15 +258,17 @@ class AdaptiveAccumulation(TrainerCallback):
         self.decisions = list(c.decisions)
         self._ratios = _base_lr_ratios(optimizer)
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        super().on_step_end(args, state, control)
         c = self.controller
         c.record_step(args.per_device_train_batch_size * args.gradient_accumulation_steps)
         if c.due(state.global_step):
             self.decisions.append(self.decide(state.global_step, self.noise.b_simple, args))
+        self._apply_pending(args, state, optimizer, lr_scheduler)
 
     def decide(self, step: int, b_simple: float | None, args) -> Decision:
-        """The accumulation from the next epoch on: toward B_noise, never down. A `switch` is
-        applied at the next epoch's start, unless a later decision in the epoch keeps."""
+        """The accumulation from the next step the Trainer allows on: toward B_noise, never
+        down. A `switch` waits for that step unless a later decision keeps or changes it."""
         c = self.controller
         micro, k = args.per_device_train_batch_size, args.gradient_accumulation_steps
         if b_simple is not None and math.isfinite(b_simple) and b_simple > 0:
@@ -267,9 +300,14 @@ class AdaptiveAccumulation(TrainerCallback):
         return decision
 
     def on_epoch_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
-        d, self._pending = self._pending, None
-        if d is None or self.controller is None:
+        super().on_epoch_begin(args, state, control)
+        self._apply_pending(args, state, optimizer, lr_scheduler)
+
+    def _apply_pending(self, args, state, optimizer, lr_scheduler) -> None:
+        d = self._pending
+        if d is None or self.controller is None or not self.starts(d.accumulation_steps):
             return
+        self._pending = None
         args.gradient_accumulation_steps = d.accumulation_steps
         self.controller.accumulation_steps = d.accumulation_steps
         self.controller.lr = d.lr
@@ -297,7 +335,7 @@ def _set_base_lr(optimizer, lr_scheduler, lr: float, ratios: list[float]) -> Non
         lr_scheduler.base_lrs = new
 
 
-class ScheduledAccumulation(TrainerCallback):
+class ScheduledAccumulation(_EpochWindows):
     """Runs a `BatchSchedule` (`batchlab plan`'s) in the Trainer through gradient accumulation.
 
         trainer = Trainer(model, args, train_dataset=ds,
@@ -335,7 +373,7 @@ class ScheduledAccumulation(TrainerCallback):
         self._accumulation: list[int] = []
         self._ratios: list[float] = []
         self._phase = -1
-        self._epochs = self._epoch_micro = self._micro_examples = self._num_examples = 0
+        self._epochs = self._micro_examples = self._num_examples = 0
 
     def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
         self._micro_examples = args.train_batch_size * max(1, args.world_size)
@@ -372,15 +410,12 @@ class ScheduledAccumulation(TrainerCallback):
         self._apply_due(args, state, optimizer, lr_scheduler)
 
     def on_epoch_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        super().on_epoch_begin(args, state, control)
         self._epochs += 1
-        self._epoch_micro = 0
         self._apply_due(args, state, optimizer, lr_scheduler)
 
-    def on_substep_end(self, args, state, control, **kwargs):
-        self._epoch_micro += 1
-
     def on_step_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
-        self._epoch_micro += 1
+        super().on_step_end(args, state, control)
         self._apply_due(args, state, optimizer, lr_scheduler)
 
     def _examples(self) -> int:
@@ -394,7 +429,7 @@ class ScheduledAccumulation(TrainerCallback):
         """Start the phase due for the next step, if the Trainer's window rule allows it now;
         rank 0 decides."""
         index = self.schedule.phase_index(state.global_step, self._examples())
-        if index != self._phase and self._epoch_micro % self._accumulation[index]:
+        if index != self._phase and not self.starts(self._accumulation[index]):
             index = self._phase  # wait for an aligned boundary
         if distributed():
             index = broadcast_from(index)
