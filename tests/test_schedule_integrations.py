@@ -160,6 +160,11 @@ def test_lightning_refuses_what_cannot_follow_a_schedule(tmp_path):
     assert err.value.param == "accumulate_grad_batches"
     assert "expected 1 with a schedule" in str(err.value) and "got 2" in str(err.value)
 
+    trainer = quiet_trainer([ScheduledBatchSize(ScheduleSampler(data, schedule))], epochs=1)
+    with pytest.raises(ConfigError) as err:  # a loader that does not draw from the sampler
+        trainer.fit(_lightning_module(collections.defaultdict(list)), DataLoader(data, 8))
+    assert "got a batch it did not hand out" in str(err.value)
+
 
 def test_a_bad_schedule_is_one_line_with_the_fix(tmp_path):
     from batchlab.integrations.schedule import ScheduleSampler
@@ -275,3 +280,19 @@ def test_hf_refuses_a_start_accumulation_above_a_phases(tmp_path):
     assert err.value.param == "gradient_accumulation_steps" and "\n" not in message
     assert "expected at most the smallest phase's accumulation, 1" in message
     assert "got 2; set it to 1, the first phase's" in message
+
+
+def test_a_resumed_sampler_continues_where_it_stopped():
+    from batchlab.integrations.schedule import ScheduleSampler
+
+    schedule = _schedule("examples", (0, 6, 3, 0.1), (20, 12, 4, 0.2))
+    run = ScheduleSampler(50, schedule, seed=3, align_accumulation=True)
+    for _ in range(5):
+        run.next_step()
+    resumed = ScheduleSampler(50, schedule, seed=3, align_accumulation=True)
+    resumed.load_state_dict(run.state_dict())
+    for _ in range(12):  # across the phase change and two epoch ends
+        (a, micro_a), (b, micro_b) = run.next_step(), resumed.next_step()
+        assert micro_a == micro_b and (a.step, a.lr, a.accumulation_steps) == (
+            b.step, b.lr, b.accumulation_steps
+        )

@@ -333,6 +333,13 @@ class ScheduledBatchSize(Callback):
         self._ratios = _lr_ratios(trainer.optimizers[0])
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self.sampler.handed_out:
+            raise ConfigError(
+                "`sampler`: expected the training DataLoader to draw from the ScheduleSampler "
+                "given to ScheduledBatchSize, got a batch it did not hand out; build the "
+                "loader as DataLoader(ds, batch_sampler=sampler)",
+                param="sampler",
+            )
         setting, first = self.sampler.handed_out.popleft()
         if not first:
             return

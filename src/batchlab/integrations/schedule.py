@@ -214,8 +214,21 @@ class ScheduleSampler(ResizableBatchSampler):
         return self.setting, micro
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "steps": self.steps, "examples": self.examples}
+        """Taken between optimizer steps (a step half handed out is not resumed)."""
+        return {
+            **super().state_dict(), "steps": self.steps, "examples": self.examples,
+            "epoch_micro": self._epoch_micro,
+            "phase": -1 if self.setting is None else self.setting.phase,
+        }  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.steps, self.examples = int(state["steps"]), int(state["examples"])
+        self._epoch_micro, self._counted_epoch = int(state["epoch_micro"]), self.epoch
+        self._left, index = 0, int(state["phase"])
+        if index >= 0:  # the phase in force (a phase waiting for its window keeps waiting)
+            phase = self.schedule.phases[index]
+            micro, accumulation = replica_split(phase, self.num_replicas)
+            self.setting = StepSetting(
+                self.steps, index, phase.batch_size, micro, accumulation, phase.lr
+            )
