@@ -156,7 +156,10 @@ def test_lightning_refuses_what_cannot_follow_a_schedule(tmp_path):
     sampler = ScheduleSampler(data, schedule)
     trainer = quiet_trainer([ScheduledBatchSize(sampler)], epochs=1, accumulate_grad_batches=2)
     with pytest.raises(ConfigError) as err:
-        trainer.fit(_lightning_module(collections.defaultdict(list)), DataLoader(data, batch_sampler=sampler))
+        trainer.fit(
+            _lightning_module(collections.defaultdict(list)),
+            DataLoader(data, batch_sampler=sampler),
+        )
     assert err.value.param == "accumulate_grad_batches"
     assert "expected 1 with a schedule" in str(err.value) and "got 2" in str(err.value)
 
@@ -173,8 +176,7 @@ def test_a_bad_schedule_is_one_line_with_the_fix(tmp_path):
     with pytest.raises(ConfigError) as err:
         ScheduleSampler(data, _schedule("step", (0, 8, 8, 0.1), (5, 64, 32, 0.2)))
     assert str(err.value) == (
-        "`schedule`: phase batch 64 is larger than the training set (40 examples); use at "
-        "most 40"
+        "`schedule`: phase batch 64 is larger than the training set (40 examples); use at most 40"
     )
     with pytest.raises(ConfigError) as err:
         ScheduleSampler(data, {"phases": []})
@@ -293,6 +295,5 @@ def test_a_resumed_sampler_continues_where_it_stopped():
     resumed.load_state_dict(run.state_dict())
     for _ in range(12):  # across the phase change and two epoch ends
         (a, micro_a), (b, micro_b) = run.next_step(), resumed.next_step()
-        assert micro_a == micro_b and (a.step, a.lr, a.accumulation_steps) == (
-            b.step, b.lr, b.accumulation_steps
-        )
+        assert micro_a == micro_b
+        assert (a.step, a.lr, a.accumulation_steps) == (b.step, b.lr, b.accumulation_steps)

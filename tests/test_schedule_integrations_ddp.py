@@ -94,9 +94,7 @@ def test_every_rank_follows_rank_0s_phase_at_every_step(tmp_path):
 
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    settings = [
-        [{k: v for k, v in s.items() if k != "indices"} for s in rank] for rank in ranks
-    ]
+    settings = [[{k: v for k, v in s.items() if k != "indices"} for s in rank] for rank in ranks]
     assert settings[0] == settings[1]  # the same batch, accumulation and lr every step
     # ...and it is rank 0's schedule: per replica 4 x 1, then 2 x 3 (the epoch of 60 ends
     # in step 7 with 4 left: one micro-batch of 2 each), then 10 x 1 from step 9 (epoch 1
