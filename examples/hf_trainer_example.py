@@ -3,7 +3,7 @@
 A tiny GPT-2 built from a config (no download) learns batchlab's charlm text, with the
 Trainer's defaults for clipping (max_grad_norm=1.0) and evaluation each epoch. While B_simple
 is above the batch, `AdaptiveAccumulation` grows `gradient_accumulation_steps` toward it at
-the next epoch's start (and the learning rate with the AdaScale gain).
+the first step the Trainer allows (and the learning rate with the AdaScale gain).
 
     python examples/hf_trainer_example.py --tiny
     python examples/hf_trainer_example.py --examples 4096 --epochs 4

@@ -362,7 +362,8 @@ class ScheduledAccumulation(_EpochWindows):
       accumulation makes end first; prefer `num_train_epochs`. The scheduler's length
       (warm-up, decay) is likewise counted at the start accumulation.
     - Samplers sized from the accumulation at the start (`group_by_length`'s) keep it.
-    Under DDP rank 0 decides each phase and broadcasts it (`integrations.ddp.broadcast_from`).
+    Under DDP rank 0 decides each phase and broadcasts it (`integrations.ddp.broadcast_from`;
+    tested in `ScheduleSampler`'s plain DDP loop, not under the Trainer).
     The limits go to the `batchlab` logger once, at INFO, when training begins.
     """
 
