@@ -106,6 +106,9 @@ def test_every_rank_follows_rank_0s_phase_at_every_step(tmp_path):
         + [(8, 12, [2, 2, 2], 0.2)]
         + [(9, 20, [10], 0.3), (10, 20, [10], 0.3), (11, 20, [4], 0.3), (12, 20, [10], 0.3)]
     )
-    # The ranks split each step's batch: together they see epoch 0 exactly once.
-    epoch0 = [i for rank in ranks for s in rank if s["step"] <= 7 for i in s["indices"]]
-    assert sorted(epoch0) == list(range(N))
+    # The ranks split each step's batch: together they see each epoch exactly once.
+    for first, last in ((1, 7), (8, 11)):
+        seen = [
+            i for rank in ranks for s in rank if first <= s["step"] <= last for i in s["indices"]
+        ]
+        assert sorted(seen) == list(range(N)), (first, last)
