@@ -43,6 +43,7 @@ import torch
 
 import batchlab
 from batchlab.planner.measure import PlanRefused
+from batchlab.sweep.analysis import analyze_sweep
 from batchlab.sweep.metrics import run_metrics
 from batchlab.sweep.runner import RunContext, _task_for, execute_run
 from batchlab.sweep.spec import RunSpec, SweepSpec
@@ -140,6 +141,8 @@ class PlanChoice:
     noise_examples: float | None
     reference_examples: float | None
     lr_check: str
+    critical_batch: float | None = None  # the plan's predicted B_bar, and its interval
+    critical_batch_ci: tuple[float, float] | None = None
 
 
 def run_plan(truth: Truth, b0: int, lr0: float, seed: int) -> PlanChoice:
@@ -159,10 +162,22 @@ def run_plan(truth: Truth, b0: int, lr0: float, seed: int) -> PlanChoice:
     choice = (b0, b0, lr0, 0) if plan.keep_reference else (
         rec.batch_size, rec.micro_batch_size, rec.lr, rec.warmup_steps
     )  # fmt: skip
+    outlook = plan.noise_outlook
     return PlanChoice(
         *choice, plan.verdict, plan.plan_seconds, cost.get("noise_examples"),
-        cost.get("reference_examples"), check,
+        cost.get("reference_examples"), check, plan.b_simple,
+        None if outlook is None else tuple(outlook.critical_batch_interval),
     )  # fmt: skip
+
+
+def sweep_b_crit(directories: str) -> tuple[float, tuple[float, float] | None] | None:
+    """B_crit (and its interval) that `batchlab sweep` fits to the LR-tuned ladder."""
+    records = [r for d in directories.split(",") for r in load_sweep(d)[1].records]
+    spec, _ = load_sweep(directories.split(",")[0])
+    fits = [g.fit for g in analyze_sweep(spec, records).groups if g.fit is not None]
+    if not fits:
+        return None
+    return fits[0].b_crit, None if fits[0].b_crit_ci is None else tuple(fits[0].b_crit_ci)
 
 
 def measure_config(task_name: str, b0: int, directory: str, plans: int) -> dict:
@@ -173,6 +188,7 @@ def measure_config(task_name: str, b0: int, directory: str, plans: int) -> dict:
     lr0 = truth.best_lr(b0)
     choices = [run_plan(truth, b0, lr0, seed) for seed in range(plans)]
     return {
+        "sweep_b_crit": sweep_b_crit(directory),
         "task": task_name,
         "task_ref": truth.spec.task_ref,
         "optimizer": truth.templates[b0][0].optimizer_family,
@@ -283,6 +299,29 @@ def render(results: list[dict]) -> str:
                 f"| {r['task']} | {r['b0']} | {c.verdict} | {c.lr_check or '-'} | {share} "
                 f"| {c.seconds:.1f} | {ref_s} |"
             )
+    lines += [
+        "",
+        "Predicted critical batch (issue 11 item 2: within 1.5x of the sweep's B_crit):",
+        "",
+        "| task | B0 | plan's critical batch, each plan (interval) | sweep B_crit (interval) "
+        "| median plan / sweep |",
+        "|---|---|---|---|---:|",
+    ]
+    for r in results:
+        preds = [p["choice"] for p in r["plans"] if p["choice"].critical_batch is not None]
+        truth = r.get("sweep_b_crit")
+        if not preds or truth is None:
+            continue
+        each = ", ".join(
+            f"{c.critical_batch:.0f}"
+            + (f" ({c.critical_batch_ci[0]:.0f}-{c.critical_batch_ci[1]:.0f})"
+               if c.critical_batch_ci else "")
+            for c in preds
+        )  # fmt: skip
+        b_crit, ci = truth
+        ci_s = f" ({ci[0]:.0f}-{ci[1]:.0f})" if ci else ""
+        ratio = statistics.median(c.critical_batch for c in preds) / b_crit
+        lines.append(f"| {r['task']} | {r['b0']} | {each} | {b_crit:.0f}{ci_s} | {ratio:.2f} |")
     lines += ["", "Time to target by batch (best LR at each, replayed seconds):", ""]
     for r in results:
         row = ", ".join(

@@ -26,6 +26,7 @@ from batchlab.history import History
 from batchlab.measure.noise import gradient_noise_scale
 from batchlab.measure.noise_run import NoiseRun, measure_noise
 from batchlab.tracking import GradientNoiseScaleTracker
+from batchlab.tracking.grad_norms import PRECONDITIONER_CAP, adam_preconditioner
 
 N = 256
 
@@ -285,6 +286,7 @@ def test_preconditioned_uses_adams_second_moments():
         if step == 1:
             v = [opt.state[p]["exp_avg_sq"] / (1 - 0.999) for p in model.parameters()]
             scale = [1 / (vi.sqrt() + 1e-8) for vi in v]
+            scale = [s.clamp(max=float(s.median()) * PRECONDITIONER_CAP) for s in scale]
 
             def pre_sq(idx, scale=scale):
                 grads = torch.autograd.grad(
@@ -305,6 +307,22 @@ def test_preconditioned_uses_adams_second_moments():
     pre = tracker.noise_scale().preconditioned
     assert pre is not None
     assert (pre.trace_sigma, pre.grad_norm_sq) == pytest.approx(expected, rel=1e-4)
+
+
+def test_preconditioner_caps_coordinates_adam_has_not_seen():
+    """A coordinate with v = 0 gets at most PRECONDITIONER_CAP x its tensor's median weight:
+    uncapped, 1/eps = 1e8 would make that one coordinate the whole noise scale."""
+    weight = nn.Parameter(torch.ones(4, 8))
+    opt = torch.optim.Adam([weight], lr=0.1)
+    grad = torch.ones(4, 8)
+    grad[0, 0] = 0.0  # this coordinate never sees a gradient: v = 0
+    weight.grad = grad
+    opt.step()
+    (pre,) = adam_preconditioner(opt, [weight])
+    seen = 1 / (1.0 + 1e-8)  # v_hat = 1 after bias correction
+    assert pre[1:].flatten().tolist() == pytest.approx([seen] * 24)
+    assert float(pre[0, 0]) == pytest.approx(PRECONDITIONER_CAP * seen)
+    assert 1 / (opt.state[weight]["exp_avg_sq"][0, 0].sqrt() + 1e-8) > 1e7  # what it was
 
 
 def test_non_finite_gradient_names_the_step():

@@ -164,13 +164,13 @@ def measure_noise(
         target: e.g. `val_acc>=0.85`: evaluate every `every` steps and stop once it is
             reached (the planner's noise phase follows the path to the target, no further).
         callbacks: extra TrainCallbacks (e.g. a progress bar).
-            preconditioned: for an Adam-like optimizer, the points are B_simple of the
-            preconditioned gradients g/(sqrt(v)+eps): the noise scale in the geometry Adam
-            steps in (two-batch only; the run says which it holds). Plain B_simple
-            otherwise. Exact per-example values on mnist1d-mlp (Adam) are 1.5-2x the plain
-            ones over the first 400 steps, but the live two-batch estimate of this metric
-            swings 10x between neighbouring points (coordinates with tiny v get huge
-            weights), so the plan does not use it (benchmarks/results/plan_regret.md).
+        preconditioned: for an Adam-like optimizer, the points are B_simple of the
+            preconditioned gradients g/(sqrt(v)+eps), the noise scale in the geometry Adam
+            steps in, with each tensor's weights capped at 10x its median
+            (`tracking.grad_norms.PRECONDITIONER_CAP`); two-batch only, and the run says
+            which it holds. Plain B_simple otherwise. The plan asks for it: exact full-data
+            values are 1.6-2x the plain ones on mnist1d-mlp and mnist1d-cnn
+            (benchmarks/preconditioned_noise.py).
 
     Raises NoiseEstimateError naming the step when a gradient becomes non-finite.
     """

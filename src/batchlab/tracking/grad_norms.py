@@ -12,6 +12,16 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+# Preconditioner weights are capped at this multiple of their tensor's median weight. Adam's
+# 1/(sqrt(v)+eps) reaches 6e4x the median on mnist1d-mlp (weights that almost never see a
+# gradient); one example touching such a coordinate made the exact full-data preconditioned
+# B_simple jump 300-3000x for one step, and the live EMA carried the jump for 100 steps. At a
+# cap of 10 the exact values lose those jumps and change by < 1% elsewhere (3 and 100 alike):
+# benchmarks/results/noise_tracking.md, "Adam-preconditioned".
+PRECONDITIONER_CAP = 10.0
+# The median is taken over at most this many evenly strided entries of a tensor.
+MEDIAN_SAMPLE = 1 << 16
+
 
 class MicroBatchNorms:
     """Norms of each micro-batch's contribution to `.grad`, and of the step's total.
@@ -122,6 +132,9 @@ def adam_preconditioner(
 ) -> list[torch.Tensor] | None:
     """1/(sqrt(v_hat)+eps) per parameter from an Adam-like optimizer's state, else None.
 
+    Each tensor's weights are capped at `PRECONDITIONER_CAP` times its median weight: the
+    coordinates Adam has (almost) never seen a gradient for would otherwise dominate the
+    noise scale whenever one example touches them.
     Detected from the state itself (`exp_avg_sq`, `step`), whatever the optimizer's class or
     how it was chosen: AdaptDL only applies its preconditioned noise scale on one code path.
     None before the first step (no second moment yet) or for other optimizers.
@@ -138,5 +151,12 @@ def adam_preconditioner(
         step = float(state["step"])
         beta2 = group.get("betas", (0.9, 0.999))[1]
         v_hat = v / (1 - beta2**step) if step > 0 else v
-        out.append(1.0 / (v_hat.sqrt() + group.get("eps", 1e-8)))
+        out.append(_capped(1.0 / (v_hat.sqrt() + group.get("eps", 1e-8))))
     return out
+
+
+def _capped(weights: torch.Tensor) -> torch.Tensor:
+    """`weights` clamped at PRECONDITIONER_CAP x their median (over a strided sample)."""
+    flat = weights.reshape(-1)
+    sample = flat[:: max(1, flat.numel() // MEDIAN_SAMPLE)]
+    return torch.minimum(weights, sample.median() * PRECONDITIONER_CAP)  # no host sync
