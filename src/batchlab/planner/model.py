@@ -268,12 +268,15 @@ def _step_seconds(m: Measurements, batch_size: int) -> tuple[int, int, float]:
     return micro, accum, step_time_model(m).step_seconds(micro, accum)
 
 
-def _step_interval(m: Measurements, batch_size: int, step_s: float) -> tuple[float, float]:
+def _step_interval(
+    m: Measurements, batch_size: int, step_s: float, *, of_median: bool = False
+) -> tuple[float, float]:
     """The step time's range, from the timing of the nearest measured ladder point, as a
-    ratio applied to `step_s`: the uncertainty of its median
-    (`core.step_time.median_step_interval`), or, where its windows ranged over more than
-    `CONTENTION_WINDOW_RATIO` (contended: a few windows stalled, not noise a median
-    averages out), the whole range of its windows."""
+    ratio applied to `step_s`: the range of its windows (what the gain intervals and the
+    safer-bet check state: conservative), or with `of_median` the uncertainty of its
+    median (`core.step_time.median_step_interval`: what tells two predictions apart),
+    except where its windows ranged over more than `CONTENTION_WINDOW_RATIO` (contended:
+    a few windows stalled, not noise a median averages out)."""
     points = [p for p in m.throughput if p.samples_per_s_low > 0 and p.samples_per_s_high > 0]
     if not points:
         return step_s, step_s
@@ -281,7 +284,7 @@ def _step_interval(m: Measurements, batch_size: int, step_s: float) -> tuple[flo
     contended = p.samples_per_s_high > CONTENTION_WINDOW_RATIO * p.samples_per_s_low
     fast, slow = median_step_interval(
         p.step_s, p.samples_per_s, p.samples_per_s_low, p.samples_per_s_high,
-        1 if contended else p.windows,
+        p.windows if of_median and not contended else 1,
     )  # fmt: skip
     return step_s * fast / p.step_s, step_s * slow / p.step_s
 
@@ -577,7 +580,7 @@ def _recommend_uncertain(
 def _time_range(m: Measurements, c: Candidate) -> tuple[float, float]:
     """The candidate's predicted time to target (relative: S(B)/S(B0) x step seconds) at
     the fast and slow ends of its step time's uncertainty, B_noise at its value."""
-    fast, slow = _step_interval(m, c.batch_size, c.step_s)
+    fast, slow = _step_interval(m, c.batch_size, c.step_s, of_median=True)
     return c.steps_factor * fast, c.steps_factor * slow
 
 
@@ -602,7 +605,7 @@ def _safest_batch(m: Measurements, step_times: dict[int, float], regrets: dict[i
     """The minimax-regret batch; where the timing cannot break a tie (regrets within the
     least's times its step time's uncertainty), B0 if it is tied, else the smallest."""
     least = min(regrets, key=lambda b: (regrets[b], b))
-    fast, slow = _step_interval(m, least, step_times[least])
+    fast, slow = _step_interval(m, least, step_times[least], of_median=True)
     slack = slow / fast
     tied = [b for b in regrets if regrets[b] <= regrets[least] * slack]
     b0 = m.reference_batch_size
@@ -613,7 +616,7 @@ def _robust_beats_b0(
     m: Measurements, pool: dict[int, float], robust: int, noise: _Noise, ref_step_s: float
 ) -> bool:
     """Whether `robust` is clearly the safer bet than B0 even when the timings favour B0:
-    its step time at the slow end of its uncertainty, B0's at the fast end. Timings too
+    its step time at the slow end of its measured spread, B0's at the fast end. Timings too
     noisy to tell the two apart keep B0."""
     b0 = m.reference_batch_size
     _, robust_slow = _step_interval(m, robust, pool[robust])
