@@ -117,13 +117,13 @@ class ThreadStarvedDevice(ContendedDevice):
     """Every step with several threads uniformly 200x slower (no spread to see), as the
     2-core VM at load 4 ran; its own thread check says so."""
 
-    def __init__(self, slowdown_seen: float) -> None:
+    def __init__(self, slowdown_seen: tuple[float, ...]) -> None:
         super().__init__(slowdown=1.0)
-        self.slowdown_seen = slowdown_seen
+        self.slowdown_seen = list(slowdown_seen)  # what each thread check finds, in turn
         self.threads_seen: set[int] = set()
 
     def thread_slowdown(self) -> float:
-        return self.slowdown_seen
+        return self.slowdown_seen.pop(0) if len(self.slowdown_seen) > 1 else self.slowdown_seen[0]
 
     def run(self, batch_size: int, count: int) -> float:
         self.threads_seen.add(torch.get_num_threads())
@@ -132,7 +132,14 @@ class ThreadStarvedDevice(ContendedDevice):
         return seconds * (200.0 if torch.get_num_threads() > 1 else 1.0)
 
 
-@pytest.mark.parametrize("seen, threads, note", [(300.0, {1}, True), (1.2, {2}, False)])
+@pytest.mark.parametrize(
+    "seen, threads, note",
+    [
+        ((300.0,), {1}, True),  # starved from the start: only a 1-thread ladder
+        ((1.2, 300.0), {1, 2}, True),  # starved while the ladder ran: timed again
+        ((1.2,), {2}, False),  # quiet: one ladder with the caller's threads
+    ],
+)
 def test_uniformly_slow_threads_are_timed_with_one_thread(monkeypatch, seen, threads, note):
     monkeypatch.setattr(torch, "get_num_threads", _fake_threads.get)
     monkeypatch.setattr(torch, "set_num_threads", _fake_threads.set)
@@ -142,7 +149,7 @@ def test_uniformly_slow_threads_are_timed_with_one_thread(monkeypatch, seen, thr
         tiny_task(n=1024), device="cpu", max_batch_size=256, check_alignment=False,
         time_budget=1e6, timer=device,
     )  # fmt: skip
-    assert device.threads_seen == threads  # one ladder, not two
+    assert device.threads_seen == threads
     assert any("small fixed workload ran 300x" in w for w in profile.warnings) == note
     assert _fake_threads.n == 2
     step = profile.points[0].step_s

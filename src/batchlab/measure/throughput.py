@@ -365,15 +365,16 @@ def _timed_steadily(
     if dev.type != "cpu" or threads == 1:
         points, findings, steps = measure(warnings)
         return points, findings, steps, warnings
-    ratio = slowdown() if slowdown is not None else 1.0
-    if ratio > CONTENTION_SLOWDOWN:
+    starved = _threads_starved(slowdown)
+    if starved:
         notes = list(warnings)
         points, findings, steps = _with_one_thread(measure, notes)
-        reason = f"a small fixed workload ran {ratio:.0f}x slower than with 1 thread"
-        notes.append(_one_thread_note(threads, reason, timing_contention(points)))
+        notes.append(_one_thread_note(threads, starved, timing_contention(points)))
         return points, findings, steps, notes
     points, findings, steps = measure(warnings)
-    contended = timing_contention(points)
+    # Contention that began while the ladder ran shows in its windows, or, when it slowed
+    # every window alike, in the thread check run again.
+    contended = timing_contention(points) or _threads_starved(slowdown)
     if not contended:
         return points, findings, steps, warnings
     notes = list(warnings)
@@ -385,6 +386,15 @@ def _timed_steadily(
     # several-thread medians are the worse of the two.
     notes.append(_one_thread_note(threads, contended, still))
     return again, again_findings, steps + again_steps, notes
+
+
+def _threads_starved(slowdown: Callable[[], float] | None) -> str | None:
+    """Why several threads look starved of cores (`step_timing.thread_slowdown` over
+    `CONTENTION_SLOWDOWN`), or None."""
+    ratio = slowdown() if slowdown is not None else 1.0
+    if ratio > CONTENTION_SLOWDOWN:
+        return f"a small fixed workload ran {ratio:.0f}x slower than with 1 thread"
+    return None
 
 
 def _with_one_thread(
