@@ -120,6 +120,40 @@ def timing_table(run: Run) -> str:
     return " ".join(cells)
 
 
+def what_moved(group: list[Run]) -> list[str]:
+    """Which quantities differ between the runs of one task and version, and by how much:
+    the predicted critical batch (the noise phase: the same seed should give the same),
+    the thread count the ladder was timed with, each ladder size's step time relative to
+    the smallest size's, and each candidate's predicted speed-up."""
+    plans = [json.loads(Path(r.json_path).read_text()) for r in group if r.batch_size is not None]
+    if len(plans) < 2:
+        return []
+    out = [
+        f"- B_noise (predicted critical batch): {sorted({round(p['b_simple'], 6) for p in plans})}"
+        f", interval {sorted({tuple(round(x, 3) for x in p['b_simple_interval']) for p in plans})}",
+        "- ladder timed with 1 thread (contended): "
+        + " ".join(str(any("re-timed with 1 thread" in w for w in p["probe"]["warnings"]))
+                   for p in plans),
+    ]  # fmt: skip
+    ladders = [
+        {q["batch_size"]: q["step_s"] for q in p["measurements"]["throughput"]} for p in plans
+    ]
+    sizes = sorted(set.intersection(*(set(t) for t in ladders)))
+    moved = []
+    for b in sizes[1:]:
+        rel = [t[b] / t[sizes[0]] for t in ladders]
+        moved.append(f"{b}:{max(rel) / min(rel):.2f}")
+    out.append(f"- step time / B={sizes[0]}'s, max/min over runs: {' '.join(moved)}")
+    speedups = []
+    for c in plans[0]["candidates"]:
+        b = c["batch_size"]
+        v = [x["predicted_speedup"] for p in plans for x in p["candidates"] if x["batch_size"] == b]
+        if len(v) == len(plans) and max(v) >= 0.5:
+            speedups.append(f"{b}:{min(v):.2f}-{max(v):.2f}")
+    out.append(f"- predicted speed-up over B0, min-max over runs: {' '.join(speedups)}")
+    return out
+
+
 def report(runs: list[Run], do_replay: bool) -> str:
     lines = []
     for (task, version), group in itertools.groupby(
@@ -150,6 +184,7 @@ def report(runs: list[Run], do_replay: bool) -> str:
             f"\nsame batch in {same} of {len(group)} (B={top}); "
             f"all within each other's intervals: {inside}"
         )
+        lines += what_moved(group)
         for r in group:
             lines.append(f"- run {r.index} verdict: {r.verdict}")
         for r in group:
