@@ -102,8 +102,9 @@ def median_step_interval(
     as one window does (its standard error is 1.25 sigma/sqrt(n); the range of 3-5
     windows spans about 2 sigma). So each end is the window range's, shrunk by sqrt(n) in
     log space (positive however wide the range): about one standard error of the median.
-    Measured on the loaded 2-core VM, repeated 1-thread ladders differed by 4-16% per
-    point where their windows spread 10-60% (benchmarks/results/plan_stability.md).
+    Measured on the loaded 2-core VM: over five plans of mnist1d-cnn, each size's median
+    relative to B=2's moved by 5-35% (max/min), where one plan's windows ranged 13-58%
+    (benchmarks/results/plan_stability.md).
     """
     if not (low > 0 and high > 0 and samples_per_s > 0) or windows < 1:
         return step_s, step_s

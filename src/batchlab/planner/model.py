@@ -268,22 +268,23 @@ def _step_seconds(m: Measurements, batch_size: int) -> tuple[int, int, float]:
     return micro, accum, step_time_model(m).step_seconds(micro, accum)
 
 
-def _step_interval(
-    m: Measurements, batch_size: int, step_s: float, *, of_median: bool = False
-) -> tuple[float, float]:
+def _step_interval(m: Measurements, batch_size: int, step_s: float) -> tuple[float, float]:
     """The step time's range, from the timing of the nearest measured ladder point, as a
-    ratio applied to `step_s`: the range of its windows (what the gain intervals and the
-    safer-bet check state: conservative), or with `of_median` the uncertainty of its
-    median (`core.step_time.median_step_interval`: what tells two predictions apart),
-    except where its windows ranged over more than `CONTENTION_WINDOW_RATIO` (contended:
-    a few windows stalled, not noise a median averages out)."""
+    ratio applied to `step_s`: the uncertainty of its median
+    (`core.step_time.median_step_interval`), or, where its windows ranged over more than
+    `CONTENTION_WINDOW_RATIO` (contended: a few windows stalled, not noise a median
+    averages out), the whole range of its windows.
+
+    Not the window range everywhere: the fastest and slowest of 3-5 windows are the most
+    volatile numbers of a ladder, and a gain interval or tie read from them flips between
+    identical plans (benchmarks/results/plan_stability.md)."""
     points = [p for p in m.throughput if p.samples_per_s_low > 0 and p.samples_per_s_high > 0]
     if not points:
         return step_s, step_s
     p = min(points, key=lambda p: abs(math.log(p.batch_size / batch_size)))
     fast, slow = median_step_interval(
         p.step_s, p.samples_per_s, p.samples_per_s_low, p.samples_per_s_high,
-        p.windows if of_median and not _contended_near(m, batch_size) else 1,
+        1 if _contended_near(m, batch_size) else p.windows,
     )  # fmt: skip
     return step_s * fast / p.step_s, step_s * slow / p.step_s
 
@@ -579,7 +580,7 @@ def _recommend_uncertain(
 def _time_range(m: Measurements, c: Candidate) -> tuple[float, float]:
     """The candidate's predicted time to target (relative: S(B)/S(B0) x step seconds) at
     the fast and slow ends of its step time's uncertainty, B_noise at its value."""
-    fast, slow = _step_interval(m, c.batch_size, c.step_s, of_median=True)
+    fast, slow = _step_interval(m, c.batch_size, c.step_s)
     return c.steps_factor * fast, c.steps_factor * slow
 
 
