@@ -13,6 +13,12 @@ B A, ...), so both see the same load.
 script (`build_plan` on the plan's own saved measurements): the decision rule compared on
 identical data, with the timing held fixed.
 
+`--jitter PLAN.json ...` measures the decision rule alone: it rebuilds each saved plan
+`--draws` times with every ladder median moved by a random factor exp(N(0, s)), s the
+point's own standard error of the median (log of its window range / (2 sqrt(windows))),
+and counts how often the most common batch comes out. Run it with each version's src on
+PYTHONPATH to compare rules on the same draws.
+
     .venv/bin/python benchmarks/plan_stability.py mnist1d-cnn mnist1d-mlp --runs 5 \\
         --src before=/tmp/before/src --src after=src --out /tmp/plan_stability
 """
@@ -154,6 +160,38 @@ def what_moved(group: list[Run]) -> list[str]:
     return out
 
 
+def jitter_agreement(path: str, draws: int, seed: int = 0) -> tuple[dict[int, int], int]:
+    """How often each batch is recommended when the plan's ladder medians are jittered
+    by their own standard errors (`draws` rebuilds), and the batch without jitter."""
+    import dataclasses
+    import math
+    import random
+
+    from batchlab.planner.model import Plan, build_plan
+
+    plan = Plan.load(path)
+    m = plan.measurements
+    rng = random.Random(seed)
+    counts: dict[int, int] = {}
+    for _ in range(draws):
+        points = []
+        for p in m.throughput:
+            sigma = math.log(p.samples_per_s_high / p.samples_per_s_low) / (2 * p.windows**0.5)
+            f = math.exp(rng.gauss(0.0, sigma))
+            points.append(dataclasses.replace(
+                p, step_s=p.step_s * f, samples_per_s=p.samples_per_s / f,
+                samples_per_s_low=p.samples_per_s_low / f,
+                samples_per_s_high=p.samples_per_s_high / f,
+            ))  # fmt: skip
+        rebuilt = build_plan(
+            dataclasses.replace(m, throughput=tuple(points)), lr_rule=plan.recommended.lr_rule,
+            target=plan.target, probe=plan.probe, noise=plan.noise,
+        )  # fmt: skip
+        b = rebuilt.recommended.batch_size
+        counts[b] = counts.get(b, 0) + 1
+    return counts, plan.recommended.batch_size
+
+
 def report(runs: list[Run], do_replay: bool) -> str:
     lines = []
     for (task, version), group in itertools.groupby(
@@ -203,10 +241,20 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("/tmp/plan_stability"))
     parser.add_argument("--replay", action="store_true", help="rebuild each decision here")
+    parser.add_argument("--jitter", nargs="+", default=[], metavar="PLAN.json")
+    parser.add_argument("--draws", type=int, default=50)
     argv = sys.argv[1:] if argv is None else argv
     cut = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:cut])
     extra = argv[cut + 1 :]  # after --: extra `batchlab plan` flags
+    if args.jitter:
+        total = modal = 0
+        for path in args.jitter:
+            counts, _ = jitter_agreement(path, args.draws)
+            total, modal = total + args.draws, modal + max(counts.values())
+            print(f"{path}: {dict(sorted(counts.items()))}")
+        print(f"most common batch in {modal} of {total} jittered rebuilds ({modal / total:.0%})")
+        return 0
     versions = [tuple(s.split("=", 1)) for s in args.src] or [("current", str(ROOT / "src"))]
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"# {' '.join(sys.argv)}")
