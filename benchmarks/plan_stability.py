@@ -249,11 +249,16 @@ def main(argv: list[str] | None = None) -> int:
     extra = argv[cut + 1 :]  # after --: extra `batchlab plan` flags
     if args.jitter:
         total = modal = 0
+        overall: dict[int, int] = {}
         for path in args.jitter:
             counts, _ = jitter_agreement(path, args.draws)
             total, modal = total + args.draws, modal + max(counts.values())
+            for b, n in counts.items():
+                overall[b] = overall.get(b, 0) + n
             print(f"{path}: {dict(sorted(counts.items()))}")
-        print(f"most common batch in {modal} of {total} jittered rebuilds ({modal / total:.0%})")
+        top = max(overall, key=overall.get)
+        print(f"each plan's most common batch in {modal} of {total} jittered rebuilds "
+              f"({modal / total:.0%}); B={top} over all plans in {overall[top]} ({overall[top] / total:.0%})")  # fmt: skip
         return 0
     versions = [tuple(s.split("=", 1)) for s in args.src] or [("current", str(ROOT / "src"))]
     args.out.mkdir(parents=True, exist_ok=True)
