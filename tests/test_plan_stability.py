@@ -5,8 +5,10 @@ one thread."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +19,7 @@ from test_plan_trust import ContendedDevice, _fake_threads
 from batchlab.core.step_time import median_step_interval
 from batchlab.measure.step_timing import thread_slowdown
 from batchlab.measure.throughput import ThroughputPoint, profile_throughput
-from batchlab.planner import build_plan
+from batchlab.planner import Measurements, build_plan
 
 B_NOISE = 400.0
 LADDER = (8, 16, 32, 64, 128, 256, 512, 1024)
@@ -164,3 +166,21 @@ def test_thread_slowdown_is_one_with_one_thread():
     finally:
         torch.set_num_threads(threads)
     assert torch.get_num_threads() == threads
+
+
+RECORDED = Path(__file__).parent / "data" / "mnist1d_cnn_ladders.json"
+
+
+def test_recorded_mnist1d_cnn_plans_agree():
+    """Three `batchlab plan mnist1d-cnn` runs on the loaded VM, bit-identical noise phases,
+    different ladders (two timed with 1 thread, one with 2 in a quiet moment). main's rule,
+    reading the fastest and slowest windows, kept B0 twice and switched once; on the
+    medians' uncertainty the three give one batch (benchmarks/results/plan_stability.md)."""
+    recorded = json.loads(RECORDED.read_text())
+    chosen = {}
+    for name, run in recorded.items():
+        m = Measurements.from_dict(run["measurements"])
+        plan = build_plan(m, lr_rule=run["lr_rule"], target=run["target"])
+        chosen[name] = (plan.recommended.batch_size, plan.keep_reference)
+    assert len(set(chosen.values())) == 1, chosen
+    assert next(iter(chosen.values())) == (256, False)
