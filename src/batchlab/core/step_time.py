@@ -91,6 +91,29 @@ class StepTimeModel(JsonResult):
         return batch / self.step_seconds(micro_batch_size, accumulation_steps, world_size)
 
 
+def median_step_interval(
+    step_s: float, samples_per_s: float, low: float, high: float, windows: int
+) -> tuple[float, float]:
+    """The fast and slow ends of a median step time's uncertainty, from its windows.
+
+    `step_s` is the median over `windows` timed windows whose samples/s ranged from `low`
+    to `high` around the median `samples_per_s`. The range of single windows is not the
+    uncertainty of their median: the median of n windows varies about 1/sqrt(n) as much
+    as one window does (its standard error is 1.25 sigma/sqrt(n); the range of 3-5
+    windows spans about 2 sigma). So each end is the window range's, shrunk by sqrt(n) in
+    log space (positive however wide the range): about one standard error of the median.
+    Measured on the loaded 2-core VM: over five plans of mnist1d-cnn, each size's median
+    relative to B=2's moved by 5-35% (max/min), where one plan's windows ranged 13-58%
+    (benchmarks/results/plan_stability.md).
+    """
+    if not (low > 0 and high > 0 and samples_per_s > 0) or windows < 1:
+        return step_s, step_s
+    shrink = 1 / math.sqrt(windows)
+    fast = step_s * (min(samples_per_s / high, 1.0)) ** shrink
+    slow = step_s * (max(samples_per_s / low, 1.0)) ** shrink
+    return fast, slow
+
+
 def fit_step_time(
     points: Sequence[tuple[int, int, float]],
     *,

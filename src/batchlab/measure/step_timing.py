@@ -78,6 +78,46 @@ def _step_clock(device: torch.device) -> Callable[[], float]:
     return time.perf_counter
 
 
+def thread_slowdown(rounds: int = 2, ops: int = 20) -> float:
+    """How many times slower a small fixed CPU workload runs with this process's torch
+    threads than the same work takes one thread (its CPU time); 1.0 with one thread.
+
+    On a quiet CPU several threads are never much slower than one. With other processes on
+    the cores, every parallel region waits for a thread the scheduler has not run yet:
+    on the 2-core VM at load 4, 20 128x128 matmuls took 330 ms with 2 threads and 0.9 ms
+    with 1, and the task's steps were uniformly ~200x slower, so the ladder's windows
+    agreed with each other and no spread showed it (benchmarks/results/plan_stability.md).
+    The least ratio over `rounds` alternations, so one stall on a quiet machine is not
+    read as contention. Costs a few milliseconds when quiet.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return 1.0
+    x = torch.randn(128, 128, generator=torch.Generator().manual_seed(0))
+
+    def run(count: int) -> None:
+        for _ in range(count):
+            torch.relu(torch.mm(x, x))
+
+    ratios = []
+    try:
+        for _ in range(rounds):
+            torch.set_num_threads(threads)
+            run(2)  # wake the thread pool
+            start = time.perf_counter()
+            run(ops)
+            several = time.perf_counter() - start
+            torch.set_num_threads(1)
+            run(2)
+            start = time.thread_time()
+            run(ops)
+            one = max(time.thread_time() - start, 1e-9)
+            ratios.append(several / one)
+    finally:
+        torch.set_num_threads(threads)
+    return min(ratios)
+
+
 def interleaved_rounds(
     timer: StepTimer,
     per_window: dict[int, int],

@@ -23,7 +23,13 @@ from batchlab.core.step_time import interpolate_step_seconds
 from batchlab.errors import ConfigError
 from batchlab.measure.memory import ProgressFn
 from batchlab.measure.state import preserve_training_state, release_memory
-from batchlab.measure.step_timing import StepTimer, TrainStepTimer, interleaved_rounds, warm_up
+from batchlab.measure.step_timing import (
+    StepTimer,
+    TrainStepTimer,
+    interleaved_rounds,
+    thread_slowdown,
+    warm_up,
+)
 from batchlab.results import JsonResult
 from batchlab.step import build_step, resolve_device
 from batchlab.task import Task
@@ -283,6 +289,9 @@ def profile_throughput(
             against their neighbours; rounding is recommended only where it measured faster.
         timer: what runs and times the steps (default: a `TrainStepTimer` on the task's
             model); a `StepTimer` that simulates a device makes the analysis testable.
+            On a CPU with several threads the real model's ladder is timed with one
+            thread when `step_timing.thread_slowdown` finds the threads contended; a
+            simulated timer may answer that check with its own `thread_slowdown()`.
 
     Every step is the engine's `TrainStep` on a model built from the task with `seed`;
     the caller's RNG state is untouched and memory is freed afterwards.
@@ -314,7 +323,9 @@ def profile_throughput(
         release_memory()  # the model and optimizer went with the helper's frame
         return timed
 
-    points, findings, steps, warnings = _timed_steadily(measure, warnings, dev)
+    # The thread check times this CPU: for the real model, or as a simulated timer says.
+    slowdown = thread_slowdown if timer is None else getattr(timer, "thread_slowdown", None)
+    points, findings, steps, warnings = _timed_steadily(measure, warnings, dev, slowdown)
     knee = find_knee(
         [p.batch_size for p in points], [p.samples_per_s for p in points], knee_fraction
     )
@@ -339,32 +350,80 @@ def _timed_steadily(
     measure: Callable[[list[str]], tuple[Sequence[ThroughputPoint], list, int]],
     warnings: list[str],
     dev: torch.device,
+    slowdown: Callable[[], float] | None = thread_slowdown,
 ) -> tuple[Sequence[ThroughputPoint], list, int, list[str]]:
-    """`measure(notes)` once; on a CPU whose several threads' timings look contended,
-    again with one thread, kept if steady. (points, findings, steps, warnings)."""
-    points, findings, steps = measure(warnings)
-    contended = timing_contention(points)
+    """`measure(notes)` with the caller's threads, or with one thread on a CPU whose
+    several threads are contended. (points, findings, steps, warnings).
+
+    Other processes on the cores: with several intra-op threads a step waits for the
+    slowest of them (100-500x slower under load on 2 cores, DESIGN.md). One thread is
+    slowed far less, and its windows are read as CPU time (`step_timing`). Contention is
+    seen before timing (`thread_slowdown`: uniformly slow steps show no spread) or in the
+    ladder's windows (`timing_contention`); the 1-thread ladder is then kept if steadier.
+    """
     threads = torch.get_num_threads()
-    if not contended or dev.type != "cpu" or threads == 1:
+    if dev.type != "cpu" or threads == 1:
+        points, findings, steps = measure(warnings)
         return points, findings, steps, warnings
-    # Other processes on the cores: with several intra-op threads a step waits for the
-    # slowest of them (100-500x slower under load 6 on 2 cores, DESIGN.md). One thread is
-    # slowed far less, and its windows are read as CPU time (`step_timing`).
+    starved = _threads_starved(slowdown)
+    if starved:
+        notes = list(warnings)
+        points, findings, steps = _with_one_thread(measure, notes)
+        notes.append(_one_thread_note(threads, starved, timing_contention(points)))
+        return points, findings, steps, notes
+    points, findings, steps = measure(warnings)
+    # Contention that began while the ladder ran shows in its windows, or, when it slowed
+    # every window alike, in the thread check run again.
+    contended = timing_contention(points) or _threads_starved(slowdown)
+    if not contended:
+        return points, findings, steps, warnings
     notes = list(warnings)
+    again, again_findings, again_steps = _with_one_thread(measure, notes)
+    still = timing_contention(again)
+    if still is not None and _worst_window_ratio(again) >= _worst_window_ratio(points):
+        return points, findings, steps + again_steps, warnings
+    # Keep the 1-thread CPU times when they are steadier, even if not clean: the contended
+    # several-thread medians are the worse of the two.
+    notes.append(_one_thread_note(threads, contended, still))
+    return again, again_findings, steps + again_steps, notes
+
+
+def _threads_starved(slowdown: Callable[[], float] | None) -> str | None:
+    """Why several threads look starved of cores (`step_timing.thread_slowdown` over
+    `CONTENTION_SLOWDOWN`), or None."""
+    ratio = slowdown() if slowdown is not None else 1.0
+    if ratio > CONTENTION_SLOWDOWN:
+        return f"a small fixed workload ran {ratio:.0f}x slower than with 1 thread"
+    return None
+
+
+def _with_one_thread(
+    measure: Callable[[list[str]], tuple[Sequence[ThroughputPoint], list, int]],
+    notes: list[str],
+) -> tuple[Sequence[ThroughputPoint], list, int]:
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        again, again_findings, again_steps = measure(notes)
+        return measure(notes)
     finally:
         torch.set_num_threads(threads)
-    if timing_contention(again) is not None:
-        return points, findings, steps + again_steps, warnings
-    notes.append(
+
+
+def _one_thread_note(threads: int, contended: str, still: str | None) -> str:
+    return (
         f"timings with {threads} threads looked contended ({contended}); re-timed with 1 "
         "thread by its CPU time, which time spent waiting for a core does not count: the "
         "step times are 1-thread times (train with torch.set_num_threads(1) on a busy "
-        "machine)"
+        "machine)" + ("" if still is None else f"; still contended ({still})")
     )
-    return again, again_findings, steps + again_steps, notes
+
+
+def _worst_window_ratio(points: Sequence[ThroughputPoint]) -> float:
+    """The largest ratio of fastest to slowest window samples/s over the ladder."""
+    return max(
+        (p.samples_per_s_high / p.samples_per_s_low for p in points if p.samples_per_s_low > 0),
+        default=1.0,
+    )
 
 
 def _sizes_to_time(

@@ -15,7 +15,7 @@ from batchlab.core.lr import TRAIN_LR_RULES, scale_lr, warmup_steps_for
 from batchlab.core.lr_choice import LrCheck
 from batchlab.core.optim import default_lr_rule
 from batchlab.core.schedule import ScheduleForecast
-from batchlab.core.step_time import StepTimeModel, fit_step_time
+from batchlab.core.step_time import StepTimeModel, fit_step_time, median_step_interval
 from batchlab.core.tradeoff import (
     efficient_batch_size,
     predicted_speedup,
@@ -27,7 +27,7 @@ from batchlab.errors import ConfigError
 from batchlab.measure.memory_fit import MemoryPoint
 from batchlab.measure.noise_run import NoisePoint, NoiseRun
 from batchlab.measure.probe import BATCHNORM_MIN_BATCH, ProbeResult
-from batchlab.measure.throughput import ThroughputPoint
+from batchlab.measure.throughput import CONTENTION_WINDOW_RATIO, ThroughputPoint
 from batchlab.planner.noise_path import NoiseOutlook, correlation_factor, noise_outlook
 from batchlab.planner.plan_file import check_plan_fields
 from batchlab.planner.trust import (
@@ -269,15 +269,24 @@ def _step_seconds(m: Measurements, batch_size: int) -> tuple[int, int, float]:
 
 
 def _step_interval(m: Measurements, batch_size: int, step_s: float) -> tuple[float, float]:
-    """The step time's range, from the timing spread of the nearest measured ladder point."""
+    """The step time's range, from the timing of the nearest measured ladder point, as a
+    ratio applied to `step_s`: the uncertainty of its median
+    (`core.step_time.median_step_interval`), or, where its windows ranged over more than
+    `CONTENTION_WINDOW_RATIO` (contended: a few windows stalled, not noise a median
+    averages out), the whole range of its windows.
+
+    Not the window range everywhere: the fastest and slowest of 3-5 windows are the most
+    volatile numbers of a ladder, and a gain interval or tie read from them flips between
+    identical plans (benchmarks/results/plan_stability.md)."""
     points = [p for p in m.throughput if p.samples_per_s_low > 0 and p.samples_per_s_high > 0]
     if not points:
         return step_s, step_s
     p = min(points, key=lambda p: abs(math.log(p.batch_size / batch_size)))
-    return (
-        step_s * p.samples_per_s / p.samples_per_s_high,
-        step_s * p.samples_per_s / p.samples_per_s_low,
-    )
+    fast, slow = median_step_interval(
+        p.step_s, p.samples_per_s, p.samples_per_s_low, p.samples_per_s_high,
+        1 if _contended_near(m, batch_size) else p.windows,
+    )  # fmt: skip
+    return step_s * fast / p.step_s, step_s * slow / p.step_s
 
 
 @dataclass(frozen=True)
@@ -491,11 +500,16 @@ def _candidates(m: Measurements, noise: _Noise, ref_step_s: float) -> list[Candi
 def _recommend_fastest(
     m: Measurements, candidates: list[Candidate], noise: _Noise, rule: str, ref_step_s: float
 ) -> tuple[Recommendation, str, bool]:
-    """The candidate with the least predicted time to target (the smaller batch on a tie),
-    unless its gain lies within its own interval. Then the minimax-regret batch over the
-    B_noise interval (`core.tradeoff.worst_case_regrets`) if B0's worst case is more than
-    `ROBUST_TOLERANCE` times its even with the timing spread in B0's favour
-    (`_robust_beats_b0`); else B0, and the verdict says so.
+    """The candidate with the least predicted time to target, unless its gain lies within
+    its own interval: then `_recommend_uncertain` (the safest bet over the B_noise
+    interval, or B0, and the verdict says which).
+
+    Candidates the timing cannot tell apart are one choice, made the same way every run:
+    of those whose predicted time lies within the timing uncertainty of the fastest
+    (`_timing_ties`) and whose own gain is clear, the smallest batch (the fewest examples
+    to the target: the noise model's own preference), and the verdict names the others.
+    An argmax over near-ties flips with a few percent of timing jitter (issue 14: two
+    identical plans gave B=64 and B=128).
 
     Only candidates the plan's own warnings do not reject compete (`untrusted_reason`):
     a batch whose step time is extrapolated past the ladder, or a BatchNorm micro-batch
@@ -503,56 +517,120 @@ def _recommend_fastest(
     """
     b0 = m.reference_batch_size
     trusted = [c for c in candidates if c.batch_size == b0 or untrusted_reason(m, c) is None]
-    fastest = max(trusted or candidates, key=lambda c: (c.predicted_speedup, -c.batch_size))
-    span = f"{fastest.speedup_low:.2f}-{fastest.speedup_high:.2f}x"
+    pool = trusted or candidates
+    best = max(pool, key=lambda c: (c.predicted_speedup, -c.batch_size))
+    if best.batch_size == b0 or best.speedup_low <= 1.0:
+        return _recommend_uncertain(m, pool, best, noise, rule, ref_step_s)
+    # A clear gain: the smallest batch that is as fast within the timing uncertainty and
+    # itself a clear gain (B0 never is: the best's range would then include no gain).
+    ties = [c for c in _timing_ties(m, pool, best) if c.speedup_low > 1.0]
+    chosen = min(ties, key=lambda c: c.batch_size)
+    span = f"{chosen.speedup_low:.2f}-{chosen.speedup_high:.2f}x"
     reason = (
         f"minimum predicted time to target among {len(candidates)} candidates: "
-        f"{fastest.predicted_speedup:.2f}x the reference B0={b0} (interval {span}; "
-        f"steps x{fastest.steps_factor:.2f}, step time x{fastest.step_s / ref_step_s:.2f})"
+        f"{chosen.predicted_speedup:.2f}x the reference B0={b0} (interval {span}; "
+        f"steps x{chosen.steps_factor:.2f}, step time x{chosen.step_s / ref_step_s:.2f})"
     )
-    if fastest.batch_size == b0 or fastest.speedup_low <= 1.0:
-        # The gain is uncertain. B0 is the safe answer only if it is a safe bet across the
-        # B_noise interval: a small B0 can be the worst one when B_noise may be large
-        # (dots from B0=32: B0 up to 9.5x the best, B=256 at most 1.75x).
-        pool = {c.batch_size: c.step_s for c in trusted or candidates}
-        regrets = worst_case_regrets(pool, noise.interval)
-        robust = min(regrets, key=lambda b: (regrets[b], b))
-        lo, hi = noise.interval
-        if robust != b0 and _robust_beats_b0(m, pool, robust, noise, ref_step_s):
-            verdict = (
-                f"use B={robust}: the gain is uncertain (B_noise {lo:.3g}-{hi:.3g}), and "
-                f"B={robust} is the safest bet: at worst {regrets[robust]:.2f}x the best "
-                f"batch's time over that interval, where B0={b0} could be {regrets[b0]:.2f}x"
-            )
-            rec = _recommend(m, robust, noise, rule, ref_step_s, {"batch_size": verdict})
-            return rec, verdict, False
-        verdict = (
-            f"keep B0={b0}: the reference batch is predicted fastest"
-            if fastest.batch_size == b0
-            else f"keep B0={b0}: the best predicted gain, {fastest.predicted_speedup:.2f}x at "
-            f"B={fastest.batch_size}, lies within its interval ({span}), which includes no gain"
-        )
-        rec = _recommend(m, b0, noise, rule, ref_step_s, {"batch_size": verdict})
-        return rec, verdict, True
     verdict = (
-        f"use B={fastest.batch_size}: predicted {fastest.predicted_speedup:.2f}x faster to the "
+        f"use B={chosen.batch_size}: predicted {chosen.predicted_speedup:.2f}x faster to the "
         f"target than B0={b0} (interval {span})"
     )
-    rec = _recommend(m, fastest.batch_size, noise, rule, ref_step_s, {"batch_size": reason})
+    if len(ties) > 1:
+        note = _tie_note(ties, best, chosen)
+        reason, verdict = f"{reason}; {note}", f"{verdict}; {note}"
+    rec = _recommend(m, chosen.batch_size, noise, rule, ref_step_s, {"batch_size": reason})
     return rec, verdict, False
+
+
+def _recommend_uncertain(
+    m: Measurements,
+    pool: list[Candidate],
+    best: Candidate,
+    noise: _Noise,
+    rule: str,
+    ref_step_s: float,
+) -> tuple[Recommendation, str, bool]:
+    """The gain is uncertain. B0 is the safe answer only if it is a safe bet across the
+    B_noise interval: a small B0 can be the worst one when B_noise may be large (dots from
+    B0=32: B0 up to 9.5x the best, B=256 at most 1.75x)."""
+    b0 = m.reference_batch_size
+    step_times = {c.batch_size: c.step_s for c in pool}
+    regrets = worst_case_regrets(step_times, noise.interval)
+    robust = min(regrets, key=lambda b: (regrets[b], b))
+    lo, hi = noise.interval
+    if robust != b0 and _robust_beats_b0(m, step_times, robust, noise, ref_step_s):
+        verdict = (
+            f"use B={robust}: the gain is uncertain (B_noise {lo:.3g}-{hi:.3g}), and "
+            f"B={robust} is the safest bet: at worst {regrets[robust]:.2f}x the best "
+            f"batch's time over that interval, where B0={b0} could be {regrets[b0]:.2f}x"
+        )
+        rec = _recommend(m, robust, noise, rule, ref_step_s, {"batch_size": verdict})
+        return rec, verdict, False
+    span = f"{best.speedup_low:.2f}-{best.speedup_high:.2f}x"
+    verdict = (
+        f"keep B0={b0}: the reference batch is predicted fastest"
+        if best.batch_size == b0
+        else f"keep B0={b0}: the best predicted gain, {best.predicted_speedup:.2f}x at "
+        f"B={best.batch_size}, lies within its interval ({span}), which includes no gain"
+    )
+    rec = _recommend(m, b0, noise, rule, ref_step_s, {"batch_size": verdict})
+    return rec, verdict, True
+
+
+def _time_range(m: Measurements, c: Candidate) -> tuple[float, float]:
+    """The candidate's predicted time to target (relative: S(B)/S(B0) x step seconds) at
+    the fast and slow ends of its step time's uncertainty, B_noise at its value."""
+    fast, slow = _step_interval(m, c.batch_size, c.step_s)
+    return c.steps_factor * fast, c.steps_factor * slow
+
+
+def _timing_ties(m: Measurements, pool: list[Candidate], best: Candidate) -> list[Candidate]:
+    """The candidates whose predicted time the timing cannot tell from the best's: their
+    time ranges (`_time_range`) overlap the best's. Always includes `best`."""
+    _, best_slow = _time_range(m, best)
+    return [c for c in pool if c is best or _time_range(m, c)[0] <= best_slow]
+
+
+def _tie_note(ties: list[Candidate], best: Candidate, chosen: Candidate) -> str:
+    """What the verdict says about candidates the timing could not tell apart."""
+    sizes = ", ".join(str(c.batch_size) for c in sorted(ties, key=lambda c: c.batch_size))
+    return (
+        f"B={sizes} are predicted within the timing uncertainty of the fastest "
+        f"(B={best.batch_size}, {best.predicted_speedup:.2f}x): the smallest of them is "
+        "taken, the fewest examples to the target"
+    )
 
 
 def _robust_beats_b0(
     m: Measurements, pool: dict[int, float], robust: int, noise: _Noise, ref_step_s: float
 ) -> bool:
-    """Whether `robust` is clearly the safer bet than B0 even when the timings favour B0:
-    its step time at the slow end of its measured spread, B0's at the fast end. Timings too
-    noisy to tell the two apart keep B0."""
+    """Whether `robust` is clearly the safer bet than B0: B0's worst case over the B_noise
+    interval more than `ROBUST_TOLERANCE` times its, on the median step times. Where the
+    timing of either is contended (windows over `CONTENTION_WINDOW_RATIO` apart), the
+    whole spread goes in B0's favour (robust at its slowest window, B0 at its fastest):
+    timings too noisy to tell the two apart keep B0.
+
+    Not the window ranges everywhere: they are the most volatile statistic of a ladder.
+    On mnist1d-cnn (B0=100) their extremes put this ratio at 0.79-1.25 over seven plans
+    with the same noise phase, on both sides of 1.1, where the medians gave 1.23-1.67
+    (benchmarks/results/plan_stability.md)."""
     b0 = m.reference_batch_size
-    _, robust_slow = _step_interval(m, robust, pool[robust])
-    b0_fast, _ = _step_interval(m, b0, ref_step_s)
-    regrets = worst_case_regrets({**pool, robust: robust_slow, b0: b0_fast}, noise.interval)
+    times = dict(pool)
+    if _contended_near(m, robust) or _contended_near(m, b0):
+        _, times[robust] = _step_interval(m, robust, pool[robust])
+        times[b0], _ = _step_interval(m, b0, ref_step_s)
+    regrets = worst_case_regrets(times, noise.interval)
     return regrets[b0] > ROBUST_TOLERANCE * regrets[robust]
+
+
+def _contended_near(m: Measurements, batch_size: int) -> bool:
+    """Whether the ladder point nearest `batch_size` had windows over
+    `CONTENTION_WINDOW_RATIO` apart (stalls, not noise a median averages out)."""
+    points = [p for p in m.throughput if p.samples_per_s_low > 0]
+    if not points:
+        return False
+    p = min(points, key=lambda p: abs(math.log(p.batch_size / batch_size)))
+    return p.samples_per_s_high > CONTENTION_WINDOW_RATIO * p.samples_per_s_low
 
 
 def untrusted_reason(m: Measurements, c: Candidate) -> str | None:

@@ -1,0 +1,186 @@
+"""Issue 14, item 7: a plan is stable. The same measurements up to timing jitter give the
+same batch; a clear timing difference still changes it; contended threads are timed with
+one thread."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_task
+from test_plan_model import measurements
+from test_plan_trust import ContendedDevice, _fake_threads
+
+from batchlab.core.step_time import median_step_interval
+from batchlab.measure.step_timing import thread_slowdown
+from batchlab.measure.throughput import ThroughputPoint, profile_throughput
+from batchlab.planner import Measurements, build_plan
+
+B_NOISE = 400.0
+LADDER = (8, 16, 32, 64, 128, 256, 512, 1024)
+SPREAD = 0.2  # each point's windows range over median / 1.2 .. median x 1.2
+
+
+def cpu_step_s(b: float) -> float:
+    """A CPU-like ladder: a fixed 1 ms, then ~linear past B=512 (as mnist1d-cnn here).
+    With B_noise = 400, time to target ~ (1 + 400/B)(1 + B/512): B=512 fastest, B=256
+    8% slower (a near-tie), B=128 45% slower."""
+    return 1e-3 * (1 + b / 512)
+
+
+def ladder(step_s, jitter: dict[int, float] | None = None, windows: int = 5):
+    """Points whose medians are `step_s(b)` times `jitter[b]`, windows spread by SPREAD."""
+    points = []
+    for b in LADDER:
+        t = step_s(b) * (jitter or {}).get(b, 1.0)
+        rate = b / t
+        points.append(
+            ThroughputPoint(b, rate, t, 2 * SPREAD, rate / (1 + SPREAD), rate * (1 + SPREAD),
+                            windows, 3)
+        )  # fmt: skip
+    return tuple(points)
+
+
+def plan_for(points):
+    m = measurements(ladder=LADDER, max_batch=1024, throughput=points)
+    return build_plan(m, b_simple=B_NOISE, lr_rule="linear")
+
+
+def test_the_reference_ladder_is_a_near_tie():
+    """The premise: on this ladder two or more batches lie within the timing uncertainty
+    of the fastest, so an argmax over them would follow the jitter."""
+    plan = plan_for(ladder(cpu_step_s))
+    ranked = sorted(plan.candidates, key=lambda c: -c.predicted_speedup)
+    assert ranked[1].predicted_speedup / ranked[0].predicted_speedup > 0.95
+    assert "within the timing uncertainty" in plan.verdict
+    assert plan.verdict.startswith(f"use B={plan.recommended.batch_size}:")
+
+
+def test_timing_jitter_within_the_spread_keeps_the_recommendation():
+    """Repeat-run jitter of the medians (here up to +-4%, inside one standard error of a
+    median of 5 windows spread +-20%: 8.5%) moves which batch is fastest, but not the
+    recommendation or its LR."""
+    base = plan_for(ladder(cpu_step_s))
+    rng = random.Random(0)
+    argmax_seen, chosen = set(), set()
+    for _ in range(40):
+        jitter = {b: math.exp(rng.uniform(-0.04, 0.04)) for b in LADDER}
+        plan = plan_for(ladder(cpu_step_s, jitter))
+        argmax_seen.add(max(plan.candidates, key=lambda c: c.predicted_speedup).batch_size)
+        chosen.add((plan.recommended.batch_size, plan.recommended.lr, plan.keep_reference))
+    assert len(argmax_seen) > 1  # the jitter does move the plain argmax
+    assert chosen == {(base.recommended.batch_size, base.recommended.lr, False)}
+
+
+def test_a_clear_timing_difference_still_changes_the_recommendation():
+    """Step times twice as slow from B=256 up are no tie: the plan moves to a smaller
+    batch, and stays there under the same jitter."""
+    base = plan_for(ladder(cpu_step_s)).recommended.batch_size
+    assert base == 256
+    slow = lambda b: cpu_step_s(b) * (2.0 if b >= 256 else 1.0)  # noqa: E731
+    plan = plan_for(ladder(slow))
+    assert plan.recommended.batch_size == 128
+    rng = random.Random(1)
+    for _ in range(20):
+        jitter = {b: math.exp(rng.uniform(-0.04, 0.04)) for b in LADDER}
+        again = plan_for(ladder(slow, jitter))
+        assert again.recommended.batch_size == plan.recommended.batch_size
+
+
+def test_gain_inside_the_timing_uncertainty_keeps_b0_in_plain_words():
+    """Windows spread +-250% (contended: the whole range is the interval), the gain lies
+    within it: the verdict says "keep B0" (issue 11, item 5), whatever the jitter."""
+    wide = lambda pts: tuple(  # noqa: E731
+        dataclasses.replace(p, samples_per_s_low=p.samples_per_s / 3.5,
+                            samples_per_s_high=p.samples_per_s * 3.5)
+        for p in pts
+    )  # fmt: skip
+    rng = random.Random(2)
+    for _ in range(10):
+        jitter = {b: math.exp(rng.uniform(-0.04, 0.04)) for b in LADDER}
+        plan = plan_for(wide(ladder(cpu_step_s, jitter)))
+        assert plan.keep_reference and plan.recommended.batch_size == 32
+        assert plan.verdict.startswith("keep B0=32")
+
+
+def test_median_interval_shrinks_the_window_range_by_root_n():
+    fast, slow = median_step_interval(1.0, 100.0, 100.0 / 1.44, 100.0 * 1.44, 4)
+    assert fast == pytest.approx(1 / 1.2) and slow == pytest.approx(1.2)
+    assert median_step_interval(1.0, 100.0, 50.0, 200.0, 1) == pytest.approx((0.5, 2.0))
+    assert median_step_interval(1.0, 100.0, 0.0, 200.0, 5) == (1.0, 1.0)
+
+
+class ThreadStarvedDevice(ContendedDevice):
+    """Every step with several threads uniformly 200x slower (no spread to see), as the
+    2-core VM at load 4 ran; its own thread check says so."""
+
+    def __init__(self, slowdown_seen: tuple[float, ...]) -> None:
+        super().__init__(slowdown=1.0)
+        self.slowdown_seen = list(slowdown_seen)  # what each thread check finds, in turn
+        self.threads_seen: set[int] = set()
+
+    def thread_slowdown(self) -> float:
+        return self.slowdown_seen.pop(0) if len(self.slowdown_seen) > 1 else self.slowdown_seen[0]
+
+    def run(self, batch_size: int, count: int) -> float:
+        self.threads_seen.add(torch.get_num_threads())
+        self.calls = 1  # never one of the every-third-call stalls
+        seconds = super().run(batch_size, count)
+        return seconds * (200.0 if torch.get_num_threads() > 1 else 1.0)
+
+
+@pytest.mark.parametrize(
+    "seen, threads, note",
+    [
+        ((300.0,), {1}, True),  # starved from the start: only a 1-thread ladder
+        ((1.2, 300.0), {1, 2}, True),  # starved while the ladder ran: timed again
+        ((1.2,), {2}, False),  # quiet: one ladder with the caller's threads
+    ],
+)
+def test_uniformly_slow_threads_are_timed_with_one_thread(monkeypatch, seen, threads, note):
+    monkeypatch.setattr(torch, "get_num_threads", _fake_threads.get)
+    monkeypatch.setattr(torch, "set_num_threads", _fake_threads.set)
+    _fake_threads.n = 2
+    device = ThreadStarvedDevice(seen)
+    profile = profile_throughput(
+        tiny_task(n=1024), device="cpu", max_batch_size=256, check_alignment=False,
+        time_budget=1e6, timer=device,
+    )  # fmt: skip
+    assert device.threads_seen == threads
+    assert any("small fixed workload ran 300x" in w for w in profile.warnings) == note
+    assert _fake_threads.n == 2
+    step = profile.points[0].step_s
+    assert step == pytest.approx(1e-3 + 2e-6 * profile.points[0].batch_size, rel=1e-6) or not note
+
+
+def test_thread_slowdown_is_one_with_one_thread():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert thread_slowdown() == 1.0
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads
+
+
+RECORDED = Path(__file__).parent / "data" / "mnist1d_cnn_ladders.json"
+
+
+def test_recorded_mnist1d_cnn_plans_agree():
+    """Three `batchlab plan mnist1d-cnn` runs on the loaded VM, bit-identical noise phases,
+    different ladders (two timed with 1 thread, one with 2 in a quiet moment). main's rule,
+    reading the fastest and slowest windows, kept B0 twice and switched once; on the
+    medians' uncertainty the three give one batch (benchmarks/results/plan_stability.md)."""
+    recorded = json.loads(RECORDED.read_text())
+    chosen = {}
+    for name, run in recorded.items():
+        m = Measurements.from_dict(run["measurements"])
+        plan = build_plan(m, lr_rule=run["lr_rule"], target=run["target"])
+        chosen[name] = (plan.recommended.batch_size, plan.keep_reference)
+    assert len(set(chosen.values())) == 1, chosen
+    assert next(iter(chosen.values())) == (256, False)
