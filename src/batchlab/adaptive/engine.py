@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -23,8 +24,10 @@ from batchlab.adaptive.controller import AdaptiveBatchSize, LrRule
 from batchlab.adaptive.noise_source import FixedNoise, NoiseSource
 from batchlab.adaptive.sampler import ResizableBatchSampler
 from batchlab.adaptive.throughput_model import FixedThroughput, ThroughputModel
+from batchlab.adaptive.trajectory_noise import TrajectoryNoise, plan_noise_points
 from batchlab.callbacks import RunState, TrainCallback
 from batchlab.core.checks import check_batch_size, check_lr, check_warmup_steps
+from batchlab.core.schedule import BatchSchedule
 from batchlab.core.step_time import StepTimeModel
 from batchlab.errors import ConfigError
 from batchlab.history import History
@@ -34,6 +37,7 @@ from batchlab.step import TrainStep, resolve_device
 from batchlab.target import Target, target_for_task
 from batchlab.task import Task
 from batchlab.tasks import load_task
+from batchlab.train import load_schedule
 
 NoiseArg = float | Callable[[int], float] | NoiseSource | None
 # On CUDA, timing a step needs synchronisation; time one step in this many.
@@ -61,11 +65,14 @@ def train_adaptive(
     eval_every: int | None = None,
     target: str | Target | None = None,
     callbacks: Sequence[TrainCallback] = (),
+    schedule: BatchSchedule | str | Path | None = None,
 ) -> History:
     """Train `task` with a batch size that follows the measured goodput; return its History.
 
-    It starts at the task's reference batch B0 and lr, and every `interval` optimizer steps
-    lets `AdaptiveBatchSize` pick the batch that maximises throughput x efficiency.
+    It starts at the task's reference batch B0 and lr (or at a plan's first schedule
+    phase), and every `interval` optimizer steps lets `AdaptiveBatchSize` pick the batch
+    that minimises (1 + B_noise/B) t(B), the plan's rule, with B_noise from `b_simple` and
+    t(B) from the step times it measures (`core.step_time`, the plan's model).
 
     Args:
         lr: learning rate at the reference batch (default: the task's).
@@ -88,8 +95,24 @@ def train_adaptive(
         eval_every: evaluate every `eval_every * B0` training examples (default: once a
             reference epoch, and at least ~20 times a run).
         target, amp, device, seed, callbacks: as in `batchlab.train`.
+        schedule: start from a plan's schedule and correct it online: a plan file
+            (`batchlab plan --json`), a schedule's JSON or a `BatchSchedule`. The run starts at
+            its first phase's batch and lr (the lr rule rescaled to give that lr there); with
+            a plan file and `b_simple=None`, B_noise is the plan's trajectory fit
+            (`TrajectoryNoise` with the plan's noise points as its prior) corrected by the
+            points this run measures, read at the current training loss; without the plan's
+            points, the same fit from this run's points only. `lr` must not be given.
     """
     task = load_task(task)
+    start = None
+    if schedule is not None:
+        if lr is not None:
+            raise ConfigError(
+                "`schedule` sets the starting lr (its first phase's); expected no `lr` with "
+                f"it, got {lr!r}; drop it",
+                param="lr",
+            )
+        schedule, start, b_simple = _plan_start(schedule, b_simple)
     base_lr = check_lr(task.lr if lr is None else lr)
     check_warmup_steps(warmup_steps)
     check_run_length(epochs, max_steps)
@@ -109,12 +132,31 @@ def train_adaptive(
         max_accumulation_steps=max_accumulation_steps,
         interval=interval,
         threshold=threshold,
+        start=start,
+        schedule=schedule,
     )
     tgt = target_for_task(target, task)
     dev = resolve_device(device)
     return run_training(
         task, policy, device=dev, amp=amp, seed=seed, target=tgt, callbacks=callbacks
     )
+
+
+def _plan_start(
+    schedule: BatchSchedule | str | Path, b_simple: NoiseArg
+) -> tuple[BatchSchedule, tuple[int, float, str], NoiseArg]:
+    """The schedule, the controller's start (its first phase) and the noise source: the
+    plan's trajectory, corrected online, unless `b_simple` says otherwise."""
+    prior: tuple = ()
+    if not isinstance(schedule, BatchSchedule):
+        prior = plan_noise_points(schedule)
+        schedule = load_schedule(schedule)
+    first = schedule.phases[0]
+    n = len(schedule.phases)
+    why = f"the plan's phase 1 of {n}, lr {first.lr:.4g}"
+    if b_simple is None:
+        b_simple = TrajectoryNoise(prior=prior)
+    return schedule, (first.batch_size, first.lr, why), b_simple
 
 
 def _max_batch_size(task: Task, max_batch_size: int | None) -> int:
@@ -213,6 +255,9 @@ class AdaptiveBatch(BatchPolicy):
         seed: seeds the sampler's permutations.
         lr_rule, memory_cap, max_batch_size, max_accumulation_steps, interval, threshold:
             the controller's settings, as in `train_adaptive`.
+        start: `(batch, lr, why)` to start from (a plan's first phase), not B0 and lr0.
+        schedule: the plan's schedule it started from: each decision's reason says which
+            batch the schedule has at that point, and the History keeps its phases.
     """
 
     loss_every_step = True  # no decision on a diverged model; on CUDA the timer syncs anyway
@@ -234,7 +279,11 @@ class AdaptiveBatch(BatchPolicy):
         max_accumulation_steps: int = 16,
         interval: int = 20,
         threshold: float = 0.05,
+        start: tuple[int, float, str] | None = None,
+        schedule: BatchSchedule | None = None,
     ) -> None:
+        self.start_at = start
+        self.schedule = schedule
         self.build_lr = self.base_lr = base_lr
         self.noise = noise
         self.callbacks = [noise] if isinstance(noise, TrainCallback) else []
@@ -260,11 +309,18 @@ class AdaptiveBatch(BatchPolicy):
         task = state.task
         if self.settings["max_batch_size"] is None:
             self.settings["max_batch_size"] = default_max_batch_size(task)
+        bounds = {}
+        if self.start_at is not None:  # the plan's first phase may lie outside B0..max
+            first = self.start_at[0]
+            bounds["min_batch_size"] = min(task.batch_size, first)
+            self.settings["max_batch_size"] = max(self.settings["max_batch_size"], first)
         self.controller = controller = AdaptiveBatchSize(
             task.batch_size,
             self.base_lr,
             optimizer=state.optimizer,
             throughput=self.throughput,
+            start=self.start_at,
+            **bounds,
             **self.settings,
         )
         state.step_fn.micro_batch_size = controller.micro_batch_size
@@ -342,7 +398,13 @@ class AdaptiveBatch(BatchPolicy):
         if not controller.due(state.step):
             return
         before = (controller.micro_batch_size, controller.accumulation_steps)
-        decision = controller.decide(state.step, self.noise.b_simple(state.step))
+        value = self.noise.b_simple(state.step)
+        describe = getattr(self.noise, "describe", None)
+        source = describe() if callable(describe) else type(self.noise).__name__
+        if self.schedule is not None:
+            phase = self.schedule.phase_index(state.step, state.examples)
+            source += f"; the plan has B={self.schedule.phases[phase].batch_size} here"
+        decision = controller.decide(state.step, value, source)
         after = (decision.micro_batch_size, decision.accumulation_steps)
         if after != before:
             state.step_fn.micro_batch_size = decision.micro_batch_size
@@ -362,7 +424,10 @@ class AdaptiveBatch(BatchPolicy):
             "batch_sizes": self.batch_sizes,
             "throughput_fit": self.throughput.fit().to_dict() if self.throughput.ready else None,
             "decisions": [d.to_dict() for d in controller.decisions],
+            "noise_source": type(self.noise).__name__,
         }
+        if self.schedule is not None:
+            adaptive["plan_schedule"] = self.schedule.to_dict()
         return BatchSummary(
             batch_size=controller.micro_batch_size,
             accumulation_steps=controller.accumulation_steps,

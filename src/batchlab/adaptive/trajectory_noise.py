@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 from batchlab.adaptive.measured_noise import MeasuredNoise
 from batchlab.callbacks import RunState
-from batchlab.core.trajectory import fit_noise_trajectory
+from batchlab.core.trajectory import NoiseTrajectory, fit_noise_trajectory
+from batchlab.errors import ConfigError
 from batchlab.measure.noise_run import NoisePoint
+from batchlab.results import FieldError, read_json_object
 
 
 class TrajectoryNoise(MeasuredNoise):
@@ -28,7 +31,8 @@ class TrajectoryNoise(MeasuredNoise):
             (`NoisePoint`s are accepted as they are); they stay in every fit.
         decay, split_every, record_every: as `MeasuredNoise`'s.
 
-    Until the fit has a point, it answers the tracker's own B_simple.
+    Until the fit has a point and a training loss was seen, it answers the tracker's own
+    B_simple. With a prior, the fit starts as the plan's (the same points, the same model).
     """
 
     def __init__(
@@ -46,6 +50,7 @@ class TrajectoryNoise(MeasuredNoise):
                     self.add_point(p.train_loss, p.b_simple, p.b_simple_ci)
             else:
                 self.add_point(*p)
+        self.num_prior = len(self.points)
         self._losses: list[float] = []  # losses since the tracker's last recorded point
         self.current_loss: float | None = None
 
@@ -66,10 +71,56 @@ class TrajectoryNoise(MeasuredNoise):
                 self.add_point(self.current_loss, point["b_simple"], point["b_simple_ci"])
             self._losses = []
 
-    def b_simple(self, step: int) -> float | None:
-        if not self.points or self.current_loss is None:
-            return super().b_simple(step)
-        fit = fit_noise_trajectory(
+    def fit(self) -> NoiseTrajectory | None:
+        """The trajectory through every point so far (prior and online); None without one."""
+        if not self.points:
+            return None
+        return fit_noise_trajectory(
             [p[0] for p in self.points], [p[1] for p in self.points], [p[2] for p in self.points]
         )
-        return fit.b_noise(self.current_loss)
+
+    def loss_now(self) -> float | None:
+        """The training loss the fit is read at: the mean since the tracker's last point,
+        else the mean over the window that point covered."""
+        if self._losses:
+            return sum(self._losses) / len(self._losses)
+        return self.current_loss
+
+    def b_simple(self, step: int) -> float | None:
+        fit, loss = self.fit(), self.loss_now()
+        if fit is None or loss is None:
+            return super().b_simple(step)
+        return fit.b_noise(loss)
+
+    def describe(self) -> str:
+        """Where the last `b_simple` came from, in a few words (for a decision's reason)."""
+        fit, loss = self.fit(), self.loss_now()
+        if fit is None or loss is None:
+            return super().describe()
+        prior = f", {self.num_prior} from the plan" if self.num_prior else ""
+        return (
+            f"trajectory fit {math.exp(fit.log_scale):.3g} L^{fit.exponent:.2f} over "
+            f"{fit.num_points} points{prior}, at loss {loss:.3g}"
+        )
+
+
+def plan_noise_points(path: str | Path) -> tuple[NoisePoint, ...]:
+    """The noise points a plan file measured (`measurements.noise`): the prior that makes
+    `TrajectoryNoise` start from the plan's own fit. A schedule's JSON has none: ()."""
+    remake = "make one with `batchlab plan TASK --json plan.json`"
+    data = read_json_object(path, "plan file", remake, param="schedule")
+    if "phases" in data:
+        return ()
+    points = data.get("measurements", {}).get("noise") if isinstance(data, dict) else None
+    if not isinstance(points, list):
+        raise ConfigError(
+            f"plan file {str(path)!r}: expected `measurements.noise` (a list of points), got "
+            f"{type(points).__name__}; {remake}",
+            param="schedule",
+        )
+    try:
+        return tuple(NoisePoint.from_dict(p) for p in points)
+    except (FieldError, TypeError) as exc:
+        raise ConfigError(
+            f"plan file {str(path)!r}: `measurements.noise` {exc}; {remake}", param="schedule"
+        ) from None
