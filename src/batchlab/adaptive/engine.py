@@ -113,6 +113,12 @@ def train_adaptive(
                 param="lr",
             )
         schedule, start, b_simple = _plan_start(schedule, b_simple)
+        if start[0] > task.num_train:
+            raise ConfigError(
+                f"`schedule`: first phase batch {start[0]} is larger than the training set of "
+                f"{task.name!r} ({task.num_train} examples); use at most {task.num_train}",
+                param="schedule",
+            )
     base_lr = check_lr(task.lr if lr is None else lr)
     check_warmup_steps(warmup_steps)
     check_run_length(epochs, max_steps)
