@@ -11,7 +11,6 @@ from conftest import tiny_task
 
 from batchlab.adaptive import TrajectoryNoise, train_adaptive
 from batchlab.adaptive.controller import AdaptiveBatchSize
-from batchlab.adaptive.throughput_model import FixedThroughput
 from batchlab.core.lr import adascale_gain
 from batchlab.core.schedule import BatchSchedule, SchedulePhase, fastest_batch
 from batchlab.core.step_time import StepTimeModel
@@ -114,8 +113,11 @@ def test_a_plan_file_starts_from_its_schedule_with_its_trajectory_as_the_prior(t
     "kwargs, match, param",
     [
         ({"lr": 0.1}, "`schedule` sets the starting lr", "lr"),
-        ({"schedule": BatchSchedule((SchedulePhase(0, 1024, 1024, 1, 0.1),))},
-         "first phase batch 1024 is larger than the training set", "schedule"),  # fmt: skip
+        (
+            {"schedule": BatchSchedule((SchedulePhase(0, 1024, 1024, 1, 0.1),))},
+            "first phase batch 1024 is larger than the training set",
+            "schedule",
+        ),  # fmt: skip
     ],
 )
 def test_train_adaptive_refuses_bad_combinations_in_one_line(kwargs, match, param):

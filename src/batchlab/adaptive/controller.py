@@ -176,18 +176,7 @@ class AdaptiveBatchSize:
         self.explore = explore
 
         self.lr_scale = 1.0  # the start's lr over the rule's at the start's batch
-        batch, why = self.min_batch_size, f"the reference batch B0 at lr {self.reference_lr:.4g}"
-        if start is not None:
-            batch, lr, why = start
-            if not self.min_batch_size <= check_batch_size(batch, what="start batch") <= (
-                self.max_batch_size
-            ):
-                raise ConfigError(
-                    f"start batch: expected {self.min_batch_size}-{self.max_batch_size} (the "
-                    f"min and max batch size), got {batch}; widen them or start elsewhere"
-                )
-            self.lr_scale = check_lr(lr, what="start lr") / self.lr_for(batch, None)
-        micro, accum = self._split(batch)
+        micro, accum, why = self._start(start)
         self.micro_batch_size = micro
         self.accumulation_steps = accum
         self.b_simple: float | None = None
@@ -197,10 +186,37 @@ class AdaptiveBatchSize:
         self.reference_examples = 0.0  # progress: sum of B * E(B) over steps
         self.decisions: list[Decision] = [
             Decision(
-                0, self.batch_size, micro, accum, self.lr, None, None, None, 1.0, "start",
-                f"start at B={self.batch_size} ({micro} x {accum}): {why}",
-            )  # fmt: skip
+                step=0,
+                batch_size=self.batch_size,
+                micro_batch_size=micro,
+                accumulation_steps=accum,
+                lr=self.lr,
+                b_simple=None,
+                predicted_goodput=None,
+                efficiency=None,
+                gain=1.0,
+                action="start",
+                reason=f"start at B={self.batch_size} ({micro} x {accum}): {why}",
+            )
         ]
+
+    def _start(self, start: tuple[int, float, str] | None) -> tuple[int, int, str]:
+        """The first (micro, accumulation) and why; sets `lr_scale` for a given start."""
+        if start is None:
+            micro, accum = self._split(self.min_batch_size)
+            return micro, accum, f"the reference batch B0 at lr {self.reference_lr:.4g}"
+        batch, lr, why = start
+        check_batch_size(batch, what="start batch")
+        if not self.min_batch_size <= batch <= self.max_batch_size:
+            raise ConfigError(
+                f"start batch: expected {self.min_batch_size}-{self.max_batch_size} (the "
+                f"min and max batch size), got {batch}; widen them or start elsewhere"
+            )
+        micro, accum = self._split(batch)
+        self.lr_scale = check_lr(lr, what="start lr") / self.lr_for(
+            micro * accum * self.world_size, None
+        )
+        return micro, accum, why
 
     # ----------------------------------------------------------------- formulas
     @property
@@ -359,7 +375,9 @@ class AdaptiveBatchSize:
                 b not in pairs or fit.step_seconds(m, a, world) < fit.step_seconds(*pairs[b], world)
             ):
                 pairs[b] = (m, a)
-        best_b = fastest_batch(b_simple, sorted(pairs), lambda b: fit.step_seconds(*pairs[b], world))
+        best_b = fastest_batch(
+            b_simple, sorted(pairs), lambda b: fit.step_seconds(*pairs[b], world)
+        )
         best = pairs[best_b]
         now = self.predicted_goodput(*current, b_simple, fit)
         best_goodput = self.predicted_goodput(*best, b_simple, fit)
