@@ -83,30 +83,35 @@ def test_an_online_fit_of_a_known_power_law_answers_its_value_at_the_current_los
     assert source.describe().startswith("trajectory fit 60 L^-1.50 over 10 points, at loss 0.5")
 
 
-def plan_file(tmp_path, *, schedule=True):
-    """A plan's JSON as far as `--adaptive --schedule` reads it: its schedule and noise."""
+def plan_file(tmp_path, *, schedule=True, lr_rule=None, scale=1.0):
+    """A plan's JSON as far as `--adaptive --schedule` reads it: its schedule, its LR
+    coupling and its noise points (on `scale` x the known trajectory)."""
     noise = [
-        {"step": 10 * i, "examples": 160 * i, "train_loss": loss, "b_simple": truth(loss),
-         "b_simple_ci": [truth(loss) / 1.3, truth(loss) * 1.3], "reliable": True}
+        {"step": 10 * i, "examples": 160 * i, "train_loss": loss, "b_simple": scale * truth(loss),
+         "b_simple_ci": [scale * truth(loss) / 1.3, scale * truth(loss) * 1.3], "reliable": True}
         for i, loss in enumerate([1.2, 1.1, 1.0, 0.9, 0.8], start=1)
     ]  # fmt: skip
     data = {"measurements": {"noise": noise}}
     if schedule:
-        data["schedule"] = {"schedule": PLAN.to_dict()}
+        data["schedule"] = {"schedule": PLAN.to_dict(), "lr_rule": lr_rule}
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(data))
     return path
 
 
-def test_a_plan_file_starts_from_its_schedule_with_its_trajectory_as_the_prior(tmp_path):
+def test_a_plan_file_starts_from_its_schedule_with_its_trajectory_and_lr_coupling(tmp_path):
     h = train_adaptive(
-        tiny_task(512), schedule=plan_file(tmp_path), throughput=STEP_TIME, interval=4,
-        max_steps=24, device="cpu", seed=0,
+        tiny_task(512), schedule=plan_file(tmp_path, lr_rule="linear", scale=20),
+        throughput=STEP_TIME, interval=4, max_steps=24, device="cpu", seed=0,
     )  # fmt: skip
     log = h.extras["adaptive"]
     assert log["noise_source"] == "TrajectoryNoise" and log["batch_sizes"][0] == 16
+    assert log["lr_rule"] == "linear"
     fitted = [d for d in log["decisions"] if d["b_simple"] is not None]
     assert fitted and all(", 5 from the plan, at loss" in d["reason"] for d in fitted)
+    assert {d["batch_size"] for d in log["decisions"]} != {16}  # it moved ...
+    for d in log["decisions"]:  # ... with the lr coupled as the plan did: 0.05 x B/16
+        assert d["lr"] == pytest.approx(0.05 * d["batch_size"] / 16)
 
 
 @pytest.mark.parametrize(

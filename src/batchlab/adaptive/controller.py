@@ -11,10 +11,15 @@ relative to B0 is
 
     goodput(b, k) = samples_per_second(b, k) * E(b * k * world_size)
 
-in reference-batch examples per second. At every `interval` optimizer steps the controller
-evaluates goodput over a ladder of batch sizes, splits each into the largest micro-batch the
-memory cap allows times the fewest accumulation steps, and switches only when the best
-beats the current choice by more than `threshold` (hysteresis: B_simple is noisy).
+in reference-batch examples per second. That is B0 (1 + B_noise/B0) / [(1 + B_noise/B) t(B)]
+with t(B) the step time, so the batch with the most goodput is the one that minimises
+(1 + B_noise/B) t(B): the plan's rule (`core.schedule.fastest_batch`, McCandlish et al.
+eq. 2.11), which the controller calls, with the same step-time model (`core.step_time`)
+fitted to the run's own timings and S(B)/S(B0) from `core.tradeoff`. At every `interval`
+optimizer steps it scores a ladder of batch sizes within `max_growth` of the current one,
+each split into the largest micro-batch the memory cap allows times the fewest accumulation
+steps, and switches only when the best beats the current choice by more than `threshold`
+(hysteresis: B_simple is noisy). Each `Decision` carries a one-line `reason`.
 
 The learning rate follows the AdaScale gain r = (B/B0) E(B) (Johnson et al. 2020) for
 SGD-like optimizers and sqrt(r) for Adam-like ones (as AdaptDL's AdamScale does: Adam's
@@ -40,6 +45,7 @@ from batchlab.core.lr import (
     check_lr_rule,
     efficiency,
     lr_from_gain,
+    scale_lr,
 )
 from batchlab.core.optim import default_lr_rule
 from batchlab.core.schedule import fastest_batch
@@ -78,7 +84,8 @@ class AdaptiveBatchSize:
         optimizer: the optimizer (instance, class or class name); picks the lr rule when
             `lr_rule="auto"`.
         lr_rule: `auto` (default), `adascale`, `sqrt-adascale`, `none`, or a function
-            `(lr0, gain) -> lr` given the AdaScale gain r.
+            `(lr0, gain) -> lr` given the AdaScale gain r; or `linear` / `sqrt`, the fixed
+            rules at the current batch (how a plan couples its schedule's LRs by default).
         max_micro_batch_size: the memory cap, in examples per micro-batch on one replica
             (e.g. `probe_memory(...).max_batch_size`). None: no cap.
         max_batch_size: the largest batch over all replicas (default 64 * B0).
@@ -245,6 +252,8 @@ class AdaptiveBatchSize:
         if callable(rule):
             lr = float(rule(lr0, r))
             return check_lr(lr, what="learning rate from the custom lr rule")
+        if rule in ("linear", "sqrt"):  # the fixed rules: B alone, as a plan couples its phases
+            return scale_lr(lr0, self.reference_batch_size, batch_size, rule)
         return lr_from_gain(lr0, r, rule)
 
     def predicted_goodput(

@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 
 from batchlab.adaptive.controller import AdaptiveBatchSize, LrRule
 from batchlab.adaptive.noise_source import FixedNoise, NoiseSource
+from batchlab.adaptive.plan_start import plan_start
 from batchlab.adaptive.sampler import ResizableBatchSampler
 from batchlab.adaptive.throughput_model import FixedThroughput, ThroughputModel
-from batchlab.adaptive.trajectory_noise import TrajectoryNoise, plan_noise_points
+from batchlab.adaptive.trajectory_noise import TrajectoryNoise
 from batchlab.callbacks import RunState, TrainCallback
 from batchlab.core.checks import check_batch_size, check_lr, check_warmup_steps
 from batchlab.core.schedule import BatchSchedule
@@ -37,7 +37,6 @@ from batchlab.step import TrainStep, resolve_device
 from batchlab.target import Target, target_for_task
 from batchlab.task import Task
 from batchlab.tasks import load_task
-from batchlab.train import load_schedule
 
 NoiseArg = float | Callable[[int], float] | NoiseSource | None
 # On CUDA, timing a step needs synchronisation; time one step in this many.
@@ -65,7 +64,7 @@ def train_adaptive(
     eval_every: int | None = None,
     target: str | Target | None = None,
     callbacks: Sequence[TrainCallback] = (),
-    schedule: BatchSchedule | str | Path | None = None,
+    schedule: object = None,
 ) -> History:
     """Train `task` with a batch size that follows the measured goodput; return its History.
 
@@ -79,7 +78,9 @@ def train_adaptive(
         epochs: run length in reference-batch epochs of progress (default: the task's).
         max_steps: stop after this many optimizer steps, whichever ends first.
         lr_rule: `auto` (AdaScale gain for SGD-like optimizers, its square root for
-            Adam-like), `adascale`, `sqrt-adascale`, `none`, or `(lr0, gain) -> lr`.
+            Adam-like; from a plan, the plan's coupling), `adascale`, `sqrt-adascale`,
+            `linear`, `sqrt` (the fixed rules at the current batch), `none`, or
+            `(lr0, gain) -> lr`.
         warmup_steps: linear warm-up of the learning rate over these optimizer steps.
         memory_cap: largest micro-batch that fits (examples), e.g. from `batchlab probe`;
             bigger batches use gradient accumulation. None: no cap.
@@ -96,12 +97,14 @@ def train_adaptive(
             reference epoch, and at least ~20 times a run).
         target, amp, device, seed, callbacks: as in `batchlab.train`.
         schedule: start from a plan's schedule and correct it online: a plan file
-            (`batchlab plan --json`), a schedule's JSON or a `BatchSchedule`. The run starts at
-            its first phase's batch and lr (the lr rule rescaled to give that lr there); with
-            a plan file and `b_simple=None`, B_noise is the plan's trajectory fit
-            (`TrajectoryNoise` with the plan's noise points as its prior) corrected by the
-            points this run measures, read at the current training loss; without the plan's
-            points, the same fit from this run's points only. `lr` must not be given.
+            (`batchlab plan --json`), a `Plan`, its `ScheduleForecast`, a schedule's JSON or
+            a `BatchSchedule` (`adaptive.plan_start`). The run starts at its first phase's
+            batch and lr (the lr rule rescaled to give that lr there); with a plan and
+            `b_simple=None`, B_noise is the plan's trajectory fit (`TrajectoryNoise` with the
+            plan's noise points as its prior) corrected by the points this run measures,
+            read at the current training loss (a bare schedule: this run's points only);
+            with `lr_rule="auto"` the LR follows the plan's coupling (`sqrt`/`linear`, or
+            AdaScale when the plan used it). `lr` must not be given.
     """
     task = load_task(task)
     start = None
@@ -112,7 +115,13 @@ def train_adaptive(
                 f"it, got {lr!r}; drop it",
                 param="lr",
             )
-        schedule, start, b_simple = _plan_start(schedule, b_simple)
+        begin = plan_start(schedule)
+        schedule, first = begin.schedule, begin.schedule.phases[0]
+        start = (first.batch_size, first.lr, begin.why())
+        if b_simple is None:  # the plan's trajectory, corrected by this run's points
+            b_simple = TrajectoryNoise(prior=begin.noise)
+        if lr_rule == "auto" and begin.lr_rule is not None:
+            lr_rule = begin.lr_rule  # couple the LR to the batch as the plan did
         if start[0] > task.num_train:
             raise ConfigError(
                 f"`schedule`: first phase batch {start[0]} is larger than the training set of "
@@ -146,23 +155,6 @@ def train_adaptive(
     return run_training(
         task, policy, device=dev, amp=amp, seed=seed, target=tgt, callbacks=callbacks
     )
-
-
-def _plan_start(
-    schedule: BatchSchedule | str | Path, b_simple: NoiseArg
-) -> tuple[BatchSchedule, tuple[int, float, str], NoiseArg]:
-    """The schedule, the controller's start (its first phase) and the noise source: the
-    plan's trajectory, corrected online, unless `b_simple` says otherwise."""
-    prior: tuple = ()
-    if not isinstance(schedule, BatchSchedule):
-        prior = plan_noise_points(schedule)
-        schedule = load_schedule(schedule)
-    first = schedule.phases[0]
-    n = len(schedule.phases)
-    why = f"the plan's phase 1 of {n}, lr {first.lr:.4g}"
-    if b_simple is None:
-        b_simple = TrajectoryNoise(prior=prior)
-    return schedule, (first.batch_size, first.lr, why), b_simple
 
 
 def _max_batch_size(task: Task, max_batch_size: int | None) -> int:

@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 from batchlab.adaptive.measured_noise import MeasuredNoise
 from batchlab.callbacks import RunState
 from batchlab.core.trajectory import NoiseTrajectory, fit_noise_trajectory
-from batchlab.errors import ConfigError
 from batchlab.measure.noise_run import NoisePoint
-from batchlab.results import FieldError, read_json_object
 
 
 class TrajectoryNoise(MeasuredNoise):
@@ -102,25 +99,3 @@ class TrajectoryNoise(MeasuredNoise):
             f"trajectory fit {math.exp(fit.log_scale):.3g} L^{fit.exponent:.2f} over "
             f"{fit.num_points} points{prior}, at loss {loss:.3g}"
         )
-
-
-def plan_noise_points(path: str | Path) -> tuple[NoisePoint, ...]:
-    """The noise points a plan file measured (`measurements.noise`): the prior that makes
-    `TrajectoryNoise` start from the plan's own fit. A schedule's JSON has none: ()."""
-    remake = "make one with `batchlab plan TASK --json plan.json`"
-    data = read_json_object(path, "plan file", remake, param="schedule")
-    if "phases" in data:
-        return ()
-    points = data.get("measurements", {}).get("noise") if isinstance(data, dict) else None
-    if not isinstance(points, list):
-        raise ConfigError(
-            f"plan file {str(path)!r}: expected `measurements.noise` (a list of points), got "
-            f"{type(points).__name__}; {remake}",
-            param="schedule",
-        )
-    try:
-        return tuple(NoisePoint.from_dict(p) for p in points)
-    except (FieldError, TypeError) as exc:
-        raise ConfigError(
-            f"plan file {str(path)!r}: `measurements.noise` {exc}; {remake}", param="schedule"
-        ) from None

@@ -27,7 +27,8 @@ LR_RULES: dict[str, str] = {
 TRAIN_LR_RULES = ("none", "linear", "sqrt", "adascale")  # `train` and `scale_lr`
 PLAN_LR_RULES = ("linear", "sqrt", "adascale")  # `plan` (None: auto)
 SWEEP_LR_RULES = ("auto", "none", "linear", "sqrt", "adascale", "tuned")
-ADAPTIVE_LR_RULES = ("auto", "adascale", "sqrt-adascale", "none")  # or (lr0, gain) -> lr
+# or (lr0, gain) -> lr; linear and sqrt: the fixed rules at the current batch (a plan's coupling)
+ADAPTIVE_LR_RULES = ("auto", "adascale", "sqrt-adascale", "linear", "sqrt", "none")
 
 
 def check_lr_rule(rule: object, accepted: tuple[str, ...], *, what: str = "lr_rule") -> str:
