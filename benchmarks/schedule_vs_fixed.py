@@ -12,9 +12,12 @@ For each task, in one run (so the ratios share the machine's load):
    on the factor-2 grid {1/2, 1, 2} x the family's rule (linear for SGD, sqrt for Adam);
    per batch the LR with the least median time is kept, and the best of those is "best
    fixed";
-4. the plan's schedule (`batchlab.train(task, schedule=...)`) and `train_adaptive`, with
-   its own B_simple and with `TrajectoryNoise` (the plan's trajectory model, the plan's
-   noise points as its prior, corrected online);
+4. the plan's schedule (`batchlab.train(task, schedule=...)`) and `train_adaptive`: with
+   its live B_simple (today's default; also with the LR coupled by the fixed rule instead of
+   AdaScale), with the trajectory model fitted online from its own points
+   (`TrajectoryNoise()`), and from the plan (`train_adaptive(task, schedule=plan)`, what
+   `--adaptive --schedule plan.json` runs: the first phase, the plan's trajectory corrected
+   online, the plan's LR coupling);
 each for every seed, until the target or an example budget. All runs evaluate on the
 `geometric` spacing (every step below 32, then at most 6.25% apart), the adaptive one every
 ~3% of the reference run's steps to target.
@@ -121,22 +124,22 @@ def bench_task(name: str, seeds: list[int], multipliers: list[float], lr_factors
             )  # fmt: skip
             rows.setdefault(label, []).append(h)
         ref_steps = third.step
-        # --adaptive today (the live tracker value); the same fitting the plan's trajectory
-        # model online from the run's own points (no plan); and --adaptive --schedule
-        # plan.json (the plan's first phase, its trajectory as the prior, corrected online).
+        # --adaptive today (the live tracker value, AdaScale-coupled LR); the same with the
+        # LR coupled by the plan's fixed rule; the trajectory model fitted online from the
+        # run's own points (no plan); and --adaptive --schedule plan.json (the plan's first
+        # phase, its trajectory as the prior, corrected online, its LR coupling).
         adaptive_runs = [
-            ("adaptive", None, None),
-            ("adaptive (online fit)", TrajectoryNoise(), None),
+            ("adaptive", None, None, "auto"),
+            (f"adaptive, lr rule {rule}", None, None, rule),
+            ("adaptive (online fit)", TrajectoryNoise(), None, "auto"),
         ]
         if plan.schedule is not None:
-            adaptive_runs.append((
-                "adaptive from plan", TrajectoryNoise(prior=plan.measurements.noise),
-                plan.schedule.schedule,
-            ))  # fmt: skip
-        for label, noise, start in adaptive_runs:
+            adaptive_runs.append(("adaptive from plan", None, plan, "auto"))
+        for label, noise, start, lr_rule in adaptive_runs:
             h = train_adaptive(
                 task, epochs=budget_epochs, device="cpu", seed=seed, target=target,
                 eval_every=max(1, ref_steps // 32), b_simple=noise, schedule=start,
+                lr_rule=lr_rule,
             )  # fmt: skip
             rows.setdefault(label, []).append(h)
     step_times = replay_step_times(task, rows)
@@ -275,15 +278,18 @@ def render(results: list[dict], seeds: list[int], seconds: float, command: str) 
         s2 = rows[best_rising]["replayed"] if best_rising else None
         s3 = all_reached(rows, "rising, AdaScale lr")
         a = all_reached(rows, "adaptive")
+        ar = all_reached(rows, f"adaptive, lr rule {r['rule']}")
         ao = all_reached(rows, "adaptive (online fit)")
         ap = all_reached(rows, "adaptive from plan")
-        goal_rows.append((r["task"], growth, *(ratio(x, b) for x in (s, s2, s3, a, ao, ap))))
+        cells = (s, s2, s3, a, ar, ao, ap)
+        goal_rows.append((r["task"], growth, *(ratio(x, b) for x in cells)))
         lines += [
             "",
             f"- schedule / best fixed: **{ratio(s, b)}** (rising, LR tuned like the fixed "
             f"batches: {ratio(s2, b)} with {best_rising}; rising with AdaScale lr: "
-            f"{ratio(s3, b)}); adaptive / best fixed: **{ratio(a, b)}** (online trajectory "
-            f"fit: {ratio(ao, b)}; from the plan's schedule and trajectory: {ratio(ap, b)}); "
+            f"{ratio(s3, b)}); adaptive / best fixed: **{ratio(a, b)}** (lr by the rule: "
+            f"{ratio(ar, b)}; online trajectory fit: {ratio(ao, b)}; from the plan's schedule "
+            f"and trajectory: {ratio(ap, b)}); "
             f"reference B (tuned LR) / best fixed: {ratio(rows[ref_label]['replayed'], b)}",
             "",
         ]
@@ -295,8 +301,9 @@ def render(results: list[dict], seeds: list[int], seconds: float, command: str) 
         "the target ('-' otherwise).",
         "",
         "| task | B_noise growth (fitted) | schedule / best fixed | rising, LR tuned | rising, "
-        "AdaScale lr | adaptive / best fixed | adaptive (online fit) | adaptive from plan |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "AdaScale lr | adaptive / best fixed | adaptive, lr by the rule | adaptive (online fit) "
+        "| adaptive from plan |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for task, growth, *cells in goal_rows:
         g = "-" if growth is None else f"x{growth:.1f}"
