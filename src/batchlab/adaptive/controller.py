@@ -397,7 +397,8 @@ class AdaptiveBatchSize:
             return "switch", best, best_goodput, gain, f"{said}, {gain - 1:+.0%} goodput"
         if best != current:
             said += f", {gain - 1:+.0%} goodput is under the {self.threshold:.0%} threshold"
-        return "keep", current, now, gain, f"keep {self.batch_size}: {said}"
+        kept = f"keep {self.batch_size} ({current[0]} x {current[1]})"
+        return "keep", current, now, gain, f"{kept}: {said}"
 
     def adopt(self, decision: Decision) -> None:
         """Take a decision made elsewhere (rank 0 under data parallelism) as this one's."""
