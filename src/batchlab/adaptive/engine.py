@@ -109,25 +109,7 @@ def train_adaptive(
     task = load_task(task)
     start = None
     if schedule is not None:
-        if lr is not None:
-            raise ConfigError(
-                "`schedule` sets the starting lr (its first phase's); expected no `lr` with "
-                f"it, got {lr!r}; drop it",
-                param="lr",
-            )
-        begin = plan_start(schedule)
-        schedule, first = begin.schedule, begin.schedule.phases[0]
-        start = (first.batch_size, first.lr, begin.why())
-        if b_simple is None:  # the plan's trajectory, corrected by this run's points
-            b_simple = TrajectoryNoise(prior=begin.noise)
-        if lr_rule == "auto" and begin.lr_rule is not None:
-            lr_rule = begin.lr_rule  # couple the LR to the batch as the plan did
-        if start[0] > task.num_train:
-            raise ConfigError(
-                f"`schedule`: first phase batch {start[0]} is larger than the training set of "
-                f"{task.name!r} ({task.num_train} examples); use at most {task.num_train}",
-                param="schedule",
-            )
+        schedule, start, b_simple, lr_rule = _from_plan(task, schedule, lr, b_simple, lr_rule)
     base_lr = check_lr(task.lr if lr is None else lr)
     check_warmup_steps(warmup_steps)
     check_run_length(epochs, max_steps)
@@ -155,6 +137,33 @@ def train_adaptive(
     return run_training(
         task, policy, device=dev, amp=amp, seed=seed, target=tgt, callbacks=callbacks
     )
+
+
+def _from_plan(
+    task: Task, source: object, lr: float | None, b_simple: NoiseArg, lr_rule: LrRule
+) -> tuple[BatchSchedule, tuple[int, float, str], NoiseArg, LrRule]:
+    """`train_adaptive(schedule=...)`: the schedule, the controller's start (its first
+    phase), the noise source (the plan's trajectory, corrected by this run's points, unless
+    `b_simple` says otherwise) and the lr rule (the plan's coupling unless one is given)."""
+    if lr is not None:
+        raise ConfigError(
+            "`schedule` sets the starting lr (its first phase's); expected no `lr` with "
+            f"it, got {lr!r}; drop it",
+            param="lr",
+        )
+    begin = plan_start(source)
+    first = begin.schedule.phases[0]
+    if first.batch_size > task.num_train:
+        raise ConfigError(
+            f"`schedule`: first phase batch {first.batch_size} is larger than the training "
+            f"set of {task.name!r} ({task.num_train} examples); use at most {task.num_train}",
+            param="schedule",
+        )
+    if b_simple is None:
+        b_simple = TrajectoryNoise(prior=begin.noise)
+    if lr_rule == "auto" and begin.lr_rule is not None:
+        lr_rule = begin.lr_rule
+    return begin.schedule, (first.batch_size, first.lr, begin.why()), b_simple, lr_rule
 
 
 def _max_batch_size(task: Task, max_batch_size: int | None) -> int:
