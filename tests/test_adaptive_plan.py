@@ -11,9 +11,10 @@ from conftest import tiny_task
 
 from batchlab.adaptive import TrajectoryNoise, train_adaptive
 from batchlab.adaptive.controller import AdaptiveBatchSize
+from batchlab.adaptive.throughput_model import ThroughputModel
 from batchlab.core.lr import adascale_gain
 from batchlab.core.schedule import BatchSchedule, SchedulePhase, fastest_batch
-from batchlab.core.step_time import StepTimeModel
+from batchlab.core.step_time import StepTimeModel, fit_step_time
 from batchlab.errors import ConfigError
 
 # A step costs 1 ms + 0.1 ms per example: the fixed cost makes big batches cheaper per example.
@@ -83,7 +84,10 @@ def test_an_online_fit_of_a_known_power_law_answers_its_value_at_the_current_los
     assert source.describe().startswith("trajectory fit 60 L^-1.50 over 10 points, at loss 0.5")
 
 
-def plan_file(tmp_path, *, schedule=True, lr_rule=None, scale=1.0):
+LADDER = (8, 16, 32, 64, 128)  # a plan's throughput ladder, timed at 1 ms + 0.1 ms/example
+
+
+def plan_file(tmp_path, *, schedule=True, lr_rule=None, scale=1.0, ladder=False):
     """A plan's JSON as far as `--adaptive --schedule` reads it: its schedule, its LR
     coupling and its noise points (on `scale` x the known trajectory)."""
     noise = [
@@ -92,6 +96,10 @@ def plan_file(tmp_path, *, schedule=True, lr_rule=None, scale=1.0):
         for i, loss in enumerate([1.2, 1.1, 1.0, 0.9, 0.8], start=1)
     ]  # fmt: skip
     data = {"measurements": {"noise": noise}}
+    if ladder:
+        data["measurements"]["throughput"] = [
+            {"batch_size": b, "step_s": STEP_TIME.step_seconds(b)} for b in LADDER
+        ]
     if schedule:
         data["schedule"] = {"schedule": PLAN.to_dict(), "lr_rule": lr_rule}
     path = tmp_path / "plan.json"
@@ -112,6 +120,32 @@ def test_a_plan_file_starts_from_its_schedule_with_its_trajectory_and_lr_couplin
     assert {d["batch_size"] for d in log["decisions"]} != {16}  # it moved ...
     for d in log["decisions"]:  # ... with the lr coupled as the plan did: 0.05 x B/16
         assert d["lr"] == pytest.approx(0.05 * d["batch_size"] / 16)
+
+
+def test_from_a_plan_the_first_decision_prices_batches_with_the_plans_step_time_model(tmp_path):
+    h = train_adaptive(
+        tiny_task(512), schedule=plan_file(tmp_path, ladder=True), b_simple=2000.0,
+        interval=4, max_steps=8, device="cpu", seed=0,
+    )  # fmt: skip
+    first = h.extras["adaptive"]["decisions"][1]  # no exploring: the plan timed the ladder
+    assert first["step"] == 4 and first["action"] == "switch"
+    assert "t(B) from the plan's throughput ladder" in first["reason"]
+    plan_model = fit_step_time([(b, 1, STEP_TIME.step_seconds(b)) for b in LADDER])
+    controller = AdaptiveBatchSize(8, 0.1, optimizer="SGD", max_batch_size=128, min_batch_size=8)
+    window = [m * a for m, a in controller.candidates() if 8 <= m * a <= 32]
+    assert first["batch_size"] == fastest_batch(2000.0, window, plan_model.step_seconds) == 32
+
+
+def test_the_plans_step_time_model_answers_until_the_run_timed_two_sizes():
+    plan_model = fit_step_time([(b, 1, STEP_TIME.step_seconds(b)) for b in LADDER])
+    timings = ThroughputModel(prior=plan_model)
+    assert timings.ready and timings.fit() is plan_model
+    for _ in range(3):
+        timings.observe_micro(16, 0.5)
+    assert timings.fit() is plan_model  # one size cannot pin a line
+    timings.observe_micro(32, 0.75)
+    assert timings.fit().micro_seconds(16) == pytest.approx(0.5)  # the run's own now
+    assert timings.source == "t(B) from this run's step times"
 
 
 @pytest.mark.parametrize(

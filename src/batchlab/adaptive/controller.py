@@ -391,7 +391,9 @@ class AdaptiveBatchSize:
         now = self.predicted_goodput(*current, b_simple, fit)
         best_goodput = self.predicted_goodput(*best, b_simple, fit)
         gain = best_goodput / now
-        said = f"B_noise {b_simple:.0f} ({source or 'given'}); fastest by (1 + B_noise/B) t(B) "
+        timing = self.throughput.source
+        said = f"B_noise {b_simple:.0f} ({source or 'given'}), {timing}; fastest by "
+        said += "(1 + B_noise/B) t(B) "
         said += f"of B {min(pairs)}-{max(pairs)}: {best_b} ({best[0]} x {best[1]})"
         if best != current and gain > 1 + self.threshold:
             return "switch", best, best_goodput, gain, f"{said}, {gain - 1:+.0%} goodput"

@@ -21,7 +21,7 @@ import torch
 
 from batchlab.adaptive.controller import AdaptiveBatchSize, LrRule
 from batchlab.adaptive.noise_source import FixedNoise, NoiseSource
-from batchlab.adaptive.plan_start import plan_start
+from batchlab.adaptive.plan_start import PlanStart, plan_start
 from batchlab.adaptive.sampler import ResizableBatchSampler
 from batchlab.adaptive.throughput_model import FixedThroughput, ThroughputModel
 from batchlab.adaptive.trajectory_noise import TrajectoryNoise
@@ -108,8 +108,11 @@ def train_adaptive(
     """
     task = load_task(task)
     start = None
+    prior = None
     if schedule is not None:
-        schedule, start, b_simple, lr_rule = _from_plan(task, schedule, lr, b_simple, lr_rule)
+        begin, b_simple, lr_rule = _from_plan(task, schedule, lr, b_simple, lr_rule)
+        first, schedule, prior = begin.schedule.phases[0], begin.schedule, begin.step_time
+        start = (first.batch_size, first.lr, begin.why())
     base_lr = check_lr(task.lr if lr is None else lr)
     check_warmup_steps(warmup_steps)
     check_run_length(epochs, max_steps)
@@ -117,7 +120,9 @@ def train_adaptive(
     policy = AdaptiveBatch(
         base_lr=base_lr,
         noise=_noise_source(b_simple),
-        throughput=ThroughputModel() if throughput is None else FixedThroughput(throughput),
+        throughput=ThroughputModel(prior=prior)
+        if throughput is None
+        else FixedThroughput(throughput),
         epochs=ref_epochs,
         max_steps=max_steps,
         warmup_steps=warmup_steps,
@@ -141,10 +146,11 @@ def train_adaptive(
 
 def _from_plan(
     task: Task, source: object, lr: float | None, b_simple: NoiseArg, lr_rule: LrRule
-) -> tuple[BatchSchedule, tuple[int, float, str], NoiseArg, LrRule]:
-    """`train_adaptive(schedule=...)`: the schedule, the controller's start (its first
-    phase), the noise source (the plan's trajectory, corrected by this run's points, unless
-    `b_simple` says otherwise) and the lr rule (the plan's coupling unless one is given)."""
+) -> tuple[PlanStart, NoiseArg, LrRule]:
+    """`train_adaptive(schedule=...)`: what the plan gives (its schedule, whose first phase
+    is the start, and its step-time model), the noise source (the plan's trajectory,
+    corrected by this run's points, unless `b_simple` says otherwise) and the lr rule (the
+    plan's coupling unless one is given)."""
     if lr is not None:
         raise ConfigError(
             "`schedule` sets the starting lr (its first phase's); expected no `lr` with "
@@ -163,7 +169,7 @@ def _from_plan(
         b_simple = TrajectoryNoise(prior=begin.noise)
     if lr_rule == "auto" and begin.lr_rule is not None:
         lr_rule = begin.lr_rule
-    return begin.schedule, (first.batch_size, first.lr, begin.why()), b_simple, lr_rule
+    return begin, b_simple, lr_rule
 
 
 def _max_batch_size(task: Task, max_batch_size: int | None) -> int:
