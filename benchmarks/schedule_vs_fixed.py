@@ -12,9 +12,12 @@ For each task, in one run (so the ratios share the machine's load):
    on the factor-2 grid {1/2, 1, 2} x the family's rule (linear for SGD, sqrt for Adam);
    per batch the LR with the least median time is kept, and the best of those is "best
    fixed";
-4. the plan's schedule (`batchlab.train(task, schedule=...)`) and `train_adaptive`, with
-   its own B_simple and with `TrajectoryNoise` (the plan's trajectory model, the plan's
-   noise points as its prior, corrected online);
+4. the plan's schedule (`batchlab.train(task, schedule=...)`) and `train_adaptive`: with
+   its live B_simple (today's default; also with the LR coupled by the fixed rule instead of
+   AdaScale), with the trajectory model fitted online from its own points
+   (`TrajectoryNoise()`), and from the plan (`train_adaptive(task, schedule=plan)`, what
+   `--adaptive --schedule plan.json` runs: the first phase, the plan's trajectory corrected
+   online, the plan's LR coupling);
 each for every seed, until the target or an example budget. All runs evaluate on the
 `geometric` spacing (every step below 32, then at most 6.25% apart), the adaptive one every
 ~3% of the reference run's steps to target.
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import os
 import statistics
 import sys
 import time
@@ -50,6 +54,7 @@ from batchlab.core.schedule import BatchSchedule
 from batchlab.planner.schedule import recommend_schedule
 
 RESULTS = Path(__file__).parent / "results" / "schedule_vs_fixed.md"
+LOAD_AT_START = os.getloadavg()[0]
 TASKS = ("dots", "digits-mlp", "mnist1d-mlp", "mnist1d-cnn")
 
 
@@ -119,13 +124,22 @@ def bench_task(name: str, seeds: list[int], multipliers: list[float], lr_factors
             )  # fmt: skip
             rows.setdefault(label, []).append(h)
         ref_steps = third.step
-        for label, noise in (
-            ("adaptive", None),
-            ("adaptive (trajectory)", TrajectoryNoise(prior=plan.measurements.noise)),
-        ):
+        # --adaptive today (the live tracker value, AdaScale-coupled LR); the same with the
+        # LR coupled by the plan's fixed rule; the trajectory model fitted online from the
+        # run's own points (no plan); and --adaptive --schedule plan.json (the plan's first
+        # phase, its trajectory as the prior, corrected online, its LR coupling).
+        adaptive_runs = [
+            ("adaptive", None, None, "auto"),
+            (f"adaptive, lr rule {rule}", None, None, rule),
+            ("adaptive (online fit)", TrajectoryNoise(), None, "auto"),
+        ]
+        if plan.schedule is not None:
+            adaptive_runs.append(("adaptive from plan", None, plan, "auto"))
+        for label, noise, start, lr_rule in adaptive_runs:
             h = train_adaptive(
                 task, epochs=budget_epochs, device="cpu", seed=seed, target=target,
-                eval_every=max(1, ref_steps // 32), b_simple=noise,
+                eval_every=max(1, ref_steps // 32), b_simple=noise, schedule=start,
+                lr_rule=lr_rule,
             )  # fmt: skip
             rows.setdefault(label, []).append(h)
     step_times = replay_step_times(task, rows)
@@ -148,7 +162,13 @@ def bench_task(name: str, seeds: list[int], multipliers: list[float], lr_factors
         "target_step": third.step, "plan": plan, "plan_seconds": plan_seconds,
         "b_noise_growth": growth, "measured_b_simple": measured, "rows": summary,
         "schedules": schedules, "noise_budget": budget,
-        "adaptive_path": avf._path(rows["adaptive"][0]),
+        "adaptive_paths": {
+            k: avf._path(v[0]) for k, v in rows.items() if k.startswith("adaptive")
+        },
+        "decisions": {
+            k: [d["reason"] for d in v[0].extras["adaptive"]["decisions"]]
+            for k, v in rows.items() if k.startswith("adaptive")
+        },
     }  # fmt: skip
 
 
@@ -181,8 +201,10 @@ def render(results: list[dict], seeds: list[int], seconds: float, command: str) 
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: 2-core CPU VM, no GPU, shared with other engineers (loaded while this ran); "
-        f"torch {torch.__version__}, 1 thread; {datetime.date.today()}; {seconds:.0f} s in all.",
+        f"Machine: 2-core CPU VM, no GPU, shared with other engineers (loaded while this ran: "
+        f"load average {LOAD_AT_START:.1f} at the start, {os.getloadavg()[0]:.1f} at the end); "
+        f"torch {torch.__version__}, 1 thread; "
+        f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; {seconds:.0f} s in all.",
         f"Seeds {seeds}; medians over seeds. Time = replayed training time to the target "
         "(interleaved re-timing of each run's steps; evaluation excluded); wall = the runs' own "
         "training clocks, which drift with the load. A fixed batch counts only when all seeds "
@@ -228,7 +250,11 @@ def render(results: list[dict], seeds: list[int], seconds: float, command: str) 
             f"B_simple in the noise phase {min(meas):.0f}-{max(meas):.0f}"
             if growth and meas
             else "- B_noise growth: not measured",
-            f"- adaptive batch path (seed {seeds[0]}): {r['adaptive_path']}",
+            *(f"- {k} batch path (seed {seeds[0]}): {v}" for k, v in r["adaptive_paths"].items()),
+            *(
+                f"- {k}, seed {seeds[0]}: first `{reasons[0]}`; last `{reasons[-1]}`"
+                for k, reasons in r["decisions"].items()
+            ),
             "",
             "| run | time (s) | wall (s) | steps | examples | reached |",
             "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -252,14 +278,18 @@ def render(results: list[dict], seeds: list[int], seconds: float, command: str) 
         s2 = rows[best_rising]["replayed"] if best_rising else None
         s3 = all_reached(rows, "rising, AdaScale lr")
         a = all_reached(rows, "adaptive")
-        at = all_reached(rows, "adaptive (trajectory)")
-        goal_rows.append((r["task"], growth, *(ratio(x, b) for x in (s, s2, s3, a))))
+        ar = all_reached(rows, f"adaptive, lr rule {r['rule']}")
+        ao = all_reached(rows, "adaptive (online fit)")
+        ap = all_reached(rows, "adaptive from plan")
+        cells = (s, s2, s3, a, ar, ao, ap)
+        goal_rows.append((r["task"], growth, *(ratio(x, b) for x in cells)))
         lines += [
             "",
             f"- schedule / best fixed: **{ratio(s, b)}** (rising, LR tuned like the fixed "
             f"batches: {ratio(s2, b)} with {best_rising}; rising with AdaScale lr: "
-            f"{ratio(s3, b)}); adaptive / best fixed: **{ratio(a, b)}** (with the plan's "
-            f"trajectory: {ratio(at, b)}); "
+            f"{ratio(s3, b)}); adaptive / best fixed: **{ratio(a, b)}** (lr by the rule: "
+            f"{ratio(ar, b)}; online trajectory fit: {ratio(ao, b)}; from the plan's schedule "
+            f"and trajectory: {ratio(ap, b)}); "
             f"reference B (tuned LR) / best fixed: {ratio(rows[ref_label]['replayed'], b)}",
             "",
         ]
@@ -271,8 +301,9 @@ def render(results: list[dict], seeds: list[int], seconds: float, command: str) 
         "the target ('-' otherwise).",
         "",
         "| task | B_noise growth (fitted) | schedule / best fixed | rising, LR tuned | rising, "
-        "AdaScale lr | adaptive / best fixed |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "AdaScale lr | adaptive / best fixed | adaptive, lr by the rule | adaptive (online fit) "
+        "| adaptive from plan |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for task, growth, *cells in goal_rows:
         g = "-" if growth is None else f"x{growth:.1f}"
@@ -286,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="ladder x{1,2,4}, one LR factor")
     parser.add_argument("--write", action="store_true", help=f"write {RESULTS}")
+    parser.add_argument("--out", type=Path, help="write the results here instead")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # the machine is shared; one thread keeps ratios stable
     seeds = list(range(args.seeds))
@@ -299,9 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/schedule_vs_fixed.py " + " ".join(argv or sys.argv[1:])
     text = render(results, seeds, time.perf_counter() - t0, command.strip())
     print(text)
-    if args.write:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(text + "\n")
+    if args.write or args.out:
+        out = args.out or RESULTS
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
     return 0
 
 

@@ -217,7 +217,7 @@ def test_cli_train_schedule_runs_and_saves_the_phases(capsys, tmp_path):
     "extra, match",
     [
         (["--batch-size", "8"], "--batch-size would be ignored: --schedule sets"),
-        (["--adaptive"], "--schedule would be ignored: --adaptive and --schedule"),
+        (["--adaptive", "--lr", "0.1"], "--lr would be ignored: --schedule sets the starting"),
     ],
 )
 def test_cli_train_schedule_refuses_conflicting_flags(capsys, tmp_path, extra, match):

@@ -11,10 +11,15 @@ relative to B0 is
 
     goodput(b, k) = samples_per_second(b, k) * E(b * k * world_size)
 
-in reference-batch examples per second. At every `interval` optimizer steps the controller
-evaluates goodput over a ladder of batch sizes, splits each into the largest micro-batch the
-memory cap allows times the fewest accumulation steps, and switches only when the best
-beats the current choice by more than `threshold` (hysteresis: B_simple is noisy).
+in reference-batch examples per second. That is B0 (1 + B_noise/B0) / [(1 + B_noise/B) t(B)]
+with t(B) the step time, so the batch with the most goodput is the one that minimises
+(1 + B_noise/B) t(B): the plan's rule (`core.schedule.fastest_batch`, McCandlish et al.
+eq. 2.11), which the controller calls, with the same step-time model (`core.step_time`)
+fitted to the run's own timings and S(B)/S(B0) from `core.tradeoff`. At every `interval`
+optimizer steps it scores a ladder of batch sizes within `max_growth` of the current one,
+each split into the largest micro-batch the memory cap allows times the fewest accumulation
+steps, and switches only when the best beats the current choice by more than `threshold`
+(hysteresis: B_simple is noisy). Each `Decision` carries a one-line `reason`.
 
 The learning rate follows the AdaScale gain r = (B/B0) E(B) (Johnson et al. 2020) for
 SGD-like optimizers and sqrt(r) for Adam-like ones (as AdaptDL's AdamScale does: Adam's
@@ -40,9 +45,12 @@ from batchlab.core.lr import (
     check_lr_rule,
     efficiency,
     lr_from_gain,
+    scale_lr,
 )
 from batchlab.core.optim import default_lr_rule
+from batchlab.core.schedule import fastest_batch
 from batchlab.core.step_time import StepTimeModel
+from batchlab.core.tradeoff import relative_steps
 from batchlab.errors import ConfigError
 from batchlab.results import JsonResult
 
@@ -63,6 +71,7 @@ class Decision(JsonResult):
     efficiency: float | None  # E(batch_size) relative to the reference batch
     gain: float  # predicted goodput of this choice / that of the previous one
     action: str  # start, keep, switch, explore (time a new micro-batch size at the same B)
+    reason: str = ""  # one line: what it used and why it chose this
 
 
 class AdaptiveBatchSize:
@@ -75,7 +84,8 @@ class AdaptiveBatchSize:
         optimizer: the optimizer (instance, class or class name); picks the lr rule when
             `lr_rule="auto"`.
         lr_rule: `auto` (default), `adascale`, `sqrt-adascale`, `none`, or a function
-            `(lr0, gain) -> lr` given the AdaScale gain r.
+            `(lr0, gain) -> lr` given the AdaScale gain r; or `linear` / `sqrt`, the fixed
+            rules at the current batch (how a plan couples its schedule's LRs by default).
         max_micro_batch_size: the memory cap, in examples per micro-batch on one replica
             (e.g. `probe_memory(...).max_batch_size`). None: no cap.
         max_batch_size: the largest batch over all replicas (default 64 * B0).
@@ -96,6 +106,9 @@ class AdaptiveBatchSize:
             own their data loader, e.g. the Hugging Face Trainer).
         fixed_accumulation_steps: only the micro-batch size may change (for trainers that
             cannot change accumulation mid-epoch, e.g. Lightning).
+        start: `(batch_size, lr, why)` to start from instead of (B0, lr0), e.g. a plan's first
+            schedule phase; the lr rule is then rescaled so that it gives `lr` at that batch
+            (a plan's LR-check correction carries over to every later decision).
     """
 
     def __init__(
@@ -118,6 +131,7 @@ class AdaptiveBatchSize:
         explore: bool = True,
         fixed_micro_batch_size: int | None = None,
         fixed_accumulation_steps: int | None = None,
+        start: tuple[int, float, str] | None = None,
     ) -> None:
         self.reference_batch_size = check_batch_size(reference_batch_size, what="reference batch")
         self.reference_lr = check_lr(reference_lr, what="reference lr")
@@ -168,7 +182,8 @@ class AdaptiveBatchSize:
         self.throughput = throughput if throughput is not None else ThroughputModel()
         self.explore = explore
 
-        micro, accum = self._split(self.min_batch_size)
+        self.lr_scale = 1.0  # the start's lr over the rule's at the start's batch
+        micro, accum, why = self._start(start)
         self.micro_batch_size = micro
         self.accumulation_steps = accum
         self.b_simple: float | None = None
@@ -177,8 +192,38 @@ class AdaptiveBatchSize:
         self.examples = 0
         self.reference_examples = 0.0  # progress: sum of B * E(B) over steps
         self.decisions: list[Decision] = [
-            Decision(0, self.batch_size, micro, accum, self.lr, None, None, None, 1.0, "start")
+            Decision(
+                step=0,
+                batch_size=self.batch_size,
+                micro_batch_size=micro,
+                accumulation_steps=accum,
+                lr=self.lr,
+                b_simple=None,
+                predicted_goodput=None,
+                efficiency=None,
+                gain=1.0,
+                action="start",
+                reason=f"start at B={self.batch_size} ({micro} x {accum}): {why}",
+            )
         ]
+
+    def _start(self, start: tuple[int, float, str] | None) -> tuple[int, int, str]:
+        """The first (micro, accumulation) and why; sets `lr_scale` for a given start."""
+        if start is None:
+            micro, accum = self._split(self.min_batch_size)
+            return micro, accum, f"the reference batch B0 at lr {self.reference_lr:.4g}"
+        batch, lr, why = start
+        check_batch_size(batch, what="start batch")
+        if not self.min_batch_size <= batch <= self.max_batch_size:
+            raise ConfigError(
+                f"start batch: expected {self.min_batch_size}-{self.max_batch_size} (the "
+                f"min and max batch size), got {batch}; widen them or start elsewhere"
+            )
+        micro, accum = self._split(batch)
+        self.lr_scale = check_lr(lr, what="start lr") / self.lr_for(
+            micro * accum * self.world_size, None
+        )
+        return micro, accum, why
 
     # ----------------------------------------------------------------- formulas
     @property
@@ -201,20 +246,26 @@ class AdaptiveBatchSize:
         return adascale_gain(batch_size, self.reference_batch_size, b_simple)
 
     def lr_for(self, batch_size: int, b_simple: float | None) -> float:
+        """The lr rule at the AdaScale gain of `batch_size`, times the start's `lr_scale`."""
         r = self.gain(batch_size, b_simple)
-        rule = self.lr_rule
+        rule, lr0 = self.lr_rule, self.reference_lr * self.lr_scale
         if callable(rule):
-            lr = float(rule(self.reference_lr, r))
+            lr = float(rule(lr0, r))
             return check_lr(lr, what="learning rate from the custom lr rule")
-        return lr_from_gain(self.reference_lr, r, rule)
+        if rule in ("linear", "sqrt"):  # the fixed rules: B alone, as a plan couples its phases
+            return scale_lr(lr0, self.reference_batch_size, batch_size, rule)
+        return lr_from_gain(lr0, r, rule)
 
     def predicted_goodput(
         self, micro_batch_size: int, accumulation_steps: int, b_simple: float, fit: StepTimeModel
     ) -> float:
-        """Reference-batch examples per second: throughput(B) * E(B)."""
-        rate = fit.samples_per_second(micro_batch_size, accumulation_steps, self.world_size)
+        """Reference-batch examples per second: throughput(B) * E(B), which is
+        B0 / [S(B)/S(B0) * t(B)] with S(B) from McCandlish et al. eq. 2.11
+        (`core.tradeoff.relative_steps`): the inverse of the plan's cost per stretch."""
+        seconds = fit.step_seconds(micro_batch_size, accumulation_steps, self.world_size)
         batch = micro_batch_size * accumulation_steps * self.world_size
-        return rate * self.efficiency(batch, b_simple)
+        steps = relative_steps(batch, self.reference_batch_size, b_simple)
+        return self.reference_batch_size / (steps * seconds)
 
     # ----------------------------------------------------------------- candidates
     def _split(self, batch_size: int) -> tuple[int, int]:
@@ -265,16 +316,21 @@ class AdaptiveBatchSize:
         """Whether `step` (optimizer steps done) is a decision point."""
         return step > 0 and step % self.interval == 0
 
-    def decide(self, step: int, b_simple: float | None) -> Decision:
+    def decide(self, step: int, b_simple: float | None, source: str = "") -> Decision:
         """Re-plan at an optimizer-step boundary; returns (and logs) the choice from step + 1.
 
         `b_simple` is the smoothed noise scale now (None or non-finite: no estimate yet, so
-        the batch stays where it is).
+        the batch stays where it is); `source` says in a few words where it came from, for
+        the decision's one-line `reason`. The choice is the plan's (`core.schedule.
+        fastest_batch`): the batch within `max_growth` of the current one that minimises
+        (1 + B_noise/B) t(B), taken only when its goodput gain clears `threshold`.
         """
         if b_simple is not None and not (math.isfinite(b_simple) and b_simple > 0):
             b_simple = None
         if b_simple is not None:
             self.b_simple = b_simple
+        elif self.b_simple is not None:
+            source = "the last estimate"
         b_simple = self.b_simple
         current = (self.micro_batch_size, self.accumulation_steps)
         action, choice, goodput, gain = "keep", current, None, 1.0
@@ -285,21 +341,17 @@ class AdaptiveBatchSize:
         )
         if not (self.throughput.ready or fixed_micro_timed):
             explore = self._exploration() if self.explore else None
+            reason = "keep: one micro-batch size timed and no other to time at this batch"
             if explore is not None:
                 action, choice = "explore", explore
-        elif b_simple is not None:
-            fit = self.throughput.fit(allow_single=fixed_micro_timed)
-            now = self.predicted_goodput(*current, b_simple, fit)
-            low, high = self.batch_size / self.max_growth, self.batch_size * self.max_growth
-            scored = [
-                (self.predicted_goodput(m, a, b_simple, fit), (m, a))
-                for m, a in self.candidates()
-                if low <= m * a * self.world_size <= high
-            ]
-            best_goodput, best = max(scored + [(now, current)])
-            goodput, gain = now, best_goodput / now
-            if best != current and gain > 1 + self.threshold:
-                action, choice, goodput = "switch", best, best_goodput
+                reason = (
+                    f"time micro-batch {explore[0]} x {explore[1]} at the same B: the "
+                    "step-time model needs two micro-batch sizes"
+                )
+        elif b_simple is None:
+            reason = "keep: no B_noise estimate yet"
+        else:
+            action, choice, goodput, gain, reason = self._choose(current, b_simple, source)
         self.micro_batch_size, self.accumulation_steps = choice
         self.lr = self.lr_for(self.batch_size, b_simple)
         decision = Decision(
@@ -313,9 +365,42 @@ class AdaptiveBatchSize:
             efficiency=None if b_simple is None else self.efficiency(self.batch_size, b_simple),
             gain=gain,
             action=action,
+            reason=reason,
         )
         self.decisions.append(decision)
         return decision
+
+    def _choose(
+        self, current: tuple[int, int], b_simple: float, source: str
+    ) -> tuple[str, tuple[int, int], float, float, str]:
+        """(action, choice, its goodput, gain over the current one, reason) at `b_simple`."""
+        fit = self.throughput.fit(allow_single=not self.throughput.ready)
+        world = self.world_size
+        low, high = self.batch_size / self.max_growth, self.batch_size * self.max_growth
+        pairs: dict[int, tuple[int, int]] = {}
+        for m, a in [current, *self.candidates()]:
+            b = m * a * world
+            if low <= b <= high and (
+                b not in pairs or fit.step_seconds(m, a, world) < fit.step_seconds(*pairs[b], world)
+            ):
+                pairs[b] = (m, a)
+        best_b = fastest_batch(
+            b_simple, sorted(pairs), lambda b: fit.step_seconds(*pairs[b], world)
+        )
+        best = pairs[best_b]
+        now = self.predicted_goodput(*current, b_simple, fit)
+        best_goodput = self.predicted_goodput(*best, b_simple, fit)
+        gain = best_goodput / now
+        timing = self.throughput.source
+        said = f"B_noise {b_simple:.0f} ({source or 'given'}), {timing}; fastest by "
+        said += "(1 + B_noise/B) t(B) "
+        said += f"of B {min(pairs)}-{max(pairs)}: {best_b} ({best[0]} x {best[1]})"
+        if best != current and gain > 1 + self.threshold:
+            return "switch", best, best_goodput, gain, f"{said}, {gain - 1:+.0%} goodput"
+        if best != current:
+            said += f", {gain - 1:+.0%} goodput is under the {self.threshold:.0%} threshold"
+        kept = f"keep {self.batch_size} ({current[0]} x {current[1]})"
+        return "keep", current, now, gain, f"{kept}: {said}"
 
     def adopt(self, decision: Decision) -> None:
         """Take a decision made elsewhere (rank 0 under data parallelism) as this one's."""

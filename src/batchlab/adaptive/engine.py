@@ -21,10 +21,13 @@ import torch
 
 from batchlab.adaptive.controller import AdaptiveBatchSize, LrRule
 from batchlab.adaptive.noise_source import FixedNoise, NoiseSource
+from batchlab.adaptive.plan_start import PlanStart, plan_start
 from batchlab.adaptive.sampler import ResizableBatchSampler
 from batchlab.adaptive.throughput_model import FixedThroughput, ThroughputModel
+from batchlab.adaptive.trajectory_noise import TrajectoryNoise
 from batchlab.callbacks import RunState, TrainCallback
 from batchlab.core.checks import check_batch_size, check_lr, check_warmup_steps
+from batchlab.core.schedule import BatchSchedule
 from batchlab.core.step_time import StepTimeModel
 from batchlab.errors import ConfigError
 from batchlab.history import History
@@ -61,18 +64,23 @@ def train_adaptive(
     eval_every: int | None = None,
     target: str | Target | None = None,
     callbacks: Sequence[TrainCallback] = (),
+    schedule: object = None,
 ) -> History:
     """Train `task` with a batch size that follows the measured goodput; return its History.
 
-    It starts at the task's reference batch B0 and lr, and every `interval` optimizer steps
-    lets `AdaptiveBatchSize` pick the batch that maximises throughput x efficiency.
+    It starts at the task's reference batch B0 and lr (or at a plan's first schedule
+    phase), and every `interval` optimizer steps lets `AdaptiveBatchSize` pick the batch
+    that minimises (1 + B_noise/B) t(B), the plan's rule, with B_noise from `b_simple` and
+    t(B) from the step times it measures (`core.step_time`, the plan's model).
 
     Args:
         lr: learning rate at the reference batch (default: the task's).
         epochs: run length in reference-batch epochs of progress (default: the task's).
         max_steps: stop after this many optimizer steps, whichever ends first.
         lr_rule: `auto` (AdaScale gain for SGD-like optimizers, its square root for
-            Adam-like), `adascale`, `sqrt-adascale`, `none`, or `(lr0, gain) -> lr`.
+            Adam-like; from a plan, the plan's coupling), `adascale`, `sqrt-adascale`,
+            `linear`, `sqrt` (the fixed rules at the current batch), `none`, or
+            `(lr0, gain) -> lr`.
         warmup_steps: linear warm-up of the learning rate over these optimizer steps.
         memory_cap: largest micro-batch that fits (examples), e.g. from `batchlab probe`;
             bigger batches use gradient accumulation. None: no cap.
@@ -88,8 +96,23 @@ def train_adaptive(
         eval_every: evaluate every `eval_every * B0` training examples (default: once a
             reference epoch, and at least ~20 times a run).
         target, amp, device, seed, callbacks: as in `batchlab.train`.
+        schedule: start from a plan's schedule and correct it online: a plan file
+            (`batchlab plan --json`), a `Plan`, its `ScheduleForecast`, a schedule's JSON or
+            a `BatchSchedule` (`adaptive.plan_start`). The run starts at its first phase's
+            batch and lr (the lr rule rescaled to give that lr there); with a plan and
+            `b_simple=None`, B_noise is the plan's trajectory fit (`TrajectoryNoise` with the
+            plan's noise points as its prior) corrected by the points this run measures,
+            read at the current training loss (a bare schedule: this run's points only);
+            with `lr_rule="auto"` the LR follows the plan's coupling (`sqrt`/`linear`, or
+            AdaScale when the plan used it). `lr` must not be given.
     """
     task = load_task(task)
+    start = None
+    prior = None
+    if schedule is not None:
+        begin, b_simple, lr_rule = _from_plan(task, schedule, lr, b_simple, lr_rule)
+        first, schedule, prior = begin.schedule.phases[0], begin.schedule, begin.step_time
+        start = (first.batch_size, first.lr, begin.why())
     base_lr = check_lr(task.lr if lr is None else lr)
     check_warmup_steps(warmup_steps)
     check_run_length(epochs, max_steps)
@@ -97,7 +120,9 @@ def train_adaptive(
     policy = AdaptiveBatch(
         base_lr=base_lr,
         noise=_noise_source(b_simple),
-        throughput=ThroughputModel() if throughput is None else FixedThroughput(throughput),
+        throughput=ThroughputModel(prior=prior)
+        if throughput is None
+        else FixedThroughput(throughput),
         epochs=ref_epochs,
         max_steps=max_steps,
         warmup_steps=warmup_steps,
@@ -109,12 +134,42 @@ def train_adaptive(
         max_accumulation_steps=max_accumulation_steps,
         interval=interval,
         threshold=threshold,
+        start=start,
+        schedule=schedule,
     )
     tgt = target_for_task(target, task)
     dev = resolve_device(device)
     return run_training(
         task, policy, device=dev, amp=amp, seed=seed, target=tgt, callbacks=callbacks
     )
+
+
+def _from_plan(
+    task: Task, source: object, lr: float | None, b_simple: NoiseArg, lr_rule: LrRule
+) -> tuple[PlanStart, NoiseArg, LrRule]:
+    """`train_adaptive(schedule=...)`: what the plan gives (its schedule, whose first phase
+    is the start, and its step-time model), the noise source (the plan's trajectory,
+    corrected by this run's points, unless `b_simple` says otherwise) and the lr rule (the
+    plan's coupling unless one is given)."""
+    if lr is not None:
+        raise ConfigError(
+            "`schedule` sets the starting lr (its first phase's); expected no `lr` with "
+            f"it, got {lr!r}; drop it",
+            param="lr",
+        )
+    begin = plan_start(source)
+    first = begin.schedule.phases[0]
+    if first.batch_size > task.num_train:
+        raise ConfigError(
+            f"`schedule`: first phase batch {first.batch_size} is larger than the training "
+            f"set of {task.name!r} ({task.num_train} examples); use at most {task.num_train}",
+            param="schedule",
+        )
+    if b_simple is None:
+        b_simple = TrajectoryNoise(prior=begin.noise)
+    if lr_rule == "auto" and begin.lr_rule is not None:
+        lr_rule = begin.lr_rule
+    return begin, b_simple, lr_rule
 
 
 def _max_batch_size(task: Task, max_batch_size: int | None) -> int:
@@ -213,6 +268,9 @@ class AdaptiveBatch(BatchPolicy):
         seed: seeds the sampler's permutations.
         lr_rule, memory_cap, max_batch_size, max_accumulation_steps, interval, threshold:
             the controller's settings, as in `train_adaptive`.
+        start: `(batch, lr, why)` to start from (a plan's first phase), not B0 and lr0.
+        schedule: the plan's schedule it started from: each decision's reason says which
+            batch the schedule has at that point, and the History keeps its phases.
     """
 
     loss_every_step = True  # no decision on a diverged model; on CUDA the timer syncs anyway
@@ -234,7 +292,11 @@ class AdaptiveBatch(BatchPolicy):
         max_accumulation_steps: int = 16,
         interval: int = 20,
         threshold: float = 0.05,
+        start: tuple[int, float, str] | None = None,
+        schedule: BatchSchedule | None = None,
     ) -> None:
+        self.start_at = start
+        self.schedule = schedule
         self.build_lr = self.base_lr = base_lr
         self.noise = noise
         self.callbacks = [noise] if isinstance(noise, TrainCallback) else []
@@ -260,11 +322,18 @@ class AdaptiveBatch(BatchPolicy):
         task = state.task
         if self.settings["max_batch_size"] is None:
             self.settings["max_batch_size"] = default_max_batch_size(task)
+        bounds = {}
+        if self.start_at is not None:  # the plan's first phase may lie outside B0..max
+            first = self.start_at[0]
+            bounds["min_batch_size"] = min(task.batch_size, first)
+            self.settings["max_batch_size"] = max(self.settings["max_batch_size"], first)
         self.controller = controller = AdaptiveBatchSize(
             task.batch_size,
             self.base_lr,
             optimizer=state.optimizer,
             throughput=self.throughput,
+            start=self.start_at,
+            **bounds,
             **self.settings,
         )
         state.step_fn.micro_batch_size = controller.micro_batch_size
@@ -342,7 +411,13 @@ class AdaptiveBatch(BatchPolicy):
         if not controller.due(state.step):
             return
         before = (controller.micro_batch_size, controller.accumulation_steps)
-        decision = controller.decide(state.step, self.noise.b_simple(state.step))
+        value = self.noise.b_simple(state.step)
+        describe = getattr(self.noise, "describe", None)
+        source = describe() if callable(describe) else type(self.noise).__name__
+        if self.schedule is not None:
+            phase = self.schedule.phase_index(state.step, state.examples)
+            source += f"; the plan has B={self.schedule.phases[phase].batch_size} here"
+        decision = controller.decide(state.step, value, source)
         after = (decision.micro_batch_size, decision.accumulation_steps)
         if after != before:
             state.step_fn.micro_batch_size = decision.micro_batch_size
@@ -362,7 +437,10 @@ class AdaptiveBatch(BatchPolicy):
             "batch_sizes": self.batch_sizes,
             "throughput_fit": self.throughput.fit().to_dict() if self.throughput.ready else None,
             "decisions": [d.to_dict() for d in controller.decisions],
+            "noise_source": type(self.noise).__name__,
         }
+        if self.schedule is not None:
+            adaptive["plan_schedule"] = self.schedule.to_dict()
         return BatchSummary(
             batch_size=controller.micro_batch_size,
             accumulation_steps=controller.accumulation_steps,

@@ -44,3 +44,7 @@ class MeasuredNoise(TrainCallback):
     def b_simple(self, step: int) -> float | None:
         value = self.tracker.b_simple
         return value if value is not None and value > 0 else None
+
+    def describe(self) -> str:
+        """Where `b_simple` comes from, in a few words (for a decision's reason)."""
+        return f"live tracker EMA, decay {self.tracker.beta:g}"

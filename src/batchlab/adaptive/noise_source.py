@@ -46,6 +46,10 @@ class FixedNoise:
     def b_simple(self, step: int) -> float | None:
         return float(self.value(step)) if callable(self.value) else self.value
 
+    def describe(self) -> str:
+        """Where `b_simple` comes from, in a few words (for a decision's reason)."""
+        return "given as a function of the step" if callable(self.value) else "given"
+
 
 class TrackerEstimate:
     """A `NoiseSource` over a `batchlab.GradientNoiseScaleTracker`, for loops and

@@ -27,12 +27,16 @@ class ThroughputModel:
 
     Args:
         window: timings kept per micro-batch size (the median of these is used). Default 20.
+        prior: a step-time model to answer with until this run has timed two micro-batch
+            sizes (e.g. the plan's, through its measured throughput ladder); then the run's
+            own timings take over.
     """
 
-    def __init__(self, window: int = 20) -> None:
+    def __init__(self, window: int = 20, prior: StepTimeModel | None = None) -> None:
         if not isinstance(window, int) or window < 1:
             raise ConfigError(f"throughput window: expected a positive integer, got {window!r}")
         self.window = window
+        self.prior = prior
         self._micro: dict[int, deque[float]] = {}
         self._counts: dict[int, int] = {}
         self._optimizer: deque[float] = deque(maxlen=window)
@@ -61,15 +65,26 @@ class ThroughputModel:
 
     @property
     def ready(self) -> bool:
-        """True once two distinct micro-batch sizes were timed (the line is identifiable)."""
-        return len(self._micro) >= 2
+        """True once two distinct micro-batch sizes were timed (the line is identifiable),
+        or from the start with a `prior`."""
+        return len(self._micro) >= 2 or self.prior is not None
+
+    @property
+    def source(self) -> str:
+        """Where `fit()` comes from now, in a few words (for a decision's reason)."""
+        if len(self._micro) < 2 and self.prior is not None:
+            return "t(B) from the plan's throughput ladder"
+        return "t(B) from this run's step times"
 
     def fit(self, allow_single: bool = False) -> StepTimeModel:
-        """The step-time model through the per-size medians (weights: timings seen).
+        """The step-time model through the per-size medians (weights: timings seen); the
+        `prior` until two sizes are timed.
 
         With `allow_single` and one size timed, the model is exact at that size only (its
         time at any micro-batch is that median): enough when the micro-batch never changes.
         """
+        if len(self._micro) < 2 and self.prior is not None:
+            return self.prior
         if not (self.ready or (allow_single and len(self._micro) == 1)):
             raise ConfigError(
                 "throughput model: expected timings at two or more micro-batch sizes, got "
@@ -103,6 +118,10 @@ class FixedThroughput(ThroughputModel):
     @property
     def ready(self) -> bool:
         return True
+
+    @property
+    def source(self) -> str:
+        return "t(B) from the given step-time model"
 
     def fit(self, allow_single: bool = False) -> StepTimeModel:
         return self._fixed

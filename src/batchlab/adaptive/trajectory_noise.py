@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from batchlab.adaptive.measured_noise import MeasuredNoise
 from batchlab.callbacks import RunState
-from batchlab.core.trajectory import fit_noise_trajectory
+from batchlab.core.trajectory import NoiseTrajectory, fit_noise_trajectory
 from batchlab.measure.noise_run import NoisePoint
 
 
@@ -28,7 +28,8 @@ class TrajectoryNoise(MeasuredNoise):
             (`NoisePoint`s are accepted as they are); they stay in every fit.
         decay, split_every, record_every: as `MeasuredNoise`'s.
 
-    Until the fit has a point, it answers the tracker's own B_simple.
+    Until the fit has a point and a training loss was seen, it answers the tracker's own
+    B_simple. With a prior, the fit starts as the plan's (the same points, the same model).
     """
 
     def __init__(
@@ -46,6 +47,7 @@ class TrajectoryNoise(MeasuredNoise):
                     self.add_point(p.train_loss, p.b_simple, p.b_simple_ci)
             else:
                 self.add_point(*p)
+        self.num_prior = len(self.points)
         self._losses: list[float] = []  # losses since the tracker's last recorded point
         self.current_loss: float | None = None
 
@@ -66,10 +68,34 @@ class TrajectoryNoise(MeasuredNoise):
                 self.add_point(self.current_loss, point["b_simple"], point["b_simple_ci"])
             self._losses = []
 
-    def b_simple(self, step: int) -> float | None:
-        if not self.points or self.current_loss is None:
-            return super().b_simple(step)
-        fit = fit_noise_trajectory(
+    def fit(self) -> NoiseTrajectory | None:
+        """The trajectory through every point so far (prior and online); None without one."""
+        if not self.points:
+            return None
+        return fit_noise_trajectory(
             [p[0] for p in self.points], [p[1] for p in self.points], [p[2] for p in self.points]
         )
-        return fit.b_noise(self.current_loss)
+
+    def loss_now(self) -> float | None:
+        """The training loss the fit is read at: the mean since the tracker's last point,
+        else the mean over the window that point covered."""
+        if self._losses:
+            return sum(self._losses) / len(self._losses)
+        return self.current_loss
+
+    def b_simple(self, step: int) -> float | None:
+        fit, loss = self.fit(), self.loss_now()
+        if fit is None or loss is None:
+            return super().b_simple(step)
+        return fit.b_noise(loss)
+
+    def describe(self) -> str:
+        """Where the last `b_simple` came from, in a few words (for a decision's reason)."""
+        fit, loss = self.fit(), self.loss_now()
+        if fit is None or loss is None:
+            return super().describe()
+        prior = f", {self.num_prior} from the plan" if self.num_prior else ""
+        return (
+            f"trajectory fit {math.exp(fit.log_scale):.3g} L^{fit.exponent:.2f} over "
+            f"{fit.num_points} points{prior}, at loss {loss:.3g}"
+        )

@@ -47,7 +47,12 @@ TargetOpt = Annotated[
     str | None, typer.Option("--target", help="Stop when reached, e.g. 'val_acc>=0.9'.")
 ]
 AdaptiveOpt = Annotated[
-    bool, typer.Option("--adaptive", help="Adapt batch size and LR to the measured goodput.")
+    bool,
+    typer.Option(
+        "--adaptive",
+        help="Adapt batch size and LR to the measured B_noise and step times (with "
+        "--schedule: start from the plan's schedule and trajectory, corrected online).",
+    ),
 ]
 MemoryCapOpt = Annotated[
     int | None,
@@ -57,7 +62,8 @@ ScheduleOpt = Annotated[
     Path | None,
     typer.Option(
         "--schedule",
-        help="Run a batch-size schedule: a plan's JSON (`batchlab plan --json`) or a schedule's.",
+        help="Run a batch-size schedule: a plan's JSON (`batchlab plan --json`) or a "
+        "schedule's; with --adaptive, start from it and correct it online.",
     ),
 ]
 BSimpleOpt = Annotated[
@@ -99,11 +105,12 @@ def train(
                 "accumulation_steps": "`adaptive` picks the accumulation itself",
             },
         )
-        refuse_unused(ctx, {"schedule": "`adaptive` and `schedule` each pick the batch; use one"})
     else:
         why = "it needs `adaptive`"
         refuse_unused(ctx, {"memory_cap": why, "b_simple": why})
-    if schedule is not None:
+    if schedule is not None and adaptive:
+        refuse_unused(ctx, {"lr": "`schedule` sets the starting lr (its first phase's)"})
+    elif schedule is not None:
         why = "`schedule` sets each phase's batch, micro-batch and lr"
         refuse_unused(ctx, {k: why for k in ("batch_size", "accumulation_steps", "lr", "lr_rule")})
     if epochs is not None:
@@ -128,6 +135,7 @@ def train(
             device=device,
             seed=seed,
             target=target,
+            schedule=schedule,
             callbacks=[ProgressBar(f"{t.name} adaptive")],
         )
         bs, accumulation_steps = history.batch_size, history.accumulation_steps
@@ -182,9 +190,13 @@ def summary_table(
         f"{history.effective_batch_size} ({micro_batch_size} x {accumulation_steps} accum)",
     )
     if adaptive:
-        path = [d["batch_size"] for d in history.extras["adaptive"]["decisions"]]
+        decisions = history.extras["adaptive"]["decisions"]
+        path = [d["batch_size"] for d in decisions]
         path = [b for i, b in enumerate(path) if i == 0 or b != path[i - 1]]
         table.add_row("adaptive batch path", " -> ".join(map(str, path)))
+        table.add_row("adaptive start", decisions[0].get("reason", ""))
+        last = decisions[-1]
+        table.add_row(f"last decision (step {last['step']})", last.get("reason", ""))
     if "schedule" in history.extras:
         log = history.extras["schedule"]
         for run in log["phases_run"]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from batchlab.core.checks import check_lr, check_positive
+from batchlab.core.tradeoff import relative_steps
 from batchlab.errors import ConfigError
 
 # name -> what it does (also the help text).
@@ -26,7 +27,8 @@ LR_RULES: dict[str, str] = {
 TRAIN_LR_RULES = ("none", "linear", "sqrt", "adascale")  # `train` and `scale_lr`
 PLAN_LR_RULES = ("linear", "sqrt", "adascale")  # `plan` (None: auto)
 SWEEP_LR_RULES = ("auto", "none", "linear", "sqrt", "adascale", "tuned")
-ADAPTIVE_LR_RULES = ("auto", "adascale", "sqrt-adascale", "none")  # or (lr0, gain) -> lr
+# or (lr0, gain) -> lr; linear and sqrt: the fixed rules at the current batch (a plan's coupling)
+ADAPTIVE_LR_RULES = ("auto", "adascale", "sqrt-adascale", "linear", "sqrt", "none")
 
 
 def check_lr_rule(rule: object, accepted: tuple[str, ...], *, what: str = "lr_rule") -> str:
@@ -39,9 +41,12 @@ def check_lr_rule(rule: object, accepted: tuple[str, ...], *, what: str = "lr_ru
 def efficiency(batch_size: float, reference_batch_size: float, b_simple: float) -> float:
     """E(B) = (B_simple + B0) / (B_simple + B) (McCandlish et al. 2018, eq. 2.11 in B0 units).
 
-    One example at batch B is worth E(B) examples at B0.
+    One example at batch B is worth E(B) examples at B0: (B0/B) S(B0)/S(B), with the step
+    counts of `core.tradeoff` (the one copy of eq. 2.11).
     """
-    return (b_simple + reference_batch_size) / (b_simple + batch_size)
+    return reference_batch_size / (
+        batch_size * relative_steps(batch_size, reference_batch_size, b_simple)
+    )
 
 
 def adascale_gain(batch_size: float, reference_batch_size: float, b_simple: float) -> float:
