@@ -11,6 +11,7 @@ from conftest import tiny_task
 
 from batchlab.adaptive import TrajectoryNoise, train_adaptive
 from batchlab.adaptive.controller import AdaptiveBatchSize
+from batchlab.adaptive.plan_start import plan_start
 from batchlab.adaptive.throughput_model import ThroughputModel
 from batchlab.core.lr import adascale_gain
 from batchlab.core.schedule import BatchSchedule, SchedulePhase, fastest_batch
@@ -82,6 +83,28 @@ def test_an_online_fit_of_a_known_power_law_answers_its_value_at_the_current_los
     source.on_step(SimpleNamespace(step=31, last_loss=0.5))  # read at the newest loss
     assert source.b_simple(31) == pytest.approx(truth(0.5))
     assert source.describe().startswith("trajectory fit 60 L^-1.50 over 10 points, at loss 0.5")
+
+
+def test_a_preconditioned_plan_is_followed_with_the_preconditioned_metric(tmp_path):
+    """A plan for Adam measured Adam-preconditioned B_simple (~2x the plain value on
+    mnist1d-mlp): the run's own points must be the same metric, never the plain one."""
+    path = plan_file(tmp_path)
+    data = json.loads(path.read_text())
+    data["measurements"]["noise_preconditioned"] = True
+    path.write_text(json.dumps(data))
+    start = plan_start(path)
+    assert start.preconditioned
+    assert not plan_start(plan_file(tmp_path)).preconditioned
+    source = TrajectoryNoise(prior=start.noise, preconditioned=start.preconditioned)
+    assert source.tracker.preconditioned
+    fake = SimpleNamespace(points=[])
+    fake.on_step = lambda state: fake.points.append(
+        {"b_simple": 1.0, "b_simple_ci": (0.5, 2.0),
+         "b_simple_preconditioned": 400.0, "b_simple_preconditioned_ci": (300.0, 500.0)}
+    )  # fmt: skip
+    source.tracker = fake
+    source.on_step(SimpleNamespace(step=1, last_loss=0.7))
+    assert source.points[-1] == (0.7, 400.0, (300.0, 500.0))
 
 
 LADDER = (8, 16, 32, 64, 128)  # a plan's throughput ladder, timed at 1 ms + 0.1 ms/example

@@ -166,7 +166,7 @@ def _from_plan(
             param="schedule",
         )
     if b_simple is None:
-        b_simple = TrajectoryNoise(prior=begin.noise)
+        b_simple = TrajectoryNoise(prior=begin.noise, preconditioned=begin.preconditioned)
     if lr_rule == "auto" and begin.lr_rule is not None:
         lr_rule = begin.lr_rule
     return begin, b_simple, lr_rule

@@ -24,13 +24,23 @@ class MeasuredNoise(TrainCallback):
         decay: EMA decay of the two-batch estimates (default 0.95: about 20 steps).
         split_every: while steps are single micro-batches, split every this many (default 4).
         record_every: steps between the tracker's recorded points (default 20).
+        preconditioned: also track Adam-preconditioned B_simple (the metric a plan for an
+            Adam-like optimizer measured; `TrajectoryNoise` reads it then).
     """
 
     needs_micro_batches = True
 
-    def __init__(self, decay: float = 0.95, split_every: int = 4, record_every: int = 20) -> None:
+    def __init__(
+        self,
+        decay: float = 0.95,
+        split_every: int = 4,
+        record_every: int = 20,
+        preconditioned: bool = False,
+    ) -> None:
         self.split_every = split_every
-        self.tracker = GradientNoiseScaleTracker(beta=decay, every=record_every)
+        self.tracker = GradientNoiseScaleTracker(
+            beta=decay, every=record_every, preconditioned=preconditioned
+        )
 
     def on_start(self, state: RunState) -> None:
         self.tracker.on_start(state)  # installs its micro-batch hook

@@ -34,6 +34,7 @@ class PlanStart:
     noise: tuple[NoisePoint, ...] = ()
     lr_rule: str | None = None
     step_time: StepTimeModel | None = None  # through the plan's throughput ladder
+    preconditioned: bool = False  # the noise points are Adam-preconditioned B_simple
 
     def why(self) -> str:
         """The start in words, for the first decision's reason."""
@@ -54,7 +55,10 @@ def plan_start(source: object) -> PlanStart:
         measurements = getattr(source, "measurements", None)
         noise = tuple(getattr(measurements, "noise", ()) or ())
         ladder = [(p.batch_size, p.step_s) for p in getattr(measurements, "throughput", ())]
-        return PlanStart(forecast.schedule, noise, forecast.lr_rule or None, _step_time(ladder))
+        pre = bool(getattr(measurements, "noise_preconditioned", False))
+        return PlanStart(
+            forecast.schedule, noise, forecast.lr_rule or None, _step_time(ladder), pre
+        )
     if forecast is None and hasattr(source, "measurements"):
         raise ConfigError(
             f"`schedule`: the plan has no schedule (a plan made from measured noise has one); "
@@ -77,7 +81,8 @@ def plan_start(source: object) -> PlanStart:
         for p in (data.get("measurements") or {}).get("throughput") or ()
         if isinstance(p, dict)
     ]
-    return PlanStart(schedule, _noise_points(source, data), rule, _step_time(ladder))
+    pre = (data.get("measurements") or {}).get("noise_preconditioned") is True
+    return PlanStart(schedule, _noise_points(source, data), rule, _step_time(ladder), pre)
 
 
 def _step_time(ladder: list[tuple[object, object]]) -> StepTimeModel | None:
