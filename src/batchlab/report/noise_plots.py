@@ -68,9 +68,13 @@ def plot_noise_run(run: NoiseRun, ax: Any = None) -> Any:
     ax.set_ylim(bottom, top)
     plain_log_axis(ax.yaxis)
     ax.set_xlabel("training step")
-    ax.set_ylabel("B_simple = tr(Σ) / |G|²", color=NOISE_COLOR)
+    # The points are B_simple of g/(sqrt(v)+eps) when the run measured Adam-preconditioned.
+    pre = "Adam-preconditioned " if run.preconditioned else ""
+    ax.set_ylabel(f"{pre}B_simple = tr(Σ) / |G|²", color=NOISE_COLOR)
     ax.set_title(
-        f"Gradient noise scale: {run.task} ({run.method}, seed {run.seed})", fontsize=11, loc="left"
+        f"Gradient noise scale: {run.task} ({pre}{run.method}, seed {run.seed})",
+        fontsize=11,
+        loc="left",
     )
     ax.grid(True, alpha=0.3, which="both")
     ax.spines["top"].set_visible(False)
