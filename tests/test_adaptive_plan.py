@@ -55,9 +55,10 @@ def test_a_run_starts_at_the_plans_first_phase_and_moves_toward_the_measured_noi
     assert abs(math.log(final / goal)) < abs(math.log(16 / goal))
     for d in later:  # one line each: what it used, what the plan had there, why
         assert f"B_noise {b_noise:.0f} (given;" in d["reason"] and "the plan has B=" in d["reason"]
-        # The lr rule is rescaled to the plan's lr at phase 1 (0.05 where AdaScale gives 0.2).
+        # The lr rule is rescaled to the plan's lr at phase 1 (0.05 where AdaScale gives
+        # ~0.2), the gain taken at the same B_noise there and later: E(B) counted once.
         gain = adascale_gain(d["batch_size"], 8, b_noise)
-        assert d["lr"] == pytest.approx(0.1 * 0.25 * gain)
+        assert d["lr"] == pytest.approx(0.05 * gain / adascale_gain(16, 8, b_noise))
 
 
 def test_an_online_fit_of_a_known_power_law_answers_its_value_at_the_current_loss():

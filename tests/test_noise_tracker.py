@@ -325,6 +325,42 @@ def test_preconditioner_caps_coordinates_adam_has_not_seen():
     assert 1 / (opt.state[weight]["exp_avg_sq"][0, 0].sqrt() + 1e-8) > 1e7  # what it was
 
 
+def test_preconditioner_median_is_over_seen_rows_of_a_mostly_unseen_embedding():
+    """3 of 1000 rows seen: over all entries the median would be 1/eps and cap nothing."""
+    emb = nn.Embedding(1000, 8)
+    opt = torch.optim.Adam(emb.parameters(), lr=0.1)
+    emb(torch.tensor([1, 2, 3])).sum().backward()
+    opt.step()
+    (pre,) = adam_preconditioner(opt, list(emb.parameters()))
+    assert float(pre[1:4].max()) == pytest.approx(1.0, rel=1e-3)
+    assert float(pre.max()) == pytest.approx(PRECONDITIONER_CAP, rel=1e-3)
+
+
+def test_preconditioned_tracking_of_sparse_adam_weights_each_stored_row():
+    emb = nn.Embedding(50, 4, sparse=True)
+    opt = torch.optim.SparseAdam(list(emb.parameters()), lr=0.1)
+    tracker = GradientNoiseScaleTracker(preconditioned=True, num_examples=1000)
+    tracker.bind(emb, opt)
+    for step in range(3):
+        opt.zero_grad(set_to_none=True)
+        for idx in (torch.tensor([step, 7]), torch.tensor([9, 7])):
+            (emb(idx).sum() / 2).backward()
+            tracker.after_backward(emb, 2)
+        tracker.end_step(emb)
+        opt.step()
+    assert tracker.noise_scale().preconditioned is not None
+
+
+def test_a_parameter_adam_never_stepped_leaves_the_preconditioned_metric_on():
+    used, unused = nn.Linear(4, 2), nn.Linear(4, 2)
+    opt = torch.optim.Adam([*used.parameters(), *unused.parameters()], lr=0.1)
+    used(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    weights = adam_preconditioner(opt, [*used.parameters(), *unused.parameters()])
+    assert weights is not None
+    assert all(float(w.min()) == 1.0 == float(w.max()) for w in weights[2:])
+
+
 def test_non_finite_gradient_names_the_step():
     task = make_task(poison=7)
     chunks = epoch_chunks(N, 32, torch.Generator().manual_seed(0))

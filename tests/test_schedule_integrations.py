@@ -284,6 +284,27 @@ def test_hf_refuses_a_start_accumulation_above_a_phases(tmp_path):
     assert "got 2; set it to 1, the first phase's" in message
 
 
+@needs_transformers
+def test_hf_refuses_a_dataset_without_a_length_in_one_line():
+    from types import SimpleNamespace
+
+    from torch.utils.data import IterableDataset
+
+    from batchlab.integrations.transformers import ScheduledAccumulation
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield from range(4)
+
+    args = SimpleNamespace(train_batch_size=4, world_size=1, gradient_accumulation_steps=1)
+    callback = ScheduledAccumulation(_schedule("step", (0, 4, 4, 0.1), (3, 8, 4, 0.2)))
+    with pytest.raises(ConfigError) as err:
+        callback.on_train_begin(
+            args, None, None, train_dataloader=SimpleNamespace(dataset=Stream())
+        )
+    assert "\n" not in str(err.value) and "got Stream; use a map-style dataset" in str(err.value)
+
+
 def test_a_resumed_sampler_continues_where_it_stopped():
     from batchlab.integrations.schedule import ScheduleSampler
 

@@ -131,7 +131,7 @@ class AdaptiveBatchSize:
         explore: bool = True,
         fixed_micro_batch_size: int | None = None,
         fixed_accumulation_steps: int | None = None,
-        start: tuple[int, float, str] | None = None,
+        start: tuple[int, float, str, float | None] | None = None,
     ) -> None:
         self.reference_batch_size = check_batch_size(reference_batch_size, what="reference batch")
         self.reference_lr = check_lr(reference_lr, what="reference lr")
@@ -183,11 +183,12 @@ class AdaptiveBatchSize:
         self.explore = explore
 
         self.lr_scale = 1.0  # the start's lr over the rule's at the start's batch
+        start_noise = None if start is None else start[3]
         micro, accum, why = self._start(start)
         self.micro_batch_size = micro
         self.accumulation_steps = accum
         self.b_simple: float | None = None
-        self.lr = self.lr_for(self.batch_size, None)
+        self.lr = self.lr_for(self.batch_size, start_noise)
         self.steps = 0
         self.examples = 0
         self.reference_examples = 0.0  # progress: sum of B * E(B) over steps
@@ -207,12 +208,15 @@ class AdaptiveBatchSize:
             )
         ]
 
-    def _start(self, start: tuple[int, float, str] | None) -> tuple[int, int, str]:
-        """The first (micro, accumulation) and why; sets `lr_scale` for a given start."""
+    def _start(self, start: tuple[int, float, str, float | None] | None) -> tuple[int, int, str]:
+        """The first (micro, accumulation) and why; sets `lr_scale` for a given start
+        (batch, lr, why, the B_noise the start's lr was coupled at: under an AdaScale rule
+        the gain's E(B) must not be folded into `lr_scale`, or every later decision, which
+        applies the gain at the measured B_noise, would count it twice)."""
         if start is None:
             micro, accum = self._split(self.min_batch_size)
             return micro, accum, f"the reference batch B0 at lr {self.reference_lr:.4g}"
-        batch, lr, why = start
+        batch, lr, why, noise = start
         check_batch_size(batch, what="start batch")
         if not self.min_batch_size <= batch <= self.max_batch_size:
             raise ConfigError(
@@ -221,7 +225,7 @@ class AdaptiveBatchSize:
             )
         micro, accum = self._split(batch)
         self.lr_scale = check_lr(lr, what="start lr") / self.lr_for(
-            micro * accum * self.world_size, None
+            micro * accum * self.world_size, noise
         )
         return micro, accum, why
 

@@ -112,7 +112,13 @@ def train_adaptive(
     if schedule is not None:
         begin, b_simple, lr_rule = _from_plan(task, schedule, lr, b_simple, lr_rule)
         first, schedule, prior = begin.schedule.phases[0], begin.schedule, begin.step_time
-        start = (first.batch_size, first.lr, begin.why())
+        start = (first.batch_size, first.lr, begin.why(), _start_noise(b_simple))
+        if max_batch_size is not None and first.batch_size > max_batch_size:
+            raise ConfigError(
+                f"`max_batch_size`: the plan starts at B={first.batch_size}, above the given "
+                f"max {max_batch_size}; raise it to at least {first.batch_size} or re-plan",
+                param="max_batch_size",
+            )
     base_lr = check_lr(task.lr if lr is None else lr)
     check_warmup_steps(warmup_steps)
     check_run_length(epochs, max_steps)
@@ -194,6 +200,15 @@ def _eval_every(task: Task, ref_epochs: float, eval_every: int | None) -> int:
 def default_max_batch_size(task: Task) -> int:
     """A quarter of the training set, at most 64 reference batches, at least one."""
     return max(task.batch_size, min(64 * task.batch_size, task.num_train // 4))
+
+
+def _start_noise(b_simple: NoiseArg) -> float | None:
+    """The B_noise a plan's first phase was coupled at: its trajectory at the start of its
+    path (the highest loss it measured), or a fixed value as given."""
+    if isinstance(b_simple, TrajectoryNoise):
+        fit = b_simple.fit()
+        return None if fit is None else fit.b_noise(fit.loss_range[1])
+    return float(b_simple) if isinstance(b_simple, (int, float)) else None
 
 
 def _noise_source(b_simple: NoiseArg) -> NoiseSource:
@@ -292,7 +307,7 @@ class AdaptiveBatch(BatchPolicy):
         max_accumulation_steps: int = 16,
         interval: int = 20,
         threshold: float = 0.05,
-        start: tuple[int, float, str] | None = None,
+        start: tuple[int, float, str, float | None] | None = None,
         schedule: BatchSchedule | None = None,
     ) -> None:
         self.start_at = start

@@ -53,6 +53,9 @@ class MeasuredNoise(TrainCallback):
 
     def b_simple(self, step: int) -> float | None:
         value = self.tracker.b_simple
+        if self.tracker.preconditioned:  # the metric asked for, never the plain one instead
+            pre = self.tracker.noise_scale().preconditioned
+            value = None if pre is None else pre.b_simple
         return value if value is not None and value > 0 else None
 
     def describe(self) -> str:

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sized
 from pathlib import Path
 
 from batchlab.adaptive.controller import AdaptiveBatchSize, Decision, LrRule
@@ -392,7 +393,15 @@ class ScheduledAccumulation(_EpochWindows):
                 param="gradient_accumulation_steps",
             )
         loader = kwargs.get("train_dataloader")
-        self._num_examples = len(loader.dataset) if loader is not None else 0
+        dataset = getattr(loader, "dataset", None)
+        if dataset is not None and not isinstance(dataset, Sized):
+            raise ConfigError(
+                f"ScheduledAccumulation: expected a training dataset with a length (the "
+                f"Trainer's accumulation windows and the schedule's examples follow the "
+                f"epoch), got {type(dataset).__name__}; use a map-style dataset",
+                param="train_dataset",
+            )
+        self._num_examples = len(dataset) if dataset is not None else 0
         self._ratios = _base_lr_ratios(optimizer)
         self._phase, self._epochs, self._epoch_micro, self.applied = -1, -1, 0, []
         batches = ", ".join(

@@ -7,6 +7,7 @@ optimizer's second moments for the preconditioned noise scale.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -110,11 +111,17 @@ class MicroBatchNorms:
     def _norms(
         grads: list[torch.Tensor | None], precond: list[torch.Tensor] | None
     ) -> list[torch.Tensor]:
-        live = [g for g in grads if g is not None]
-        if any(g.is_sparse for g in live):
-            live = [g.coalesce().values() if g.is_sparse else g for g in live]
+        pairs = [(g, d) for g, d in zip(grads, precond or [None] * len(grads), strict=True)
+                 if g is not None]  # fmt: skip
+        live, weights = [], []
+        for g, d in pairs:
+            if g.is_sparse:  # an embedding's rows: weight each stored row by its own row
+                g = g.coalesce()
+                d = None if d is None else d[tuple(g.indices())]
+                g = g.values()
+            live.append(g)
+            weights.append(d)
         if precond is not None:
-            weights = [d for d, g in zip(precond, grads, strict=True) if g is not None]
             live = _foreach_mul(live, weights)
         return _foreach_norm(live)
 
@@ -142,21 +149,37 @@ def adam_preconditioner(
     if optimizer is None:
         return None
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    out = []
+    out: list[torch.Tensor | None] = []
     for p in params:
         state, group = optimizer.state.get(p, {}), group_of.get(id(p))
         if group is None or "exp_avg_sq" not in state or "step" not in state:
-            return None
+            out.append(None)  # never stepped by this optimizer (unused, or not in it)
+            continue
         v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
         step = float(state["step"])
         beta2 = group.get("betas", (0.9, 0.999))[1]
         v_hat = v / (1 - beta2**step) if step > 0 else v
-        out.append(_capped(1.0 / (v_hat.sqrt() + group.get("eps", 1e-8))))
-    return out
+        out.append(_capped(1.0 / (v_hat.sqrt() + group.get("eps", 1e-8)), v_hat > 0))
+    if all(w is None for w in out):
+        return None
+    # A parameter Adam has not stepped (its gradient is None in practice) is left unweighted
+    # rather than turning the whole model's preconditioned metric off.
+    return [torch.ones_like(p) if w is None else w for p, w in zip(params, out, strict=True)]
 
 
-def _capped(weights: torch.Tensor) -> torch.Tensor:
-    """`weights` clamped at PRECONDITIONER_CAP x their median (over a strided sample)."""
-    flat = weights.reshape(-1)
-    sample = flat[:: max(1, flat.numel() // MEDIAN_SAMPLE)]
-    return torch.minimum(weights, sample.median() * PRECONDITIONER_CAP)  # no host sync
+def _capped(weights: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """`weights` clamped at PRECONDITIONER_CAP x the median weight of the coordinates Adam
+    has seen a gradient for (`seen`; an embedding table whose rows are mostly unseen would
+    otherwise have the median 1/eps). The median is over a strided sample whose stride is
+    coprime with the last dimension (a stride that divides the row length reads only a few
+    columns). No host sync: unseen coordinates become NaN and `nanmedian` skips them."""
+    flat, seen_flat = weights.reshape(-1), seen.reshape(-1)
+    if flat.numel() == 0:
+        return weights
+    stride = max(1, flat.numel() // MEDIAN_SAMPLE)
+    row = weights.shape[-1] if weights.ndim > 1 else 1
+    while stride > 1 and math.gcd(stride, row) != 1:
+        stride += 1
+    sample = torch.where(seen_flat[::stride], flat[::stride], torch.nan)
+    cap = torch.nan_to_num(sample.nanmedian() * PRECONDITIONER_CAP, nan=math.inf)
+    return torch.minimum(weights, cap)
