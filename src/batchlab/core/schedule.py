@@ -24,6 +24,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from batchlab.core.tradeoff import steps_factor
 from batchlab.errors import ConfigError
 from batchlab.results import JsonResult
 
@@ -143,7 +144,7 @@ def fastest_batch(
 ) -> int:
     """The batch that minimises seconds per S_min step, (1 + B_noise/B) t(B) (eq. 2.11);
     the smaller batch on a tie."""
-    return min(batch_sizes, key=lambda b: ((1 + b_noise / b) * step_seconds(b), b))
+    return min(batch_sizes, key=lambda b: (steps_factor(b, b_noise) * step_seconds(b), b))
 
 
 def rising_batches(
@@ -176,7 +177,7 @@ def path_cost(
 ) -> PathCost:
     """Steps dS_min (1 + B_noise/B), examples B x steps and seconds t(B) x steps, summed
     over the stretches (McCandlish et al. 2018 eq. 2.11 applied piecewise)."""
-    steps = [d * (1 + bn / b) for b, d, bn in zip(batches, min_steps, b_noises, strict=True)]
+    steps = [d * steps_factor(b, bn) for b, d, bn in zip(batches, min_steps, b_noises, strict=True)]
     return PathCost(
         steps=sum(steps),
         examples=sum(s * b for s, b in zip(steps, batches, strict=True)),
