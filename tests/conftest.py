@@ -43,6 +43,30 @@ def task() -> batchlab.Task:
     return tiny_task()
 
 
+def free_port() -> int:
+    """A free TCP port on localhost for a spawned DDP test's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ddp_worker(rank: int, world: int, port: int, timeout_s: float | None = None) -> None:
+    """Join a spawned DDP test worker to a gloo group on localhost, one torch thread.
+
+    timeout_s: for the collectives, so that ranks that disagree fail instead of hanging
+    (default: torch's)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    extra = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+    dist.init_process_group("gloo", rank=rank, world_size=world, **extra)
+    torch.set_num_threads(1)
+
+
 def end_ddp_worker() -> None:
     """Leave a spawned DDP test worker: free DDP (its reducer holds gloo work), leave the
     group at a barrier, then exit at once. An interpreter teardown that destroys a joinable

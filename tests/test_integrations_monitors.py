@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-import os
-import socket
 import warnings
 
 import pytest
 import torch
-from conftest import quiet_trainer
+from conftest import free_port, quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -220,23 +218,14 @@ def test_hf_callback_matches_exact_at_frozen_weights(tmp_path, max_grad_norm):
 # --- DDP --------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
-    import torch.distributed as dist
-    from conftest import end_ddp_worker
+    from conftest import end_ddp_worker, start_ddp_worker
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from batchlab.errors import ConfigError
     from batchlab.integrations.ddp import DDPNoiseScale
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+    start_ddp_worker(rank, world, port)
     model = DDP(net())
     noise = DDPNoiseScale(model, local_batch_size=16)
     noise.attach()  # again: a no-op
@@ -271,7 +260,7 @@ def test_ddp_noise_scale_matches_exact_and_attaches_once(tmp_path):
     import torch.multiprocessing as mp
 
     out = str(tmp_path / "ddp.pt")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), out), nprocs=2, join=True)
     result = torch.load(out)
     assert result["samples"] == STEPS  # attach twice did not double anything
     assert_close(result["b_simple"], exact_b_simple(net()))

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
-import socket
 import statistics
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import free_port
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -515,20 +514,11 @@ def test_state_dict_refuses_another_beta_and_a_step_in_progress():
 # --- DDP -------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
-    import torch.distributed as dist
-    from conftest import end_ddp_worker
+    from conftest import end_ddp_worker, start_ddp_worker
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+    start_ddp_worker(rank, world, port)
     task = make_task()
     model = DDP(initial_model(task))
     tracker = GradientNoiseScaleTracker(num_examples=N)
@@ -550,7 +540,7 @@ def test_ddp_replicas_are_the_small_batches(tmp_path):
     import torch.multiprocessing as mp
 
     out = str(tmp_path / "samples.pt")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), out), nprocs=2, join=True)
     got = torch.load(out)
     task = make_task()
     model = initial_model(task)

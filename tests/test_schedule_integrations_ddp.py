@@ -9,14 +9,12 @@ says, and together see every example once per epoch. Without the broadcast in
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 
 from batchlab.core.schedule import BatchSchedule, SchedulePhase
 
@@ -36,25 +34,14 @@ def _schedule(rank: int) -> BatchSchedule:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    import torch.distributed as dist
-    from conftest import end_ddp_worker
+    from conftest import end_ddp_worker, start_ddp_worker
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from batchlab.integrations.schedule import ScheduleSampler
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # a timeout, so a disagreement that desynchronises the collectives fails, not hangs
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
-    )
-    torch.set_num_threads(1)
+    start_ddp_worker(rank, world, port, timeout_s=60)
     torch.manual_seed(0)
     model = DDP(torch.nn.Linear(1, 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
@@ -92,7 +79,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 def test_every_rank_follows_rank_0s_phase_at_every_step(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     settings = [[{k: v for k, v in s.items() if k != "indices"} for s in rank] for rank in ranks]
     assert settings[0] == settings[1]  # the same batch, accumulation and lr every step
