@@ -47,7 +47,7 @@ from batchlab.sweep.analysis import analyze_sweep
 from batchlab.sweep.metrics import run_metrics
 from batchlab.sweep.runner import RunContext, _task_for, execute_run
 from batchlab.sweep.spec import RunSpec, SweepSpec
-from batchlab.sweep.store import load_sweep
+from batchlab.sweep.store import RunRecord, load_sweep
 from batchlab.target import parse_target
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -68,6 +68,14 @@ class Truth:
     spec: SweepSpec
     steps: dict[tuple[int, float], list[float]]
     templates: dict[int, list[RunSpec]]  # the sweep's runs at each batch, one per repeat
+    records: list[RunRecord]
+
+    def b_crit(self) -> tuple[float, tuple[float, float] | None] | None:
+        """B_crit (and its interval) that `batchlab sweep` fits to the LR-tuned ladder."""
+        fits = [g.fit for g in analyze_sweep(self.spec, self.records).groups if g.fit is not None]
+        if not fits:
+            return None
+        return fits[0].b_crit, None if fits[0].b_crit_ci is None else tuple(fits[0].b_crit_ci)
 
     def best_lr(self, batch: int) -> float:
         grid = {lr: median_steps(s) for (b, lr), s in self.steps.items() if b == batch}
@@ -107,7 +115,7 @@ def read_truth(directories: str) -> Truth:
         )
         if run.lr_multiplier == 1.0 and run.source == "ladder":
             templates[run.batch_size].append(run)
-    return Truth(spec, dict(steps), dict(templates))
+    return Truth(spec, dict(steps), dict(templates), records)
 
 
 def budget(spec: SweepSpec, batch: int) -> int:
@@ -186,16 +194,6 @@ def run_plan(truth: Truth, b0: int, lr0: float, seed: int) -> PlanChoice:
     )  # fmt: skip
 
 
-def sweep_b_crit(directories: str) -> tuple[float, tuple[float, float] | None] | None:
-    """B_crit (and its interval) that `batchlab sweep` fits to the LR-tuned ladder."""
-    records = [r for d in directories.split(",") for r in load_sweep(d)[1].records]
-    spec, _ = load_sweep(directories.split(",")[0])
-    fits = [g.fit for g in analyze_sweep(spec, records).groups if g.fit is not None]
-    if not fits:
-        return None
-    return fits[0].b_crit, None if fits[0].b_crit_ci is None else tuple(fits[0].b_crit_ci)
-
-
 def measure_config(task_name: str, b0: int, directory: str, plans: int) -> dict:
     """Steps to target of every choice (load-independent); timing comes after, in `timed`."""
     truth = read_truth(directory)
@@ -204,7 +202,7 @@ def measure_config(task_name: str, b0: int, directory: str, plans: int) -> dict:
     lr0 = truth.best_lr(b0)
     choices = [run_plan(truth, b0, lr0, seed) for seed in range(plans)]
     return {
-        "sweep_b_crit": sweep_b_crit(directory),
+        "sweep_b_crit": truth.b_crit(),
         "task": task_name,
         "task_ref": truth.spec.task_ref,
         "optimizer": truth.templates[b0][0].optimizer_family,
