@@ -278,13 +278,12 @@ def _step_interval(m: Measurements, batch_size: int, step_s: float) -> tuple[flo
     Not the window range everywhere: the fastest and slowest of 3-5 windows are the most
     volatile numbers of a ladder, and a gain interval or tie read from them flips between
     identical plans (benchmarks/results/plan_stability.md)."""
-    points = [p for p in m.throughput if p.samples_per_s_low > 0 and p.samples_per_s_high > 0]
-    if not points:
+    p = _timed_point_near(m, batch_size)
+    if p is None:
         return step_s, step_s
-    p = min(points, key=lambda p: abs(math.log(p.batch_size / batch_size)))
     fast, slow = median_step_interval(
         p.step_s, p.samples_per_s, p.samples_per_s_low, p.samples_per_s_high,
-        1 if _contended_near(m, batch_size) else p.windows,
+        1 if _contended(p) else p.windows,
     )  # fmt: skip
     return step_s * fast / p.step_s, step_s * slow / p.step_s
 
@@ -623,14 +622,24 @@ def _robust_beats_b0(
     return regrets[b0] > ROBUST_TOLERANCE * regrets[robust]
 
 
-def _contended_near(m: Measurements, batch_size: int) -> bool:
-    """Whether the ladder point nearest `batch_size` had windows over
-    `CONTENTION_WINDOW_RATIO` apart (stalls, not noise a median averages out)."""
-    points = [p for p in m.throughput if p.samples_per_s_low > 0]
+def _timed_point_near(m: Measurements, batch_size: int) -> ThroughputPoint | None:
+    """The ladder point nearest `batch_size` (in log B) with a timing range, or None."""
+    points = [p for p in m.throughput if p.samples_per_s_low > 0 and p.samples_per_s_high > 0]
     if not points:
-        return False
-    p = min(points, key=lambda p: abs(math.log(p.batch_size / batch_size)))
+        return None
+    return min(points, key=lambda p: abs(math.log(p.batch_size / batch_size)))
+
+
+def _contended(p: ThroughputPoint) -> bool:
+    """Whether the point's windows were over `CONTENTION_WINDOW_RATIO` apart (stalls, not
+    noise a median averages out)."""
     return p.samples_per_s_high > CONTENTION_WINDOW_RATIO * p.samples_per_s_low
+
+
+def _contended_near(m: Measurements, batch_size: int) -> bool:
+    """Whether the ladder point nearest `batch_size` was contended (`_contended`)."""
+    p = _timed_point_near(m, batch_size)
+    return p is not None and _contended(p)
 
 
 def untrusted_reason(m: Measurements, c: Candidate) -> str | None:
