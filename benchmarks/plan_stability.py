@@ -103,7 +103,8 @@ def within_each_other(runs: list[Run]) -> bool:
 
 def replay(run: Run) -> tuple[int, str]:
     """The batch and verdict this script's `build_plan` gives on the run's saved measurements."""
-    from batchlab.planner.model import Plan, build_plan
+    from batchlab.planner.model import build_plan
+    from batchlab.planner.plan_types import Plan
 
     plan = Plan.load(run.json_path)
     rebuilt = build_plan(
@@ -167,7 +168,8 @@ def jitter_agreement(path: str, draws: int, seed: int = 0) -> tuple[dict[int, in
     import math
     import random
 
-    from batchlab.planner.model import Plan, build_plan
+    from batchlab.planner.model import build_plan
+    from batchlab.planner.plan_types import Plan
 
     plan = Plan.load(path)
     m = plan.measurements

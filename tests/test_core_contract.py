@@ -38,7 +38,7 @@ from batchlab.errors import ConfigError
 from batchlab.measure.throughput import plan_accumulation
 from batchlab.planner import build_plan
 from batchlab.planner.measure import _task_optimizer
-from batchlab.planner.model import _step_seconds
+from batchlab.planner.timing import step_seconds
 from batchlab.sweep.build import make_sweep_spec
 from batchlab.sweep.spec import task_optimizer_family
 
@@ -117,7 +117,7 @@ def test_planner_sweep_and_controller_agree_on_family_and_rule(cls):
 def test_planner_probe_and_controller_split_alike(batch, cap):
     expected = split(batch, cap)
     m = measurements(max_batch=cap or 10**6)
-    assert _step_seconds(m, batch)[:2] == expected
+    assert step_seconds(m, batch)[:2] == expected
     plan = plan_accumulation(batch, cap or 10**6)
     assert (plan.micro_batch_size, plan.accumulation_steps) == expected
     c = AdaptiveBatchSize(1, 0.1, optimizer="SGD", max_micro_batch_size=cap, max_batch_size=8192)
@@ -272,7 +272,7 @@ def test_planner_and_controller_read_the_same_model():
     fit = collector.fit()
     assert isinstance(fit, StepTimeModel)
     for b in (16, 24, 32, 48, 64, 128):
-        micro, accum, planned = _step_seconds(m, b)
+        micro, accum, planned = step_seconds(m, b)
         assert fit.step_seconds(micro, accum) == pytest.approx(planned)
     assert math.isclose(
         fit.micro_seconds(24),

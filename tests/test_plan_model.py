@@ -13,7 +13,7 @@ from batchlab.measure.memory_fit import MemoryPoint
 from batchlab.measure.noise_run import NoisePoint
 from batchlab.measure.throughput import ThroughputPoint
 from batchlab.planner import Measurements, Plan, build_plan
-from batchlab.planner.model import Candidate, Recommendation
+from batchlab.planner.plan_types import Candidate, Recommendation
 
 
 def measurements(

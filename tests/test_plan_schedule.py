@@ -17,7 +17,7 @@ from batchlab.core.schedule import fastest_batch, path_cost
 from batchlab.core.trajectory import min_steps_along_path
 from batchlab.errors import ConfigError
 from batchlab.planner import build_plan
-from batchlab.planner.model import Plan
+from batchlab.planner.plan_types import Plan
 from batchlab.planner.schedule import recommend_schedule, schedule_ladder, with_schedule
 from batchlab.train import load_schedule
 

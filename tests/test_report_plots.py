@@ -16,7 +16,7 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.text import Text
 
-from batchlab.planner.model import Plan
+from batchlab.planner.plan_types import Plan
 from batchlab.planner.schedule import with_schedule
 from batchlab.report.noise_plots import plot_noise_run
 from batchlab.report.plan_plots import plot_noise_trajectory, plot_time_to_target

@@ -87,7 +87,7 @@ def plan_start(source: object) -> PlanStart:
 
 def _step_time(ladder: list[tuple[object, object]]) -> StepTimeModel | None:
     """The plan's step-time model through its throughput ladder (one micro-batch a step),
-    as the planner builds it (`planner.model.step_time_model`); None without usable points."""
+    as the planner builds it (`planner.timing.step_time_model`); None without usable points."""
     points = [
         (b, 1, t)
         for b, t in ladder

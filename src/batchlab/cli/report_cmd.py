@@ -63,7 +63,7 @@ def _sweep_report(directory: Path, out: Path | None, target: str | None) -> Path
 
 def _plan_report(path: Path, out: Path | None) -> Path:
     """The plan branch: `batchlab report plan.json --out DIR`, no re-measuring."""
-    from batchlab.planner.model import Plan
+    from batchlab.planner.plan_types import Plan
     from batchlab.report.plan_report import write_plan_report
 
     return write_plan_report(Plan.load(path), out if out is not None else path.parent)

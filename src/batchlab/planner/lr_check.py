@@ -42,7 +42,7 @@ from batchlab.errors import ConfigError
 from batchlab.measure.memory import ProgressFn
 from batchlab.measure.oom import is_oom_error
 from batchlab.measure.state import preserve_training_state
-from batchlab.planner.model import Plan
+from batchlab.planner.plan_types import Plan
 from batchlab.task import Task
 from batchlab.train import train
 

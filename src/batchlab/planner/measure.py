@@ -28,7 +28,8 @@ from batchlab.measure.memory import ProgressFn
 from batchlab.measure.noise_run import NoiseInterrupted, NoiseRun, measure_noise
 from batchlab.measure.probe import ProbeResult, ProbeSettings, has_batchnorm, run_probe
 from batchlab.planner.lr_check import check_recommended_lr
-from batchlab.planner.model import Measurements, Plan, build_plan
+from batchlab.planner.model import build_plan
+from batchlab.planner.plan_types import Measurements, Plan
 from batchlab.planner.reference import reference_seconds_to_target
 from batchlab.planner.schedule import with_schedule
 from batchlab.planner.trust import REFUSING_WARNINGS

@@ -44,7 +44,8 @@ from batchlab.core.trajectory import (
     min_steps_along_path,
     path_critical_batch,
 )
-from batchlab.planner.model import Candidate, Plan, untrusted_reason
+from batchlab.planner.decide import untrusted_reason
+from batchlab.planner.plan_types import Candidate, Plan
 
 LR_COUPLINGS = {
     "rule": "the plan's fixed-batch lr rule at the phase's batch, times the LR check's "

@@ -22,7 +22,7 @@ from batchlab.results import JsonResult
 MIN_LOSS_FALL = 0.05
 # Warnings that make `batchlab.plan` refuse to recommend unless `force=True`. An unreliable
 # B_simple alone does not: its interval is then wide (often unbounded above), and the plan
-# takes the batch that is the safest bet over all of it (`_recommend_fastest`), saying so.
+# takes the batch that is the safest bet over all of it (`planner.decide.recommend_fastest`), saying so.
 REFUSING_WARNINGS = ("loss-not-falling",)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from batchlab.core.tradeoff import relative_steps
-from batchlab.planner.model import Plan
+from batchlab.planner.plan_types import Plan
 from batchlab.report.axes import legend_below, new_axes, style_axes
 from batchlab.report.noise_plots import plot_b_simple_vs_loss
 

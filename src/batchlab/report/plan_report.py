@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from batchlab.measure.sizes import format_bytes
-from batchlab.planner.model import Plan, Recommendation
+from batchlab.planner.plan_types import Plan, Recommendation
 from batchlab.report.html import Card, HtmlPage, esc
 from batchlab.report.plan_plots import plot_noise_trajectory, plot_time_to_target
 

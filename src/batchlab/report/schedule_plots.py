@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from batchlab.planner.model import Plan
+from batchlab.planner.plan_types import Plan
 from batchlab.report.axes import legend_below, new_axes, style_axes
 
 NOISE_COLOR = "#0f9bb5"

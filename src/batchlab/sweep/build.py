@@ -16,7 +16,7 @@ from batchlab.core.evals import GEOMETRIC
 from batchlab.core.lr import SWEEP_LR_RULES, scale_lr, warmup_steps_for
 from batchlab.core.optim import family_lr_rule
 from batchlab.errors import ConfigError
-from batchlab.planner.model import Plan, Recommendation
+from batchlab.planner.plan_types import Plan, Recommendation
 from batchlab.sweep.spec import (
     OPTIMIZERS,
     SHARPNESS_MEASURES,

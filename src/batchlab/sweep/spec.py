@@ -17,7 +17,7 @@ import torch
 
 from batchlab.core.optim import optimizer_family
 from batchlab.errors import ConfigError
-from batchlab.planner.model import Candidate, Plan, Recommendation
+from batchlab.planner.plan_types import Candidate, Plan, Recommendation
 from batchlab.results import JsonResult
 from batchlab.task import Task
 
