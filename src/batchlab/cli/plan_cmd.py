@@ -32,7 +32,12 @@ from batchlab.planner import PartialPlan, Plan, PlanInterrupted
 from batchlab.planner import plan as make_plan
 from batchlab.planner.measure import DEFAULT_NOISE_BUDGET, DEFAULT_THROUGHPUT_SECONDS
 
-PHASES = {"memory": "memory probe", "throughput": "throughput ladder", "noise": "noise scale"}
+PHASES = {
+    "memory": "memory probe",
+    "throughput": "throughput ladder",
+    "noise": "noise scale",
+    "head-to-head": "head-to-head timing",
+}
 
 
 class PhaseProgress:
@@ -303,6 +308,8 @@ def _candidates_table(plan: Plan, b0: int) -> Table:
             marks.append("[cyan]efficient[/cyan]")
         if c.timing == "extrapolated":
             marks.append("[yellow]extrapolated[/yellow]")
+        elif c.timing == "head-to-head":
+            marks.append("head-to-head")
         elif c.timing == "interpolated":
             marks.append("[dim]interpolated[/dim]")
         style = "bold" if c.batch_size == plan.recommended.batch_size else None

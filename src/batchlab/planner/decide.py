@@ -18,7 +18,13 @@ from batchlab.core.tradeoff import (
 )
 from batchlab.measure.probe import BATCHNORM_MIN_BATCH
 from batchlab.planner.plan_types import Candidate, Measurements, Recommendation
-from batchlab.planner.timing import contended_near, step_interval, step_seconds
+from batchlab.planner.timing import (
+    contended_near,
+    head_to_head_sizes,
+    step_interval,
+    step_seconds,
+    timed_points,
+)
 from batchlab.planner.trust import (
     PlanWarning,
 )
@@ -124,7 +130,8 @@ def candidate_batch_sizes(m: Measurements, b_noise: float) -> list[int]:
 def candidates_for(m: Measurements, noise: NoiseEstimate, ref_step_s: float) -> list[Candidate]:
     """Every candidate batch with its predicted steps, step time and speedup over B0."""
     candidates = []
-    measured = {p.batch_size for p in m.throughput}
+    measured = {p.batch_size for p in timed_points(m)}
+    head_to_head = head_to_head_sizes(m)
     low_b, high_b = min(measured, default=0), max(measured, default=0)
     for b in candidate_batch_sizes(m, noise.value):
         micro, accum, step_s = step_seconds(m, b)
@@ -143,6 +150,7 @@ def candidates_for(m: Measurements, noise: NoiseEstimate, ref_step_s: float) -> 
                 speedup_low=low,
                 speedup_high=high,
                 extrapolated=b not in measured and not low_b <= micro <= high_b,
+                head_to_head=b in head_to_head,
             )
         )
     return candidates

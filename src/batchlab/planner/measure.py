@@ -6,7 +6,9 @@ The three measurements run one after another, each through the training engine:
    spends up to `noise_budget` (5%) of the reference training's examples and stops at the
    target: B_simple grows as the loss falls, so the plan fits it against the loss
    (`planner.noise_path`) and needs a range of losses, not the first 200 steps;
-3. `build_plan` — pure decision logic over what was measured.
+3. `build_plan` — pure decision logic over what was measured; the candidates it finds
+   within reach of the fastest are then timed head to head (`planner.head_to_head`) and
+   the plan is built again on those timings; then the LR check at the chosen batch.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from batchlab.history import History
 from batchlab.measure.memory import ProgressFn
 from batchlab.measure.noise_run import NoiseInterrupted, NoiseRun, measure_noise
 from batchlab.measure.probe import ProbeResult, ProbeSettings, has_batchnorm, run_probe
+from batchlab.planner.head_to_head import time_head_to_head
 from batchlab.planner.lr_check import check_recommended_lr
 from batchlab.planner.model import build_plan
 from batchlab.planner.plan_types import Measurements, Plan
@@ -190,19 +193,27 @@ def plan(
     reference_seconds = _reference_seconds(reference_run, task, target)
     measured = _measure(task, settings, noise_steps=steps, target=target, progress=progress)
     m = measurements_from(task, measured["probe"], measured["noise"], noise_budget)
-    built = build_plan(
-        m,
-        lr_rule=lr_rule,
-        reference_seconds_to_target=reference_seconds,
-        target=target,
-        plan_seconds=time.perf_counter() - t0,
-        command=command,
-        probe=measured["probe"],
-        noise=measured["noise"],
-    )
+
+    def build(m: Measurements) -> Plan:
+        return build_plan(
+            m,
+            lr_rule=lr_rule,
+            reference_seconds_to_target=reference_seconds,
+            target=target,
+            plan_seconds=time.perf_counter() - t0,
+            command=command,
+            probe=measured["probe"],
+            noise=measured["noise"],
+        )
+
+    built = build(m)
     refusing = [w.message for w in built.warnings if w.code in REFUSING_WARNINGS]
     if refusing and not force:
         raise PlanRefused(refusing)
+    try:  # the sizes that decide, timed again side by side (planner/head_to_head.py)
+        built = build(time_head_to_head(task, built, settings, progress))
+    except KeyboardInterrupt:
+        raise PlanInterrupted("the head-to-head timing", measured) from None
     if check_lr:  # the recommended LR, probed at its batch (planner/lr_check.py)
         try:
             built = check_recommended_lr(task, built, device, amp, seed, progress, started=t0)

@@ -121,6 +121,8 @@ def build_plan(
         warnings.append(_extrapolation_warning(outlook))
     if probe is not None:
         warnings.extend(probe_warnings(probe))
+    if m.head_to_head is not None:  # what the head-to-head timing itself found wrong
+        warnings.extend(PlanWarning("head-to-head", w) for w in m.head_to_head.warnings)
     return Plan(
         task=m.task,
         device=m.device,

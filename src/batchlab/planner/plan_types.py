@@ -15,7 +15,7 @@ from batchlab.errors import ConfigError
 from batchlab.measure.memory_fit import MemoryPoint
 from batchlab.measure.noise_run import NoisePoint, NoiseRun
 from batchlab.measure.probe import ProbeResult
-from batchlab.measure.throughput import ThroughputPoint
+from batchlab.measure.throughput import ThroughputPoint, ThroughputProfile
 from batchlab.planner.noise_path import NoiseOutlook
 from batchlab.planner.plan_file import check_plan_fields
 from batchlab.planner.trust import (
@@ -62,6 +62,9 @@ class Measurements(JsonResult):
     noise_budget: float | None = None
     # The noise points are B_simple of Adam-preconditioned gradients (`measure_noise`).
     noise_preconditioned: bool = False
+    # The leading candidates and B0 timed again, interleaved with more windows, after the
+    # noise phase told which sizes decide (`planner.head_to_head`); None: not timed.
+    head_to_head: ThroughputProfile | None = None
 
     @property
     def reference_examples(self) -> int:
@@ -104,13 +107,18 @@ class Candidate(JsonResult):
     # The micro-batch lies outside the measured ladder: its step time is extrapolated by
     # the step-time model, not read between two measured points.
     extrapolated: bool = False
+    # B was timed head to head with the other leading candidates (`planner.head_to_head`).
+    head_to_head: bool = False
 
     @property
     def timing(self) -> str:
         """How its step time was found, as the CLI table and the report label it:
-        "measured", "interpolated" (between ladder points) or "extrapolated" (beyond)."""
+        "head-to-head" (timed against the other leading candidates), "measured" (on the
+        ladder), "interpolated" (between timed points) or "extrapolated" (beyond)."""
         if self.extrapolated:
             return "extrapolated"
+        if self.head_to_head:
+            return "head-to-head"
         return "measured" if self.measured else "interpolated"
 
 

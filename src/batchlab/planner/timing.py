@@ -1,10 +1,18 @@
-"""The plan's step times: the one step-time model through the measured ladder, and how
+"""The plan's step times: the one step-time model through the measured points, and how
 uncertain each point's timing is (`core.step_time` holds the model; this reads the plan's
 measurements into it). Pure: nothing here measures.
+
+The points are the throughput ladder's, with the head-to-head timing of the leading
+candidates (`planner.head_to_head`) in their place over the range it covers: the ladder
+gives each of 10-12 sizes 5 short windows, and on the 2-core VM the ratio of two
+neighbouring sizes' medians moved 1.42-1.77x between identical plans (mnist1d-cnn,
+B=512 against 256), enough to flip the choice between them; 15 windows of the few sizes
+that decide it moved 1.41-1.50x (benchmarks/results/plan_stability.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from batchlab.core.batching import split
@@ -13,10 +21,47 @@ from batchlab.measure.throughput import CONTENTION_WINDOW_RATIO, ThroughputPoint
 from batchlab.planner.plan_types import Measurements
 
 
+def timed_points(m: Measurements) -> tuple[ThroughputPoint, ...]:
+    """The plan's timed points, by batch size: the ladder's, and where the leading
+    candidates were timed head to head, those timings over the range of sizes they cover.
+
+    The ladder's points outside that range keep their shape but are put on the
+    head-to-head's level (times the geometric mean, over the head-to-head sizes, of its
+    time against the ladder's model there): the two were timed a few seconds apart, and
+    on a shared machine the level moves (1.7 against 2.3 ms at B=128 between processes)
+    while ratios within one interleaved timing hold."""
+    h2h = sorted(m.head_to_head.points if m.head_to_head else (), key=lambda p: p.batch_size)
+    if len(h2h) < 2:
+        return tuple(sorted(m.throughput, key=lambda p: p.batch_size))
+    ladder = fit_step_time([(p.batch_size, 1, p.step_s) for p in m.throughput])
+    logs = [math.log(p.step_s / ladder.step_seconds(p.batch_size)) for p in h2h]
+    level = math.exp(sum(logs) / len(logs))
+    lo, hi = h2h[0].batch_size, h2h[-1].batch_size
+    outside = [_scaled(p, level) for p in m.throughput if not lo <= p.batch_size <= hi]
+    return tuple(sorted([*outside, *h2h], key=lambda p: p.batch_size))
+
+
+def _scaled(p: ThroughputPoint, level: float) -> ThroughputPoint:
+    """The point with every time multiplied by `level` (rates divided)."""
+    return dataclasses.replace(
+        p,
+        step_s=p.step_s * level,
+        samples_per_s=p.samples_per_s / level,
+        samples_per_s_low=p.samples_per_s_low / level,
+        samples_per_s_high=p.samples_per_s_high / level,
+    )
+
+
+def head_to_head_sizes(m: Measurements) -> frozenset[int]:
+    """The batch sizes the plan timed head to head (empty without that timing)."""
+    return frozenset(p.batch_size for p in m.head_to_head.points) if m.head_to_head else frozenset()
+
+
 def step_time_model(m: Measurements) -> StepTimeModel:
-    """The shared step-time model through the measured ladder (one micro-batch a step, so
-    the per-step cost is folded into the micro-batch time), extrapolated conservatively."""
-    return fit_step_time([(p.batch_size, 1, p.step_s) for p in m.throughput])
+    """The shared step-time model through the plan's timed points (`timed_points`; one
+    micro-batch a step, so the per-step cost is folded into the micro-batch time),
+    extrapolated conservatively."""
+    return fit_step_time([(p.batch_size, 1, p.step_s) for p in timed_points(m)])
 
 
 def step_seconds(m: Measurements, batch_size: int) -> tuple[int, int, float]:
@@ -26,7 +71,7 @@ def step_seconds(m: Measurements, batch_size: int) -> tuple[int, int, float]:
 
 
 def step_interval(m: Measurements, batch_size: int, step_s: float) -> tuple[float, float]:
-    """The step time's range, from the timing of the nearest measured ladder point, as a
+    """The step time's range, from the timing of the nearest timed point, as a
     ratio applied to `step_s`: the uncertainty of its median
     (`core.step_time.median_step_interval`), or, where its windows ranged over more than
     `CONTENTION_WINDOW_RATIO` (contended: a few windows stalled, not noise a median
@@ -46,8 +91,8 @@ def step_interval(m: Measurements, batch_size: int, step_s: float) -> tuple[floa
 
 
 def timed_point_near(m: Measurements, batch_size: int) -> ThroughputPoint | None:
-    """The ladder point nearest `batch_size` (in log B) with a timing range, or None."""
-    points = [p for p in m.throughput if p.samples_per_s_low > 0 and p.samples_per_s_high > 0]
+    """The timed point nearest `batch_size` (in log B) with a timing range, or None."""
+    points = [p for p in timed_points(m) if p.samples_per_s_low > 0 and p.samples_per_s_high > 0]
     if not points:
         return None
     return min(points, key=lambda p: abs(math.log(p.batch_size / batch_size)))
@@ -60,6 +105,6 @@ def _contended(p: ThroughputPoint) -> bool:
 
 
 def contended_near(m: Measurements, batch_size: int) -> bool:
-    """Whether the ladder point nearest `batch_size` was contended (`_contended`)."""
+    """Whether the timed point nearest `batch_size` was contended (`_contended`)."""
     p = timed_point_near(m, batch_size)
     return p is not None and _contended(p)
