@@ -184,3 +184,61 @@ def test_recorded_mnist1d_cnn_plans_agree():
         chosen[name] = (plan.recommended.batch_size, plan.keep_reference)
     assert len(set(chosen.values())) == 1, chosen
     assert next(iter(chosen.values())) == (256, False)
+
+
+@pytest.mark.parametrize("ratio, threads_inside", [(300.0, 1), (1.5, 2)])
+def test_training_phases_take_one_thread_only_when_the_threads_are_starved(
+    monkeypatch, ratio, threads_inside
+):
+    """`one_thread_when_starved`: one thread inside the block when a fixed workload runs
+    far slower with several (and why, in the notes); the caller's count outside it."""
+    from batchlab.measure import step_timing
+
+    monkeypatch.setattr(step_timing, "thread_slowdown", lambda: ratio)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        notes: list[str] = []
+        with step_timing.one_thread_when_starved("cpu", notes):
+            inside = torch.get_num_threads()
+        assert inside == threads_inside
+        assert torch.get_num_threads() == 2
+        assert (notes == []) == (threads_inside == 2)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_plan_on_a_busy_cpu_trains_with_one_thread_and_says_so(monkeypatch):
+    """The noise phase and the LR check run with one thread when the threads are starved
+    (they took 72-272 s per mnist1d-cnn plan with 2 starved threads), and the plan says so;
+    the caller's thread count is back afterwards."""
+    import batchlab
+    from batchlab.measure import step_timing
+    from batchlab.planner import measure as plan_measure
+
+    seen = {}
+    real_noise, real_check = plan_measure.measure_noise, plan_measure.check_recommended_lr
+
+    def noise(*a, **k):
+        seen["noise"] = torch.get_num_threads()
+        return real_noise(*a, **k)
+
+    def check(*a, **k):
+        seen["lr check"] = torch.get_num_threads()
+        return real_check(*a, **k)
+
+    monkeypatch.setattr(plan_measure, "measure_noise", noise)
+    monkeypatch.setattr(plan_measure, "check_recommended_lr", check)
+    monkeypatch.setattr(step_timing, "thread_slowdown", lambda: 300.0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        plan = batchlab.plan(tiny_task(n=256), memory_budget="64MiB", throughput_seconds=0.3,
+                             noise_budget=1.0, noise_steps=20, force=True)  # fmt: skip
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {"noise": 1, "lr check": 1}
+    busy = [w.message for w in plan.warnings if w.code == "busy-cpu"]
+    assert len(busy) == 1 and "noise phase" in busy[0] and "LR check" in busy[0]
+    assert any("memory probe run with 1 thread" in w.message for w in plan.warnings)

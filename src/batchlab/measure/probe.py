@@ -12,6 +12,7 @@ from batchlab.core.checks import check_batch_size
 from batchlab.measure.budget import check_budget, check_margin
 from batchlab.measure.distributed import agree_min, rank_device, world_size
 from batchlab.measure.memory import DEFAULT_MARGIN, MemoryProbe, ProgressFn, probe_memory
+from batchlab.measure.step_timing import one_thread_when_starved
 from batchlab.measure.throughput import (
     TIME_BUDGET_SECONDS,
     AccumulationPlan,
@@ -23,6 +24,7 @@ from batchlab.measure.throughput import (
     profile_throughput,
 )
 from batchlab.results import JsonResult
+from batchlab.step import resolve_device
 from batchlab.task import Task
 from batchlab.tasks import load_task
 
@@ -146,10 +148,12 @@ def run_probe(
         check_batch_size(effective_batch_size, what="effective batch size")
     s = settings
     device = rank_device(s.device)
-    memory = probe_memory(
-        task, device=device, memory_budget=s.memory_budget, target_memory=s.target_memory,
-        margin=s.margin, amp=s.amp, seed=s.seed, progress=progress,
-    )  # fmt: skip
+    starved: list[str] = []  # the memory probe's steps, with one thread on a busy CPU
+    with one_thread_when_starved(resolve_device(device), starved):
+        memory = probe_memory(
+            task, device=device, memory_budget=s.memory_budget, target_memory=s.target_memory,
+            margin=s.margin, amp=s.amp, seed=s.seed, progress=progress,
+        )  # fmt: skip
     max_batch = agree_min(memory.max_batch_size)
     profile = profile_throughput(
         task, max_batch_size=max_batch, device=device, amp=s.amp, seed=s.seed,
@@ -159,6 +163,7 @@ def run_probe(
     aligned = profile.aligned_knee_batch_size if knee == profile.knee_batch_size else knee
 
     warnings = list(memory.warnings) + list(profile.warnings)
+    warnings += [f"memory probe run with 1 thread: the CPU was busy ({why})" for why in starved]
     if max_batch < memory.max_batch_size:
         warnings.append(
             f"this rank fits B={memory.max_batch_size}, but another rank fits only "

@@ -8,8 +8,9 @@ size alike, so ratios between sizes stay meaningful on a shared machine.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import torch
@@ -20,6 +21,9 @@ from batchlab.measure.state import release_memory
 from batchlab.step import TrainStep
 
 MIN_WINDOWS = 3  # rounds always timed, even past the time budget
+# Several torch threads running a small fixed workload this many times slower than one
+# thread means other processes hold the cores (`thread_slowdown`).
+CONTENTION_SLOWDOWN = 4.0
 
 
 class StepTimer(Protocol):
@@ -193,3 +197,45 @@ def warm_up(
     if not per_window:
         raise ConfigError(f"B={sizes[0]} ran out of memory; pass a smaller batch size")
     return per_window
+
+
+def threads_starved(slowdown: Callable[[], float] | None) -> str | None:
+    """Why this process's torch threads look starved of cores (`slowdown()`, e.g.
+    `thread_slowdown`, over `CONTENTION_SLOWDOWN`), or None; None without a `slowdown`."""
+    ratio = slowdown() if slowdown is not None else 1.0
+    if ratio > CONTENTION_SLOWDOWN:
+        return f"a small fixed workload ran {ratio:.0f}x slower than with 1 thread"
+    return None
+
+
+@contextlib.contextmanager
+def one_thread(threads: int = 1) -> Iterator[None]:
+    """Run the block with `threads` torch intra-op threads; the caller's count comes back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def one_thread_when_starved(device: torch.device | str, notes: list[str]) -> Iterator[None]:
+    """Run the block with one torch thread when this CPU's threads are starved
+    (`threads_starved`), appending why to `notes`; otherwise leave the threads alone.
+
+    Training phases of a plan (the memory probe, the noise phase, the LR check) took
+    72-272 s for mnist1d-cnn on the loaded 2-core VM with 2 threads, 15-19 s in quiet
+    moments: each parallel region waits for a thread the scheduler has not run. With one
+    thread the same steps run at about their quiet speed, and their numbers agree with the
+    2-thread run's to ~1e-7 relative (summation order), not bit for bit."""
+    dev = torch.device(device)
+    starved = None
+    if dev.type == "cpu" and torch.get_num_threads() > 1:
+        starved = threads_starved(thread_slowdown)
+    if starved is None:
+        yield
+        return
+    notes.append(starved)
+    with one_thread():
+        yield

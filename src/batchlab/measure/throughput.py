@@ -24,10 +24,13 @@ from batchlab.errors import ConfigError
 from batchlab.measure.memory import ProgressFn
 from batchlab.measure.state import preserve_training_state, release_memory
 from batchlab.measure.step_timing import (
+    CONTENTION_SLOWDOWN,
     StepTimer,
     TrainStepTimer,
     interleaved_rounds,
+    one_thread,
     thread_slowdown,
+    threads_starved,
     warm_up,
 )
 from batchlab.results import JsonResult
@@ -48,7 +51,6 @@ NOISY_SPREAD = 0.5  # warn when a point's windows range over more than 50% of it
 # a quiet device (the windows are interleaved, so a slow phase hits every size); both are
 # what a loaded CPU gave (issue 14: load 6 on 2 cores, windows over 21032%).
 CONTENTION_WINDOW_RATIO = 3.0
-CONTENTION_SLOWDOWN = 4.0
 
 
 @dataclass(frozen=True)
@@ -365,7 +367,7 @@ def _timed_steadily(
     if dev.type != "cpu" or threads == 1:
         points, findings, steps = measure(warnings)
         return points, findings, steps, warnings
-    starved = _threads_starved(slowdown)
+    starved = threads_starved(slowdown)
     if starved:
         notes = list(warnings)
         points, findings, steps = _with_one_thread(measure, notes)
@@ -374,7 +376,7 @@ def _timed_steadily(
     points, findings, steps = measure(warnings)
     # Contention that began while the ladder ran shows in its windows, or, when it slowed
     # every window alike, in the thread check run again.
-    contended = timing_contention(points) or _threads_starved(slowdown)
+    contended = timing_contention(points) or threads_starved(slowdown)
     if not contended:
         return points, findings, steps, warnings
     notes = list(warnings)
@@ -388,25 +390,12 @@ def _timed_steadily(
     return again, again_findings, steps + again_steps, notes
 
 
-def _threads_starved(slowdown: Callable[[], float] | None) -> str | None:
-    """Why several threads look starved of cores (`step_timing.thread_slowdown` over
-    `CONTENTION_SLOWDOWN`), or None."""
-    ratio = slowdown() if slowdown is not None else 1.0
-    if ratio > CONTENTION_SLOWDOWN:
-        return f"a small fixed workload ran {ratio:.0f}x slower than with 1 thread"
-    return None
-
-
 def _with_one_thread(
     measure: Callable[[list[str]], tuple[Sequence[ThroughputPoint], list, int]],
     notes: list[str],
 ) -> tuple[Sequence[ThroughputPoint], list, int]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         return measure(notes)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _one_thread_note(threads: int, contended: str, still: str | None) -> str:

@@ -13,6 +13,7 @@ The three measurements run one after another, each through the training engine:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +30,15 @@ from batchlab.history import History
 from batchlab.measure.memory import ProgressFn
 from batchlab.measure.noise_run import NoiseInterrupted, NoiseRun, measure_noise
 from batchlab.measure.probe import ProbeResult, ProbeSettings, has_batchnorm, run_probe
+from batchlab.measure.step_timing import one_thread_when_starved
 from batchlab.planner.head_to_head import time_head_to_head
 from batchlab.planner.lr_check import check_recommended_lr
 from batchlab.planner.model import build_plan
 from batchlab.planner.plan_types import Measurements, Plan
 from batchlab.planner.reference import reference_seconds_to_target
 from batchlab.planner.schedule import with_schedule
-from batchlab.planner.trust import REFUSING_WARNINGS
+from batchlab.planner.trust import REFUSING_WARNINGS, PlanWarning
+from batchlab.step import resolve_device
 from batchlab.target import target_for_task
 from batchlab.task import Task
 from batchlab.tasks import load_task
@@ -191,7 +194,10 @@ def plan(
     )
     target = check_target_for_task(target, task)
     reference_seconds = _reference_seconds(reference_run, task, target)
-    measured = _measure(task, settings, noise_steps=steps, target=target, progress=progress)
+    busy: dict[str, list[str]] = {"noise phase": [], "LR check": []}  # run with 1 thread: why
+    measured = _measure(
+        task, settings, noise_steps=steps, target=target, progress=progress, busy=busy
+    )
     m = measurements_from(task, measured["probe"], measured["noise"], noise_budget)
 
     def build(m: Measurements) -> Plan:
@@ -216,10 +222,26 @@ def plan(
         raise PlanInterrupted("the head-to-head timing", measured) from None
     if check_lr:  # the recommended LR, probed at its batch (planner/lr_check.py)
         try:
-            built = check_recommended_lr(task, built, device, amp, seed, progress, started=t0)
+            with one_thread_when_starved(resolve_device(device), busy["LR check"]):
+                built = check_recommended_lr(task, built, device, amp, seed, progress, started=t0)
         except KeyboardInterrupt:  # keep the minutes of probe and noise already measured
             raise PlanInterrupted("the LR check", measured) from None
+    built = _with_busy_warning(built, busy)
     return with_schedule(built)  # B(t) rising with the predicted B_noise(t)
+
+
+def _with_busy_warning(built: Plan, busy: dict[str, list[str]]) -> Plan:
+    """The plan, with a warning naming the training phases run with one thread because
+    the CPU's threads were starved (`measure.step_timing.one_thread_when_starved`)."""
+    phases = [f"{phase} ({why[0]})" for phase, why in busy.items() if why]
+    if not phases:
+        return built
+    warning = PlanWarning(
+        "busy-cpu",
+        f"the CPU was busy, so the {'; the '.join(phases)} trained with 1 thread to run at "
+        "about quiet speed; the results do not depend on it",
+    )
+    return dataclasses.replace(built, warnings=(*built.warnings, warning))
 
 
 def noise_phase_steps(task: Task, noise_budget: float, noise_steps: int | None = None) -> int:
@@ -263,27 +285,30 @@ def _measure(
     noise_steps: int,
     target: str | None,
     progress: ProgressFn | None,
+    busy: dict[str, list[str]],
 ) -> dict[str, Any]:
-    """The probe, then the noise measurement; on Ctrl-C, `PlanInterrupted` with the results so far."""
+    """The probe, then the noise measurement; on Ctrl-C, `PlanInterrupted` with the results
+    so far. `busy["noise phase"]` gets why the noise phase ran with one thread, if it did."""
     measured: dict[str, Any] = {}
     phase = "the hardware probe"
     try:
         measured["probe"] = run_probe(task, settings, progress=progress)
         phase = "the noise measurement"
         callbacks = [_NoiseProgress(progress)] if progress is not None else []
-        measured["noise"] = measure_noise(
-            task,
-            steps=noise_steps,
-            every=max(1, noise_steps // POINTS_PER_NOISE_RUN),
-            target=target,
-            seed=settings.seed,
-            device=settings.device,
-            callbacks=callbacks,
-            # For an Adam-like optimizer, B_simple in the geometry Adam steps in (plain
-            # B_simple otherwise): on mnist1d-mlp the plain value puts the critical batch
-            # at 0.4x the sweep's (benchmarks/results/plan_regret.md).
-            preconditioned=True,
-        )
+        with one_thread_when_starved(resolve_device(settings.device), busy["noise phase"]):
+            measured["noise"] = measure_noise(
+                task,
+                steps=noise_steps,
+                every=max(1, noise_steps // POINTS_PER_NOISE_RUN),
+                target=target,
+                seed=settings.seed,
+                device=settings.device,
+                callbacks=callbacks,
+                # For an Adam-like optimizer, B_simple in the geometry Adam steps in (plain
+                # B_simple otherwise): on mnist1d-mlp the plain value puts the critical batch
+                # at 0.4x the sweep's (benchmarks/results/plan_regret.md).
+                preconditioned=True,
+            )
     except NoiseInterrupted as exc:  # the points measured so far are kept, and saved
         measured["noise"] = exc.partial
         raise PlanInterrupted(phase, measured) from None
