@@ -7,8 +7,9 @@ import dataclasses
 import pytest
 import torch
 from conftest import tiny_task
-from test_plan_stability import B_NOISE, LADDER, cpu_step_s, ladder, plan_for
+from test_plan_stability import B_NOISE, cpu_step_s, ladder, plan_for
 
+from batchlab.core.step_time import with_head_to_head
 from batchlab.measure.probe import ProbeSettings
 from batchlab.measure.throughput import ThroughputPoint, ThroughputProfile
 from batchlab.planner import Plan, build_plan
@@ -28,7 +29,7 @@ def profile(step_s, sizes, spread: float = 0.02) -> ThroughputProfile:
     return ThroughputProfile("cpu", False, tuple(points), sizes[-1], 0.9, 1.0, (), sizes[-1], 0, 0)
 
 
-def with_head_to_head(plan: Plan, step_s) -> Plan:
+def plan_with_h2h(plan: Plan, step_s) -> Plan:
     m = dataclasses.replace(plan.measurements, head_to_head=profile(step_s, contenders(plan)))
     return build_plan(m, b_simple=B_NOISE, lr_rule="linear")
 
@@ -50,7 +51,7 @@ def test_no_contest_when_only_b0_is_near():
 
 def test_head_to_head_times_replace_the_ladder_over_their_range():
     """Inside [min, max] of the head-to-head sizes only its points count; outside, the
-    ladder keeps its shape on the head-to-head's level (here 2x: a slower moment)."""
+    ladder keeps its shape, scaled to meet the nearest end (here 2x: a slower moment)."""
     plan = plan_for(ladder(cpu_step_s))
     slower = lambda b: 2 * cpu_step_s(b)  # noqa: E731
     m = dataclasses.replace(plan.measurements, head_to_head=profile(slower, [32, 256, 512, 1024]))
@@ -70,7 +71,7 @@ def test_the_head_to_head_decides_a_near_tie_the_ladder_could_not():
     assert base.recommended.batch_size == 256
     assert "within the timing uncertainty" in base.verdict
     h2h = lambda b: 1e-3 * (1 + b / 512) * (0.87 if b == 512 else 1.0)  # noqa: E731
-    plan = with_head_to_head(base, h2h)
+    plan = plan_with_h2h(base, h2h)
     assert plan.recommended.batch_size == 512
     timing = {c.batch_size: c.timing for c in plan.candidates}
     assert timing[512] == timing[256] == timing[32] == "head-to-head"
@@ -80,7 +81,7 @@ def test_the_head_to_head_decides_a_near_tie_the_ladder_could_not():
 
 
 def test_head_to_head_round_trips_through_the_plan_file(tmp_path):
-    plan = with_head_to_head(plan_for(ladder(cpu_step_s)), cpu_step_s)
+    plan = plan_with_h2h(plan_for(ladder(cpu_step_s)), cpu_step_s)
     path = tmp_path / "plan.json"
     plan.save(path)
     again = Plan.load(path)
@@ -104,4 +105,60 @@ def test_time_head_to_head_times_the_contenders_and_leaves_no_trace():
     assert [p.batch_size for p in timed.head_to_head.points] == sizes
     assert all(3 <= p.windows <= WINDOWS for p in timed.head_to_head.points)
     assert timed.probe_steps > m.probe_steps
-    assert set(LADDER) >= {p.batch_size for p in timed.throughput}  # the ladder is kept
+    assert timed.throughput == m.throughput  # the ladder is kept as it was
+
+
+def test_outer_ladder_segments_meet_the_head_to_head_ends_and_never_cross_them():
+    """Known answer: ladder 1, 3.5, 3, 4, 5 ms at B=8..128 (x2; the dip at 32 is noise, so
+    the monotone fit reads sqrt(3.5 x 3) ms at 16 and 32), head-to-head 3 ms at B=32 and
+    3.3 ms at 64. Below 32 the ladder is scaled to meet 3 ms there, and B=16, scaled above
+    it, is clipped to it; above 64 it is scaled by 3.3/4. The head-to-head's own times come
+    through as measured: ladder noise cannot move B0's time."""
+    ladder = [(8, 1e-3), (16, 3.5e-3), (32, 3e-3), (64, 4e-3), (128, 5e-3)]
+    merged = dict(with_head_to_head(ladder, [(32, 3e-3), (64, 3.3e-3)]))
+    assert merged[32] == 3e-3 and merged[64] == 3.3e-3
+    below = 3e-3 / (3.5e-3 * 3e-3) ** 0.5
+    assert merged[8] == pytest.approx(1e-3 * below)
+    assert merged[16] == pytest.approx(3e-3)  # 3.5 ms x 0.93 = 3.24 ms, clipped
+    assert merged[128] == pytest.approx(5e-3 * 3.3 / 4)
+    assert with_head_to_head(ladder, [(32, 3e-3)]) == ladder  # one size decides nothing
+
+
+def test_a_head_to_head_of_one_size_changes_nothing():
+    """When the timing kept only one size (the rest over budget), the plan is the ladder's
+    and no candidate is labelled head-to-head."""
+    base = plan_for(ladder(cpu_step_s))
+    m = dataclasses.replace(base.measurements, head_to_head=profile(lambda b: 9.0, [32]))
+    plan = build_plan(m, b_simple=B_NOISE, lr_rule="linear")
+    assert plan.candidates == base.candidates
+    assert "head-to-head" not in {c.timing for c in plan.candidates}
+
+
+def test_a_contended_head_to_head_warns():
+    """Windows 9x apart in the head-to-head: `timing-contention`, though the ladder is clean."""
+    base = plan_for(ladder(cpu_step_s))
+    assert "timing-contention" not in {w.code for w in base.warnings}
+    contended = profile(cpu_step_s, contenders(base), spread=2.0)
+    m = dataclasses.replace(base.measurements, head_to_head=contended)
+    plan = build_plan(m, b_simple=B_NOISE, lr_rule="linear")
+    assert "timing-contention" in {w.code for w in plan.warnings}
+
+
+def test_adaptive_start_prices_batches_as_the_plan_did(tmp_path):
+    """`--adaptive --schedule plan.json` starts from the plan's step-time model: the same
+    merged points, read from the Plan object and from its JSON file."""
+    from batchlab.adaptive.plan_start import plan_start
+    from batchlab.planner.schedule import with_schedule
+
+    h2h = lambda b: 1e-3 * (1 + b / 512) * (0.87 if b >= 400 else 1.0)  # noqa: E731
+    base = plan_for(ladder(cpu_step_s))
+    m = dataclasses.replace(base.measurements, head_to_head=profile(h2h, contenders(base)))
+    plan = with_schedule(build_plan(m, lr_rule="linear"))  # from the noise points
+    assert plan.measurements.head_to_head is not None
+    plan.save(tmp_path / "plan.json")
+    model = step_time_model(plan.measurements)
+    ladder_only = step_time_model(dataclasses.replace(plan.measurements, head_to_head=None))
+    assert model.step_seconds(512) < 0.9 * ladder_only.step_seconds(512)
+    for start in (plan_start(plan), plan_start(tmp_path / "plan.json")):
+        for b in (8, 32, 256, 512, 1024):
+            assert start.step_time.step_seconds(b) == pytest.approx(model.step_seconds(b))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batchlab.core.schedule import BatchSchedule, ScheduleForecast
-from batchlab.core.step_time import StepTimeModel, fit_step_time
+from batchlab.core.step_time import StepTimeModel, fit_step_time, with_head_to_head
 from batchlab.errors import ConfigError
 from batchlab.measure.noise_run import NoisePoint
 from batchlab.results import FieldError, read_json_object
@@ -55,6 +55,12 @@ def plan_start(source: object) -> PlanStart:
         measurements = getattr(source, "measurements", None)
         noise = tuple(getattr(measurements, "noise", ()) or ())
         ladder = [(p.batch_size, p.step_s) for p in getattr(measurements, "throughput", ())]
+        h2h = getattr(measurements, "head_to_head", None)
+        ladder = (
+            with_head_to_head(ladder, [(p.batch_size, p.step_s) for p in h2h.points])
+            if h2h
+            else ladder
+        )
         pre = bool(getattr(measurements, "noise_preconditioned", False))
         return PlanStart(
             forecast.schedule, noise, forecast.lr_rule or None, _step_time(ladder), pre
@@ -76,24 +82,29 @@ def plan_start(source: object) -> PlanStart:
     if "phases" in data:  # a schedule's own JSON: no noise points, no coupling
         return PlanStart(schedule)
     rule = data["schedule"].get("lr_rule") or None
-    ladder = [
-        (p.get("batch_size"), p.get("step_s"))
-        for p in (data.get("measurements") or {}).get("throughput") or ()
-        if isinstance(p, dict)
-    ]
+    measured = data.get("measurements") or {}
+    ladder = _timed(measured.get("throughput"))
+    h2h = _timed((measured.get("head_to_head") or {}).get("points"))
+    ladder = with_head_to_head(ladder, h2h) if ladder else ladder
     pre = (data.get("measurements") or {}).get("noise_preconditioned") is True
     return PlanStart(schedule, _noise_points(source, data), rule, _step_time(ladder), pre)
 
 
-def _step_time(ladder: list[tuple[object, object]]) -> StepTimeModel | None:
-    """The plan's step-time model through its throughput ladder (one micro-batch a step),
-    as the planner builds it (`planner.timing.step_time_model`); None without usable points."""
-    points = [
-        (b, 1, t)
-        for b, t in ladder
-        if isinstance(b, int) and b > 0 and isinstance(t, (int, float)) and t > 0
-    ]
-    return fit_step_time(points) if points else None
+def _timed(points: object) -> list[tuple[int, float]]:
+    """`(batch_size, step_s)` of a plan file's timed points that are well formed."""
+    out = []
+    for p in points if isinstance(points, list) else ():
+        b, t = (p.get("batch_size"), p.get("step_s")) if isinstance(p, dict) else (None, None)
+        if isinstance(b, int) and b > 0 and isinstance(t, (int, float)) and t > 0:
+            out.append((b, float(t)))
+    return out
+
+
+def _step_time(ladder: list[tuple[int, float]]) -> StepTimeModel | None:
+    """The plan's step-time model through its timed points (one micro-batch a step; the
+    ladder with the head-to-head in its place, `core.step_time.with_head_to_head`), as the
+    planner builds it (`planner.timing.step_time_model`); None without usable points."""
+    return fit_step_time([(b, 1, t) for b, t in ladder]) if ladder else None
 
 
 def _noise_points(path: str | Path, data: dict) -> tuple[NoisePoint, ...]:

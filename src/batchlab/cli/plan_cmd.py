@@ -98,7 +98,11 @@ def plan(
     ] = None,
     throughput_seconds: Annotated[
         float,
-        typer.Option("--throughput-seconds", help="Rough time budget of the throughput ladder."),
+        typer.Option(
+            "--throughput-seconds",
+            help="Rough time budget of the throughput ladder; the head-to-head timing of the "
+            "leading candidates takes 60% of it again.",
+        ),
     ] = DEFAULT_THROUGHPUT_SECONDS,
     lr_rule: Annotated[
         str | None,

@@ -155,6 +155,35 @@ def fit_step_time(
     return StepTimeModel(sizes, tuple(fitted), gamma, alpha, beta, extrapolation)
 
 
+def with_head_to_head(
+    ladder: Sequence[tuple[int, float]], head_to_head: Sequence[tuple[int, float]]
+) -> list[tuple[int, float]]:
+    """`(batch, seconds)` of a ladder with a head-to-head timing in its place over the range
+    of sizes the head-to-head covers (fewer than 2 head-to-head sizes: the ladder as is).
+
+    The head-to-head times the few sizes that decide with more windows, after the ladder
+    (`planner.head_to_head`), so over its range only its points count. Below and above,
+    the ladder keeps its shape, scaled to meet the head-to-head's end point (the level
+    moves between timings on a shared machine, and a ladder timed with another thread
+    count differs in shape, most at the far ends) and clipped so no scaled point crosses
+    that end point: ladder noise cannot then move the head-to-head's own times through
+    the monotone fit. Ladder sizes inside the range are dropped, read between the
+    head-to-head's points.
+    """
+    h2h = sorted(head_to_head)
+    if len(h2h) < 2 or not ladder:
+        return sorted(ladder)
+    model = fit_step_time([(b, 1, t) for b, t in ladder])
+    (lo_b, lo_t), (hi_b, hi_t) = h2h[0], h2h[-1]
+    below = lo_t / model.step_seconds(lo_b)
+    above = hi_t / model.step_seconds(hi_b)
+    return (
+        [(b, min(t * below, lo_t)) for b, t in sorted(ladder) if b < lo_b]
+        + h2h
+        + [(b, max(t * above, hi_t)) for b, t in sorted(ladder) if b > hi_b]
+    )
+
+
 def identify_gamma(points: Sequence[tuple[int, int, float]]) -> float:
     """The per-step cost from sizes timed at two or more accumulation counts, else 0.
 

@@ -209,8 +209,9 @@ def threads_starved(slowdown: Callable[[], float] | None) -> str | None:
 
 
 @contextlib.contextmanager
-def one_thread(threads: int = 1) -> Iterator[None]:
-    """Run the block with `threads` torch intra-op threads; the caller's count comes back."""
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run the block with `threads` torch intra-op threads; the caller's count comes back
+    (on an exception too)."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -220,9 +221,16 @@ def one_thread(threads: int = 1) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def one_thread_when_starved(device: torch.device | str, notes: list[str]) -> Iterator[None]:
+def one_thread_when_starved(
+    device: torch.device | str, notes: list[str], *, earlier: str | None = None
+) -> Iterator[None]:
     """Run the block with one torch thread when this CPU's threads are starved
     (`threads_starved`), appending why to `notes`; otherwise leave the threads alone.
+
+    `earlier`: why an earlier phase of the same job ran with one thread. Contention comes
+    and goes within seconds, so once seen the later phases run with one thread without
+    checking again: a check in a lucky moment let a plan's noise phase run 118 s with two
+    starved threads (benchmarks/results/plan_stability.md).
 
     Training phases of a plan (the memory probe, the noise phase, the LR check) took
     72-272 s for mnist1d-cnn on the loaded 2-core VM with 2 threads, 15-19 s in quiet
@@ -232,10 +240,10 @@ def one_thread_when_starved(device: torch.device | str, notes: list[str]) -> Ite
     dev = torch.device(device)
     starved = None
     if dev.type == "cpu" and torch.get_num_threads() > 1:
-        starved = threads_starved(thread_slowdown)
+        starved = earlier or threads_starved(thread_slowdown)
     if starved is None:
         yield
         return
     notes.append(starved)
-    with one_thread():
+    with torch_threads(1):
         yield

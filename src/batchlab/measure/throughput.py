@@ -28,9 +28,9 @@ from batchlab.measure.step_timing import (
     StepTimer,
     TrainStepTimer,
     interleaved_rounds,
-    one_thread,
     thread_slowdown,
     threads_starved,
+    torch_threads,
     warm_up,
 )
 from batchlab.results import JsonResult
@@ -394,7 +394,7 @@ def _with_one_thread(
     measure: Callable[[list[str]], tuple[Sequence[ThroughputPoint], list, int]],
     notes: list[str],
 ) -> tuple[Sequence[ThroughputPoint], list, int]:
-    with one_thread():
+    with torch_threads(1):
         return measure(notes)
 
 

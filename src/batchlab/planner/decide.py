@@ -25,9 +25,7 @@ from batchlab.planner.timing import (
     step_seconds,
     timed_points,
 )
-from batchlab.planner.trust import (
-    PlanWarning,
-)
+from batchlab.planner.trust import PlanWarning
 
 # With an uncertain gain, leave B0 only for a batch whose worst case over the B_noise
 # interval is clearly better: B0's worst case must exceed it by this factor.

@@ -1,6 +1,6 @@
 """`batchlab.plan(task)`: measure what fits, what runs fast and what learns, then decide.
 
-The three measurements run one after another, each through the training engine:
+The measurements run one after another, each through the training engine:
 1. `probe` — the memory max and the throughput ladder with its knee;
 2. `measure_noise` — B_simple along a real training phase at the reference settings that
    spends up to `noise_budget` (5%) of the reference training's examples and stops at the
@@ -29,6 +29,7 @@ from batchlab.errors import BatchlabError, ConfigError
 from batchlab.history import History
 from batchlab.measure.memory import ProgressFn
 from batchlab.measure.noise_run import NoiseInterrupted, NoiseRun, measure_noise
+from batchlab.measure.oom import is_oom_error
 from batchlab.measure.probe import ProbeResult, ProbeSettings, has_batchnorm, run_probe
 from batchlab.measure.step_timing import one_thread_when_starved
 from batchlab.planner.head_to_head import time_head_to_head
@@ -46,6 +47,7 @@ from batchlab.tasks import load_task
 DEFAULT_NOISE_BUDGET = 0.05  # fraction of the reference training's examples (epochs x N)
 POINTS_PER_NOISE_RUN = 40  # tracker points along the noise phase
 DEFAULT_THROUGHPUT_SECONDS = 10.0
+BUSY_PHASES = ("hardware probe", "noise phase", "head-to-head timing", "LR check")
 
 
 class PlanRefused(BatchlabError):
@@ -194,7 +196,8 @@ def plan(
     )
     target = check_target_for_task(target, task)
     reference_seconds = _reference_seconds(reference_run, task, target)
-    busy: dict[str, list[str]] = {"noise phase": [], "LR check": []}  # run with 1 thread: why
+    # The phases run with one thread because the CPU was busy, and why (`_busy_before`).
+    busy: dict[str, list[str]] = {p: [] for p in BUSY_PHASES}
     measured = _measure(
         task, settings, noise_steps=steps, target=target, progress=progress, busy=busy
     )
@@ -217,12 +220,22 @@ def plan(
     if refusing and not force:
         raise PlanRefused(refusing)
     try:  # the sizes that decide, timed again side by side (planner/head_to_head.py)
-        built = build(time_head_to_head(task, built, settings, progress))
+        with one_thread_when_starved(
+            resolve_device(device), busy["head-to-head timing"], earlier=_busy_before(busy)
+        ):
+            built = build(time_head_to_head(task, built, settings, progress))
     except KeyboardInterrupt:
         raise PlanInterrupted("the head-to-head timing", measured) from None
+    except Exception as exc:  # an OOM or a budget it cannot meet: the ladder's plan stands
+        if not (is_oom_error(exc) or isinstance(exc, BatchlabError)):
+            raise
+        skipped = PlanWarning("head-to-head", f"the head-to-head timing was skipped: {exc}")
+        built = dataclasses.replace(built, warnings=(*built.warnings, skipped))
     if check_lr:  # the recommended LR, probed at its batch (planner/lr_check.py)
         try:
-            with one_thread_when_starved(resolve_device(device), busy["LR check"]):
+            with one_thread_when_starved(
+                resolve_device(device), busy["LR check"], earlier=_busy_before(busy)
+            ):
                 built = check_recommended_lr(task, built, device, amp, seed, progress, started=t0)
         except KeyboardInterrupt:  # keep the minutes of probe and noise already measured
             raise PlanInterrupted("the LR check", measured) from None
@@ -230,16 +243,22 @@ def plan(
     return with_schedule(built)  # B(t) rising with the predicted B_noise(t)
 
 
+def _busy_before(busy: dict[str, list[str]]) -> str | None:
+    """Why an earlier phase ran with one thread (the first reason), or None."""
+    return next((why[0] for why in busy.values() if why), None)
+
+
 def _with_busy_warning(built: Plan, busy: dict[str, list[str]]) -> Plan:
     """The plan, with a warning naming the training phases run with one thread because
     the CPU's threads were starved (`measure.step_timing.one_thread_when_starved`)."""
-    phases = [f"{phase} ({why[0]})" for phase, why in busy.items() if why]
+    phases = [phase for phase, why in busy.items() if why]
     if not phases:
         return built
     warning = PlanWarning(
         "busy-cpu",
-        f"the CPU was busy, so the {'; the '.join(phases)} trained with 1 thread to run at "
-        "about quiet speed; the results do not depend on it",
+        f"the CPU was busy ({_busy_before(busy)}), so the {', '.join(phases)} ran with 1 "
+        "torch thread, at about quiet speed (their numbers agree with a run on more threads "
+        "to rounding; step times are 1-thread times)",
     )
     return dataclasses.replace(built, warnings=(*built.warnings, warning))
 
@@ -288,14 +307,16 @@ def _measure(
     busy: dict[str, list[str]],
 ) -> dict[str, Any]:
     """The probe, then the noise measurement; on Ctrl-C, `PlanInterrupted` with the results
-    so far. `busy["noise phase"]` gets why the noise phase ran with one thread, if it did."""
+    so far. `busy[phase]` gets why the phase ran with one thread, if it did."""
     measured: dict[str, Any] = {}
     phase = "the hardware probe"
+    device = resolve_device(settings.device)
     try:
-        measured["probe"] = run_probe(task, settings, progress=progress)
+        with one_thread_when_starved(device, busy["hardware probe"]):
+            measured["probe"] = run_probe(task, settings, progress=progress)
         phase = "the noise measurement"
         callbacks = [_NoiseProgress(progress)] if progress is not None else []
-        with one_thread_when_starved(resolve_device(settings.device), busy["noise phase"]):
+        with one_thread_when_starved(device, busy["noise phase"], earlier=_busy_before(busy)):
             measured["noise"] = measure_noise(
                 task,
                 steps=noise_steps,

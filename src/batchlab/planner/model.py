@@ -24,7 +24,7 @@ from batchlab.planner.decide import (
 )
 from batchlab.planner.noise_path import NoiseOutlook, correlation_factor, noise_outlook
 from batchlab.planner.plan_types import Candidate, Measurements, Plan, Recommendation
-from batchlab.planner.timing import step_seconds
+from batchlab.planner.timing import step_seconds, timed_points
 from batchlab.planner.trust import (
     PlanWarning,
     contention_warning,
@@ -217,7 +217,7 @@ def plan_warnings(
                 "`noise_budget`) to narrow it",
             )
         )
-    contention = contention_warning(m.throughput)
+    contention = contention_warning(timed_points(m))  # the ladder and the head-to-head
     if contention is not None:
         out.append(contention)
     tp = sorted(m.throughput, key=lambda p: p.batch_size)

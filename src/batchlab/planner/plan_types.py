@@ -18,9 +18,7 @@ from batchlab.measure.probe import ProbeResult
 from batchlab.measure.throughput import ThroughputPoint, ThroughputProfile
 from batchlab.planner.noise_path import NoiseOutlook
 from batchlab.planner.plan_file import check_plan_fields
-from batchlab.planner.trust import (
-    PlanWarning,
-)
+from batchlab.planner.trust import PlanWarning
 from batchlab.results import JsonResult, read_json_object, type_problems
 
 
@@ -101,7 +99,7 @@ class Candidate(JsonResult):
     step_s: float
     predicted_speedup: float
     relative_time: float  # 1 / predicted_speedup
-    measured: bool  # B was on the measured throughput ladder
+    measured: bool  # B is a timed point: on the ladder, or timed head to head
     speedup_low: float | None = None  # interval of predicted_speedup
     speedup_high: float | None = None
     # The micro-batch lies outside the measured ladder: its step time is extrapolated by

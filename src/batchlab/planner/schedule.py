@@ -2,7 +2,7 @@
 
 `recommend_schedule(plan)` follows the plan's loss path (`planner.noise_path`), stretch by
 stretch, with the plan's own models: the fitted B_noise(L) trajectory, the shared step-time
-model through the measured throughput ladder (memory-clamped: a batch above the memory max
+model through the measured points (the throughput ladder and the head-to-head timing) (memory-clamped: a batch above the memory max
 runs as micro-batches with accumulation, `core.batching.split`) and eq. 2.11 of McCandlish
 et al. 2018. In each stretch it picks, among the plan's trusted candidate batches (the
 same ones the fixed recommendation chooses from), the batch that minimises

@@ -4,10 +4,8 @@ measurements into it). Pure: nothing here measures.
 
 The points are the throughput ladder's, with the head-to-head timing of the leading
 candidates (`planner.head_to_head`) in their place over the range it covers: the ladder
-gives each of 10-12 sizes 5 short windows, and on the 2-core VM the ratio of two
-neighbouring sizes' medians moved 1.42-1.77x between identical plans (mnist1d-cnn,
-B=512 against 256), enough to flip the choice between them; 15 windows of the few sizes
-that decide it moved 1.41-1.50x (benchmarks/results/plan_stability.md).
+gives each of 10-12 sizes 5 short windows before the plan knows which sizes decide
+(benchmarks/results/plan_stability.md).
 """
 
 from __future__ import annotations
@@ -16,29 +14,42 @@ import dataclasses
 import math
 
 from batchlab.core.batching import split
-from batchlab.core.step_time import StepTimeModel, fit_step_time, median_step_interval
+from batchlab.core.step_time import (
+    StepTimeModel,
+    fit_step_time,
+    median_step_interval,
+    with_head_to_head,
+)
 from batchlab.measure.throughput import CONTENTION_WINDOW_RATIO, ThroughputPoint
 from batchlab.planner.plan_types import Measurements
 
 
 def timed_points(m: Measurements) -> tuple[ThroughputPoint, ...]:
-    """The plan's timed points, by batch size: the ladder's, and where the leading
-    candidates were timed head to head, those timings over the range of sizes they cover.
+    """The plan's timed points, by batch size: the ladder's, with the head-to-head timing of
+    the leading candidates in their place over the range of sizes it covers, and the
+    ladder's points outside that range scaled to meet it (`core.step_time.with_head_to_head`,
+    which the adaptive controller's start from a plan shares)."""
+    ladder = sorted(m.throughput, key=lambda p: p.batch_size)
+    h2h = _head_to_head_points(m)
+    if not h2h:
+        return tuple(ladder)
+    merged = dict(
+        with_head_to_head([(p.batch_size, p.step_s) for p in ladder],
+                          [(p.batch_size, p.step_s) for p in h2h])
+    )  # fmt: skip
+    h2h_sizes = {p.batch_size for p in h2h}
+    outside = [
+        _scaled(p, merged[p.batch_size] / p.step_s)
+        for p in ladder
+        if p.batch_size in merged and p.batch_size not in h2h_sizes
+    ]
+    return tuple(sorted([*h2h, *outside], key=lambda p: p.batch_size))
 
-    The ladder's points outside that range keep their shape but are put on the
-    head-to-head's level (times the geometric mean, over the head-to-head sizes, of its
-    time against the ladder's model there): the two were timed a few seconds apart, and
-    on a shared machine the level moves (1.7 against 2.3 ms at B=128 between processes)
-    while ratios within one interleaved timing hold."""
-    h2h = sorted(m.head_to_head.points if m.head_to_head else (), key=lambda p: p.batch_size)
-    if len(h2h) < 2:
-        return tuple(sorted(m.throughput, key=lambda p: p.batch_size))
-    ladder = fit_step_time([(p.batch_size, 1, p.step_s) for p in m.throughput])
-    logs = [math.log(p.step_s / ladder.step_seconds(p.batch_size)) for p in h2h]
-    level = math.exp(sum(logs) / len(logs))
-    lo, hi = h2h[0].batch_size, h2h[-1].batch_size
-    outside = [_scaled(p, level) for p in m.throughput if not lo <= p.batch_size <= hi]
-    return tuple(sorted([*outside, *h2h], key=lambda p: p.batch_size))
+
+def _head_to_head_points(m: Measurements) -> tuple[ThroughputPoint, ...]:
+    """The head-to-head's points when it timed two sizes or more (fewer decide nothing)."""
+    points = m.head_to_head.points if m.head_to_head else ()
+    return tuple(points) if len(points) >= 2 else ()
 
 
 def _scaled(p: ThroughputPoint, level: float) -> ThroughputPoint:
@@ -53,8 +64,8 @@ def _scaled(p: ThroughputPoint, level: float) -> ThroughputPoint:
 
 
 def head_to_head_sizes(m: Measurements) -> frozenset[int]:
-    """The batch sizes the plan timed head to head (empty without that timing)."""
-    return frozenset(p.batch_size for p in m.head_to_head.points) if m.head_to_head else frozenset()
+    """The batch sizes whose times come from the head-to-head (empty without one)."""
+    return frozenset(p.batch_size for p in _head_to_head_points(m))
 
 
 def step_time_model(m: Measurements) -> StepTimeModel:

@@ -208,7 +208,7 @@ def _candidate_table(plan: Plan) -> tuple[list[str], list[list], list[int]]:
         if c.batch_size == plan.efficient.batch_size:
             marks.append("efficient")
         if c.timing != "measured":
-            marks.append(c.timing)  # "interpolated" or "extrapolated"
+            marks.append(c.timing)  # "head-to-head", "interpolated" or "extrapolated"
         rows.append(
             [
                 c.batch_size,
