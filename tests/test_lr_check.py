@@ -20,6 +20,7 @@ from torch.utils.data import TensorDataset
 import batchlab.planner.measure as plan_measure
 from batchlab.core.lr_choice import LrCheck, LrTrial, choose, decide, next_factor, probe_steps
 from batchlab.errors import ConfigError
+from batchlab.measure.state import KeepRunEnd, RunEnd, StartFrom
 from batchlab.planner import Plan, build_plan
 from batchlab.planner.lr_check import apply_lr_check, probe_lr
 from batchlab.task import Task
@@ -101,12 +102,15 @@ def test_nonfinite_losses_count_as_diverged_and_nothing_trained_is_said():
 
 def test_budget_is_respected_and_stated():
     check = check_at(0.3, planned_steps=10)
-    assert check.steps_per_lr == probe_steps(10) == 20  # the floor on a short run
-    assert all(t.steps == 20 and t.examples == 20 * N for t in check.trials)
-    assert check.examples == len(check.trials) * 20 * N
+    assert check.steps_per_lr == probe_steps(10) == 30  # the floor on a short run
+    assert all(t.steps == 30 and t.examples == 30 * N for t in check.trials)
+    assert check.examples == len(check.trials) * 30 * N
     assert check.reference_examples == N  # one epoch of 64
     assert check.fraction_of_reference == pytest.approx(check.examples / N)
-    assert check.warmup_steps == 0 and check.tail_steps == 5
+    assert check.warmup_steps == 0 and check.tail_steps == 7
+    assert check.started_from == "initialisation" and "30 steps from initialisation" in (
+        check.summary
+    )
     assert probe_steps(100_000) == 250  # 0.25% of a long run per LR
     assert check_at(0.3, steps=6).steps_per_lr == 6
     with pytest.raises(ConfigError, match="at least 4 probe steps") as err:
@@ -129,6 +133,89 @@ def test_the_probe_leaves_no_trace():
     assert torch.equal(torch.get_rng_state(), torch_rng)
     assert random.getstate() == py_rng
     assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), np_rng, strict=True))
+
+
+def heavy_ball_losses(w0, buffer, lr, steps, momentum=0.9):
+    """The loss before each of `steps` full-batch heavy-ball steps on the quadratic from
+    weights `w0` and momentum buffer `buffer`, in float64 (PyTorch's SGD: b <- mu b + g,
+    w <- w - lr b)."""
+    x, y = (t.double() for t in quadratic_task().train_data.tensors)
+    w, b, out = w0.double().reshape(-1), buffer.double().reshape(-1), []
+    for _ in range(steps):
+        r = x @ w - y
+        out.append(float(0.5 * (r**2).mean()))
+        b = momentum * b + x.T @ r / N
+        w = w - lr * b
+    return out
+
+
+def test_probes_continue_from_the_given_weights_and_optimizer_state():
+    """Every probed LR starts from the same `RunEnd`: its weights and its momentum buffer.
+
+    Full-batch steps make each probe's loss log exact: it must follow heavy ball from
+    (w0, buffer), which a start from initialisation, a fresh buffer, or a buffer that one
+    probe left changed for the next would all miss."""
+    task = dataclasses.replace(
+        quadratic_task(), optimizer=lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9)
+    )
+    w0, buffer = torch.tensor([[2.0, -1.0, 0.5, 3.0]]), torch.tensor([[0.3, -0.2, 0.1, 0.4]])
+    end = RunEnd({"weight": w0.clone()}, {0: {"momentum_buffer": buffer.clone()}}, 9, 8)
+    check = probe_lr(
+        task, micro_batch_size=32, accumulation_steps=2, rule_lr=0.05, rule="linear",
+        planned_steps=10, steps=8, device="cpu", start=end,
+    )  # fmt: skip
+    assert len(check.trials) >= 3
+    for t in check.trials:
+        losses = heavy_ball_losses(w0, buffer, t.lr, 8)
+        assert t.head_loss == pytest.approx(sum(losses[:2]) / 2, rel=1e-4)
+        assert t.tail_loss == pytest.approx(sum(losses[-2:]) / 2, rel=1e-4)
+    assert check.started_from == "where the noise phase ended (step 9 at B=8)"
+    assert "8 steps from where the noise phase ended (step 9 at B=8)" in check.summary
+    assert torch.equal(end.weights["weight"], w0)  # the start is left as it was
+    assert torch.equal(end.optimizer_state[0]["momentum_buffer"], buffer)
+
+
+def test_the_run_end_is_kept_and_a_run_started_from_it_continues_there():
+    from batchlab.train import train
+
+    task = quadratic_task()
+    kept = KeepRunEnd()
+    first = train(task, 64, 0.1, max_steps=5, device="cpu", callbacks=[kept])
+    end = kept.end
+    assert (end.step, end.batch_size) == (5, 64) and end.optimizer_state == {}  # plain SGD
+    x, y = task.train_data.tensors
+    at_end = float(0.5 * ((x @ end.weights["weight"].reshape(-1) - y) ** 2).mean())
+    assert first.train_loss[-1] > at_end  # the loss before step 5; the end is after it
+    again = train(task, 64, 0.1, max_steps=1, device="cpu", seed=3, callbacks=[StartFrom(end)])
+    assert again.train_loss[0] == pytest.approx(at_end, rel=1e-5)
+
+
+def test_the_check_probes_from_the_start_it_is_given(monkeypatch):
+    import batchlab.planner.lr_check as lr_check
+
+    plan, end, seen = _plan(), object(), {}
+
+    def probe(task, **kw):
+        seen.update(kw)
+        return _lowered(plan)
+
+    monkeypatch.setattr(lr_check, "probe_lr", probe)
+    checked = lr_check.check_recommended_lr(quadratic_task(), plan, "cpu", start=end)
+    assert seen["start"] is end and checked.lr_check == _lowered(plan)
+
+
+def test_the_plans_noise_phase_hands_its_end_to_the_lr_check(monkeypatch):
+    """`plan` measures the noise phase with a `KeepRunEnd` and passes that end on."""
+    from batchlab.measure.probe import ProbeSettings
+
+    monkeypatch.setattr(plan_measure, "run_probe", lambda *a, **k: None)
+    task = quadratic_task()
+    measured = plan_measure._measure(
+        task, ProbeSettings(device="cpu"), noise_steps=4, target=None, progress=None
+    )
+    end = measured["end"]
+    assert isinstance(end, RunEnd) and end.step == measured["noise"].steps == 4
+    assert end.batch_size == task.batch_size and set(end.weights) == {"weight"}
 
 
 def trial(factor, loss, se=0.001, head=2.0, spread=0.1):
@@ -214,11 +301,14 @@ def test_a_plan_saved_before_the_lr_check_still_loads(tmp_path):
 def test_plan_runs_the_check_unless_told_not_to(monkeypatch):
     from test_plan_model import measurements
 
-    calls = []
-    monkeypatch.setattr(plan_measure, "_measure", lambda *a, **k: {"probe": None, "noise": None})
+    calls, end = [], object()
+    measured = {"probe": None, "noise": None, "end": end}
+    monkeypatch.setattr(plan_measure, "_measure", lambda *a, **k: measured)
     monkeypatch.setattr(plan_measure, "measurements_from", lambda *a: measurements())
     monkeypatch.setattr(
-        plan_measure, "check_recommended_lr", lambda task, plan, *a, **k: calls.append(plan) or plan
+        plan_measure,
+        "check_recommended_lr",
+        lambda task, plan, *a, **k: calls.append((plan, k["start"])) or plan,
     )
     task = quadratic_task()
     # a 64-example task: the whole training may go to the (faked) noise phase
@@ -226,7 +316,7 @@ def test_plan_runs_the_check_unless_told_not_to(monkeypatch):
     assert plan_measure.plan(task, check_lr=False, noise_budget=1.0, force=True).lr_check is None
     assert not calls
     plan_measure.plan(task, noise_budget=1.0, force=True)
-    assert len(calls) == 1
+    assert len(calls) == 1 and calls[0][1] is end  # the probes start where the noise phase ended
 
 
 def test_cli_flag_line_and_report_table(monkeypatch, capsys, tmp_path):
@@ -253,7 +343,7 @@ def test_cli_flag_line_and_report_table(monkeypatch, capsys, tmp_path):
 def test_ctrl_c_during_the_check_keeps_what_was_measured(monkeypatch):
     from test_plan_model import measurements
 
-    measured = {"probe": None, "noise": "noise run"}
+    measured = {"probe": None, "noise": "noise run", "end": None}
     monkeypatch.setattr(plan_measure, "_measure", lambda *a, **k: measured)
     monkeypatch.setattr(plan_measure, "measurements_from", lambda *a: measurements())
 

@@ -4,7 +4,8 @@ A scaling rule (linear, sqrt, AdaScale) extrapolates the LR from a known-good `(
 past the critical batch it stops holding (McCandlish et al. 2018, fig. 5; Shallue et al.
 2019, fig. 8: the best LR plateaus while the linear rule keeps growing, and diverges). The
 planner (`batchlab.planner.lr_check`) therefore trains the rule's LR and its neighbours for
-a few steps from the same weights and hands the loss logs here. Nothing here measures.
+a few steps from the same start (where the plan's noise phase ended) and hands the loss
+logs here. Nothing here measures.
 
 The decision, in words: keep the rule's LR unless another LR reached a clearly lower
 training loss (lower by more than the noise of the tail averages, and by more than
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from batchlab.results import JsonResult
 
 PROBE_FACTORS = (1.0, 0.5, 2.0)  # in this order; x2 only while x1 is the choice
-MIN_PROBE_STEPS = 20  # ~2 momentum horizons (1/(1-0.9) = 10 steps) plus a short warm-up
+MIN_PROBE_STEPS = 30  # ~3 momentum horizons (1/(1-0.9) = 10 steps); 20 favoured small LRs
 PROBE_STEP_FRACTION = 0.0025  # of the planned run's steps, per LR, when that is more
 MAX_STEPS_DOWN = 3  # extra halvings below x0.5 when the best is at the small edge
 MAX_STEPS_UP = 2  # extra doublings above x2 when the best is at the large edge
@@ -87,6 +88,9 @@ class LrCheck(JsonResult):
     examples: int  # all probe runs together
     reference_examples: int  # the reference training: epochs x training examples
     seconds: float = 0.0
+    # Where every probe started: "initialisation", or e.g. "the weights the noise phase
+    # ended at (step 125 at B=32)"; files written before this field said nothing (init).
+    started_from: str = "initialisation"
 
     @property
     def fraction_of_reference(self) -> float:
@@ -98,8 +102,9 @@ class LrCheck(JsonResult):
         if not self.trials:
             return self.verdict
         return (
-            f"{self.verdict}; {len(self.trials)} probes of {self.steps_per_lr} steps, "
-            f"{self.fraction_of_reference:.1%} of the reference training's examples"
+            f"{self.verdict}; {len(self.trials)} probes of {self.steps_per_lr} steps from "
+            f"{self.started_from}, {self.fraction_of_reference:.1%} of the reference "
+            "training's examples"
         )
 
     @property
@@ -114,8 +119,10 @@ class LrCheck(JsonResult):
 def probe_steps(planned_steps: int) -> int:
     """Steps per probed LR: `PROBE_STEP_FRACTION` of the planned run, at least `MIN_PROBE_STEPS`.
 
-    The floor is what shows an instability under momentum 0.9 and a loss trend; on long
-    runs (ImageNet-scale, >8000 steps) the fraction takes over so each LR sees 0.25% of them.
+    The floor is what shows an instability under momentum 0.9 and a loss trend; probes
+    continuing from the plan's noise phase needed 30 (at 20 they took the smaller LR more
+    often than the sweep's best: lr_check.md, section 4). On long runs (ImageNet-scale,
+    >12000 steps) the fraction takes over so each LR sees 0.25% of them.
     """
     return max(MIN_PROBE_STEPS, math.ceil(PROBE_STEP_FRACTION * planned_steps))
 

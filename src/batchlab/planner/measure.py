@@ -27,6 +27,7 @@ from batchlab.history import History
 from batchlab.measure.memory import ProgressFn
 from batchlab.measure.noise_run import NoiseInterrupted, NoiseRun, measure_noise
 from batchlab.measure.probe import ProbeResult, ProbeSettings, has_batchnorm, run_probe
+from batchlab.measure.state import KeepRunEnd
 from batchlab.planner.lr_check import check_recommended_lr
 from batchlab.planner.model import Measurements, Plan, build_plan
 from batchlab.planner.reference import reference_seconds_to_target
@@ -204,7 +205,9 @@ def plan(
         raise PlanRefused(refusing)
     if check_lr:  # the recommended LR, probed at its batch (planner/lr_check.py)
         try:
-            built = check_recommended_lr(task, built, device, amp, seed, progress, started=t0)
+            built = check_recommended_lr(
+                task, built, device, amp, seed, progress, started=t0, start=measured["end"]
+            )
         except KeyboardInterrupt:  # keep the minutes of probe and noise already measured
             raise PlanInterrupted("the LR check", measured) from None
     return with_schedule(built)  # B(t) rising with the predicted B_noise(t)
@@ -258,7 +261,8 @@ def _measure(
     try:
         measured["probe"] = run_probe(task, settings, progress=progress)
         phase = "the noise measurement"
-        callbacks = [_NoiseProgress(progress)] if progress is not None else []
+        end = KeepRunEnd()  # where the noise phase ends: the LR check's probes start there
+        callbacks = [end, *([_NoiseProgress(progress)] if progress is not None else [])]
         measured["noise"] = measure_noise(
             task,
             steps=noise_steps,
@@ -272,6 +276,7 @@ def _measure(
             # at 0.4x the sweep's (benchmarks/results/plan_regret.md).
             preconditioned=True,
         )
+        measured["end"] = end.end
     except NoiseInterrupted as exc:  # the points measured so far are kept, and saved
         measured["noise"] = exc.partial
         raise PlanInterrupted(phase, measured) from None
