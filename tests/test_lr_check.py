@@ -102,16 +102,16 @@ def test_nonfinite_losses_count_as_diverged_and_nothing_trained_is_said():
 
 def test_budget_is_respected_and_stated():
     check = check_at(0.3, planned_steps=10)
-    assert check.steps_per_lr == probe_steps(10) == 30  # the floor on a short run
-    assert all(t.steps == 30 and t.examples == 30 * N for t in check.trials)
-    assert check.examples == len(check.trials) * 30 * N
+    assert check.steps_per_lr == probe_steps(10) == 40  # the floor on a short run
+    assert all(t.steps == 40 and t.examples == 40 * N for t in check.trials)
+    assert check.examples == len(check.trials) * 40 * N
     assert check.reference_examples == N  # one epoch of 64
     assert check.fraction_of_reference == pytest.approx(check.examples / N)
-    assert check.warmup_steps == 0 and check.tail_steps == 7
-    assert check.started_from == "initialisation" and "30 steps from initialisation" in (
+    assert check.warmup_steps == 0 and check.tail_steps == 10
+    assert check.started_from == "initialisation" and "40 steps from initialisation" in (
         check.summary
     )
-    assert probe_steps(100_000) == 250  # 0.25% of a long run per LR
+    assert probe_steps(100_000) == 250  # 0.25% of a long run per LR (past 16,000 steps)
     assert check_at(0.3, steps=6).steps_per_lr == 6
     with pytest.raises(ConfigError, match="at least 4 probe steps") as err:
         check_at(0.3, steps=3)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from batchlab.results import JsonResult
 
 PROBE_FACTORS = (1.0, 0.5, 2.0)  # in this order; x2 only while x1 is the choice
-MIN_PROBE_STEPS = 30  # ~3 momentum horizons (1/(1-0.9) = 10 steps); 20 favoured small LRs
+MIN_PROBE_STEPS = 40  # ~4 momentum horizons (1/(1-0.9) = 10 steps); 20-30 favoured small LRs
 PROBE_STEP_FRACTION = 0.0025  # of the planned run's steps, per LR, when that is more
 MAX_STEPS_DOWN = 3  # extra halvings below x0.5 when the best is at the small edge
 MAX_STEPS_UP = 2  # extra doublings above x2 when the best is at the large edge
@@ -120,9 +120,9 @@ def probe_steps(planned_steps: int) -> int:
     """Steps per probed LR: `PROBE_STEP_FRACTION` of the planned run, at least `MIN_PROBE_STEPS`.
 
     The floor is what shows an instability under momentum 0.9 and a loss trend; probes
-    continuing from the plan's noise phase needed 30 (at 20 they took the smaller LR more
+    continuing from the plan's noise phase needed 40 (at 20-30 they took the smaller LR more
     often than the sweep's best: lr_check.md, section 4). On long runs (ImageNet-scale,
-    >12000 steps) the fraction takes over so each LR sees 0.25% of them.
+    >16000 steps) the fraction takes over so each LR sees 0.25% of them.
     """
     return max(MIN_PROBE_STEPS, math.ceil(PROBE_STEP_FRACTION * planned_steps))
 
