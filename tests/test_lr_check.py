@@ -324,7 +324,8 @@ def test_cli_flag_line_and_report_table(monkeypatch, capsys, tmp_path):
     from batchlab.report.plan_report import plan_page
 
     plan = _plan()
-    checked = apply_lr_check(plan, _lowered(plan))
+    where = "where the noise phase ended (step 5 at B=32)"
+    checked = apply_lr_check(plan, dataclasses.replace(_lowered(plan), started_from=where))
     seen = {}
     monkeypatch.setattr(
         "batchlab.cli.plan_cmd.make_plan", lambda *a, **k: seen.update(k) or checked
@@ -334,7 +335,9 @@ def test_cli_flag_line_and_report_table(monkeypatch, capsys, tmp_path):
     assert main(["plan", "digits-mlp"]) == 0 and seen["check_lr"] is True
     out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
     assert f"LR check at B={checked.lr_check.batch_size}: lowered from" in out
+    assert f"20 steps from {where}" in out
     html = plan_page(checked).render()
+    assert f"at B={checked.lr_check.batch_size} (1 x 512) from {where}" in html
     assert "Learning-rate check" in html and html.count("<tr") >= 3 + len(plan.candidates)
     assert "diverged" in html and "chosen" in html
     assert "Learning-rate check" not in plan_page(plan).render()
