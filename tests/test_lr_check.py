@@ -18,7 +18,15 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import batchlab.planner.measure as plan_measure
-from batchlab.core.lr_choice import LrCheck, LrTrial, choose, decide, next_factor, probe_steps
+from batchlab.core.lr_choice import (
+    LrCheck,
+    LrTrial,
+    choose,
+    decide,
+    next_factor,
+    probe_steps,
+    summarize_trial,
+)
 from batchlab.errors import ConfigError
 from batchlab.measure.state import KeepRunEnd, RunEnd, StartFrom
 from batchlab.planner import Plan, build_plan
@@ -234,6 +242,25 @@ def test_choice_keeps_the_rule_within_the_noise_and_lowers_when_clearly_worse():
     lr, action, verdict = decide(lower, 0.1)
     assert (lr, action) == (pytest.approx(0.05), "lowered")
     assert verdict == "lowered from 0.1 (clearly higher loss, 1) to 0.05 (tried 0.025, 0.05, 0.1)"
+
+
+def test_a_blow_up_inside_the_first_window_counts_as_diverged():
+    """From a trained start (loss 0.3) the rule's LR jumps to chance (2.3) within the first
+    window, so that window's range holds the tail: the rise above the first step's loss,
+    not the range, says it diverged; the same log from a plateau at chance is `stalled`."""
+    blew_up = summarize_trial(1.0, 0.64, [0.3, 2.4, 2.3, 2.3, 2.31, 2.3, 2.3, 2.31], steps=8,
+                              examples=8, tail_steps=2)  # fmt: skip
+    assert blew_up.head_range == (0.3, 2.4) and blew_up.tail_loss == pytest.approx(2.305)
+    assert blew_up.start_loss == 0.3 and blew_up.outcome == "diverged"
+    plateau = summarize_trial(1.0, 0.64, [2.3, 2.4, 2.3, 2.3, 2.31, 2.3, 2.3, 2.31], steps=8,
+                              examples=8, tail_steps=2)  # fmt: skip
+    assert plateau.outcome == "stalled"
+    smaller = summarize_trial(0.5, 0.64, [0.3, 0.29, 0.28, 0.27, 0.26, 0.25, 0.24, 0.23],
+                              steps=8, examples=8, tail_steps=2)  # fmt: skip
+    lr, action, verdict = decide([blew_up, smaller], 0.64)
+    assert (lr, action) == (pytest.approx(0.32), "lowered")
+    assert verdict.startswith("lowered from 0.64 (diverged: loss rose from 0.3 to 2.3)")
+    assert next_factor([blew_up]) == 0.5  # every LR tried diverged: look lower
 
 
 def test_a_short_probe_that_moves_nothing_keeps_the_rule_and_says_so():

@@ -31,6 +31,7 @@ MAX_STEPS_DOWN = 3  # extra halvings below x0.5 when the best is at the small ed
 MAX_STEPS_UP = 2  # extra doublings above x2 when the best is at the large edge
 REL_MARGIN = 0.05  # "clearly" lower: by more than 5% of the loss and more than its noise
 MIN_PROGRESS = 0.01  # "trained": the loss ended >1% below every loss of the first steps
+MAX_RISE = 0.5  # "diverged": the loss ended >50% above the first step's (a batch's noise is less)
 
 
 @dataclass(frozen=True)
@@ -46,19 +47,29 @@ class LrTrial(JsonResult):
     steps: int
     examples: int
     diverged_step: int | None = None
+    # The first step's loss: at the start's weights, on the same batch for every LR (None in
+    # files written before it was recorded).
+    start_loss: float | None = None
 
     @property
     def outcome(self) -> str:
         """`diverged`: non-finite, or the last steps' mean loss is above every loss of the
-        first steps; `trained`: below every one of them (by `MIN_PROGRESS`); else `stalled`.
+        first steps, or `MAX_RISE` above the first step's; `trained`: below every loss of
+        the first steps (by `MIN_PROGRESS`); else `stalled`.
 
         Against the first window's range, not its mean and noise: a loss that falls or
         explodes fast has a trend that would swamp a standard error, and noise alone
-        rarely puts a mean outside the range of as many single values."""
+        rarely puts a mean outside the range of as many single values. The rise above the
+        start catches a blow-up inside the first window, which the range then contains:
+        from the plan's noise phase (loss 0.3) the linear rule on mnist1d-cnn at B=1024
+        jumped to chance (ln 10 = 2.3) within 10 steps and stayed there."""
         if self.tail_loss is None or self.head_range is None:
             return "diverged"
         low, high = self.head_range
         if self.tail_loss > high:
+            return "diverged"
+        start = self.start_loss
+        if start is not None and self.tail_loss - start > MAX_RISE * abs(start):
             return "diverged"
         if self.tail_loss < low - MIN_PROGRESS * abs(low):
             return "trained"
@@ -156,6 +167,7 @@ def summarize_trial(
         steps=steps,
         examples=examples,
         diverged_step=diverged_step,
+        start_loss=losses[0] if losses and math.isfinite(losses[0]) else None,
     )
 
 
@@ -286,7 +298,8 @@ def _why_not(x1: LrTrial | None) -> str:
     if x1.tail_loss is None:
         return f"diverged at step {x1.diverged_step}" if x1.diverged_step else "diverged"
     if x1.outcome == "diverged":
-        return f"diverged: loss rose from {x1.head_loss:.3g} to {x1.tail_loss:.3g}"
+        start = x1.head_loss if x1.start_loss is None else x1.start_loss
+        return f"diverged: loss rose from {start:.3g} to {x1.tail_loss:.3g}"
     if x1.outcome == "stalled":
         return f"no measurable progress, loss {x1.tail_loss:.3g}"
     return f"clearly higher loss, {x1.tail_loss:.3g}"
