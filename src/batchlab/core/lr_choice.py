@@ -31,7 +31,7 @@ MAX_STEPS_DOWN = 3  # extra halvings below x0.5 when the best is at the small ed
 MAX_STEPS_UP = 2  # extra doublings above x2 when the best is at the large edge
 REL_MARGIN = 0.05  # "clearly" lower: by more than 5% of the loss and more than its noise
 MIN_PROGRESS = 0.01  # "trained": the loss ended >1% below every loss of the first steps
-MAX_RISE = 0.5  # "diverged": the loss ended >50% above the first step's (a batch's noise is less)
+MAX_RISE = 1.0  # "diverged": the loss ended above twice the first step's (batch noise is less)
 
 
 @dataclass(frozen=True)
