@@ -99,8 +99,8 @@ class LrCheck(JsonResult):
     examples: int  # all probe runs together
     reference_examples: int  # the reference training: epochs x training examples
     seconds: float = 0.0
-    # Where every probe started: "initialisation", or e.g. "the weights the noise phase
-    # ended at (step 125 at B=32)"; files written before this field said nothing (init).
+    # Where every probe started: "initialisation", or e.g. "where the noise phase ended
+    # (step 125 at B=32)"; files written before this field started from initialisation.
     started_from: str = "initialisation"
 
     @property
