@@ -10,6 +10,10 @@ For each task and batch this script
    what the whole run reaches (final training loss over the last 5% of steps, val accuracy).
 
     PYTHONPATH=src python benchmarks/lr_check.py [--batches 1024,2048] [--seeds 0]
+
+`--from-noise-end` starts the probes where `batchlab plan` starts them: where its noise
+phase (5% of the reference training at B0, `measure_noise` as the planner runs it) ended.
+Without it they start from initialisation (sections 1-2 of lr_check.md).
 """
 
 from __future__ import annotations
@@ -23,7 +27,10 @@ from pathlib import Path
 import torch
 
 from batchlab.core.lr import scale_lr, warmup_steps_for
+from batchlab.measure.noise_run import measure_noise
+from batchlab.measure.state import KeepRunEnd, RunEnd
 from batchlab.planner.lr_check import probe_lr
+from batchlab.planner.measure import DEFAULT_NOISE_BUDGET, POINTS_PER_NOISE_RUN, noise_phase_steps
 from batchlab.train import train
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -42,25 +49,42 @@ def full_run(task, batch: int, lr: float, seed: int) -> tuple[float | None, floa
     return loss, h.final.get("val_acc", float("nan")), warmup
 
 
+def noise_end(task, seed: int) -> RunEnd:
+    """Where the plan's noise phase ends (its budget, every, seed; no target)."""
+    steps = noise_phase_steps(task, DEFAULT_NOISE_BUDGET)
+    kept = KeepRunEnd()
+    measure_noise(
+        task, steps=steps, every=max(1, steps // POINTS_PER_NOISE_RUN), seed=seed,
+        callbacks=[kept], preconditioned=True,
+    )  # fmt: skip
+    return kept.end
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="mlp,cnn")
     parser.add_argument("--batches", default="1024,2048")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--no-full", action="store_true", help="the check only")
+    parser.add_argument(
+        "--from-noise-end", action="store_true", help="probe from where the noise phase ended"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"torch={torch.__version__} threads={torch.get_num_threads()}", flush=True)
     for name in args.tasks.split(","):
         task = TASKS[name]()
+        seeds = list(map(int, args.seeds.split(",")))
+        starts = {s: noise_end(task, s) if args.from_noise_end else None for s in seeds}
         for batch in map(int, args.batches.split(",")):
             rule_lr = scale_lr(task.lr, task.batch_size, batch, "linear")
             planned = (task.epochs or 1) * math.ceil(task.num_train / batch)
-            for seed in map(int, args.seeds.split(",")):
+            for seed in seeds:
                 check = probe_lr(
                     task, micro_batch_size=batch, accumulation_steps=1, rule_lr=rule_lr,
                     rule="linear", planned_steps=planned,
                     warmup_steps=warmup_steps_for(rule_lr / task.lr, planned), seed=seed,
+                    start=starts[seed],
                 )  # fmt: skip
                 print(
                     f"\n{task.name} B={batch} seed={seed}: {check.summary} "

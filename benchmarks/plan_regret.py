@@ -181,7 +181,7 @@ def run_plan(truth: Truth, b0: int, lr0: float, seed: int) -> PlanChoice:
             b0, b0, lr0, 0, f"refused: {exc}", time.perf_counter() - t0, None, None, ""
         )
     rec = plan.recommended
-    check = plan.lr_check.verdict if plan.lr_check is not None else ""
+    check = plan.lr_check.summary if plan.lr_check is not None else ""
     cost = plan.cost
     choice = (b0, b0, lr0, 0) if plan.keep_reference else (
         rec.batch_size, rec.micro_batch_size, rec.lr, rec.warmup_steps

@@ -18,8 +18,17 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import batchlab.planner.measure as plan_measure
-from batchlab.core.lr_choice import LrCheck, LrTrial, choose, decide, next_factor, probe_steps
+from batchlab.core.lr_choice import (
+    LrCheck,
+    LrTrial,
+    choose,
+    decide,
+    next_factor,
+    probe_steps,
+    summarize_trial,
+)
 from batchlab.errors import ConfigError
+from batchlab.measure.state import KeepRunEnd, RunEnd, StartFrom
 from batchlab.planner import Plan, build_plan
 from batchlab.planner.lr_check import apply_lr_check, probe_lr
 from batchlab.task import Task
@@ -101,13 +110,16 @@ def test_nonfinite_losses_count_as_diverged_and_nothing_trained_is_said():
 
 def test_budget_is_respected_and_stated():
     check = check_at(0.3, planned_steps=10)
-    assert check.steps_per_lr == probe_steps(10) == 20  # the floor on a short run
-    assert all(t.steps == 20 and t.examples == 20 * N for t in check.trials)
-    assert check.examples == len(check.trials) * 20 * N
+    assert check.steps_per_lr == probe_steps(10) == 40  # the floor on a short run
+    assert all(t.steps == 40 and t.examples == 40 * N for t in check.trials)
+    assert check.examples == len(check.trials) * 40 * N
     assert check.reference_examples == N  # one epoch of 64
     assert check.fraction_of_reference == pytest.approx(check.examples / N)
-    assert check.warmup_steps == 0 and check.tail_steps == 5
-    assert probe_steps(100_000) == 250  # 0.25% of a long run per LR
+    assert check.warmup_steps == 0 and check.tail_steps == 10
+    assert check.started_from == "initialisation" and "40 steps from initialisation" in (
+        check.summary
+    )
+    assert probe_steps(100_000) == 250  # 0.25% of a long run per LR (past 16,000 steps)
     assert check_at(0.3, steps=6).steps_per_lr == 6
     with pytest.raises(ConfigError, match="at least 4 probe steps") as err:
         check_at(0.3, steps=3)
@@ -131,6 +143,90 @@ def test_the_probe_leaves_no_trace():
     assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), np_rng, strict=True))
 
 
+def heavy_ball_losses(w0, buffer, lr, steps, momentum=0.9):
+    """The loss before each of `steps` full-batch heavy-ball steps on the quadratic from
+    weights `w0` and momentum buffer `buffer`, in float64 (PyTorch's SGD: b <- mu b + g,
+    w <- w - lr b)."""
+    x, y = (t.double() for t in quadratic_task().train_data.tensors)
+    w, b, out = w0.double().reshape(-1), buffer.double().reshape(-1), []
+    for _ in range(steps):
+        r = x @ w - y
+        out.append(float(0.5 * (r**2).mean()))
+        b = momentum * b + x.T @ r / N
+        w = w - lr * b
+    return out
+
+
+def test_probes_continue_from_the_given_weights_and_optimizer_state():
+    """Every probed LR starts from the same `RunEnd`: its weights and its momentum buffer.
+
+    Full-batch steps make each probe's loss log exact: it must follow heavy ball from
+    (w0, buffer), which a start from initialisation, a fresh buffer, or a buffer that one
+    probe left changed for the next would all miss."""
+    task = dataclasses.replace(
+        quadratic_task(), optimizer=lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9)
+    )
+    w0, buffer = torch.tensor([[2.0, -1.0, 0.5, 3.0]]), torch.tensor([[0.3, -0.2, 0.1, 0.4]])
+    end = RunEnd({"weight": w0.clone()}, {0: {"momentum_buffer": buffer.clone()}}, 9, 8)
+    check = probe_lr(
+        task, micro_batch_size=32, accumulation_steps=2, rule_lr=0.05, rule="linear",
+        planned_steps=10, steps=8, device="cpu", start=end,
+    )  # fmt: skip
+    assert len(check.trials) >= 3
+    for t in check.trials:
+        losses = heavy_ball_losses(w0, buffer, t.lr, 8)
+        assert t.head_loss == pytest.approx(sum(losses[:2]) / 2, rel=1e-4)
+        assert t.tail_loss == pytest.approx(sum(losses[-2:]) / 2, rel=1e-4)
+    assert check.started_from == "where the noise phase ended (step 9 at B=8)"
+    assert "8 steps from where the noise phase ended (step 9 at B=8)" in check.summary
+    assert torch.equal(end.weights["weight"], w0)  # the start is left as it was
+    assert torch.equal(end.optimizer_state[0]["momentum_buffer"], buffer)
+
+
+def test_the_run_end_is_kept_and_a_run_started_from_it_continues_there():
+    from batchlab.train import train
+
+    task = quadratic_task()
+    kept = KeepRunEnd()
+    first = train(task, 64, 0.1, max_steps=5, device="cpu", callbacks=[kept])
+    end = kept.end
+    assert (end.step, end.batch_size) == (5, 64) and end.optimizer_state == {}  # plain SGD
+    x, y = task.train_data.tensors
+    at_end = float(0.5 * ((x @ end.weights["weight"].reshape(-1) - y) ** 2).mean())
+    assert first.train_loss[-1] > at_end  # the loss before step 5; the end is after it
+    again = train(task, 64, 0.1, max_steps=1, device="cpu", seed=3, callbacks=[StartFrom(end)])
+    assert again.train_loss[0] == pytest.approx(at_end, rel=1e-5)
+
+
+def test_the_check_probes_from_the_start_it_is_given(monkeypatch):
+    import batchlab.planner.lr_check as lr_check
+
+    plan, end, seen = _plan(), object(), {}
+
+    def probe(task, **kw):
+        seen.update(kw)
+        return _lowered(plan)
+
+    monkeypatch.setattr(lr_check, "probe_lr", probe)
+    checked = lr_check.check_recommended_lr(quadratic_task(), plan, "cpu", start=end)
+    assert seen["start"] is end and checked.lr_check == _lowered(plan)
+
+
+def test_the_plans_noise_phase_hands_its_end_to_the_lr_check(monkeypatch):
+    """`plan` measures the noise phase with a `KeepRunEnd` and passes that end on."""
+    from batchlab.measure.probe import ProbeSettings
+
+    monkeypatch.setattr(plan_measure, "run_probe", lambda *a, **k: None)
+    task = quadratic_task()
+    busy = {phase: [] for phase in plan_measure.BUSY_PHASES}
+    measured = plan_measure._measure(
+        task, ProbeSettings(device="cpu"), noise_steps=4, target=None, progress=None, busy=busy
+    )
+    end = measured["end"]
+    assert isinstance(end, RunEnd) and end.step == measured["noise"].steps == 4
+    assert end.batch_size == task.batch_size and set(end.weights) == {"weight"}
+
+
 def trial(factor, loss, se=0.001, head=2.0, spread=0.1):
     return LrTrial(0.1 * factor, factor, head, (head - spread, head + spread), loss, se, 10, 100)
 
@@ -147,6 +243,25 @@ def test_choice_keeps_the_rule_within_the_noise_and_lowers_when_clearly_worse():
     lr, action, verdict = decide(lower, 0.1)
     assert (lr, action) == (pytest.approx(0.05), "lowered")
     assert verdict == "lowered from 0.1 (clearly higher loss, 1) to 0.05 (tried 0.025, 0.05, 0.1)"
+
+
+def test_a_blow_up_inside_the_first_window_counts_as_diverged():
+    """From a trained start (loss 0.3) the rule's LR jumps to chance (2.3) within the first
+    window, so that window's range holds the tail: the rise above the first step's loss,
+    not the range, says it diverged; the same log from a plateau at chance is `stalled`."""
+    blew_up = summarize_trial(1.0, 0.64, [0.3, 2.4, 2.3, 2.3, 2.31, 2.3, 2.3, 2.31], steps=8,
+                              examples=8, tail_steps=2)  # fmt: skip
+    assert blew_up.head_range == (0.3, 2.4) and blew_up.tail_loss == pytest.approx(2.305)
+    assert blew_up.start_loss == 0.3 and blew_up.outcome == "diverged"
+    plateau = summarize_trial(1.0, 0.64, [2.3, 2.4, 2.3, 2.3, 2.31, 2.3, 2.3, 2.31], steps=8,
+                              examples=8, tail_steps=2)  # fmt: skip
+    assert plateau.outcome == "stalled"
+    smaller = summarize_trial(0.5, 0.64, [0.3, 0.29, 0.28, 0.27, 0.26, 0.25, 0.24, 0.23],
+                              steps=8, examples=8, tail_steps=2)  # fmt: skip
+    lr, action, verdict = decide([blew_up, smaller], 0.64)
+    assert (lr, action) == (pytest.approx(0.32), "lowered")
+    assert verdict.startswith("lowered from 0.64 (diverged: loss rose from 0.3 to 2.3)")
+    assert next_factor([blew_up]) == 0.5  # every LR tried diverged: look lower
 
 
 def test_a_short_probe_that_moves_nothing_keeps_the_rule_and_says_so():
@@ -214,11 +329,14 @@ def test_a_plan_saved_before_the_lr_check_still_loads(tmp_path):
 def test_plan_runs_the_check_unless_told_not_to(monkeypatch):
     from test_plan_model import measurements
 
-    calls = []
-    monkeypatch.setattr(plan_measure, "_measure", lambda *a, **k: {"probe": None, "noise": None})
+    calls, end = [], object()
+    measured = {"probe": None, "noise": None, "end": end}
+    monkeypatch.setattr(plan_measure, "_measure", lambda *a, **k: measured)
     monkeypatch.setattr(plan_measure, "measurements_from", lambda *a: measurements())
     monkeypatch.setattr(
-        plan_measure, "check_recommended_lr", lambda task, plan, *a, **k: calls.append(plan) or plan
+        plan_measure,
+        "check_recommended_lr",
+        lambda task, plan, *a, **k: calls.append((plan, k["start"])) or plan,
     )
     task = quadratic_task()
     # a 64-example task: the whole training may go to the (faked) noise phase
@@ -226,7 +344,7 @@ def test_plan_runs_the_check_unless_told_not_to(monkeypatch):
     assert plan_measure.plan(task, check_lr=False, noise_budget=1.0, force=True).lr_check is None
     assert not calls
     plan_measure.plan(task, noise_budget=1.0, force=True)
-    assert len(calls) == 1
+    assert len(calls) == 1 and calls[0][1] is end  # the probes start where the noise phase ended
 
 
 def test_cli_flag_line_and_report_table(monkeypatch, capsys, tmp_path):
@@ -234,7 +352,8 @@ def test_cli_flag_line_and_report_table(monkeypatch, capsys, tmp_path):
     from batchlab.report.plan_report import plan_page
 
     plan = _plan()
-    checked = apply_lr_check(plan, _lowered(plan))
+    where = "where the noise phase ended (step 5 at B=32)"
+    checked = apply_lr_check(plan, dataclasses.replace(_lowered(plan), started_from=where))
     seen = {}
     monkeypatch.setattr(
         "batchlab.cli.plan_cmd.make_plan", lambda *a, **k: seen.update(k) or checked
@@ -244,7 +363,9 @@ def test_cli_flag_line_and_report_table(monkeypatch, capsys, tmp_path):
     assert main(["plan", "digits-mlp"]) == 0 and seen["check_lr"] is True
     out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
     assert f"LR check at B={checked.lr_check.batch_size}: lowered from" in out
+    assert f"20 steps from {where}" in out
     html = plan_page(checked).render()
+    assert f"at B={checked.lr_check.batch_size} (1 x 512) from {where}" in html
     assert "Learning-rate check" in html and html.count("<tr") >= 3 + len(plan.candidates)
     assert "diverged" in html and "chosen" in html
     assert "Learning-rate check" not in plan_page(plan).render()
@@ -253,7 +374,7 @@ def test_cli_flag_line_and_report_table(monkeypatch, capsys, tmp_path):
 def test_ctrl_c_during_the_check_keeps_what_was_measured(monkeypatch):
     from test_plan_model import measurements
 
-    measured = {"probe": None, "noise": "noise run"}
+    measured = {"probe": None, "noise": "noise run", "end": None}
     monkeypatch.setattr(plan_measure, "_measure", lambda *a, **k: measured)
     monkeypatch.setattr(plan_measure, "measurements_from", lambda *a: measurements())
 

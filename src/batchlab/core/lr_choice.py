@@ -4,7 +4,8 @@ A scaling rule (linear, sqrt, AdaScale) extrapolates the LR from a known-good `(
 past the critical batch it stops holding (McCandlish et al. 2018, fig. 5; Shallue et al.
 2019, fig. 8: the best LR plateaus while the linear rule keeps growing, and diverges). The
 planner (`batchlab.planner.lr_check`) therefore trains the rule's LR and its neighbours for
-a few steps from the same weights and hands the loss logs here. Nothing here measures.
+a few steps from the same start (where the plan's noise phase ended) and hands the loss
+logs here. Nothing here measures.
 
 The decision, in words: keep the rule's LR unless another LR reached a clearly lower
 training loss (lower by more than the noise of the tail averages, and by more than
@@ -24,12 +25,13 @@ from dataclasses import dataclass
 from batchlab.results import JsonResult
 
 PROBE_FACTORS = (1.0, 0.5, 2.0)  # in this order; x2 only while x1 is the choice
-MIN_PROBE_STEPS = 20  # ~2 momentum horizons (1/(1-0.9) = 10 steps) plus a short warm-up
+MIN_PROBE_STEPS = 40  # ~4 momentum horizons (1/(1-0.9) = 10 steps); 20-30 favoured small LRs
 PROBE_STEP_FRACTION = 0.0025  # of the planned run's steps, per LR, when that is more
 MAX_STEPS_DOWN = 3  # extra halvings below x0.5 when the best is at the small edge
 MAX_STEPS_UP = 2  # extra doublings above x2 when the best is at the large edge
 REL_MARGIN = 0.05  # "clearly" lower: by more than 5% of the loss and more than its noise
 MIN_PROGRESS = 0.01  # "trained": the loss ended >1% below every loss of the first steps
+MAX_RISE = 1.0  # "diverged": the loss ended above twice the first step's (batch noise is less)
 
 
 @dataclass(frozen=True)
@@ -45,19 +47,29 @@ class LrTrial(JsonResult):
     steps: int
     examples: int
     diverged_step: int | None = None
+    # The first step's loss: at the start's weights, on the same batch for every LR (None in
+    # files written before it was recorded).
+    start_loss: float | None = None
 
     @property
     def outcome(self) -> str:
         """`diverged`: non-finite, or the last steps' mean loss is above every loss of the
-        first steps; `trained`: below every one of them (by `MIN_PROGRESS`); else `stalled`.
+        first steps, or `MAX_RISE` above the first step's; `trained`: below every loss of
+        the first steps (by `MIN_PROGRESS`); else `stalled`.
 
         Against the first window's range, not its mean and noise: a loss that falls or
         explodes fast has a trend that would swamp a standard error, and noise alone
-        rarely puts a mean outside the range of as many single values."""
+        rarely puts a mean outside the range of as many single values. The rise above the
+        start catches a blow-up inside the first window, which the range then contains:
+        from the plan's noise phase (loss 0.3) the linear rule on mnist1d-cnn at B=1024
+        jumped to chance (ln 10 = 2.3) within 10 steps and stayed there."""
         if self.tail_loss is None or self.head_range is None:
             return "diverged"
         low, high = self.head_range
         if self.tail_loss > high:
+            return "diverged"
+        start = self.start_loss
+        if start is not None and self.tail_loss - start > MAX_RISE * abs(start):
             return "diverged"
         if self.tail_loss < low - MIN_PROGRESS * abs(low):
             return "trained"
@@ -87,6 +99,9 @@ class LrCheck(JsonResult):
     examples: int  # all probe runs together
     reference_examples: int  # the reference training: epochs x training examples
     seconds: float = 0.0
+    # Where every probe started: "initialisation", or e.g. "where the noise phase ended
+    # (step 125 at B=32)"; files written before this field started from initialisation.
+    started_from: str = "initialisation"
 
     @property
     def fraction_of_reference(self) -> float:
@@ -98,8 +113,9 @@ class LrCheck(JsonResult):
         if not self.trials:
             return self.verdict
         return (
-            f"{self.verdict}; {len(self.trials)} probes of {self.steps_per_lr} steps, "
-            f"{self.fraction_of_reference:.1%} of the reference training's examples"
+            f"{self.verdict}; {len(self.trials)} probes of {self.steps_per_lr} steps from "
+            f"{self.started_from}, {self.fraction_of_reference:.1%} of the reference "
+            "training's examples"
         )
 
     @property
@@ -114,8 +130,10 @@ class LrCheck(JsonResult):
 def probe_steps(planned_steps: int) -> int:
     """Steps per probed LR: `PROBE_STEP_FRACTION` of the planned run, at least `MIN_PROBE_STEPS`.
 
-    The floor is what shows an instability under momentum 0.9 and a loss trend; on long
-    runs (ImageNet-scale, >8000 steps) the fraction takes over so each LR sees 0.25% of them.
+    The floor is what shows an instability under momentum 0.9 and a loss trend; probes
+    continuing from the plan's noise phase needed 40 (at 20-30 they took the smaller LR more
+    often than the sweep's best: lr_check.md, section 4). On long runs (ImageNet-scale,
+    >16000 steps) the fraction takes over so each LR sees 0.25% of them.
     """
     return max(MIN_PROBE_STEPS, math.ceil(PROBE_STEP_FRACTION * planned_steps))
 
@@ -149,6 +167,7 @@ def summarize_trial(
         steps=steps,
         examples=examples,
         diverged_step=diverged_step,
+        start_loss=losses[0] if losses and math.isfinite(losses[0]) else None,
     )
 
 
@@ -279,7 +298,8 @@ def _why_not(x1: LrTrial | None) -> str:
     if x1.tail_loss is None:
         return f"diverged at step {x1.diverged_step}" if x1.diverged_step else "diverged"
     if x1.outcome == "diverged":
-        return f"diverged: loss rose from {x1.head_loss:.3g} to {x1.tail_loss:.3g}"
+        start = x1.head_loss if x1.start_loss is None else x1.start_loss
+        return f"diverged: loss rose from {start:.3g} to {x1.tail_loss:.3g}"
     if x1.outcome == "stalled":
         return f"no measurable progress, loss {x1.tail_loss:.3g}"
     return f"clearly higher loss, {x1.tail_loss:.3g}"

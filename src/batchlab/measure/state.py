@@ -11,6 +11,11 @@ in a `finally`, and frees the memory the probe took:
     # model, optimizer, .grad, modes, RNG and scaler are exactly as before
 
 The snapshot lives on the CPU, so it does not take device memory away from the probe.
+
+Two callbacks carry a run's end into another run without touching the first: `KeepRunEnd`
+copies where a run ended (weights and optimizer moments: the planner's noise phase), and
+`StartFrom` loads that into a fresh run before its first step (the LR check's probes
+continue from where the noise phase ended).
 """
 
 from __future__ import annotations
@@ -27,7 +32,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from batchlab.callbacks import RunState, TrainCallback
+
 __all__ = [
+    "KeepRunEnd",
+    "RunEnd",
+    "StartFrom",
     "TrainingSnapshot",
     "live_tensor_bytes",
     "preserve_training_state",
@@ -122,6 +132,51 @@ def preserve_training_state(
         snapshot.restore()
         if free_memory:
             release_memory()
+
+
+@dataclass(frozen=True)
+class RunEnd:
+    """Where a training run ended: its weights and its optimizer's per-parameter state
+    (`optimizer.state_dict()["state"]`: momentum buffers, Adam's moments and step count),
+    copied to the CPU; `step` optimizer steps of `batch_size` examples got it there."""
+
+    weights: dict[str, torch.Tensor]
+    optimizer_state: dict[Any, Any]
+    step: int
+    batch_size: int
+
+
+class KeepRunEnd(TrainCallback):
+    """Copies where the run ended into `end` (None until the run ends)."""
+
+    def __init__(self) -> None:
+        self.end: RunEnd | None = None
+
+    def on_end(self, state: RunState) -> None:
+        self.end = RunEnd(
+            weights=_to_cpu(state.model.state_dict()),
+            optimizer_state=_to_cpu(state.optimizer.state_dict()["state"]),
+            step=state.step,
+            batch_size=state.effective_batch_size,
+        )
+
+
+class StartFrom(TrainCallback):
+    """Continues from `end`: a fresh run of the same task takes its weights and its
+    optimizer's moments, under the run's own hyper-parameters (LR, betas, weight decay).
+
+    Put it first among a run's callbacks: the initial evaluation and every other callback
+    then see these weights. Values are copied in, so the optimizer keeps pointing at the
+    parameters, and `end` stays as it was for the next run started from it."""
+
+    def __init__(self, end: RunEnd) -> None:
+        self.end = end
+
+    def on_start(self, state: RunState) -> None:
+        state.model.load_state_dict(self.end.weights)
+        own = state.optimizer.state_dict()
+        own["state"] = _to_cpu(self.end.optimizer_state)  # a copy: steps update it in place
+        state.optimizer.load_state_dict(own)
 
 
 def release_memory() -> None:

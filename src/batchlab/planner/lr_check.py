@@ -5,13 +5,19 @@ LR grows linearly up to B~256 and then plateaus at 0.16-0.32, while the linear r
 growing and diverges at B=2048 (docs/DESIGN field notes; Shallue et al. 2019, fig. 8). So
 before the plan recommends `(B, lr)`, it trains the rule's lr, x0.5 and x2 (and one more
 halving while the best sits at the small edge, or doubling at the large one, up to x8) for
-a few steps each, at B as the plan
-will run it (micro-batch x accumulation), from the same initial weights, the same batches
-and the same seed. The decision over the loss logs is pure: `batchlab.core.lr_choice`.
+a few steps each, at B as the plan will run it (micro-batch x accumulation), from the same
+start, the same batches and the same seed. The decision over the loss logs is pure:
+`batchlab.core.lr_choice`.
 
-The probe starts from initialisation, where large-batch instabilities show first (this is
-why warm-up exists, Goyal et al. 2017), with a short warm-up of its own. Its cost is
-stated in the result: `LrCheck.examples` against the reference training's examples.
+Where the probes start: the plan passes where its noise phase ended (`measure.state.RunEnd`:
+the weights and the optimizer's moments after 5% of the reference training at B0), so each
+LR continues a run already past its start-up transient, where the bulk of training happens.
+From initialisation the probes saw the start-up instead: a plateau where no LR trained in
+20 steps (dots), or a lead of the rule's LR that the whole run reverses (mnist1d-mlp from
+B0=100 at B=256: 0.016 kept, 0.008 best); from the noise phase's end they pick the sweep's
+best LR or its neighbour (benchmarks/results/lr_check.md, section 4). Without a start, the
+probe runs from initialisation with a short warm-up of its own (Goyal et al. 2017). Its cost
+is stated in the result: `LrCheck.examples` against the reference training's examples.
 
 It leaves no trace: each probe is a `train()` run on a fresh model, which forks the RNGs;
 a task whose factory hands out one live model gets its weights, optimizer and RNG back.
@@ -41,7 +47,7 @@ from batchlab.core.lr_choice import (
 from batchlab.errors import ConfigError
 from batchlab.measure.memory import ProgressFn
 from batchlab.measure.oom import is_oom_error
-from batchlab.measure.state import preserve_training_state
+from batchlab.measure.state import RunEnd, StartFrom, preserve_training_state
 from batchlab.planner.plan_types import Plan
 from batchlab.task import Task
 from batchlab.train import train
@@ -70,6 +76,7 @@ def probe_lr(
     amp: bool = False,
     seed: int = 0,
     progress: ProgressFn | None = None,
+    start: RunEnd | None = None,
 ) -> LrCheck:
     """Probe `rule_lr` x 1, 0.5, 2 (and lower) at `micro_batch_size x accumulation_steps`.
 
@@ -80,6 +87,8 @@ def probe_lr(
         warmup_steps: the plan's warm-up; the probe warms up over at most a quarter of
             its own steps.
         max_steps_down: halvings below x0.5 allowed while the best LR is the smallest tried.
+        start: where every probe starts (weights and optimizer moments, `RunEnd`): the
+            plan passes where its noise phase ended; None: the task's initialisation.
     Returns an `LrCheck`: the trials, the chosen LR and a one-sentence verdict.
     """
     steps = probe_steps(planned_steps) if steps is None else steps
@@ -97,7 +106,11 @@ def probe_lr(
     with _leave_no_trace(task) as reset:
         factor: float | None = 1.0
         while factor is not None:
-            callbacks = [_Progress(progress, sum(t.steps for t in trials))] if progress else []
+            callbacks: list[TrainCallback] = []
+            if start is not None:  # first: the step-0 loss is already the start's
+                callbacks.append(StartFrom(start))
+            if progress:
+                callbacks.append(_Progress(progress, sum(t.steps for t in trials)))
             history = train(
                 task,
                 micro_batch_size,
@@ -141,7 +154,14 @@ def probe_lr(
         examples=sum(t.examples for t in trials),
         reference_examples=(task.epochs or 1) * task.num_train,
         seconds=time.perf_counter() - t0,
+        started_from=_where(start),
     )
+
+
+def _where(start: RunEnd | None) -> str:
+    if start is None:
+        return "initialisation"
+    return f"where the noise phase ended (step {start.step} at B={start.batch_size})"
 
 
 @contextlib.contextmanager
@@ -173,11 +193,13 @@ def check_recommended_lr(
     progress: ProgressFn | None = None,
     *,
     started: float | None = None,
+    start: RunEnd | None = None,
 ) -> Plan:
     """The plan with its recommended LR probed at its batch (`Plan.lr_check` says how).
 
     `started`: the `time.perf_counter()` the plan began at, so `plan_seconds` counts the
-    check too; the check's steps are added to `plan_steps`.
+    check too; the check's steps are added to `plan_steps`. `start`: where the noise phase
+    ended, for the probes to continue from (None: from initialisation).
     """
     rec = plan.recommended
     m = plan.measurements
@@ -198,6 +220,7 @@ def check_recommended_lr(
             amp=amp,
             seed=seed,
             progress=progress,
+            start=start,
         )
     except Exception as exc:  # an OOM at a batch the probe predicted: report, do not fail
         if not is_oom_error(exc):

@@ -31,6 +31,7 @@ from batchlab.measure.memory import ProgressFn
 from batchlab.measure.noise_run import NoiseInterrupted, NoiseRun, measure_noise
 from batchlab.measure.oom import is_oom_error
 from batchlab.measure.probe import ProbeResult, ProbeSettings, has_batchnorm, run_probe
+from batchlab.measure.state import KeepRunEnd
 from batchlab.measure.step_timing import one_thread_when_starved
 from batchlab.planner.head_to_head import time_head_to_head
 from batchlab.planner.lr_check import check_recommended_lr
@@ -236,7 +237,9 @@ def plan(
             with one_thread_when_starved(
                 resolve_device(device), busy["LR check"], earlier=_busy_before(busy)
             ):
-                built = check_recommended_lr(task, built, device, amp, seed, progress, started=t0)
+                built = check_recommended_lr(
+                    task, built, device, amp, seed, progress, started=t0, start=measured["end"]
+                )
         except KeyboardInterrupt:  # keep the minutes of probe and noise already measured
             raise PlanInterrupted("the LR check", measured) from None
     built = _with_busy_warning(built, busy)
@@ -315,7 +318,8 @@ def _measure(
         with one_thread_when_starved(device, busy["hardware probe"]):
             measured["probe"] = run_probe(task, settings, progress=progress)
         phase = "the noise measurement"
-        callbacks = [_NoiseProgress(progress)] if progress is not None else []
+        end = KeepRunEnd()  # where the noise phase ends: the LR check's probes start there
+        callbacks = [end, *([_NoiseProgress(progress)] if progress is not None else [])]
         with one_thread_when_starved(device, busy["noise phase"], earlier=_busy_before(busy)):
             measured["noise"] = measure_noise(
                 task,
@@ -330,6 +334,7 @@ def _measure(
                 # at 0.4x the sweep's (benchmarks/results/plan_regret.md).
                 preconditioned=True,
             )
+        measured["end"] = end.end
     except NoiseInterrupted as exc:  # the points measured so far are kept, and saved
         measured["noise"] = exc.partial
         raise PlanInterrupted(phase, measured) from None

@@ -169,7 +169,7 @@ def _lr_check_section(page: HtmlPage, plan: Plan) -> None:
     page.section(
         "Learning-rate check",
         f"{check.verdict}. Each LR trained {check.steps_per_lr} steps at B={check.batch_size} "
-        f"({check.accumulation_steps} x {check.micro_batch_size}) from the same weights; the "
+        f"({check.accumulation_steps} x {check.micro_batch_size}) from {check.started_from}; the "
         f"losses are means over the first and the last {check.tail_steps} steps.",
     )
     if not check.trials:
