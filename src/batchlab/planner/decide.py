@@ -30,6 +30,10 @@ from batchlab.planner.trust import PlanWarning
 # With an uncertain gain, leave B0 only for a batch whose worst case over the B_noise
 # interval is clearly better: B0's worst case must exceed it by this factor.
 ROBUST_TOLERANCE = 1.1
+# Among timing ties, the safest bet over the B_noise interval needs an interval: over one
+# value (a B_noise given as a number) it is the fastest, which follows timing jitter, so
+# below this spread (hi / lo) the smallest of the ties is taken.
+SPREAD_FOR_SAFEST = 1.25
 
 
 @dataclass(frozen=True)
@@ -163,10 +167,14 @@ def recommend_fastest(
 
     Candidates the timing cannot tell apart are one choice, made the same way every run:
     of those whose predicted time lies within the timing uncertainty of the fastest
-    (`_timing_ties`) and whose own gain is clear, the smallest batch (the fewest examples
-    to the target: the noise model's own preference), and the verdict names the others.
-    An argmax over near-ties flips with a few percent of timing jitter (issue 14: two
-    identical plans gave B=64 and B=128).
+    (`_timing_ties`) and whose own gain is clear, the safest bet over the B_noise interval
+    (the least worst-case regret, `core.tradeoff.worst_case_regrets`; the smaller batch
+    where equal), and the verdict names the others. An argmax over near-ties flips with a
+    few percent of timing jitter (issue 14: two identical plans gave B=64 and B=128), and
+    so did the smallest of them, the rule before: on mnist1d-cnn B=512 is predicted 5-11%
+    faster than 256, about the timing uncertainty, so 256 fell in or out of the band
+    (3 of 5 plans alike). Over the B_noise interval (490-1270) B=512 is never worse than
+    256 at those step times, so the safest bet is 512 wherever the band lands.
 
     Only candidates the plan's own warnings do not reject compete (`untrusted_reason`):
     a batch whose step time is extrapolated past the ladder, or a BatchNorm micro-batch
@@ -178,10 +186,15 @@ def recommend_fastest(
     best = max(pool, key=lambda c: (c.predicted_speedup, -c.batch_size))
     if best.batch_size == b0 or best.speedup_low <= 1.0:
         return _recommend_uncertain(m, pool, best, noise, rule, ref_step_s)
-    # A clear gain: the smallest batch that is as fast within the timing uncertainty and
-    # itself a clear gain (B0 never is: the best's range would then include no gain).
+    # A clear gain: of the batches as fast within the timing uncertainty and themselves a
+    # clear gain (B0 never is: the best's range would then include no gain), the safest.
     ties = [c for c in _timing_ties(m, pool, best) if c.speedup_low > 1.0]
-    chosen = min(ties, key=lambda c: c.batch_size)
+    regrets = worst_case_regrets({c.batch_size: c.step_s for c in pool}, noise.interval)
+    lo, hi = noise.interval
+    if hi > SPREAD_FOR_SAFEST * lo:
+        chosen = min(ties, key=lambda c: (regrets[c.batch_size], c.batch_size))
+    else:  # over a point the safest bet is the fastest, which follows the jitter
+        chosen = min(ties, key=lambda c: c.batch_size)
     span = f"{chosen.speedup_low:.2f}-{chosen.speedup_high:.2f}x"
     reason = (
         f"minimum predicted time to target among {len(candidates)} candidates: "
@@ -193,7 +206,9 @@ def recommend_fastest(
         f"target than B0={b0} (interval {span})"
     )
     if len(ties) > 1:
-        note = _tie_note(ties, best, chosen)
+        note = _tie_note(ties, best, chosen, regrets[chosen.batch_size], noise.interval)
+        if hi <= SPREAD_FOR_SAFEST * lo:
+            note = _tie_note(ties, best, chosen)
         reason, verdict = f"{reason}; {note}", f"{verdict}; {note}"
     rec = _recommend(m, chosen.batch_size, noise, rule, ref_step_s, {"batch_size": reason})
     return rec, verdict, False
@@ -248,13 +263,26 @@ def _timing_ties(m: Measurements, pool: list[Candidate], best: Candidate) -> lis
     return [c for c in pool if c is best or _time_range(m, c)[0] <= best_slow]
 
 
-def _tie_note(ties: list[Candidate], best: Candidate, chosen: Candidate) -> str:
-    """What the verdict says about candidates the timing could not tell apart."""
+def _tie_note(
+    ties: list[Candidate],
+    best: Candidate,
+    chosen: Candidate,
+    regret: float | None = None,
+    interval: tuple[float, float] | None = None,
+) -> str:
+    """What the verdict says about candidates the timing could not tell apart: the safest
+    of them over the B_noise interval (`regret`, `interval`), or the smallest."""
     sizes = ", ".join(str(c.batch_size) for c in sorted(ties, key=lambda c: c.batch_size))
-    return (
+    head = (
         f"B={sizes} are predicted within the timing uncertainty of the fastest "
-        f"(B={best.batch_size}, {best.predicted_speedup:.2f}x): the smallest of them is "
-        "taken, the fewest examples to the target"
+        f"(B={best.batch_size}, {best.predicted_speedup:.2f}x): "
+    )
+    if regret is None or interval is None:
+        return head + "the smallest of them is taken, the fewest examples to the target"
+    lo, hi = interval
+    return head + (
+        f"B={chosen.batch_size} is the safest of them, at worst {regret:.2f}x the best "
+        f"batch's time over B_noise {lo:.3g}-{hi:.3g}"
     )
 
 
