@@ -294,3 +294,29 @@ def test_timing_ties_take_the_safest_bet_over_the_noise_interval():
         tied_256.add("B=256, 512" in verdict)
     assert chosen == {512}
     assert tied_256 == {True, False}  # the band held 256 in some draws and not in others
+
+
+def test_ties_about_as_safe_as_the_safest_give_way_to_the_smallest():
+    """mnist1d-mlp as measured in one plan: B_noise 1544-2872, step times 1.95, 3.15 and
+    5.19 ms at B=256, 512, 1024; worst cases 1.05x at 512 and 1.03x at 1024. The safest
+    alone took 1024 in this plan and 512 in four others; within 5% of the safest, the
+    smallest (512) is taken."""
+    from batchlab.core.tradeoff import worst_case_regrets
+    from batchlab.planner.decide import NoiseEstimate, candidates_for, recommend_fastest
+    from batchlab.planner.timing import step_seconds
+
+    noise = NoiseEstimate(2100.0, (1544.0, 2872.0))
+    times = {64: 1.3e-3, 100: 1.45e-3, 128: 1.55e-3, 256: 1.948e-3, 512: 3.148e-3,
+             1024: 5.192e-3, 2048: 10.2e-3, 4000: 21e-3}  # fmt: skip
+    points = tuple(
+        ThroughputPoint(b, b / t, t, 0.4, b / t / 1.2, b / t * 1.2, 15, 10)
+        for b, t in sorted(times.items())
+    )
+    m = measurements(ladder=tuple(times), max_batch=4000, num_train=4000, throughput=points,
+                     reference_batch_size=100, reference_lr=0.01, optimizer="Adam")  # fmt: skip
+    ref = step_seconds(m, 100)[2]
+    cands = candidates_for(m, noise, ref)
+    regrets = worst_case_regrets({c.batch_size: c.step_s for c in cands}, noise.interval)
+    assert regrets[1024] < regrets[512] < 1.05 * regrets[1024]  # the premise
+    rec, verdict, _ = recommend_fastest(m, cands, noise, "sqrt", ref)
+    assert rec.batch_size == 512 and "1024" in verdict
