@@ -172,18 +172,23 @@ RECORDED = Path(__file__).parent / "data" / "mnist1d_cnn_ladders.json"
 
 
 def test_recorded_mnist1d_cnn_plans_agree():
-    """Three `batchlab plan mnist1d-cnn` runs on the loaded VM, bit-identical noise phases,
-    different ladders (two timed with 1 thread, one with 2 in a quiet moment). main's rule,
-    reading the fastest and slowest windows, kept B0 twice and switched once; on the
-    medians' uncertainty the three give one batch (benchmarks/results/plan_stability.md)."""
+    """Three `batchlab plan mnist1d-cnn` runs on the loaded VM (session 3's plain noise,
+    B_noise 442, interval 216-833), bit-identical noise phases, different ladders (two
+    timed with 1 thread, one with 2 in a quiet moment). The rule of session 3, reading
+    the fastest and slowest windows, kept B0 twice and switched once; on the medians'
+    uncertainty every plan leaves B0, and the two 1-thread ladders give one batch. The
+    2-thread ladder may give a larger one: with 2 threads a large batch costs relatively
+    less (B=512 / B=256: 1.44-1.47x against 1.60-1.70x with 1 thread), a property of the
+    machine's state, not noise (benchmarks/results/plan_stability.md)."""
     recorded = json.loads(RECORDED.read_text())
     chosen = {}
     for name, run in recorded.items():
         m = Measurements.from_dict(run["measurements"])
         plan = build_plan(m, lr_rule=run["lr_rule"], target=run["target"])
         chosen[name] = (plan.recommended.batch_size, plan.keep_reference)
-    assert len(set(chosen.values())) == 1, chosen
-    assert next(iter(chosen.values())) == (256, False)
+    one_thread = {v for k, v in chosen.items() if k.startswith("1-thread")}
+    assert one_thread == {(256, False)}, chosen
+    assert all(b >= 256 and not keep for b, keep in chosen.values()), chosen
 
 
 @pytest.mark.parametrize("ratio, threads_inside", [(300.0, 1), (1.5, 2)])
@@ -296,27 +301,30 @@ def test_timing_ties_take_the_safest_bet_over_the_noise_interval():
     assert tied_256 == {True, False}  # the band held 256 in some draws and not in others
 
 
-def test_ties_about_as_safe_as_the_safest_give_way_to_the_smallest():
+def test_of_ties_about_as_safe_as_the_safest_the_largest_is_taken():
     """mnist1d-mlp as measured in one plan: B_noise 1544-2872, step times 1.95, 3.15 and
-    5.19 ms at B=256, 512, 1024; worst cases 1.05x at 512 and 1.03x at 1024. The safest
-    alone took 1024 in this plan and 512 in four others; within 5% of the safest, the
-    smallest (512) is taken."""
+    5.19 ms at B=256, 512, 1024; worst cases 1.05x at 512 and 1.03x at 1024; in four other
+    plans 512 was the safest, with 1024 within 5% in some. The safest alone flipped; of
+    those within 5% of the safest, the largest (1024) is taken, here and when 512 leads
+    by 1-2%."""
     from batchlab.core.tradeoff import worst_case_regrets
     from batchlab.planner.decide import NoiseEstimate, candidates_for, recommend_fastest
     from batchlab.planner.timing import step_seconds
 
     noise = NoiseEstimate(2100.0, (1544.0, 2872.0))
-    times = {64: 1.3e-3, 100: 1.45e-3, 128: 1.55e-3, 256: 1.948e-3, 512: 3.148e-3,
-             1024: 5.192e-3, 2048: 10.2e-3, 4000: 21e-3}  # fmt: skip
-    points = tuple(
-        ThroughputPoint(b, b / t, t, 0.4, b / t / 1.2, b / t * 1.2, 15, 10)
-        for b, t in sorted(times.items())
-    )
-    m = measurements(ladder=tuple(times), max_batch=4000, num_train=4000, throughput=points,
-                     reference_batch_size=100, reference_lr=0.01, optimizer="Adam")  # fmt: skip
-    ref = step_seconds(m, 100)[2]
-    cands = candidates_for(m, noise, ref)
-    regrets = worst_case_regrets({c.batch_size: c.step_s for c in cands}, noise.interval)
-    assert regrets[1024] < regrets[512] < 1.05 * regrets[1024]  # the premise
-    rec, verdict, _ = recommend_fastest(m, cands, noise, "sqrt", ref)
-    assert rec.batch_size == 512 and "1024" in verdict
+    for t512, t1024 in ((3.148e-3, 5.192e-3), (3.1e-3, 5.25e-3)):
+        times = {64: 1.3e-3, 100: 1.45e-3, 128: 1.55e-3, 256: 1.948e-3, 512: t512,
+                 1024: t1024, 2048: 10.2e-3, 4000: 21e-3}  # fmt: skip
+        points = tuple(
+            ThroughputPoint(b, b / t, t, 0.4, b / t / 1.2, b / t * 1.2, 15, 10)
+            for b, t in sorted(times.items())
+        )
+        m = measurements(ladder=tuple(times), max_batch=4000, num_train=4000,
+                         throughput=points, reference_batch_size=100, reference_lr=0.01,
+                         optimizer="Adam")  # fmt: skip
+        ref = step_seconds(m, 100)[2]
+        cands = candidates_for(m, noise, ref)
+        regrets = worst_case_regrets({c.batch_size: c.step_s for c in cands}, noise.interval)
+        assert max(regrets[512], regrets[1024]) < 1.05 * min(regrets[512], regrets[1024])
+        rec, verdict, _ = recommend_fastest(m, cands, noise, "sqrt", ref)
+        assert rec.batch_size == 1024 and "B=512, 1024" in verdict
