@@ -35,12 +35,13 @@ ROBUST_TOLERANCE = 1.1
 # below this spread (hi / lo) the smallest of the ties is taken.
 SPREAD_FOR_SAFEST = 1.25
 # Ties whose worst cases lie within this factor of the safest's are equally safe, and the
-# largest of them is taken: the plan's predicted critical batch has measured below the
-# LR-tuned sweeps' B_crit in every configuration (0.30-0.97x, plan_regret.md), so among
-# equal bets the larger batch is the one that bias favours. On mnist1d-mlp B=512 and 1024
-# had worst cases 1.00-1.05x and 1.03-1.11x over five plans: the safest alone flipped once;
-# with the smallest of the equally safe, the regret benchmark took B=64 where 128 was
-# 1.07-1.15 (digits-mlp) and 128 where 256 was best (mnist1d-mlp from 32): 1.30 overall.
+# one predicted fastest of them is taken. Rebuilt on 45 recorded plans (15 per task, each
+# with its head-to-head timing; plan_stability.md), the rules gave the same batch in:
+# the safest alone 14/15 (mnist1d-cnn), 14/15 (mnist1d-mlp); the smallest of the equally
+# safe 13/15, 15/15; the largest 15/15, 10/15; the fastest of them 15/15, 14/15; digits-mlp
+# 15/15 under all. One process timed B=512 10% slow against 256 (mnist1d-cnn), which only
+# a rule leaning to the larger batch survives; on mnist1d-mlp B=512 and 1024 are about as
+# safe, and there a lean to the larger flips with the band of ties.
 SAFEST_TOLERANCE = 1.05
 
 
@@ -183,7 +184,7 @@ def recommend_fastest(
     faster than 256, about the timing uncertainty, so 256 fell in or out of the band
     (3 of 5 plans alike). Over the B_noise interval (490-1270) B=512 is never worse than
     256 at those step times, so the safest bet is 512 wherever the band lands. Of ties
-    about as safe as the safest (within `SAFEST_TOLERANCE`), the largest is taken.
+    about as safe as the safest (within `SAFEST_TOLERANCE`), the one predicted fastest.
 
     Only candidates the plan's own warnings do not reject compete (`untrusted_reason`):
     a batch whose step time is extrapolated past the ladder, or a BatchNorm micro-batch
@@ -204,7 +205,7 @@ def recommend_fastest(
         safest = min(regrets[c.batch_size] for c in ties)
         chosen = max(
             (c for c in ties if regrets[c.batch_size] <= SAFEST_TOLERANCE * safest),
-            key=lambda c: c.batch_size,
+            key=lambda c: (c.predicted_speedup, -c.batch_size),
         )
     else:  # over a point the safest bet is the fastest, which follows the jitter
         chosen = min(ties, key=lambda c: c.batch_size)
@@ -294,7 +295,7 @@ def _tie_note(
         return head + "the smallest of them is taken, the fewest examples to the target"
     lo, hi = interval
     return head + (
-        f"B={chosen.batch_size} is the largest of the safest of them, at worst "
+        f"B={chosen.batch_size} is the fastest of the safest of them, at worst "
         f"{regret:.2f}x the best batch's time over B_noise {lo:.3g}-{hi:.3g}"
     )
 
