@@ -201,7 +201,8 @@ def recommend_fastest(
     ties = [c for c in _timing_ties(m, pool, best) if c.speedup_low > 1.0]
     regrets = worst_case_regrets({c.batch_size: c.step_s for c in pool}, noise.interval)
     lo, hi = noise.interval
-    if hi > SPREAD_FOR_SAFEST * lo:
+    wide = hi > SPREAD_FOR_SAFEST * lo
+    if wide:
         safest = min(regrets[c.batch_size] for c in ties)
         chosen = max(
             (c for c in ties if regrets[c.batch_size] <= SAFEST_TOLERANCE * safest),
@@ -220,9 +221,8 @@ def recommend_fastest(
         f"target than B0={b0} (interval {span})"
     )
     if len(ties) > 1:
-        note = _tie_note(ties, best, chosen, regrets[chosen.batch_size], noise.interval)
-        if hi <= SPREAD_FOR_SAFEST * lo:
-            note = _tie_note(ties, best, chosen)
+        safety = (regrets[chosen.batch_size], noise.interval) if wide else (None, None)
+        note = _tie_note(ties, best, chosen, *safety)
         reason, verdict = f"{reason}; {note}", f"{verdict}; {note}"
     rec = _recommend(m, chosen.batch_size, noise, rule, ref_step_s, {"batch_size": reason})
     return rec, verdict, False
