@@ -257,11 +257,12 @@ def _with_busy_warning(built: Plan, busy: dict[str, list[str]]) -> Plan:
     phases = [phase for phase, why in busy.items() if why]
     if not phases:
         return built
+    timed = any(busy[p] for p in ("hardware probe", "head-to-head timing"))
     warning = PlanWarning(
         "busy-cpu",
         f"the CPU was busy ({_busy_before(busy)}), so the {', '.join(phases)} ran with 1 "
         "torch thread, at about quiet speed (their numbers agree with a run on more threads "
-        "to rounding; step times are 1-thread times)",
+        "to rounding" + ("; the step times are 1-thread times)" if timed else ")"),
     )
     return dataclasses.replace(built, warnings=(*built.warnings, warning))
 
