@@ -55,12 +55,8 @@ def plan_start(source: object) -> PlanStart:
         measurements = getattr(source, "measurements", None)
         noise = tuple(getattr(measurements, "noise", ()) or ())
         ladder = [(p.batch_size, p.step_s) for p in getattr(measurements, "throughput", ())]
-        h2h = getattr(measurements, "head_to_head", None)
-        ladder = (
-            with_head_to_head(ladder, [(p.batch_size, p.step_s) for p in h2h.points])
-            if h2h
-            else ladder
-        )
+        h2h = getattr(getattr(measurements, "head_to_head", None), "points", ())
+        ladder = with_head_to_head(ladder, [(p.batch_size, p.step_s) for p in h2h])
         pre = bool(getattr(measurements, "noise_preconditioned", False))
         return PlanStart(
             forecast.schedule, noise, forecast.lr_rule or None, _step_time(ladder), pre
@@ -85,7 +81,7 @@ def plan_start(source: object) -> PlanStart:
     measured = data.get("measurements") or {}
     ladder = _timed(measured.get("throughput"))
     h2h = _timed((measured.get("head_to_head") or {}).get("points"))
-    ladder = with_head_to_head(ladder, h2h) if ladder else ladder
+    ladder = with_head_to_head(ladder, h2h)
     pre = (data.get("measurements") or {}).get("noise_preconditioned") is True
     return PlanStart(schedule, _noise_points(source, data), rule, _step_time(ladder), pre)
 

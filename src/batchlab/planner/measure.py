@@ -195,6 +195,7 @@ def plan(
     settings = ProbeSettings(  # checks them now, before anything is measured
         device, memory_budget, target_memory, margin, amp, seed, throughput_seconds
     )
+    dev = resolve_device(device)  # where the head-to-head and the LR check train
     target = check_target_for_task(target, task)
     reference_seconds = _reference_seconds(reference_run, task, target)
     # The phases run with one thread because the CPU was busy, and why (`_busy_before`).
@@ -221,9 +222,7 @@ def plan(
     if refusing and not force:
         raise PlanRefused(refusing)
     try:  # the sizes that decide, timed again side by side (planner/head_to_head.py)
-        with one_thread_when_starved(
-            resolve_device(device), busy["head-to-head timing"], earlier=_busy_before(busy)
-        ):
+        with one_thread_when_starved(dev, busy["head-to-head timing"], earlier=_busy_before(busy)):
             built = build(time_head_to_head(task, built, settings, progress))
     except KeyboardInterrupt:
         raise PlanInterrupted("the head-to-head timing", measured) from None
@@ -234,9 +233,7 @@ def plan(
         built = dataclasses.replace(built, warnings=(*built.warnings, skipped))
     if check_lr:  # the recommended LR, probed at its batch (planner/lr_check.py)
         try:
-            with one_thread_when_starved(
-                resolve_device(device), busy["LR check"], earlier=_busy_before(busy)
-            ):
+            with one_thread_when_starved(dev, busy["LR check"], earlier=_busy_before(busy)):
                 built = check_recommended_lr(
                     task, built, device, amp, seed, progress, started=t0, start=measured["end"]
                 )
